@@ -1,0 +1,58 @@
+"""The `fapool-bench` command: a Hydra app. Validates the config, launches the run, leaves a record."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from harness.config import ConfigError, register_configs, validate
+from harness.launch import failure_record, launch_local
+from harness.record import read_record, write_record
+
+log = logging.getLogger("fapool")
+register_configs()
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def summary(rec) -> str:
+    s = rec.config["strategy"]["name"]
+    if rec.status != "ok":
+        return f"{s}: {rec.status}: {(rec.error or '').strip().splitlines()[-1] if rec.error else ''}"
+    m = rec.metrics
+    check = ""
+    if rec.reference_check:
+        check = f" ref_check: tokens_equal={rec.reference_check['tokens_equal']} max_err={rec.reference_check['max_abs_logit_error']:.2e}"
+    return (f"{s}: ok  mean TPOT {m['mean_tpot_ms']:.2f} ms  TPS {m['tps'] or float('nan'):.1f}  "
+            f"GPUs/ranks {m['num_gpus']}{check}")
+
+
+def run(cfg: DictConfig, out_dir: str):
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    cfg_obj = OmegaConf.to_object(cfg)
+    world = cfg_obj.strategy.world_size
+    try:
+        validate(cfg_obj)
+    except ConfigError as e:
+        log.error("invalid config: %s", e)
+        write_record(failure_record(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device), out_dir)
+        return read_record(Path(out_dir) / "result.json")
+    path = launch_local(cfg_dict, world, out_dir, cfg_obj.launcher.timeout_s, cfg_obj.hardware.device)
+    return read_record(path)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig):
+    out_dir = cfg.results_dir or HydraConfig.get().runtime.output_dir
+    rec = run(cfg, out_dir)
+    print(summary(rec), f"-> {Path(out_dir) / 'result.json'}")
+    if rec.status != "ok" and HydraConfig.get().mode.name == "RUN":
+        sys.exit(1)
+    return rec.status
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The config schema: structured-config dataclasses behind every group in conf/, and validation.
+
+OmegaConf refuses unknown keys and wrong types against these schemas; `validate()` refuses
+combinations that are well-typed but cannot run, before anything is launched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from model.config import ModelConfig
+
+STRATEGY_KINDS = ("reference", "static", "fa_pool")
+
+
+@dataclass
+class PoolConfig:
+    size: int = 0  # attention-pool ranks in the world (beyond the base group)
+    max_size: int = 32  # cap on the ranks one sequence may use (paper: 32)
+    threshold: int = 4096  # sequences with more context tokens than this attend in the pool
+    block_size: int = 256  # tokens per KV block in the pool
+    policy: str = "proportional"  # pool ranks per sequence: proportional (ceil(len / tokens_per_rank)) | all
+    tokens_per_rank: int = 4096  # the proportional policy's tokens per pool rank
+    hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
+    async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
+    gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "reference"
+    kind: str = "reference"  # reference | static | fa_pool
+    tp: int = 1  # tensor-parallel ranks (the base group's size for fa_pool)
+    pp: int = 1  # pipeline stages
+    micro_batches: int = 1  # decode micro-batches (pipeline stages or pool/base overlap)
+    world_size: int = 1  # declared ranks; must equal tp * pp (+ pool.size)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+
+
+@dataclass
+class WorkloadConfig:
+    name: str = "tiny"
+    batch_size: int = 4
+    prompt_lens: List[int] = field(default_factory=lambda: [24, 40, 17, 32])  # cycled over the batch
+    buckets: List[List[int]] = field(default_factory=list)  # [[min, max], ...]: sample lengths instead
+    output_tokens: int = 8  # generated tokens per sequence (first one from prefill)
+    warmup_steps: int = 2  # decode steps of an untimed warm-up generation
+    synthetic_kv: bool = False  # fill the KV cache with random values instead of prefill (no TTFT)
+    seed: int = 0  # prompts and sampled lengths
+
+
+@dataclass
+class LauncherConfig:
+    name: str = "local"
+    kind: str = "local"  # local | slurm | model
+    timeout_s: float = 600.0  # a run that takes longer is killed and recorded as timeout
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    gpus_per_node: int = 1
+    memory_gb: float = 0.0  # per device; 0 = unchecked
+    peak_tflops: float = 0.0  # bf16 dense
+    hbm_gbps: float = 0.0
+    nvlink_gbps: float = 0.0  # per GPU, one direction
+    ib_gbps: float = 0.0  # per GPU, one direction
+
+
+@dataclass
+class BenchConfig:
+    defaults: List[Any] = field(default_factory=lambda: [
+        {"model": "tiny"}, {"strategy": "reference"}, {"workload": "tiny"},
+        {"launcher": "local"}, {"hardware": "cpu"}, "_self_",
+    ])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
+    check_reference: bool = False  # also decode on one device and compare logits and tokens
+    results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="bench_schema", node=BenchConfig)
+    for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("workload", WorkloadConfig),
+                        ("launcher", LauncherConfig), ("hardware", HardwareConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and the fix."""
+
+
+def validate(cfg: BenchConfig) -> None:
+    """Refuse what cannot run, before anything is launched. Raises ConfigError."""
+    m, s, w = cfg.model, cfg.strategy, cfg.workload
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ConfigError(msg)
+
+    need(s.kind in STRATEGY_KINDS, f"strategy.kind={s.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
+    need(m.hidden % m.n_heads == 0, f"model.hidden={m.hidden} is not divisible by model.n_heads={m.n_heads}")
+    need(m.head_dim % 2 == 0, f"model head_dim={m.head_dim} must be even for rotary embeddings")
+    need(s.tp >= 1 and s.pp >= 1, f"strategy.tp={s.tp} and strategy.pp={s.pp} must be >= 1")
+    need(m.n_heads % s.tp == 0, f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; pick tp among the divisors of n_heads")
+    need(m.ffn_hidden % s.tp == 0, f"model.ffn_hidden={m.ffn_hidden} is not divisible by strategy.tp={s.tp}")
+    need(m.vocab_size % s.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by strategy.tp={s.tp}")
+    need(m.n_layers % s.pp == 0, f"model.n_layers={m.n_layers} is not divisible by strategy.pp={s.pp}")
+    need(s.micro_batches >= 1, f"strategy.micro_batches={s.micro_batches} must be >= 1")
+    need(w.batch_size % s.micro_batches == 0,
+         f"workload.batch_size={w.batch_size} is not divisible by strategy.micro_batches={s.micro_batches}")
+    if s.kind == "reference":
+        need(s.tp == 1 and s.pp == 1, f"strategy.kind=reference runs on one device; got tp={s.tp}, pp={s.pp}")
+    pool_ranks = s.pool.size if s.kind == "fa_pool" else 0
+    if s.kind == "fa_pool":
+        p = s.pool
+        need(s.pp == 1, f"strategy.pp={s.pp}: the FA Pool base group is tensor-parallel only; set strategy.pp=1")
+        need(p.size >= 0, f"strategy.pool.size={p.size} must be >= 0")
+        need(p.max_size >= 1, f"strategy.pool.max_size={p.max_size} must be >= 1")
+        need(p.size <= p.max_size, f"strategy.pool.size={p.size} exceeds strategy.pool.max_size={p.max_size}")
+        need(p.threshold > 0, f"strategy.pool.threshold={p.threshold} must be > 0")
+        need(p.block_size > 0, f"strategy.pool.block_size={p.block_size} must be > 0")
+        need(p.tokens_per_rank > 0, f"strategy.pool.tokens_per_rank={p.tokens_per_rank} must be > 0")
+        need(p.policy in ("proportional", "all"), f"strategy.pool.policy={p.policy!r}: choose proportional or all")
+        need(p.gpus_per_node >= 1, f"strategy.pool.gpus_per_node={p.gpus_per_node} must be >= 1")
+    expected = s.tp * s.pp + pool_ranks
+    need(s.world_size == expected,
+         f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if pool_ranks else ''} = {expected}; set strategy.world_size={expected}")
+    need(w.batch_size >= 1, f"workload.batch_size={w.batch_size} must be >= 1")
+    need(w.output_tokens >= 2, f"workload.output_tokens={w.output_tokens}: TPOT needs at least 2 output tokens")
+    need(w.warmup_steps >= 0, f"workload.warmup_steps={w.warmup_steps} must be >= 0")
+    need(len(w.prompt_lens) > 0 or len(w.buckets) > 0, "workload: give prompt_lens or buckets")
+    need(all(n >= 1 for n in w.prompt_lens), f"workload.prompt_lens={list(w.prompt_lens)}: every length must be >= 1")
+    for b in w.buckets:
+        need(len(b) == 2, f"workload.buckets entry {list(b)} must be [min, max]")
+        need(1 <= b[0] <= b[1], f"workload.buckets entry {list(b)}: need 1 <= min <= max")
+    need(cfg.hardware.device in ("cpu", "cuda"), f"hardware.device={cfg.hardware.device!r}: choose cpu or cuda")
+    need(cfg.hardware.dtype in ("float32", "bfloat16"), f"hardware.dtype={cfg.hardware.dtype!r}: choose float32 or bfloat16")
+    need(cfg.launcher.dist_backend in ("auto", "gloo", "nccl"),
+         f"launcher.dist_backend={cfg.launcher.dist_backend!r}: choose auto, gloo or nccl")
+    need(cfg.launcher.timeout_s > 0, f"launcher.timeout_s={cfg.launcher.timeout_s} must be > 0")
+    if cfg.launcher.kind != "model":  # what the real launchers need of this machine
+        import torch
+
+        from model.attention import BackendUnavailable, check_backend
+
+        if cfg.hardware.device == "cuda":
+            need(torch.cuda.is_available(), "hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
+        if cfg.launcher.dist_backend == "nccl":
+            need(cfg.hardware.device == "cuda" and torch.cuda.is_available(),
+                 "launcher.dist_backend=nccl needs CUDA GPUs; use gloo on CPU")
+        if cfg.hardware.dtype == "bfloat16" and cfg.hardware.device == "cuda":
+            need(torch.cuda.is_bf16_supported(), "hardware.dtype=bfloat16 is not supported by this GPU; use float32")
+        try:
+            check_backend(cfg.attention_backend, cfg.hardware.device)
+        except BackendUnavailable as e:
+            raise ConfigError(f"attention_backend: {e}") from None

@@ -1,0 +1,78 @@
+"""Launching a run: the local launcher starts one process per rank on this machine, watches them,
+and turns a crash, a kill or a hang into a failed/timeout record instead of a hung sweep."""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import socket
+import time
+from pathlib import Path
+
+from harness.record import RunRecord, environment, run_id, write_record
+
+log = logging.getLogger("fapool.launch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: str) -> RunRecord:
+    return RunRecord(run_id=run_id(cfg_dict), status=status, config=cfg_dict, error=error,
+                     env=environment(world, device))
+
+
+def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: float, device: str = "cpu") -> Path:
+    """Start `world` rank processes (spawned), wait up to timeout_s, and make sure a record exists."""
+    from harness.runner import rank_main
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result = out_dir / "result.json"
+    result.unlink(missing_ok=True)
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(cfg_dict, r, world, init_method, str(out_dir)), daemon=False)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout_s
+    status, error = "ok", None
+    while any(p.is_alive() for p in procs):
+        failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+        if failed:
+            status, error = "failed", _rank_errors(out_dir, procs, failed)
+            break
+        if time.monotonic() > deadline:
+            status, error = "timeout", f"run exceeded launcher.timeout_s={timeout_s}s; ranks still running: " + \
+                ", ".join(str(r) for r, p in enumerate(procs) if p.is_alive())
+            break
+        time.sleep(0.05)
+    for p in procs:  # tear down the others: a rank waiting on a dead peer would hang forever
+        if p.is_alive():
+            p.kill()
+        p.join()
+    if status == "ok":
+        failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
+        if failed:
+            status, error = "failed", _rank_errors(out_dir, procs, failed)
+        elif not result.exists():
+            status, error = "failed", "all ranks exited cleanly but rank 0 wrote no result.json"
+    if status != "ok":
+        if "CUDA out of memory" in (error or "") or "OutOfMemoryError" in (error or ""):
+            status = "oom"
+        result.unlink(missing_ok=True)  # never keep a partial record beside a failure
+        write_record(failure_record(cfg_dict, status, error, world, device), out_dir)
+        log.error("run %s: %s", status, (error or "").strip().splitlines()[-1] if error else "")
+    return result
+
+
+def _rank_errors(out_dir: Path, procs, failed) -> str:
+    parts = []
+    for r in failed:
+        f = out_dir / f"rank{r}.error"
+        text = f.read_text() if f.exists() else f"rank {r} exited with code {procs[r].exitcode} (no traceback: killed?)"
+        parts.append(f"[rank {r}] {text.strip()}")
+    return "\n".join(parts)

@@ -1,0 +1,123 @@
+"""How a run is measured: phase timers per rank, step timing, and the metrics computed from them."""
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+PHASES = ("attention", "communication", "synchronization", "resource_management", "other")
+
+
+class PhaseTimer:
+    """Wall time per phase on one rank. Whatever is not inside a named phase counts as `other`.
+
+    On CUDA the phase boundaries synchronize the device, so that a phase's time is its kernels' time.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.reset()
+
+    def reset(self):
+        self.seconds = defaultdict(float)
+        self._depth = 0
+        self._start = self._now()
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        if self._depth:  # nested: the outer phase keeps the time
+            yield
+            return
+        self._depth += 1
+        t0 = self._now()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += self._now() - t0
+            self._depth -= 1
+
+    def report(self) -> dict:
+        wall = self._now() - self._start
+        named = {p: self.seconds.get(p, 0.0) for p in PHASES if p != "other"}
+        named["other"] = max(wall - sum(named.values()), 0.0)
+        return {"wall_s": wall, "phase_s": named}
+
+
+class StepClock:
+    """Marks step boundaries: prefill (TTFT) and each decode step (TPOT samples)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.cuda = torch.device(device).type == "cuda"
+        self.times = []
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start(self):
+        self.t0 = self.last = self._now()
+        self.times = []
+
+    def mark(self, _step=None):
+        now = self._now()
+        self.times.append(now - self.last)
+        self.last = now
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    xs = sorted(values)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def compute_metrics(ttft_s: float | None, decode_step_s: list[float], input_tokens: int, batch_size: int,
+                    num_gpus: int) -> dict:
+    """The record's metrics from measured times. See the README's metric table for each definition.
+
+    ttft_s: prefill time (first token for the whole batch), None when the KV was synthetic.
+    decode_step_s: wall time of each decode step (each step yields one token per sequence).
+    """
+    if not decode_step_s:
+        raise ValueError("no decode steps were measured: TPOT needs at least 2 output tokens")
+    decode_s = sum(decode_step_s)
+    e2e_s = (ttft_s or 0.0) + decode_s
+    output_per_seq = len(decode_step_s) + 1
+    output_tokens = batch_size * output_per_seq
+    tpot = [t * 1e3 for t in decode_step_s]
+    tps = (input_tokens + output_tokens) / e2e_s if ttft_s is not None else None
+    return {
+        "ttft_ms": None if ttft_s is None else ttft_s * 1e3,
+        "mean_tpot_ms": decode_s * 1e3 / len(decode_step_s),  # = (e2e - TTFT) / (output tokens - 1)
+        "median_tpot_ms": statistics.median(tpot),
+        "p90_tpot_ms": percentile(tpot, 90),
+        "p99_tpot_ms": percentile(tpot, 99),
+        "e2e_ms": e2e_s * 1e3,
+        "tps": tps,
+        "decode_tps": batch_size * len(decode_step_s) / decode_s,
+        "tps_per_gpu": None if tps is None else tps / num_gpus,
+        "num_gpus": num_gpus,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+    }
+
+
+def breakdown(phase_s: dict) -> dict:
+    """Phase seconds -> fractions of their sum (which sum to 1)."""
+    total = sum(phase_s.values())
+    if total <= 0:
+        return {p: (1.0 if p == "other" else 0.0) for p in PHASES}
+    return {p: phase_s.get(p, 0.0) / total for p in PHASES}

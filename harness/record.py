@@ -1,0 +1,116 @@
+"""The result record: one dataclass for every strategy, written atomically as result.json."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+SCHEMA_VERSION = 1
+STATUSES = ("ok", "failed", "oom", "timeout", "invalid")
+
+
+@dataclass
+class RunRecord:
+    run_id: str  # hash of the resolved config: the same config gives the same id
+    status: str  # ok | failed | oom | timeout | invalid
+    config: dict  # the resolved config
+    error: Optional[str] = None
+    env: dict = field(default_factory=dict)  # hosts, device, versions, world size, Slurm job, git commit
+    metrics: dict = field(default_factory=dict)  # see harness.measure.compute_metrics; empty unless ok
+    step_times_ms: list = field(default_factory=list)  # every measured decode step
+    memory: dict = field(default_factory=dict)  # per role: peak bytes and how they were taken
+    breakdown: dict = field(default_factory=dict)  # per role: phase fractions summing to 1
+    pool_utilization: dict = field(default_factory=dict)  # per pool rank: busy / wall
+    ranks: list = field(default_factory=list)  # per rank: role, bytes held, phase seconds, bytes sent
+    elasticity: list = field(default_factory=list)  # per step: pool ranks per sequence, blocks
+    tokens_sha256: Optional[str] = None  # hash of the generated token ids
+    reference_check: Optional[dict] = None  # max abs logit error and token equality vs one device
+    synthetic_kv: bool = False
+    created_at: float = field(default_factory=time.time)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunRecord":
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        rec = cls(**d)
+        if rec.status not in STATUSES:
+            raise ValueError(f"status {rec.status!r} is not one of {STATUSES}")
+        return rec
+
+
+def run_id(resolved_config: dict) -> str:
+    """Stable id of a config: where it is written and how it is run do not change it."""
+    keyed = {k: v for k, v in resolved_config.items() if k not in ("results_dir", "launcher")}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_record(record: RunRecord, directory: str | Path, name: str = "result.json") -> Path:
+    """Atomic: write a unique temporary file beside the target, then rename over it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        f.write(record.to_json())
+        f.flush()
+        os.fsync(f.fileno())
+    target = directory / name
+    os.replace(tmp, target)
+    return target
+
+
+def read_record(path: str | Path) -> RunRecord:
+    return RunRecord.from_dict(json.loads(Path(path).read_text()))
+
+
+def git_commit() -> Optional[str]:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(world_size: int, device: str, dist_backend: Optional[str] = None, hosts=None) -> dict:
+    import torch
+
+    env: dict[str, Any] = {
+        "hosts": hosts or [socket.gethostname()],
+        "world_size": world_size,
+        "device": device,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "dist_backend": dist_backend,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "git_commit": git_commit(),
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if device == "cuda" and torch.cuda.is_available():
+        env["device_name"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:  # NVML is optional
+            env["driver"] = None
+    return env

@@ -1,0 +1,176 @@
+"""One rank's whole run: set up torch.distributed, build the strategy's engine, warm up, measure,
+gather every rank's report to rank 0, and (rank 0) write the record."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from harness.config import BenchConfig
+from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics
+from harness.record import RunRecord, environment, run_id, write_record
+from harness.workload import make_prompts
+
+log = logging.getLogger("fapool.runner")
+
+
+def to_config(cfg_dict: dict) -> BenchConfig:
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg_dict))
+
+
+def pick_device(cfg: BenchConfig, local_rank: int) -> torch.device:
+    if cfg.hardware.device == "cuda":
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def dist_backend(cfg: BenchConfig) -> str:
+    if cfg.launcher.dist_backend != "auto":
+        return cfg.launcher.dist_backend
+    return "nccl" if cfg.hardware.device == "cuda" else "gloo"
+
+
+def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
+    dtype = getattr(torch, cfg.hardware.dtype)
+    kind = cfg.strategy.kind
+    if kind == "reference":
+        from model.parallel.engine import ReferenceEngine
+
+        return ReferenceEngine(cfg.model, device, dtype, cfg.attention_backend, timer)
+    if kind == "static":
+        from model.parallel.static import StaticEngine
+
+        return StaticEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+    if kind == "fa_pool":
+        from model.parallel.fa_pool import FAPoolEngine
+
+        return FAPoolEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+    raise ValueError(f"unknown strategy kind {kind!r}")
+
+
+def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None):
+    """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known."""
+    if clock:
+        clock.start()
+    if synthetic:
+        lens = torch.tensor([len(p) for p in prompts])
+        tok = engine.synthetic_prefill(lens, max_len, seed)
+    else:
+        tok = engine.prefill(prompts, max_len)
+    if clock:
+        clock.mark()
+    out = [tok]
+    for _ in range(n_out - 1):
+        tok = engine.decode(tok)
+        out.append(tok)
+        if clock:
+            clock.mark()
+    engine.finish()
+    return torch.stack(out, 1) if engine.has_tokens else None
+
+
+def reference_check(cfg: BenchConfig, prompts, logits: torch.Tensor, tokens: torch.Tensor, device) -> dict:
+    """Decode the same prompts on one device with the plain model and compare."""
+    from model.transformer import build_model, generate as ref_generate
+
+    model = build_model(cfg.model, getattr(torch, cfg.hardware.dtype), device)
+    ref_tokens, ref_logits = ref_generate(model, prompts, cfg.workload.output_tokens, "math")
+    return {
+        "max_abs_logit_error": float((ref_logits.float() - logits.float()).abs().max()),
+        "tokens_equal": bool(torch.equal(ref_tokens.cpu(), tokens.cpu())),
+        "steps_compared": int(ref_logits.shape[0]),
+    }
+
+
+def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: str, local_rank: int | None = None):
+    """Entry of one rank (a local process or a Slurm task). Rank 0 writes result.json into out_dir."""
+    cfg = to_config(cfg_dict)
+    torch.manual_seed(0)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+    device = pick_device(cfg, rank if local_rank is None else local_rank)
+    backend = dist_backend(cfg)
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=cfg.launcher.timeout_s))
+    try:
+        _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
+    w = cfg.workload
+    prompts = make_prompts(w, cfg.model.vocab_size)
+    max_len = max(len(p) for p in prompts) + w.output_tokens
+    timer = PhaseTimer(device)
+    engine = build_engine(cfg, rank, world, device, timer)
+    if w.warmup_steps > 0:  # warm caches, allocator and communicators; not timed
+        generate(engine, prompts, w.warmup_steps + 1, max_len, w.synthetic_kv, w.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    engine.logits = []
+    timer.reset()
+    clock = StepClock(device) if rank == 0 else None
+    tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock)
+    report = engine.report()
+    report.update(timer.report(), rank=rank)
+    if device.type == "cuda":
+        report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        report["peak_bytes"], report["memory_source"] = report["weight_bytes"] + report["kv_bytes"], "tensor bytes held (CPU)"
+    if cfg.check_reference and engine.has_logits and engine.logits:
+        all_tokens = torch.stack([l.argmax(-1) for l in engine.logits], 1)
+        report["reference_check"] = reference_check(cfg, prompts, torch.stack(engine.logits), all_tokens, device)
+    elasticity = getattr(engine, "elasticity", [])
+    reports = [None] * world
+    dist.gather_object(report, reports if rank == 0 else None, dst=0)
+    if rank != 0:
+        return
+    record = build_record(cfg, cfg_dict, reports, clock.times, prompts, tokens, elasticity, world, backend)
+    write_record(record, out_dir)
+
+
+def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity, world, backend) -> RunRecord:
+    w = cfg.workload
+    ttft = None if w.synthetic_kv else step_times[0]
+    metrics = compute_metrics(ttft, step_times[1:], sum(len(p) for p in prompts), w.batch_size, world)
+    roles = {}
+    for r in reports:
+        roles.setdefault(r["role"], []).append(r)
+    memory, phase_fractions, utilization = {}, {}, {}
+    for role, rs in roles.items():
+        memory[role] = {"peak_bytes_max": max(r["peak_bytes"] for r in rs), "weight_bytes_max": max(r["weight_bytes"] for r in rs),
+                        "kv_bytes_max": max(r["kv_bytes"] for r in rs), "source": rs[0]["memory_source"]}
+        summed = {}
+        for r in rs:
+            for p, s in r["phase_s"].items():
+                summed[p] = summed.get(p, 0.0) + s
+        phase_fractions[role] = breakdown(summed)
+    for r in roles.get("pool", []):  # busy = attention + resource management work on the pool rank
+        busy = r["phase_s"]["attention"] + r["phase_s"]["resource_management"]
+        utilization[f"rank{r['rank']}"] = busy / r["wall_s"] if r["wall_s"] > 0 else 0.0
+    check = next((r["reference_check"] for r in reports if "reference_check" in r), None)
+    return RunRecord(
+        run_id=run_id(cfg_dict), status="ok", config=cfg_dict,
+        env=environment(world, cfg.hardware.device, backend),
+        metrics=metrics, step_times_ms=[t * 1e3 for t in step_times[1:]], memory=memory,
+        breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
+        tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,
+        reference_check=check, synthetic_kv=w.synthetic_kv,
+    )
+
+
+def rank_main(cfg_dict, rank, world, init_method, out_dir):
+    """A local process's entry: run, and leave the traceback in out_dir for the launcher on failure."""
+    try:
+        run_rank(cfg_dict, rank, world, init_method, out_dir)
+    except BaseException:
+        Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
+        raise

@@ -1,0 +1,130 @@
+"""Attention that returns the output and the log-sum-exp, and the exact merge of partial results.
+
+Every backend has one contract (the flash-attention / xformers one):
+    attention(q, k, v, kv_lens, causal) -> (out, lse)
+    q: [B, H, Tq, D]   k, v: [B, H, Tk, D]   kv_lens: [B] valid keys per sequence (None = all Tk)
+    out: [B, H, Tq, D] (q's dtype)   lse: [B, H, Tq] float32, natural log, scale included
+`causal` is top-left aligned (query i sees keys j <= i), which is what prefill from an empty cache needs.
+A query that sees no key (an empty KV shard) gets out = 0 and lse = -inf, so that it drops out of a merge.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import torch
+
+BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn")
+
+
+class BackendUnavailable(RuntimeError):
+    pass
+
+
+def backend_available(backend: str, device: torch.device | str = "cpu") -> bool:
+    device = torch.device(device)
+    if backend in ("math", "sdpa"):
+        return True
+    if backend in ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient"):
+        return device.type == "cuda"
+    if backend == "flash_attn":
+        return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    return False
+
+
+def check_backend(backend: str, device: torch.device | str) -> None:
+    if backend not in BACKENDS:
+        raise BackendUnavailable(f"attention backend {backend!r} is unknown; choose one of {', '.join(BACKENDS)}")
+    if not backend_available(backend, device):
+        hint = "install the optional extra: pip install -e '.[flash]' (needs CUDA)" if backend == "flash_attn" else "it needs a CUDA device"
+        raise BackendUnavailable(f"attention backend {backend!r} is not available on {device}: {hint}; 'math' and 'sdpa' run everywhere")
+
+
+def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all."""
+    if kv_lens is None and not causal:
+        return None
+    key_idx = torch.arange(tk, device=device)
+    mask = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
+    if kv_lens is not None:
+        mask = mask & (key_idx[None, :] < kv_lens[:, None])[:, None, None, :]
+    if causal:
+        mask = mask & (key_idx[None, :] <= torch.arange(tq, device=device)[:, None])[None, None]
+    return mask
+
+
+def _math(q, k, v, mask, scale):
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf where nothing is visible
+    probs = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    probs = torch.nan_to_num(probs, nan=0.0)
+    return torch.matmul(probs, v.float()).to(q.dtype), lse
+
+
+def _additive(mask, dtype):
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def _sdpa(q, k, v, mask, scale, backend):
+    if q.device.type == "cpu":
+        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], 1, -1, -1).contiguous()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        return out, lse.float()
+    if backend == "sdpa":  # fastest kernel that fits (cuDNN reached HBM bandwidth on H100, flash ~82%)
+        backend = "sdpa_cudnn" if mask is None else "sdpa_efficient"
+    if backend == "sdpa_flash":
+        if mask is not None:
+            raise BackendUnavailable("sdpa_flash takes no mask: use equal kv lengths, or 'sdpa' / 'sdpa_efficient'")
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+    elif backend == "sdpa_cudnn":
+        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, scale=scale)[:2]
+    else:
+        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]].float()
+
+
+def _flash_attn(q, k, v, kv_lens, causal, scale):
+    from flash_attn import flash_attn_with_kvcache  # optional extra
+
+    cache_seqlens = None if kv_lens is None else kv_lens.to(torch.int32)
+    out, lse = flash_attn_with_kvcache(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        cache_seqlens=cache_seqlens, softmax_scale=scale, causal=causal, return_softmax_lse=True,
+    )
+    return out.transpose(1, 2), lse.float()
+
+
+def attention(q, k, v, kv_lens=None, causal=False, backend="math"):
+    """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if k.shape[2] == 0:  # a shard with no keys at all
+        return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
+    if backend == "flash_attn":
+        out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
+    else:
+        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device)
+        if backend == "math":
+            return _math(q, k, v, mask, scale)
+        out, lse = _sdpa(q, k, v, mask, scale, backend)
+    if kv_lens is not None:  # fused kernels leave rows with no visible key undefined
+        empty = (kv_lens == 0).view(-1, 1, 1)
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def merge_partials(outs, lses):
+    """Exact attention over the union of disjoint KV shards from each shard's (out, lse).
+
+    outs: list of [..., D]; lses: list of [...] (float32). Shards with lse = -inf (no keys) weigh nothing.
+    """
+    lse_stack = torch.stack([l.float() for l in lses])  # [P, ...]
+    lse = torch.logsumexp(lse_stack, dim=0)
+    safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lse_stack - safe)  # [P, ...]; exp(-inf) = 0 for empty shards
+    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
+    return out.to(outs[0].dtype), lse

@@ -1,0 +1,115 @@
+"""What every strategy gives the runner: one Engine per rank that prefills and decodes a batch.
+
+The runner (harness/runner.py) drives prefill and decode steps and times them; engines hold the
+weights and KV shards of their rank, record their phase times in a PhaseTimer and hold the logits
+where their rank produces them. One interface, so that one runner and one record serve all strategies.
+"""
+from __future__ import annotations
+
+import torch
+
+from harness.measure import PhaseTimer
+from model.transformer import Step, build_model, last_token_logits, pad_prompts
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class Engine:
+    role = "reference"
+    has_tokens = True  # this rank knows every step's tokens (rank 0 must)
+    has_logits = True  # this rank holds the logits, for the reference check
+
+    def __init__(self, timer: PhaseTimer):
+        self.timer = timer
+        self.logits = []
+
+    def prefill(self, prompts: list[torch.Tensor], max_len: int) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def synthetic_prefill(self, lens: torch.Tensor, max_len: int, seed: int) -> torch.Tensor | None:
+        """Fill the KV cache with random values as if `lens` tokens had been prefilled; first tokens."""
+        raise NotImplementedError(f"{type(self).__name__} has no synthetic KV")
+
+    def finish(self) -> None:
+        """End of generation: free what the sequences held."""
+
+    def report(self) -> dict:
+        """What this rank holds and did: role, bytes of weights and KV, bytes sent and received."""
+        raise NotImplementedError
+
+
+class ReferenceEngine(Engine):
+    """One device, the plain model: the baseline every strategy is checked against."""
+
+    def __init__(self, cfg, device, dtype, backend, timer):
+        super().__init__(timer)
+        self.model = build_model(cfg, dtype, device)
+        self.device, self.backend = device, backend
+
+    @torch.no_grad()
+    def prefill(self, prompts, max_len):
+        tokens, lens = pad_prompts(prompts, self.device)
+        self.model.setup_cache(len(prompts), max_len, self.backend)
+        _time_attention(self.model, self.timer)
+        self.lens = lens.clone()
+        logits = last_token_logits(self.model(tokens, Step(slice(0, len(prompts)), torch.zeros_like(lens), lens)), lens)
+        return self._emit(logits)
+
+    @torch.no_grad()
+    def synthetic_prefill(self, lens, max_len, seed):
+        self.model.setup_cache(len(lens), max_len, self.backend)
+        _time_attention(self.model, self.timer)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        for block in self.model.blocks:
+            fill_random_kv(block.attn.core, lens, gen)
+        self.lens = lens.to(self.device).clone()
+        return torch.randint(0, self.model.cfg.vocab_size, (len(lens),), generator=gen, device=self.device)
+
+    @torch.no_grad()
+    def decode(self, tokens):
+        step = Step(slice(0, len(self.lens)), self.lens, torch.ones_like(self.lens))
+        logits = self.model(tokens[:, None], step)[:, 0]
+        self.lens = self.lens + 1
+        return self._emit(logits)
+
+    def _emit(self, logits):
+        self.logits.append(logits)
+        return logits.argmax(-1)
+
+    def report(self):
+        kv = sum(b.attn.core.nbytes() for b in self.model.blocks)
+        return {"role": "reference", "weight_bytes": param_bytes(self.model), "kv_bytes": kv}
+
+
+class TimedCore:
+    """Wraps an attention core so that its time counts as the `attention` phase."""
+
+    def __init__(self, core, timer: PhaseTimer):
+        self.inner, self.timer = core, timer
+
+    def nbytes(self):
+        return self.inner.nbytes()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, q, k, v, step):
+        with self.timer("attention"):
+            return self.inner(q, k, v, step)
+
+
+def _time_attention(model, timer):
+    for block in model.blocks:
+        block.attn.core = TimedCore(block.attn.core, timer)
+
+
+def fill_random_kv(core, lens: torch.Tensor, gen: torch.Generator):
+    """Random K/V in the first lens[b] cache positions of each sequence (synthetic_kv workloads)."""
+    for cache in (core.k, core.v):
+        span = int(lens.max())
+        cache[:, :, :span].normal_(generator=gen)

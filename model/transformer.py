@@ -1,0 +1,213 @@
+"""The single-device reference: a pre-norm decoder (RMSNorm, MHA with RoPE, GELU FFN), prefill and greedy decode.
+
+No parallelism lives here. Strategies (model/parallel/) slice these modules' weights and swap an
+attention block's `core` (where the KV cache lives and attention runs) for their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import attention
+from model.config import ModelConfig
+
+
+@dataclass
+class Step:
+    """What one forward pass covers: a range of cache rows (sequences) and the new tokens' places."""
+
+    rows: slice  # cache rows (sequences) of this forward, e.g. one micro-batch
+    cache_lens: torch.Tensor  # [b] tokens already in the cache per sequence
+    new_lens: torch.Tensor  # [b] valid new tokens per sequence (prompt lengths at prefill, 1 at decode)
+
+    @property
+    def prefill(self) -> bool:
+        return bool((self.cache_lens == 0).all())
+
+    def positions(self, t: int) -> torch.Tensor:  # [b, t] absolute positions of the new tokens
+        return self.cache_lens[:, None] + torch.arange(t, device=self.cache_lens.device)[None, :]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotary embedding, half-split convention. x: [B, H, T, D]; positions: [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, half]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class LocalKV:
+    """The default attention core: a preallocated KV cache on this device, attention over it."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int, dtype, device, backend: str):
+        self.k = torch.zeros(batch, n_heads, max_len, head_dim, dtype=dtype, device=device)  # [B, H, S, D]
+        self.v = torch.zeros_like(self.k)
+        self.backend = backend
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def __call__(self, q, k, v, step: Step):  # q, k, v: [b, H, T, D] -> [b, H, T, D]
+        kc, vc = self.k[step.rows], self.v[step.rows]
+        if step.prefill:
+            kc[:, :, : k.shape[2]] = k
+            vc[:, :, : v.shape[2]] = v
+            return attention(q, k, v, kv_lens=step.new_lens, causal=True, backend=self.backend)[0]
+        b = torch.arange(q.shape[0], device=q.device)
+        kc[b, :, step.cache_lens] = k[:, :, 0]
+        vc[b, :, step.cache_lens] = v[:, :, 0]
+        lens = step.cache_lens + 1
+        span = int(lens.max())
+        return attention(q, kc[:, :, :span], vc[:, :, :span], kv_lens=lens, backend=self.backend)[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_base = cfg.n_heads, cfg.head_dim, cfg.rope_base
+        self.wqkv = nn.Linear(cfg.hidden, 3 * cfg.hidden, bias=False)  # rows: [q heads | k heads | v heads]
+        self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
+        self.core = None  # LocalKV or a strategy's core; set by setup_cache
+
+    def forward(self, x, step: Step):  # x: [b, T, hidden]
+        b, t, _ = x.shape
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [b, H, T, D]
+        pos = step.positions(t)
+        q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        out = self.core(q, k, v, step)  # [b, H, T, D]
+        return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden, cfg.ffn_hidden, bias=False)
+        self.down = nn.Linear(cfg.ffn_hidden, cfg.hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, step: Step):
+        x = x + self.attn(self.attn_norm(x), step)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens, step: Step):  # tokens: [b, T] -> logits [b, T, vocab] (float32)
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x, step)
+        return self.lm_head(self.norm(x)).float()
+
+    def setup_cache(self, batch: int, max_len: int, backend: str = "math"):
+        p = next(self.parameters())
+        for block in self.blocks:
+            a = block.attn
+            a.core = LocalKV(batch, a.n_heads, max_len, a.head_dim, p.dtype, p.device, backend)
+
+
+def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:
+    """Weights drawn from cfg.seed in a fixed order on the CPU, so every rank builds the same model."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, cfg.init_std, generator=gen)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def last_token_logits(logits: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
+    """[b, T, V] -> [b, V]: the logits after each sequence's last valid new token."""
+    return logits[torch.arange(logits.shape[0], device=logits.device), new_lens - 1]
+
+
+def pad_prompts(prompts: list[torch.Tensor], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lens
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[torch.Tensor], n_new: int, backend: str = "math", on_step=None):
+    """Greedy decode with a KV cache. Returns (tokens [B, n_new], logits [n_new, B, V]).
+
+    The first new token comes from prefill; the other n_new - 1 from decode steps.
+    `on_step(i)` is called after each step (0 = prefill), e.g. for timing.
+    """
+    device = next(model.parameters()).device
+    tokens, lens = pad_prompts(prompts, device)
+    batch = len(prompts)
+    model.setup_cache(batch, int(lens.max()) + n_new, backend)
+    rows = slice(0, batch)
+    step = Step(rows, torch.zeros_like(lens), lens)
+    logits = last_token_logits(model(tokens, step), lens)
+    out_tokens, out_logits = [logits.argmax(-1)], [logits]
+    if on_step:
+        on_step(0)
+    cache_lens = lens.clone()
+    for i in range(1, n_new):
+        step = Step(rows, cache_lens, torch.ones_like(lens))
+        logits = model(out_tokens[-1][:, None], step)[:, 0]
+        cache_lens = cache_lens + 1
+        out_tokens.append(logits.argmax(-1))
+        out_logits.append(logits)
+        if on_step:
+            on_step(i)
+    return torch.stack(out_tokens, 1), torch.stack(out_logits)
+
+
+@torch.no_grad()
+def recompute_logits(model: Transformer, prompts: list[torch.Tensor], generated: torch.Tensor, backend="math"):
+    """Logits of every generated position by running each full sequence from scratch, no cache reuse.
+
+    The check that the KV cache is right: must equal generate()'s logits.
+    """
+    device = next(model.parameters()).device
+    out = []
+    for i in range(generated.shape[1]):
+        seqs = [torch.cat([p.to(device), generated[b, :i]]) for b, p in enumerate(prompts)]
+        tokens, lens = pad_prompts(seqs, device)
+        model.setup_cache(len(seqs), int(lens.max()), backend)
+        step = Step(slice(0, len(seqs)), torch.zeros_like(lens), lens)
+        out.append(last_token_logits(model(tokens, step), lens))
+    return torch.stack(out)

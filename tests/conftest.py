@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from harness.app import CONF_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose_cfg(overrides=()):
+    """The resolved config for these overrides, as the app would see it."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def cfg_object(overrides=()):
+    return OmegaConf.to_object(compose_cfg(overrides))
+
+
+def run_cli(args, tmp_path, timeout=300):
+    """Run the fapool-bench command as a user would; returns (completed process, records found)."""
+    cmd = [sys.executable, "-m", "harness.app", *args, f"hydra.run.dir={tmp_path}/run",
+           f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    records = [json.loads(p.read_text()) for p in sorted(Path(tmp_path).rglob("result.json"))]
+    return proc, records
+
+
+@pytest.fixture
+def compose_config():
+    return compose_cfg

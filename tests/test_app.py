@@ -1,0 +1,21 @@
+from tests.conftest import run_cli
+
+
+def test_default_run_leaves_an_ok_record_with_measured_tpot(tmp_path):
+    proc, records = run_cli([], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(records) >= 1
+    for rec in records:
+        assert rec["status"] == "ok"
+        assert rec["metrics"]["mean_tpot_ms"] > 0
+        assert len(rec["step_times_ms"]) == rec["config"]["workload"]["output_tokens"] - 1
+        assert rec["config"]["model"]["name"] == "tiny"
+    assert "TPOT" in proc.stdout
+
+
+def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
+    proc, records = run_cli(["workload.output_tokens=1"], tmp_path)
+    assert proc.returncode != 0
+    assert [r["status"] for r in records] == ["invalid"]
+    assert "output_tokens" in records[0]["error"]
+    assert not records[0]["metrics"]

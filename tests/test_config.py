@@ -1,0 +1,41 @@
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from harness.config import BenchConfig, validate
+from tests.conftest import cfg_object, compose_cfg
+
+
+def test_default_config_composes_and_validates():
+    cfg = cfg_object()
+    assert isinstance(cfg, BenchConfig)
+    assert cfg.model.name == "tiny" and cfg.strategy.kind == "reference"
+    validate(cfg)
+
+
+def test_paper_model_preset():
+    m = cfg_object(["model=paper"]).model
+    assert (m.n_layers, m.hidden, m.n_heads, m.ffn_hidden, m.head_dim) == (4, 4096, 32, 16384, 128)
+
+
+def _error_text(excinfo):
+    e = excinfo.value
+    return str(e) + str(getattr(e, "__cause__", "") or "")
+
+
+def test_unknown_key_is_refused_with_its_name():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as ei:
+        compose_cfg(["model.hiden=128"])
+    assert "hiden" in _error_text(ei)
+
+
+def test_wrong_type_is_refused_with_its_name():
+    with pytest.raises((ConfigCompositionException, ValidationError)) as ei:
+        compose_cfg(["model.n_heads=many"])
+    assert "n_heads" in _error_text(ei)
+
+
+def test_unknown_group_option_is_refused():
+    with pytest.raises(ConfigCompositionException) as ei:
+        compose_cfg(["strategy=tp3_pp7"])
+    assert "tp3_pp7" in _error_text(ei)
