@@ -33,7 +33,10 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
     result = out_dir / "result.json"
     result.unlink(missing_ok=True)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
+    # forkserver: a clean process (no inherited threads or CUDA state) that has torch imported once,
+    # so that starting 8 ranks does not import torch 8 times
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "harness.runner"])
     procs = [ctx.Process(target=rank_main, args=(cfg_dict, r, world, init_method, str(out_dir)), daemon=False)
              for r in range(world)]
     for p in procs:

@@ -34,3 +34,11 @@ def run_cli(args, tmp_path, timeout=300):
 @pytest.fixture
 def compose_config():
     return compose_cfg
+
+
+def launch(overrides, out_dir):
+    """Compose, validate and run one config on the local launcher; returns the record (a dict)."""
+    from harness.app import run
+
+    rec = run(compose_cfg(overrides), str(out_dir))
+    return json.loads((Path(out_dir) / "result.json").read_text()) if rec else None

@@ -19,3 +19,22 @@ def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
     assert [r["status"] for r in records] == ["invalid"]
     assert "output_tokens" in records[0]["error"]
     assert not records[0]["metrics"]
+
+
+def test_cli_static_tp2_pp2_end_to_end(tmp_path):
+    proc, records = run_cli(["strategy=tp2_pp2", "check_reference=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = records
+    assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]
+    assert rec["env"]["world_size"] == 4 and rec["env"]["dist_backend"] == "gloo"
+    assert set(rec["memory"]) == {"stage0", "stage1"}
+
+
+def test_paper_scale_static_presets_validate():
+    from harness.config import validate
+    from tests.conftest import cfg_object
+
+    for name, world in (("tp8_pp2", 16), ("tp16_pp2", 32), ("tp8_pp4", 32)):
+        cfg = cfg_object([f"strategy={name}", "model=paper"])
+        validate(cfg)
+        assert cfg.strategy.world_size == world

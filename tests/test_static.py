@@ -1,0 +1,45 @@
+"""Static TP x PP over gloo on CPU against the single-device reference."""
+import pytest
+
+from model.config import ModelConfig
+from tests.conftest import launch
+
+CASES = [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4), (4, 1), (4, 2)]  # TP x PP, world size <= 8
+
+
+def expected_weight_bytes(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
+    """Bytes a rank of `stage` holds: its blocks sliced over TP (norms whole), embedding/head slices."""
+    per_block = 2 * m.hidden + (4 * m.hidden * m.hidden + 2 * m.hidden * m.ffn_hidden) // tp
+    n = per_block * m.n_layers // pp
+    if stage == 0:
+        n += m.vocab_size * m.hidden // tp
+    if stage == pp - 1:
+        n += m.hidden + m.vocab_size * m.hidden // tp
+    return 4 * n
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", CASES)
+def test_static_matches_reference(tp, pp, tmp_path):
+    mb = 2 if pp > 1 else 1
+    rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy.kind=static", f"strategy.tp={tp}", f"strategy.pp={pp}",
+                  f"strategy.world_size={tp * pp}", f"strategy.micro_batches={mb}", "model.n_layers=4",
+                  "workload.output_tokens=9", "workload.warmup_steps=1", "check_reference=true"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    check = rec["reference_check"]
+    assert check["tokens_equal"] and check["max_abs_logit_error"] < 1e-4 and check["steps_compared"] == 9
+    s = rec["config"]["strategy"]
+    assert (s["kind"], s["tp"], s["pp"], s["world_size"]) == ("static", tp, pp, tp * pp)
+    m = ModelConfig(**{**rec["config"]["model"]})
+    ranks = sorted(rec["ranks"], key=lambda r: r["rank"])
+    assert len(ranks) == tp * pp
+    total_kv = sum(r["kv_bytes"] for r in ranks)
+    for r in ranks:
+        assert r["weight_bytes"] == expected_weight_bytes(m, tp, pp, r["stage"])
+        assert r["kv_bytes"] * tp * pp == total_kv  # every rank holds an equal shard of the KV cache
+        assert set(r["phase_s"]) == {"attention", "communication", "synchronization", "resource_management", "other"}
+    # the KV shards add up to the reference's cache: batch x layers x 2 x heads x max_len x head_dim x 4 bytes
+    w = rec["config"]["workload"]
+    max_len = max(w["prompt_lens"]) + w["output_tokens"]
+    assert total_kv == w["batch_size"] * m.n_layers * 2 * m.hidden * max_len * 4
+    assert sum(r["weight_bytes"] for r in ranks) == 4 * (m.param_count() + (tp - 1) * (2 * m.n_layers + 1) * m.hidden)
