@@ -115,7 +115,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
         generate(engine, prompts, w.warmup_steps + 1, max_len, w.synthetic_kv, w.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    engine.logits = []
+    engine.reset_measurements()
     timer.reset()
     clock = StepClock(device) if rank == 0 else None
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock)

@@ -85,13 +85,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.hidden, cfg.hidden, bias=False)
         self.core = None  # LocalKV or a strategy's core; set by setup_cache
 
-    def forward(self, x, step: Step):  # x: [b, T, hidden]
+    def qkv(self, x, step: Step):  # x: [b, T, hidden] -> q, k, v: [b, H, T, D], rotary applied
         b, t, _ = x.shape
-        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x [b, H, T, D]
+        q, k, v = self.wqkv(x).view(b, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         pos = step.positions(t)
-        q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
-        out = self.core(q, k, v, step)  # [b, H, T, D]
+        return apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base), v
+
+    def project_out(self, out):  # out: [b, H, T, D] -> [b, T, hidden]
+        b, _, t, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    def forward(self, x, step: Step):
+        q, k, v = self.qkv(x, step)
+        return self.project_out(self.core(q, k, v, step))
 
 
 class FeedForward(nn.Module):

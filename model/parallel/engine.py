@@ -35,6 +35,14 @@ class Engine:
         """Fill the KV cache with random values as if `lens` tokens had been prefilled; first tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no synthetic KV")
 
+    def reset_measurements(self) -> None:
+        """Forget what the warm-up produced: logits, the elasticity log, bytes sent."""
+        self.logits = []
+        if hasattr(self, "elasticity"):
+            self.elasticity = []
+        if hasattr(self, "stats"):
+            self.stats.bytes = {}
+
     def finish(self) -> None:
         """End of generation: free what the sequences held."""
 

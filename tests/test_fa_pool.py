@@ -1,0 +1,139 @@
+"""FA Pool over gloo on CPU: correctness against the reference, and that the pool is real."""
+import pytest
+
+from model.parallel.block_manager import BlockManager
+from tests.conftest import launch
+
+SHORT = [5, 9, 3, 12]  # stays below the threshold of 32 for all 9 output tokens
+LONG = [40, 48, 33, 56]
+MIXED = [24, 40, 17, 30]  # 40 is long from the start; 30 crosses the threshold mid-decode
+HEAD_DIM, N_HEADS, LAYERS, TP = 16, 4, 2, 2
+
+
+def fa_run(tmp_path, lens, pool=4, hierarchical=True, async_overlap=True, policy="proportional", mb=2, block=8):
+    return launch(["strategy=fa_pool_b2_p4", f"strategy.pool.size={pool}", f"strategy.world_size={TP + pool}",
+                   f"strategy.pool.hierarchical={str(hierarchical).lower()}",
+                   f"strategy.pool.async_overlap={str(async_overlap).lower()}", f"strategy.pool.policy={policy}",
+                   f"strategy.micro_batches={mb}", f"strategy.pool.block_size={block}",
+                   f"workload.prompt_lens=[{','.join(map(str, lens))}]", "workload.output_tokens=9",
+                   "workload.warmup_steps=1", "check_reference=true"], tmp_path)
+
+
+def assert_matches_reference(rec):
+    assert rec["status"] == "ok", rec["error"]
+    check = rec["reference_check"]
+    assert check["tokens_equal"], check
+    assert check["max_abs_logit_error"] < 1e-4 and check["steps_compared"] == 9
+
+
+def pool_ranks(rec):
+    return [r for r in rec["ranks"] if r["role"] == "pool"]
+
+
+def base_ranks(rec):
+    return [r for r in rec["ranks"] if r["role"] == "base"]
+
+
+CASES = {
+    "all_short": dict(lens=SHORT),
+    "all_long": dict(lens=LONG),
+    "mixed_crossing_hier_async": dict(lens=MIXED),
+    "mixed_flat_sync": dict(lens=MIXED, hierarchical=False, async_overlap=False),
+    "mixed_hier_sync": dict(lens=MIXED, async_overlap=False),
+    "long_flat_async_pool3": dict(lens=LONG, pool=3, hierarchical=False),
+    "mixed_pool1": dict(lens=MIXED, pool=1),
+    "mixed_pool2_one_microbatch": dict(lens=MIXED, pool=2, mb=1),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_fa_pool_matches_reference_and_pool_is_real(case, tmp_path):
+    kw = CASES[case]
+    rec = fa_run(tmp_path, **kw)
+    assert_matches_reference(rec)
+    lens = kw["lens"]
+    long_at_end = {str(s) for s, n in enumerate(lens) if n + 8 > 32}
+    last = [e for e in rec["elasticity"] if e["step"] != "finish"][-1]
+    assert set(last["pool_ranks_per_seq"]) == long_at_end
+    for r in base_ranks(rec):  # the base holds the short sequences' KV and none of the long ones'
+        assert not set(map(str, r["kv_seqs"])) & long_at_end
+    for r in pool_ranks(rec):  # pool ranks hold no weights, only KV of sequences assigned to them
+        assert r["weight_bytes"] == 0
+        p = r["rank"] - TP
+        assigned = {s for s, ranks in last["pool_ranks_per_seq"].items() if p in ranks}
+        assert set(map(str, r["kv_seqs"])) == assigned
+    # conservation: every block allocated was freed when the sequences finished
+    finish = rec["elasticity"][-1]
+    assert finish["step"] == "finish" and finish["blocks_held"] == 0
+    assert finish["blocks_freed"] == last["blocks_held"]
+    for r in pool_ranks(rec) + base_ranks(rec):
+        assert r["blocks_allocated"] - r["blocks_freed"] == 0
+    if case == "all_short":
+        assert all(r["kv_bytes"] == 0 for r in pool_ranks(rec))
+    if "crossing" in case:
+        assert sum(e["blocks_migrated"] for e in rec["elasticity"] if e["step"] not in (0, "finish")) > 0
+
+
+def expected_traffic(rec, hierarchical, gpus_per_node=2):
+    """Bytes a base rank sends to / receives from the pool, from the shapes and the logged placement."""
+    hl = N_HEADS // TP
+    sent = recv = 0
+    for e in rec["elasticity"]:
+        if e["step"] in (0, "finish"):
+            continue
+        for ranks in e["pool_ranks_per_seq"].values():
+            sent += LAYERS * (len(ranks) + 2) * hl * HEAD_DIM * 4  # q to each holder; new k, v to one
+            sources = len({(TP + p) // gpus_per_node for p in ranks}) if hierarchical else len(ranks)
+            recv += LAYERS * sources * hl * (HEAD_DIM + 1) * 4  # out + LSE back from each source
+    return sent, recv
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_bytes_per_role_equal_shapes(hierarchical, tmp_path):
+    rec = fa_run(tmp_path, LONG, hierarchical=hierarchical)
+    assert_matches_reference(rec)
+    sent, recv = expected_traffic(rec, hierarchical)
+    for r in base_ranks(rec):
+        assert r["comm_bytes"]["base_to_pool"] == sent
+        assert r["comm_bytes"]["pool_to_base"] == recv
+    pool = pool_ranks(rec)
+    assert sum(r["comm_bytes"].get("from_base", 0) for r in pool) == TP * sent
+    assert sum(r["comm_bytes"].get("pool_to_base", 0) for r in pool) == TP * recv
+    if hierarchical:  # members' partials reach a leader inside the node
+        assert sum(r["comm_bytes"].get("pool_to_pool", 0) for r in pool) > 0
+    else:
+        assert all("pool_to_pool" not in r["comm_bytes"] for r in pool)
+
+
+@pytest.mark.slow
+def test_pool_kv_per_rank_falls_with_pool_size(tmp_path):
+    """All-long batch, policy `all`: each sequence spreads over the whole pool."""
+    lens = [63, 63, 63, 63]  # 64 tokens after the first decode step, 71 after 8: 9 blocks of 8
+    per_rank = {}
+    for pool in (1, 2, 4):
+        rec = fa_run(tmp_path / str(pool), lens, pool=pool, policy="all", hierarchical=False)
+        assert_matches_reference(rec)
+        per_rank[pool] = max(r["kv_bytes"] for r in pool_ranks(rec))
+        assert all(r["kv_bytes"] == 0 for r in base_ranks(rec))
+    block = 2 * LAYERS * N_HEADS * 8 * HEAD_DIM * 4
+    total_blocks = 4 * 9
+    for pool, held in per_rank.items():  # 36 blocks spread evenly: KV per pool rank = total / pool size
+        assert held == total_blocks // pool * block
+
+
+def test_block_manager_allocates_widens_and_conserves():
+    bm = BlockManager(pool_size=4, max_ranks_per_seq=3, block_size=8, policy="proportional", tokens_per_rank=16)
+    new = bm.grow(0, 20)  # 3 blocks, ceil(20/16) = 2 ranks
+    assert len(new) == 3 and len(bm.seqs[0].ranks) == 2
+    bm.grow(1, 40)  # 5 blocks over 3 ranks (capped at max 3), least-loaded ranks first
+    assert len(bm.seqs[1].ranks) == 3 and bm.seqs[1].ranks[0] in (2, 3)
+    bm.check()
+    assert bm.grow(0, 24) == []  # still fits in 3 blocks
+    assert len(bm.grow(0, 25)) == 1
+    bm.check()
+    assert bm.free(0) == 4 and bm.allocated - bm.freed == 5
+    bm.grow(2, 8)  # freed slots are reused
+    bm.check()
+    assert max(bm.next_slot) <= 3
