@@ -73,6 +73,15 @@ class HardwareConfig:
 
 
 @dataclass
+class FaultConfig:
+    """Faults injected on purpose, to test that failures end as records and never hang a sweep."""
+
+    kind: str = "none"  # none | raise (an exception) | kill (SIGKILL) | hang (stops answering collectives)
+    rank: int = 0  # which rank misbehaves
+    step: int = 1  # at which decode step of the measured generation
+
+
+@dataclass
 class BenchConfig:
     defaults: List[Any] = field(default_factory=lambda: [
         {"model": "tiny"}, {"strategy": "reference"}, {"workload": "tiny"},
@@ -86,6 +95,7 @@ class BenchConfig:
     attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
     check_reference: bool = False  # also decode on one device and compare logits and tokens
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 def register_configs() -> None:
@@ -144,6 +154,8 @@ def validate(cfg: BenchConfig) -> None:
     for b in w.buckets:
         need(len(b) == 2, f"workload.buckets entry {list(b)} must be [min, max]")
         need(1 <= b[0] <= b[1], f"workload.buckets entry {list(b)}: need 1 <= min <= max")
+    need(cfg.fault.kind in ("none", "raise", "kill", "hang"), f"fault.kind={cfg.fault.kind!r}: choose none, raise, kill or hang")
+    need(0 <= cfg.fault.rank < s.world_size, f"fault.rank={cfg.fault.rank} is outside 0..{s.world_size - 1}")
     need(cfg.hardware.device in ("cpu", "cuda"), f"hardware.device={cfg.hardware.device!r}: choose cpu or cuda")
     need(cfg.hardware.dtype in ("float32", "bfloat16"), f"hardware.dtype={cfg.hardware.dtype!r}: choose float32 or bfloat16")
     need(cfg.launcher.dist_backend in ("auto", "gloo", "nccl"),

@@ -52,25 +52,50 @@ class PhaseTimer:
 
 
 class StepClock:
-    """Marks step boundaries: prefill (TTFT) and each decode step (TPOT samples)."""
+    """Marks step boundaries: prefill (TTFT) and each decode step (TPOT samples).
+
+    On CPU, time.perf_counter. On CUDA, an event is recorded at every boundary and the device is
+    synchronized there, so a step's time is the GPU time between its events (launch jitter excluded).
+    """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
         self.times = []
 
     def _now(self):
-        if self.cuda:
-            torch.cuda.synchronize()
         return time.perf_counter()
 
+    def _event(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        torch.cuda.synchronize()
+        return ev
+
     def start(self):
-        self.t0 = self.last = self._now()
         self.times = []
+        if self.cuda:
+            self.last_event = self._event()
+        self.t0 = self.last = self._now()
 
     def mark(self, _step=None):
+        if self.cuda:
+            ev = self._event()
+            self.times.append(self.last_event.elapsed_time(ev) / 1e3)
+            self.last_event = ev
+            return
         now = self._now()
         self.times.append(now - self.last)
         self.last = now
+
+
+def nvml_utilization() -> float | None:
+    """The GPU's utilization in percent as NVML reports it (its own sampling window), if NVML is there."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return float(torch.cuda.utilization())
+    except Exception:  # pynvml missing or NVML not usable in this container
+        return None
 
 
 def percentile(values: list[float], q: float) -> float:

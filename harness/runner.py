@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
+import sys
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -12,9 +15,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from tqdm import tqdm
 
 from harness.config import BenchConfig
-from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics
+from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics, nvml_utilization
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -56,7 +60,20 @@ def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
     raise ValueError(f"unknown strategy kind {kind!r}")
 
 
-def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None):
+def inject_fault(fault, rank: int, step: int) -> None:
+    if fault is None or fault.kind == "none" or fault.rank != rank or fault.step != step:
+        return
+    log.warning("injecting fault %r on rank %d at step %d", fault.kind, rank, step)
+    if fault.kind == "raise":
+        raise RuntimeError(f"injected fault: rank {rank} raised at decode step {step}")
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.kind == "hang":  # never reaches the next collective: the peers wait on it
+        time.sleep(10**6)
+
+
+def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
+             fault=None, rank: int = 0):
     """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known."""
     if clock:
         clock.start()
@@ -68,7 +85,11 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     if clock:
         clock.mark()
     out = [tok]
-    for _ in range(n_out - 1):
+    steps = range(1, n_out)
+    if clock is not None:  # progress on rank 0, quiet when not on a terminal
+        steps = tqdm(steps, desc="decode", unit="step", leave=False, disable=not sys.stderr.isatty())
+    for i in steps:
+        inject_fault(fault, rank, i)
         tok = engine.decode(tok)
         out.append(tok)
         if clock:
@@ -118,11 +139,12 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     engine.reset_measurements()
     timer.reset()
     clock = StepClock(device) if rank == 0 else None
-    tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock)
+    tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
     report.update(timer.report(), rank=rank)
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        report["nvml_utilization_pct"] = nvml_utilization()
     else:
         report["peak_bytes"], report["memory_source"] = report["weight_bytes"] + report["kv_bytes"], "tensor bytes held (CPU)"
     if cfg.check_reference and engine.has_logits and engine.logits:

@@ -1,20 +1,24 @@
 from tests.conftest import run_cli
 
 
-def test_default_run_leaves_an_ok_record_with_measured_tpot(tmp_path):
+def test_default_run_is_a_comparison_with_a_table_and_ok_records(tmp_path):
     proc, records = run_cli([], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert len(records) >= 1
+    points = {(r["config"]["strategy"]["name"], r["config"]["workload"]["name"]) for r in records}
+    assert points == {(s, w) for s in ("reference", "tp2_pp2", "fa_pool_b2_p2") for w in ("tiny_short", "tiny_long")}
     for rec in records:
-        assert rec["status"] == "ok"
-        assert rec["metrics"]["mean_tpot_ms"] > 0
+        assert rec["status"] == "ok", rec["error"]
+        m = rec["metrics"]
+        for key in ("ttft_ms", "mean_tpot_ms", "median_tpot_ms", "p90_tpot_ms", "p99_tpot_ms", "tps", "decode_tps",
+                    "tps_per_gpu", "num_gpus"):
+            assert m[key] is not None and m[key] > 0, key
         assert len(rec["step_times_ms"]) == rec["config"]["workload"]["output_tokens"] - 1
-        assert rec["config"]["model"]["name"] == "tiny"
-    assert "TPOT" in proc.stdout
+        assert rec["memory"] and rec["breakdown"]
+    assert "TPOT speed-up vs ref" in proc.stdout and "fa_pool_b2_p2" in proc.stdout
 
 
 def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
-    proc, records = run_cli(["workload.output_tokens=1"], tmp_path)
+    proc, records = run_cli(["hydra.mode=RUN", "workload.output_tokens=1"], tmp_path)
     assert proc.returncode != 0
     assert [r["status"] for r in records] == ["invalid"]
     assert "output_tokens" in records[0]["error"]
@@ -22,7 +26,7 @@ def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
 
 
 def test_cli_static_tp2_pp2_end_to_end(tmp_path):
-    proc, records = run_cli(["strategy=tp2_pp2", "check_reference=true"], tmp_path)
+    proc, records = run_cli(["strategy=tp2_pp2", "workload=tiny", "check_reference=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (rec,) = records
     assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]
@@ -41,7 +45,7 @@ def test_paper_scale_presets_validate():
 
 
 def test_cli_fa_pool_end_to_end_with_breakdown_and_elasticity(tmp_path):
-    proc, records = run_cli(["strategy=fa_pool_b2_p4", "check_reference=true"], tmp_path)
+    proc, records = run_cli(["strategy=fa_pool_b2_p4", "workload=tiny_mixed", "check_reference=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (rec,) = records
     assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]

@@ -1,0 +1,41 @@
+"""Hydra callbacks: at the end of a multirun, print the comparison table of the sweep's records."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from harness.collect import collect
+
+log = logging.getLogger("fapool")
+
+
+def comparison_table(df) -> str:
+    """One row per run: strategy, workload, GPUs/ranks, TPOT, TPS, speed-up of TPOT vs the reference."""
+    if df.empty:
+        return "(no records)"
+    cols = ["config.strategy.name", "config.workload.name", "status", "metrics.num_gpus", "metrics.mean_tpot_ms",
+            "metrics.p90_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "reference_check.tokens_equal"]
+    df = df.copy()
+    for c in cols:
+        if c not in df:
+            df[c] = None
+    ref = df[(df["config.strategy.kind"] == "reference") & (df["status"] == "ok")]
+    ref_tpot = dict(zip(ref["config.workload.name"], ref["metrics.mean_tpot_ms"]))
+    df["tpot_speedup_vs_reference"] = [ref_tpot.get(w, float("nan")) / t if t else float("nan")
+                                       for w, t in zip(df["config.workload.name"], df["metrics.mean_tpot_ms"])]
+    out = df[cols + ["tpot_speedup_vs_reference"]].sort_values(["config.workload.name", "config.strategy.name"])
+    out.columns = ["strategy", "workload", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank",
+                   "matches ref", "TPOT speed-up vs ref"]
+    return out.to_markdown(index=False, floatfmt=".3g")
+
+
+class PrintComparison(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        df, bad = collect(config.hydra.sweep.dir)
+        print("\nMeasured on this machine (mean over the measured decode steps; see README for definitions):")
+        print(comparison_table(df))
+        for path, why in bad:
+            print(f"skipped {path}: {why}")

@@ -1,0 +1,62 @@
+"""The collector: every result.json under a directory tree -> one tidy DataFrame (one row per run).
+
+Corrupt, truncated, empty or unknown-version files are skipped and listed with the reason; they never
+crash the collection.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from harness.record import RunRecord
+
+
+def find_records(root: str | Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:
+    good, bad = [], []
+    for path in sorted(Path(root).rglob("result.json")):
+        try:
+            text = path.read_text()
+            if not text.strip():
+                raise ValueError("empty file")
+            good.append((path, RunRecord.from_dict(json.loads(text))))
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            bad.append((path, f"{type(e).__name__}: {e}"))
+    return good, bad
+
+
+def _flatten(prefix: str, value, row: dict):
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, row)
+    elif isinstance(value, list):
+        row[prefix] = json.dumps(value)
+    else:
+        row[prefix] = value
+
+
+def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
+    rows = []
+    for path, rec in records:
+        row = {"path": str(path.parent), "run_id": rec.run_id, "status": rec.status, "error": rec.error,
+               "synthetic_kv": rec.synthetic_kv, "created_at": rec.created_at}
+        _flatten("config", rec.config, row)
+        _flatten("metrics", rec.metrics, row)
+        _flatten("breakdown", rec.breakdown, row)
+        _flatten("memory", rec.memory, row)
+        if rec.reference_check:
+            _flatten("reference_check", rec.reference_check, row)
+        util = list(rec.pool_utilization.values())
+        row["pool_utilization_mean"] = sum(util) / len(util) if util else None
+        nvml = [r["nvml_utilization_pct"] for r in rec.ranks if r.get("role") == "pool" and r.get("nvml_utilization_pct") is not None]
+        row["pool_nvml_utilization_pct_mean"] = sum(nvml) / len(nvml) if nvml else None
+        row["source"] = rec.env.get("source", "measured")
+        row["device_name"] = rec.env.get("device_name", rec.env.get("device"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def collect(root: str | Path) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    good, bad = find_records(root)
+    return to_frame(good), bad

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+
+from harness.config import WorkloadConfig
+from harness.measure import PHASES, PhaseTimer, breakdown, compute_metrics, percentile
+from harness.record import RunRecord, read_record, run_id, write_record
+from harness.workload import prompt_lengths
+from tests.conftest import launch
+
+
+def test_metrics_on_hand_computed_timings():
+    # TTFT 0.5 s; 4 decode steps of 0.1, 0.2, 0.3, 0.4 s; batch 2; 100 input tokens in all
+    m = compute_metrics(0.5, [0.1, 0.2, 0.3, 0.4], input_tokens=100, batch_size=2, num_gpus=4)
+    assert m["ttft_ms"] == pytest.approx(500)
+    assert m["mean_tpot_ms"] == pytest.approx(250)  # (1.5 - 0.5) s / (5 - 1) tokens
+    assert m["median_tpot_ms"] == pytest.approx(250)
+    assert m["p90_tpot_ms"] == pytest.approx(370)  # linear interpolation between 300 and 400 at 0.7
+    assert m["p99_tpot_ms"] == pytest.approx(397)
+    assert m["output_tokens"] == 10  # 2 sequences x 5 tokens
+    assert m["tps"] == pytest.approx((100 + 10) / 1.5)
+    assert m["decode_tps"] == pytest.approx(8 / 1.0)
+    assert m["tps_per_gpu"] == pytest.approx((100 + 10) / 1.5 / 4)
+    assert m["e2e_ms"] == pytest.approx(1500)
+
+
+def test_metrics_without_ttft_have_no_tps():
+    m = compute_metrics(None, [0.1, 0.1], 10, 1, 1)
+    assert m["ttft_ms"] is None and m["tps"] is None and m["mean_tpot_ms"] == pytest.approx(100)
+
+
+def test_metrics_need_a_decode_step():
+    with pytest.raises(ValueError, match="at least 2 output tokens"):
+        compute_metrics(0.1, [], 10, 1, 1)
+
+
+def test_percentile_matches_numpy_linear():
+    np = pytest.importorskip("numpy")
+    xs = [3.0, 1.0, 7.0, 2.0, 9.0, 4.0]
+    for q in (0, 10, 50, 90, 99, 100):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+
+
+def test_breakdown_fractions_sum_to_one():
+    b = breakdown({"attention": 3.0, "communication": 1.0, "synchronization": 0.5, "resource_management": 0.25,
+                   "other": 0.25})
+    assert sum(b.values()) == pytest.approx(1.0) and b["attention"] == pytest.approx(0.6)
+    assert set(b) == set(PHASES)
+    assert breakdown({})["other"] == 1.0
+
+
+def test_phase_timer_counts_named_phases_and_the_rest_as_other():
+    t = PhaseTimer()
+    with t("attention"):
+        sum(range(100000))
+    rep = t.report()
+    assert rep["phase_s"]["attention"] > 0 and rep["phase_s"]["other"] >= 0
+    assert sum(rep["phase_s"].values()) == pytest.approx(rep["wall_s"], rel=1e-6, abs=1e-6)
+
+
+def test_record_round_trips_through_json(tmp_path):
+    rec = RunRecord(run_id=run_id({"a": 1}), status="ok", config={"a": 1}, metrics={"mean_tpot_ms": 1.5},
+                    step_times_ms=[1.0, 2.0], elasticity=[{"step": 1}])
+    path = write_record(rec, tmp_path)
+    assert read_record(path) == rec
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_run_id_ignores_where_and_how_it_runs():
+    assert run_id({"model": 1, "results_dir": "a", "launcher": {"x": 1}}) == run_id({"model": 1, "results_dir": "b"})
+    assert run_id({"model": 1}) != run_id({"model": 2})
+
+
+def test_bucket_lengths_are_seeded_and_inside_their_bucket():
+    w = WorkloadConfig(batch_size=8, buckets=[[512, 2048], [8192, 32768]], seed=3)
+    lens = prompt_lengths(w)
+    assert lens == prompt_lengths(w)
+    assert all(512 <= n <= 2048 for n in lens[0::2]) and all(8192 <= n <= 32768 for n in lens[1::2])
+    assert lens != prompt_lengths(WorkloadConfig(batch_size=8, buckets=[[512, 2048], [8192, 32768]], seed=4))
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_gives_a_failed_record_without_metrics(tmp_path):
+    rec = launch(["strategy=tp2_pp1", "workload=tiny", "fault.kind=raise", "fault.rank=1", "fault.step=2"], tmp_path)
+    assert rec["status"] == "failed"
+    assert "injected fault: rank 1 raised at decode step 2" in rec["error"]
+    assert rec["metrics"] == {} and rec["step_times_ms"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["reference", "tp2_pp2", "fa_pool_b2_p2"])
+def test_synthetic_kv_runs_have_no_ttft_and_say_so(strategy, tmp_path):
+    rec = launch([f"strategy={strategy}", "workload=tiny_mixed", "workload.synthetic_kv=true"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["synthetic_kv"] is True and rec["metrics"]["ttft_ms"] is None
+    assert rec["metrics"]["mean_tpot_ms"] > 0 and len(rec["step_times_ms"]) == 7
+    for role, fractions in rec["breakdown"].items():
+        assert sum(fractions.values()) == pytest.approx(1.0)
