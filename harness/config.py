@@ -5,6 +5,7 @@ combinations that are well-typed but cannot run, before anything is launched.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -54,9 +55,31 @@ class WorkloadConfig:
 @dataclass
 class LauncherConfig:
     name: str = "local"
-    kind: str = "local"  # local | slurm | model
+    kind: str = "local"  # local | slurm | model (projected by the performance model, nothing runs)
     timeout_s: float = 600.0  # a run that takes longer is killed and recorded as timeout
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    # Slurm (kind: slurm), through submitit; one task per rank
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    gpus_per_node: int = 8  # GPUs (and tasks) a node offers; 0 on a CPU-only partition
+    tasks_per_node: int = 0  # 0 = derived: min(world size, gpus_per_node or world size)
+    nodes: int = 0  # 0 = derived: world size / tasks per node
+    cpus_per_task: int = 1
+    mem_gb: float = 0.0  # per node; 0 = the partition's default
+    time_min: int = 60  # Slurm time limit of one run's job
+    setup: List[str] = field(default_factory=list)  # shell lines before the job (modules, environments)
+    folder: Optional[str] = None  # submitit's logs; None = <run dir>/slurm
+    wait: bool = True  # block until the job ends (sweeps submit every point first, then wait)
+    max_requeues: int = 2  # re-runs after preemption or time-out
+
+
+def slurm_layout(launcher: "LauncherConfig", world: int) -> tuple[int, int]:
+    """(nodes, tasks per node) of a run of `world` ranks under this launcher."""
+    per_node = launcher.tasks_per_node or min(world, launcher.gpus_per_node or world)
+    nodes = launcher.nodes or math.ceil(world / per_node)
+    return nodes, per_node
 
 
 @dataclass
@@ -161,14 +184,31 @@ def validate(cfg: BenchConfig) -> None:
     need(cfg.launcher.dist_backend in ("auto", "gloo", "nccl"),
          f"launcher.dist_backend={cfg.launcher.dist_backend!r}: choose auto, gloo or nccl")
     need(cfg.launcher.timeout_s > 0, f"launcher.timeout_s={cfg.launcher.timeout_s} must be > 0")
-    if cfg.launcher.kind != "model":  # what the real launchers need of this machine
+    need(cfg.launcher.kind in ("local", "slurm", "model"), f"launcher.kind={cfg.launcher.kind!r}: choose local, slurm or model")
+    if cfg.launcher.kind == "slurm":
+        L = cfg.launcher
+        need(bool(L.partition), f"launcher {L.name!r} has no partition; set launcher.partition=<your partition>")
+        nodes, per_node = slurm_layout(L, s.world_size)
+        need(nodes * per_node == s.world_size,
+             f"strategy.world_size={s.world_size} != launcher nodes {nodes} x tasks_per_node {per_node}; "
+             f"set launcher.nodes and launcher.tasks_per_node so that their product is {s.world_size}")
+        if cfg.hardware.device == "cuda":
+            need(per_node <= L.gpus_per_node,
+                 f"launcher.tasks_per_node={per_node} exceeds launcher.gpus_per_node={L.gpus_per_node}: one task per GPU; "
+                 f"use more nodes")
+        need(L.time_min > 0, f"launcher.time_min={L.time_min} must be > 0")
+    from harness.perfmodel import check_fits
+
+    too_big = check_fits(cfg)
+    need(too_big is None, str(too_big))
+    if cfg.launcher.kind == "local":  # what running here needs of this machine (Slurm nodes are checked there)
         import torch
 
         from model.attention import BackendUnavailable, check_backend
 
         if cfg.hardware.device == "cuda":
             need(torch.cuda.is_available(), "hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-        if cfg.launcher.dist_backend == "nccl":
+        if cfg.launcher.dist_backend == "nccl" and cfg.launcher.kind == "local":
             need(cfg.hardware.device == "cuda" and torch.cuda.is_available(),
                  "launcher.dist_backend=nccl needs CUDA GPUs; use gloo on CPU")
         if cfg.hardware.dtype == "bfloat16" and cfg.hardware.device == "cuda":

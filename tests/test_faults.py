@@ -1,0 +1,68 @@
+"""Faults end as records within the timeout, the other ranks are torn down, a sweep goes on, and records
+are never corrupted by many writers."""
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.collect import collect
+from harness.record import RunRecord, write_record
+from tests.conftest import launch, run_cli
+
+TIMEOUT_S = 20  # the launcher's limit in these tests
+
+
+@pytest.mark.parametrize("kind,status,needle", [
+    ("raise", "failed", "injected fault: rank 1 raised at decode step 2"),
+    ("kill", "failed", "rank 1 exited with code -9"),
+    ("hang", "timeout", "exceeded launcher.timeout_s=20"),
+])
+def test_injected_fault_ends_as_a_record_within_the_timeout(kind, status, needle, tmp_path):
+    t0 = time.monotonic()
+    rec = launch(["strategy=tp2_pp2", "workload=tiny", f"fault.kind={kind}", "fault.rank=1", "fault.step=2",
+                  f"launcher.timeout_s={TIMEOUT_S}"], tmp_path)
+    elapsed = time.monotonic() - t0
+    assert rec["status"] == status and needle in rec["error"], rec["error"]
+    assert rec["metrics"] == {} and rec["step_times_ms"] == []
+    # raise/kill end as soon as the launcher sees the exit; hang ends at the timeout plus the teardown
+    assert elapsed < TIMEOUT_S + 30, elapsed
+    if kind != "hang":
+        assert elapsed < TIMEOUT_S, elapsed
+    leftovers = [p for p in Path(tmp_path).iterdir() if p.name.startswith(".result.json")]
+    assert leftovers == []  # no temporary half-written record
+
+
+def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
+    # the second point hangs; the first and third still run and the sweep ends with three records
+    proc, records = run_cli(["-m", "strategy=tp2_pp1", "workload=tiny_short", "fault.kind=none,hang,none",
+                             "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    by_fault = sorted((r["config"]["fault"]["kind"], r["status"]) for r in records)
+    assert by_fault == [("hang", "timeout"), ("none", "ok"), ("none", "ok")]
+    assert "timeout" in proc.stdout  # the comparison table lists the failed point too
+
+
+def _write_many(directory: str, writer: int, n: int):
+    for i in range(n):
+        rec = RunRecord(run_id=f"w{writer}", status="ok", config={"writer": writer, "i": i},
+                        metrics={"mean_tpot_ms": float(i)}, step_times_ms=[1.0] * 200)
+        write_record(rec, Path(directory) / f"task{writer}")
+        write_record(rec, Path(directory) / "shared")  # all writers race on the same file too
+
+
+def test_sixteen_concurrent_writers_leave_sixteen_whole_records(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), w, 20)) for w in range(16)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    df, bad = collect(tmp_path)
+    assert bad == []
+    assert len(df) == 17  # 16 per-task records + the shared one, which is one writer's whole record
+    shared = json.loads((tmp_path / "shared" / "result.json").read_text())
+    assert shared["config"]["i"] == 19 and len(shared["step_times_ms"]) == 200
+    assert not list(tmp_path.rglob("*.tmp"))

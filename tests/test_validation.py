@@ -1,0 +1,89 @@
+"""Bad input is refused before launch, each refusal naming the field, the value and the fix."""
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from harness.config import ConfigError, validate
+from tests.conftest import cfg_object, compose_cfg
+
+# (id, overrides, words the message must contain). The README's table of refused cases mirrors this list.
+REFUSED = [
+    ("heads_not_divisible_by_tp", ["strategy=tp2_pp1", "strategy.tp=3", "strategy.world_size=3"],
+     ["model.n_heads=4", "strategy.tp=3"]),
+    ("layers_not_divisible_by_pp", ["strategy=tp1_pp2", "strategy.pp=3", "strategy.world_size=3"],
+     ["model.n_layers=2", "strategy.pp=3"]),
+    ("hidden_not_divisible_by_heads", ["model.hidden=66"], ["model.hidden=66", "model.n_heads=4"]),
+    ("ffn_not_divisible_by_tp", ["strategy=tp4_pp1", "model.ffn_hidden=250"], ["model.ffn_hidden=250", "strategy.tp=4"]),
+    ("vocab_not_divisible_by_tp", ["strategy=tp4_pp1", "model.vocab_size=510"], ["model.vocab_size=510"]),
+    ("pool_above_max", ["strategy=fa_pool_b2_p4", "strategy.pool.max_size=2"],
+     ["strategy.pool.size=4", "strategy.pool.max_size=2"]),
+    ("pool_negative", ["strategy=fa_pool_b2_p2", "strategy.pool.size=-1", "strategy.world_size=1"],
+     ["strategy.pool.size=-1", ">= 0"]),
+    ("threshold_not_positive", ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=0"], ["strategy.pool.threshold=0"]),
+    ("block_size_not_positive", ["strategy=fa_pool_b2_p2", "strategy.pool.block_size=-8"], ["strategy.pool.block_size=-8"]),
+    ("unknown_pool_policy", ["strategy=fa_pool_b2_p2", "strategy.pool.policy=random"], ["strategy.pool.policy='random'"]),
+    ("fa_pool_with_pipeline", ["strategy=fa_pool_b2_p2", "strategy.pp=2", "strategy.world_size=6"], ["strategy.pp=2"]),
+    ("one_output_token", ["workload.output_tokens=1"], ["workload.output_tokens=1", "at least 2"]),
+    ("batch_size_zero", ["workload.batch_size=0", "strategy.micro_batches=1"], ["workload.batch_size=0"]),
+    ("batch_not_divisible_by_micro_batches", ["strategy=tp2_pp2", "workload.batch_size=3"],
+     ["workload.batch_size=3", "strategy.micro_batches=2"]),
+    ("world_size_mismatch", ["strategy=tp2_pp2", "strategy.world_size=5"], ["strategy.world_size=5", "= 4"]),
+    ("reference_with_tp", ["strategy.tp=2", "strategy.world_size=2"], ["reference", "tp=2"]),
+    ("bucket_min_above_max", ["workload.buckets=[[64,32]]"], ["[64, 32]", "min <= max"]),
+    ("bucket_not_a_pair", ["workload.buckets=[[64]]"], ["[64]", "[min, max]"]),
+    ("prompt_length_zero", ["workload.prompt_lens=[0,4]"], ["workload.prompt_lens=[0, 4]"]),
+    ("flash_attn_on_cpu", ["attention_backend=flash_attn"], ["attention_backend", "flash"]),
+    ("cuda_without_gpu", ["hardware=a100_80gb", "model=tiny"], ["hardware.device=cuda", "hardware=cpu"]),
+    ("nccl_without_gpu", ["launcher.dist_backend=nccl"], ["nccl", "gloo"]),
+    ("unknown_dtype", ["hardware.dtype=float8"], ["hardware.dtype='float8'"]),
+    ("slurm_without_partition", ["launcher=slurm_a100", "launcher.partition=null", "strategy=tp2_pp2"],
+     ["partition", "launcher.partition="]),
+    ("world_not_nodes_times_tasks", ["launcher=slurm_a100", "strategy=tp2_pp2", "launcher.nodes=3", "launcher.tasks_per_node=1"],
+     ["strategy.world_size=4", "nodes 3 x tasks_per_node 1"]),
+    ("tasks_per_node_above_gpus", ["launcher=slurm_a100", "hardware=a100_80gb", "strategy=tp8_pp2", "model=paper",
+                                   "launcher.nodes=1", "launcher.tasks_per_node=16"],
+     ["launcher.tasks_per_node=16", "launcher.gpus_per_node=8"]),
+    ("does_not_fit_in_memory", ["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=tp8_pp2",
+                                "workload=len32768"],
+     ["does not fit", "a100_80gb", "GB per GPU", "KV"]),
+    ("fault_rank_outside_world", ["fault.kind=raise", "fault.rank=3"], ["fault.rank=3", "0..0"]),
+    ("unknown_fault", ["fault.kind=meteor"], ["fault.kind='meteor'"]),
+    ("timeout_not_positive", ["launcher.timeout_s=0"], ["launcher.timeout_s=0"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
+def test_refused_with_field_value_and_fix(overrides, words):
+    cfg = cfg_object(overrides)
+    with pytest.raises(ConfigError) as ei:
+        validate(cfg)
+    for w in words:
+        assert w in str(ei.value), f"{w!r} not in {ei.value}"
+
+
+def test_there_are_at_least_20_distinct_refusals():
+    assert len({c[0] for c in REFUSED}) >= 20
+
+
+@pytest.mark.parametrize("group,name", [("strategy", "tp3_pp7"), ("workload", "len99"), ("hardware", "tpu_v5"),
+                                        ("launcher", "pbs")])
+def test_unknown_group_option_names_the_option(group, name):
+    with pytest.raises(ConfigCompositionException) as ei:
+        compose_cfg([f"{group}={name}"])
+    assert name in str(ei.value) and group in str(ei.value)
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):
+    # a CPU machine cannot show this for real: pretend a GPU is there that lacks bf16 (e.g. a V100)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    cfg = cfg_object(["hardware=a100_80gb"])
+    with pytest.raises(ConfigError, match="hardware.dtype=bfloat16 is not supported"):
+        validate(cfg)
+
+
+def test_paper_configs_that_fit_are_accepted_at_paper_scale():
+    # the FA Pool spreads the long KV over 32 pool GPUs; 64 sequences of 16K fit on the A100s
+    cfg = cfg_object(["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
+                      "workload=len16384", "workload.batch_size=64"])
+    validate(cfg)
