@@ -67,24 +67,40 @@ def _additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+def _aligned_bias(mask, dtype, heads):
+    """Additive bias [B, H, Tq, Tk] whose batch stride is a multiple of 8, as the fused CUDA kernels require:
+    allocated with Tk rounded up to 8 and sliced back (the heads dimension is broadcast, stride 0)."""
+    b, _, tq, tk = mask.shape
+    padded = torch.full((b, 1, tq, -(-tk // 8) * 8), float("-inf"), dtype=dtype, device=mask.device)
+    bias = padded[..., :tk]
+    bias.masked_fill_(mask, 0.0)
+    return bias.expand(b, heads, tq, tk)
+
+
 def _sdpa(q, k, v, mask, scale, backend):
     if q.device.type == "cpu":
         bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], 1, -1, -1).contiguous()
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
         return out, lse.float()
-    if backend == "sdpa":  # fastest kernel that fits (cuDNN reached HBM bandwidth on H100, flash ~82%)
-        backend = "sdpa_cudnn" if mask is None else "sdpa_efficient"
+    if mask is not None and mask.shape[0] == 1:
+        mask = mask.expand(q.shape[0], -1, -1, -1)
+    if backend == "sdpa":
+        # Eager steps change the KV length every step; cuDNN builds a new plan per shape (~10 ms of CPU
+        # each, measured on H100), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the
+        # CUDA-graphed step in model/gpu_decode.py does). See results/measured/h100-x1/.
+        backend = "sdpa_flash" if mask is None else "sdpa_efficient"
     if backend == "sdpa_flash":
         if mask is not None:
             raise BackendUnavailable("sdpa_flash takes no mask: use equal kv lengths, or 'sdpa' / 'sdpa_efficient'")
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
     elif backend == "sdpa_cudnn":
-        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+        bias = None if mask is None else _aligned_bias(mask, q.dtype, q.shape[1])
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, scale=scale)[:2]
     else:
-        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], -1, -1)
+        bias = None if mask is None else _aligned_bias(mask, q.dtype, q.shape[1])
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
-    return out, lse[..., : q.shape[2]].float()
+    # kernels differ in the LSE's shape: [B, H, Tq], [B, H, Tq, 1] (cuDNN) or Tq padded (efficient)
+    return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
 
 
 def _flash_attn(q, k, v, kv_lens, causal, scale):
@@ -120,11 +136,13 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math"):
 def merge_partials(outs, lses):
     """Exact attention over the union of disjoint KV shards from each shard's (out, lse).
 
-    outs: list of [..., D]; lses: list of [...] (float32). Shards with lse = -inf (no keys) weigh nothing.
+    outs: list of [..., D] (or one stacked [P, ..., D]); lses: list of [...] (or [P, ...]), float32.
+    Shards with lse = -inf (no keys) weigh nothing. A fixed handful of kernels whatever P is.
     """
-    lse_stack = torch.stack([l.float() for l in lses])  # [P, ...]
+    out_stack = outs if torch.is_tensor(outs) else torch.stack(list(outs))
+    lse_stack = (lses if torch.is_tensor(lses) else torch.stack(list(lses))).float()  # [P, ...]
     lse = torch.logsumexp(lse_stack, dim=0)
     safe = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(lse_stack - safe)  # [P, ...]; exp(-inf) = 0 for empty shards
-    out = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outs))
-    return out.to(outs[0].dtype), lse
+    out = (weights.unsqueeze(-1) * out_stack.float()).sum(0)
+    return out.to(out_stack.dtype), lse

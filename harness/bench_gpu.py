@@ -1,0 +1,311 @@
+"""GPU benchmark: the decode path measured against this machine's own limits, measured in the same run.
+
+    python -m harness.bench_gpu --out results/measured/<device>     # on a GPU
+    python -m harness.bench_gpu --smoke --out /tmp/x                # tiny shapes on the CPU (tests)
+
+Prints and writes (bench_gpu.json, bench_gpu.md, profile.txt):
+  0. limits: HBM read bandwidth (a sum over 2 GiB), copy bandwidth, bf16 GEMM peak (8192^3)
+  1. decode attention over a KV shard (1 query/sequence, 32 heads, head dim 128), contexts x shard counts
+     x kernels: achieved KV bytes/s over the read bandwidth
+  2. the paper model's whole decode step (CUDA graph, static KV) at context x batch: TPOT over the
+     roofline (weight + KV bytes) / read bandwidth, and FLOPs / peak
+  3. LSE merge of P partials as a fraction of the attention it merges
+  4. projection and FFN GEMMs at the shard shapes of TP 1..16 (these calibrate harness/perfmodel.py)
+  5. a torch.profiler summary of one eager decode step
+Each number is a median of timed repetitions (CUDA events on GPU, perf_counter on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from model.attention import attention, backend_available, merge_partials
+from model.config import PRESETS
+from model.gpu_decode import GraphedDecodeStep
+from model.transformer import build_model
+
+HEADS, HEAD_DIM = 32, 128
+
+
+def timeit(fn, reps: int = 20, warmup: int = 3) -> float:
+    """Median seconds of fn() over reps, after warmup calls."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def device_info(device) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+                    memory_gb=torch.cuda.get_device_properties(0).total_memory / 1e9)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception:
+            info["driver"] = None
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def limits(device, dtype, smoke: bool) -> dict:
+    n = (1 << 20) if smoke else (1 << 30)  # elements: 2 GiB of bf16 on the GPU
+    x = torch.randn(n, device=device, dtype=dtype)
+    y = torch.empty_like(x)
+    read = timeit(lambda: x.sum())
+    copy = timeit(lambda: y.copy_(x))
+    g = 256 if smoke else 8192
+    a, b = torch.randn(g, g, device=device, dtype=dtype), torch.randn(g, g, device=device, dtype=dtype)
+    gemm = timeit(lambda: a @ b, reps=10)
+    del x, y, a, b
+    return {"read_bytes_per_s": n * x_bytes(dtype) / read, "copy_bytes_per_s": 2 * n * x_bytes(dtype) / copy,
+            "gemm_flops_per_s": 2 * g**3 / gemm}
+
+
+def x_bytes(dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def attention_shards(device, dtype, read_bw, contexts, shard_counts, backends, total_bytes) -> list[dict]:
+    rows = []
+    for L in contexts:
+        batch = max(1, total_bytes // (L * HEADS * HEAD_DIM * 2 * x_bytes(dtype)))
+        for P in shard_counts:
+            n = math.ceil(L / P)
+            if n < 1:
+                continue
+            q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+            k = torch.randn(batch, HEADS, n, HEAD_DIM, device=device, dtype=dtype)
+            v = torch.randn_like(k)
+            kv = k.nbytes + v.nbytes
+            for be in backends:
+                try:
+                    t = timeit(lambda: attention(q, k, v, backend=be))
+                except Exception as e:  # a kernel that refuses this shape is reported, not fatal
+                    rows.append({"context": L, "shards": P, "batch": batch, "backend": be, "error": str(e)[:200]})
+                    continue
+                rows.append({"context": L, "shards": P, "shard_tokens": n, "batch": batch, "backend": be,
+                             "kv_bytes": kv, "time_us": t * 1e6, "bytes_per_s": kv / t, "ratio_to_read_bw": kv / t / read_bw})
+            del q, k, v
+    return rows
+
+
+def weight_read_bytes(model, batch: int) -> int:
+    """Bytes of weights one decode step reads: all but the embedding table, of which only `batch` rows."""
+    emb = model.tok_emb.weight
+    total = sum(p.nbytes for p in model.parameters())
+    return total - emb.nbytes + batch * emb.shape[1] * emb.element_size()
+
+
+def step_flops(cfg, batch: int, context: int) -> int:
+    dense = cfg.n_layers * (4 * cfg.hidden**2 + 2 * cfg.hidden * cfg.ffn_hidden) + cfg.vocab_size * cfg.hidden
+    return 2 * batch * dense + 4 * batch * (context + 1) * cfg.hidden * cfg.n_layers
+
+
+def decode_steps(model, device, lim, points, backend, graph: bool) -> list[dict]:
+    rows = []
+    for L, B in points:
+        try:
+            step = GraphedDecodeStep(model, B, L, backend=backend, graph=graph)
+            t = timeit(step, reps=20)
+            wbytes, kvbytes = weight_read_bytes(model, B), step.kv_bytes()
+            roof = (wbytes + kvbytes) / lim["read_bytes_per_s"]
+            flops = step_flops(model.cfg, B, L)
+            rows.append({"context": L, "batch": B, "backend": backend, "graph": graph, "tpot_ms": t * 1e3,
+                         "weight_bytes": wbytes, "kv_bytes": kvbytes, "roofline_ms": roof * 1e3,
+                         "ratio_to_roofline": t / roof, "flops": flops, "ratio_flops_to_peak": flops / t / lim["gemm_flops_per_s"]})
+            del step
+        except Exception as e:  # e.g. OOM at a large point: recorded, the rest goes on
+            rows.append({"context": L, "batch": B, "backend": backend, "graph": graph, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def merge_cost(device, dtype, contexts, shard_counts, batch_bytes, backend) -> list[dict]:
+    rows = []
+    for L in contexts:
+        batch = max(1, batch_bytes // (L * HEADS * HEAD_DIM * 2 * x_bytes(dtype)))
+        q = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+        k = torch.randn(batch, HEADS, L, HEAD_DIM, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        t_attn = timeit(lambda: attention(q, k, v, backend=backend))
+        for P in shard_counts:  # partials land in one [P, ...] buffer, as the pool's receives fill it
+            outs = torch.randn(P, batch, HEADS, HEAD_DIM, device=device, dtype=dtype)
+            lses = torch.randn(P, batch, HEADS, device=device)
+            t_merge = timeit(lambda: merge_partials(outs, lses))
+            row = {"context": L, "shards": P, "batch": batch, "attention_us": t_attn * 1e6,
+                   "merge_us": t_merge * 1e6, "merge_fraction": t_merge / t_attn}
+            if device.type == "cuda":  # inside a CUDA graph, as in the graphed step: no launch gaps
+                g = torch.cuda.CUDAGraph()
+                merge_partials(outs, lses)
+                with torch.cuda.graph(g):
+                    merge_partials(outs, lses)
+                t_graph = timeit(g.replay)
+                row.update(merge_graph_us=t_graph * 1e6, merge_graph_fraction=t_graph / t_attn)
+            rows.append(row)
+        del q, k, v
+    return rows
+
+
+def gemms(device, dtype, lim, cfg, tps, batches) -> list[dict]:
+    rows = []
+    h, f = cfg.hidden, cfg.ffn_hidden
+    for tp in tps:
+        shapes = {"qkv": (h, 3 * h // tp), "out": (h // tp, h), "up": (h, f // tp), "down": (f // tp, h)}
+        for B in batches:
+            for name, (kin, kout) in shapes.items():
+                x = torch.randn(B, kin, device=device, dtype=dtype)
+                w = torch.randn(kin, kout, device=device, dtype=dtype)
+                t = timeit(lambda: x @ w)
+                flops, nbytes = 2 * B * kin * kout, (B * kin + kin * kout + B * kout) * x_bytes(dtype)
+                bound = max(flops / lim["gemm_flops_per_s"], nbytes / lim["read_bytes_per_s"])
+                rows.append({"tp": tp, "batch": B, "gemm": name, "k": kin, "n": kout, "time_us": t * 1e6,
+                             "tflops": flops / t / 1e12, "bytes": nbytes, "efficiency": bound / t})
+    return rows
+
+
+def profile_step(model, B, L, backend, out: Path) -> str:
+    step = GraphedDecodeStep(model, B, L, backend=backend, graph=False)
+    step()
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=15)
+    (out / "profile.txt").write_text(f"one eager decode step, batch {B}, context {L}, backend {backend}\n{table}\n")
+    return table
+
+
+def profile_engine(cfg, device, dtype, B, L, backend, out: Path) -> dict:
+    """The harness's own reference engine (eager, LocalKV cache, phase timers) on the same point as the
+    graphed step: how far the strategies' eager path is from the fast path, and where the time goes."""
+    from harness.measure import PhaseTimer
+    from model.parallel.engine import ReferenceEngine
+
+    timer = PhaseTimer(device)
+    eng = ReferenceEngine(cfg, device, dtype, backend, timer)
+    tok = eng.synthetic_prefill(torch.full((B,), L), L + 40, 0)
+    for _ in range(3):
+        tok = eng.decode(tok)
+    t = timeit(lambda: eng.decode(tok), reps=10, warmup=1)
+    timer_off = PhaseTimer("cpu")  # the same without the per-phase device synchronization
+    eng.timer = timer_off
+    for blk in eng.model.blocks:
+        blk.attn.core.timer = timer_off
+    t_nosync = timeit(lambda: eng.decode(tok), reps=10, warmup=1)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        eng.decode(tok)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=20)
+    (out / "profile_engine.txt").write_text(f"ReferenceEngine.decode, batch {B}, context {L}, backend {backend}\n{table}\n")
+    return {"context": L, "batch": B, "engine_step_ms": t * 1e3, "engine_step_no_phase_sync_ms": t_nosync * 1e3}
+
+
+def fmt_table(rows, cols) -> str:
+    rows = [r for r in rows if "error" not in r]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
+    return head + body
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
+    ap.add_argument("--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = PRESETS["tiny" if args.smoke else "paper"]
+    if args.smoke:
+        contexts, shard_counts, total = [64, 128], [1, 2, 4], 1 << 20
+        step_points, tps, batches, prof = [(64, 2), (128, 4)], [1, 2], [4], (2, 64)
+    else:
+        contexts, shard_counts, total = [4096, 8192, 16384, 32768], [1, 2, 4, 8, 16, 32], 2 << 30
+        step_points = [(2048, 256), (8192, 64), (8192, 128), (16384, 8), (16384, 16), (16384, 32), (16384, 64),
+                       (32768, 16), (32768, 32)]
+        tps, batches, prof = [1, 2, 4, 8, 16], [64, 256, 1024], (32, 16384)
+    backends = [b for b in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn") if backend_available(b, device)] or ["sdpa"]
+    fast = backends[0]
+    res = {"device": device_info(device), "dtype": str(dtype), "model": cfg.name, "backends": backends}
+    res["limits"] = lim = limits(device, dtype, args.smoke)
+    print(f"# {res['device'].get('device_name')}  read {lim['read_bytes_per_s'] / 1e12:.2f} TB/s  "
+          f"copy {lim['copy_bytes_per_s'] / 1e12:.2f} TB/s  GEMM {lim['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    md = [f"# GPU benchmark on {res['device'].get('device_name')}\n", f"limits: {json.dumps(lim)}\n"]
+    if "shards" not in skip:
+        res["attention_shards"] = attention_shards(device, dtype, lim["read_bytes_per_s"], contexts, shard_counts, backends, total)
+        md.append("## 1. decode attention over a KV shard\n" + fmt_table(res["attention_shards"], ["context", "shards", "batch", "backend", "time_us", "ratio_to_read_bw"]))
+        print(md[-1], flush=True)
+    model = build_model(cfg, dtype, device)
+    if "steps" not in skip:
+        graph = device.type == "cuda"
+        rows = decode_steps(model, device, lim, step_points, fast, graph)
+        if device.type == "cuda" and "sdpa_flash" in backends:  # the note's flash baseline, two points
+            rows += decode_steps(model, device, lim, step_points[3:6:2], "sdpa_flash", True)
+            rows += decode_steps(model, device, lim, step_points[3:6:2], fast, False)  # eager, for the graph's gain
+        res["decode_steps"] = rows
+        md.append("## 2. decode step of the model\n" + fmt_table(rows, ["context", "batch", "backend", "graph", "tpot_ms", "roofline_ms", "ratio_to_roofline", "ratio_flops_to_peak"]))
+        print(md[-1], flush=True)
+    if "merge" not in skip:
+        res["merge"] = merge_cost(device, dtype, contexts[-2:], [2, 4, 8, 32] if not args.smoke else [2, 4], total, fast)
+        md.append("## 3. LSE merge cost\n" + fmt_table(res["merge"], ["context", "shards", "batch", "attention_us", "merge_us", "merge_fraction", "merge_graph_us", "merge_graph_fraction"]))
+        print(md[-1], flush=True)
+    if "gemms" not in skip:
+        res["gemms"] = gemms(device, dtype, lim, cfg, tps, batches)
+        md.append("## 4. GEMMs at TP shard shapes\n" + fmt_table(res["gemms"], ["tp", "batch", "gemm", "time_us", "tflops", "efficiency"]))
+        print(md[-1], flush=True)
+    if "profile" not in skip:
+        res["profile"] = profile_step(model, *prof, fast, out)
+        md.append("## 5. profile of one eager decode step\n```\n" + res["profile"] + "\n```\n")
+        print(md[-1], flush=True)
+    if "engine" not in skip:
+        res["engine"] = profile_engine(cfg, device, dtype, *prof, fast, out)
+        md.append("## 6. the harness's eager engine step at the same point\n" + json.dumps(res["engine"]) + "\n")
+        print(md[-1], flush=True)
+    (out / "bench_gpu.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "bench_gpu.md").write_text("\n".join(md))
+    return res
+
+
+if __name__ == "__main__":
+    main()
