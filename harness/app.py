@@ -40,6 +40,15 @@ def run(cfg: DictConfig, out_dir: str):
         log.error("invalid config: %s", e)
         write_record(failure_record(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device), out_dir)
         return read_record(Path(out_dir) / "result.json")
+    if cfg_obj.launcher.kind == "model":  # projected: nothing runs
+        from harness.perfmodel import project
+
+        write_record(project(cfg_obj, cfg_dict), out_dir)
+        return read_record(Path(out_dir) / "result.json")
+    if cfg_obj.launcher.kind == "slurm":
+        from harness.slurm import launch_slurm
+
+        return launch_slurm(cfg_obj, cfg_dict, out_dir)
     path = launch_local(cfg_dict, world, out_dir, cfg_obj.launcher.timeout_s, cfg_obj.hardware.device)
     return read_record(path)
 

@@ -16,7 +16,7 @@ def comparison_table(df) -> str:
     """One row per run: strategy, workload, GPUs/ranks, TPOT, TPS, speed-up of TPOT vs the reference."""
     if df.empty:
         return "(no records)"
-    cols = ["config.strategy.name", "config.workload.name", "status", "metrics.num_gpus", "metrics.mean_tpot_ms",
+    cols = ["config.strategy.name", "config.workload.name", "source", "status", "metrics.num_gpus", "metrics.mean_tpot_ms",
             "metrics.p90_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "reference_check.tokens_equal"]
     df = df.copy()
     for c in cols:
@@ -27,7 +27,7 @@ def comparison_table(df) -> str:
     df["tpot_speedup_vs_reference"] = [ref_tpot.get(w, float("nan")) / t if t else float("nan")
                                        for w, t in zip(df["config.workload.name"], df["metrics.mean_tpot_ms"])]
     out = df[cols + ["tpot_speedup_vs_reference"]].sort_values(["config.workload.name", "config.strategy.name"])
-    out.columns = ["strategy", "workload", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank",
+    out.columns = ["strategy", "workload", "source", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank",
                    "matches ref", "TPOT speed-up vs ref"]
     return out.to_markdown(index=False, floatfmt=".3g")
 
@@ -35,7 +35,15 @@ def comparison_table(df) -> str:
 class PrintComparison(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         df, bad = collect(config.hydra.sweep.dir)
-        print("\nMeasured on this machine (mean over the measured decode steps; see README for definitions):")
+        print("\nResults of this sweep ('measured' on this machine, or 'projected' by harness/perfmodel.py; "
+              "mean over the decode steps; README defines every column):")
         print(comparison_table(df))
         for path, why in bad:
             print(f"skipped {path}: {why}")
+        try:  # the full report (tables, plots) beside the sweep's records
+            from harness.report import report
+
+            r = report(config.hydra.sweep.dir)
+            print(f"report: {r['out']}")
+        except Exception as e:  # a report failure must not hide the sweep's records
+            log.exception("report failed: %s", e)

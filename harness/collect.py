@@ -36,6 +36,16 @@ def _flatten(prefix: str, value, row: dict):
         row[prefix] = value
 
 
+def mean_prompt_length(workload: dict) -> float | None:
+    """The workload's nominal sequence length: mean prompt length, or the mean of its buckets' midpoints."""
+    if workload.get("buckets"):
+        mean = sum((lo + hi) / 2 for lo, hi in workload["buckets"]) / len(workload["buckets"])
+    else:
+        lens = workload.get("prompt_lens") or []
+        mean = sum(lens) / len(lens) if lens else None
+    return int(mean) if mean is not None and float(mean).is_integer() else mean
+
+
 def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
     rows = []
     for path, rec in records:
@@ -52,6 +62,8 @@ def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
         nvml = [r["nvml_utilization_pct"] for r in rec.ranks if r.get("role") == "pool" and r.get("nvml_utilization_pct") is not None]
         row["pool_nvml_utilization_pct_mean"] = sum(nvml) / len(nvml) if nvml else None
         row["source"] = rec.env.get("source", "measured")
+        row["seq_len"] = mean_prompt_length(rec.config.get("workload", {}))
+        row["elasticity"] = json.dumps(rec.elasticity) if rec.elasticity else None
         row["device_name"] = rec.env.get("device_name", rec.env.get("device"))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -93,3 +93,313 @@ def check_fits(cfg: BenchConfig) -> str | None:
                     f"activations {r.activation_bytes / 1e9:.1f} + workspace {r.workspace_bytes / 1e9:.1f}) > "
                     f"hardware.memory_gb={cfg.hardware.memory_gb:g}; lower workload.batch_size or the lengths, or add ranks")
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Time: a decode step (and prefill) per phase, from bytes and FLOPs against calibrated efficiencies.
+# ----------------------------------------------------------------------------------------------------------
+import json
+import statistics
+from pathlib import Path
+
+CALIBRATION_SET = Path(__file__).resolve().parent.parent / "results" / "measured" / "h100-x1" / "bench_gpu.json"
+LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
+
+
+@dataclass
+class Calibration:
+    """Fractions of a GPU's datasheet limits, and fixed costs, fitted on one GPU's micro-benchmarks.
+
+    Fractions carry over to another GPU by multiplying its own peaks; fixed costs (seconds) are kept.
+    """
+
+    source: str = "defaults (no measured set found)"
+    read_bw_fraction: float = 0.87  # measured HBM read bandwidth / datasheet
+    gemm_flops_fraction: float = 0.76  # measured 8192^3 GEMM / datasheet
+    attn_bw_fraction: float = 1.0  # attention KV streaming / measured read bandwidth (cuDNN)
+    attn_fixed_s: float = 40e-6  # a decode attention kernel's floor
+    gemm_bw_fraction: float = 0.6  # small-batch GEMM weight streaming / measured read bandwidth
+    gemm_fixed_s: float = 10e-6  # a GEMM kernel's floor
+    layer_fixed_s: float = 20e-6  # norms, rotary, residuals, cache writes per layer (graphed)
+    eager_cpu_s_per_layer: float = 0.0  # Python/launch time per layer when not graphed (eager engines)
+    merge_s: float = 36e-6  # LSE merge of one micro-batch's partials (graphed)
+
+    @classmethod
+    def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):
+        if not Path(path).exists():
+            return cls()
+        res = json.loads(Path(path).read_text())
+        lim = res["limits"]
+        cal = cls(source=str(path), read_bw_fraction=lim["read_bytes_per_s"] / datasheet_bw,
+                  gemm_flops_fraction=lim["gemm_flops_per_s"] / datasheet_flops)
+        bw = lim["read_bytes_per_s"]
+        rows = [r for r in res.get("attention_shards", []) if r.get("backend") == "sdpa_cudnn" and "time_us" in r]
+        if len(rows) >= 2:  # t = bytes / (bw * f) + fixed, least squares
+            cal.attn_bw_fraction, cal.attn_fixed_s = _fit_bw(rows, "kv_bytes", bw)
+        gemm_rows = [r for r in res.get("gemms", []) if r["batch"] <= 256]
+        if len(gemm_rows) >= 2:
+            cal.gemm_bw_fraction, cal.gemm_fixed_s = _fit_bw(gemm_rows, "bytes", bw)
+        merges = [r["merge_graph_us"] for r in res.get("merge", []) if "merge_graph_us" in r]
+        if merges:
+            cal.merge_s = statistics.median(merges) * 1e-6
+        steps = [r for r in res.get("decode_steps", []) if r.get("graph") and r.get("backend") == "sdpa_cudnn" and "tpot_ms" in r]
+        if steps:  # what the per-kernel terms leave unexplained in a whole graphed step, per layer
+            m = PRESETS_BY_NAME[res["model"]]
+            resid = [(r["tpot_ms"] * 1e-3 - _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, bw,
+                                                      lim["gemm_flops_per_s"], 2)) / m.n_layers for r in steps]
+            cal.layer_fixed_s = max(0.0, statistics.median(resid))
+        eng = res.get("engine")
+        if eng and "engine_step_no_phase_sync_ms" in eng:
+            m = PRESETS_BY_NAME[res["model"]]
+            gpu = _gpu_step_s(cal, m, eng["batch"], [eng["context"] + 1] * eng["batch"], 1, bw, lim["gemm_flops_per_s"], 2)
+            cal.eager_cpu_s_per_layer = max(0.0, (eng["engine_step_no_phase_sync_ms"] * 1e-3 - gpu) / m.n_layers)
+        return cal
+
+
+def _fit_bw(rows, bytes_key, bw):
+    xs = [r[bytes_key] for r in rows]
+    ys = [r["time_us"] * 1e-6 for r in rows]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    fixed = max(0.0, my - slope * mx)
+    return 1.0 / (slope * bw), fixed
+
+
+from model.config import PRESETS as PRESETS_BY_NAME  # noqa: E402
+
+
+def _gemm_s(cal, rows, k, n, b, bw, flops):
+    nbytes = (k * n + rows * (k + n)) * b
+    return max(2 * rows * k * n / flops, nbytes / (bw * cal.gemm_bw_fraction)) + cal.gemm_fixed_s
+
+
+def _attn_s(cal, kv_bytes, bw):
+    return (kv_bytes / (bw * cal.attn_bw_fraction) + cal.attn_fixed_s) if kv_bytes > 0 else 0.0
+
+
+def _layer_gemms_s(cal, m, rows, tp, b, bw, flops):
+    h, f = m.hidden, m.ffn_hidden
+    return (_gemm_s(cal, rows, h, 3 * h // tp, b, bw, flops) + _gemm_s(cal, rows, h // tp, h, b, bw, flops)
+            + _gemm_s(cal, rows, h, f // tp, b, bw, flops) + _gemm_s(cal, rows, f // tp, h, b, bw, flops))
+
+
+def _gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b):
+    """One GPU's decode step over `rows` sequences of contexts `ctx`, weights split tp ways (no comm)."""
+    kv = sum(ctx) * 2 * m.hidden * b // tp
+    per_layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + _attn_s(cal, kv, bw) + cal.layer_fixed_s
+    head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
+    return m.n_layers * per_layer + head
+
+
+@dataclass
+class Links:
+    nvlink_bw: float
+    ib_bw: float
+
+    def send_s(self, nbytes: float, cross_node: bool) -> float:
+        if nbytes <= 0:
+            return 0.0
+        bw, lat = (self.ib_bw, LINK_LATENCY_S["ib"]) if cross_node else (self.nvlink_bw, LINK_LATENCY_S["nvlink"])
+        return lat + nbytes / bw
+
+    def allreduce_s(self, nbytes: float, n: int, cross_node: bool) -> float:
+        if n <= 1:
+            return 0.0  # ring: 2 (n-1) steps of nbytes / n each
+        return 2 * (n - 1) * self.send_s(nbytes / n, cross_node)
+
+
+def _phases() -> dict:
+    return {"attention": 0.0, "communication": 0.0, "synchronization": 0.0, "resource_management": 0.0, "other": 0.0}
+
+
+def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool = False) -> dict:
+    """Predicted decode step: {'step_s', 'phases': {role: {phase: s}}, 'pool_busy_fraction', 'prefill_s'}."""
+    cal = cal or Calibration.from_bench()
+    m, s, w, hw = cfg.model, cfg.strategy, cfg.workload, cfg.hardware
+    b = DTYPE_BYTES[hw.dtype]
+    bw = hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12
+    flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
+    links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
+    ctx = [n + w.output_tokens // 2 for n in prompt_lengths(w)]  # mean context over the run
+    B, M = w.batch_size, max(1, s.micro_batches)
+    gpn = hw.gpus_per_node or 8
+    eager_s = cal.eager_cpu_s_per_layer * m.n_layers if eager else 0.0
+    act = lambda rows: rows * m.hidden * b  # noqa: E731  one hidden state per row
+    phases, pool_busy = {}, None
+
+    def gemm_part(rows, tp):
+        return m.n_layers * (_layer_gemms_s(cal, m, rows, tp, b, bw, flops) + cal.layer_fixed_s) + \
+            _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
+
+    if s.kind in ("reference", "static"):
+        tp, pp = s.tp, s.pp
+        mb = math.ceil(B / M)
+        layers = m.n_layers // pp
+        cross = tp > gpn
+        # one micro-batch on one stage
+        st_other = layers / m.n_layers * gemm_part(mb, tp)
+        st_attn = layers * _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw)
+        st_comm = layers * 2 * links.allreduce_s(act(mb), tp, cross) + links.allreduce_s(act(mb), tp, cross)
+        stage = st_other + st_attn + st_comm
+        p2p = links.send_s(act(mb), cross_node=tp * 1 >= gpn) if pp > 1 else 0.0
+        slots = M + pp - 1  # GPipe forward: fill, steady state, drain
+        step = slots * (stage + p2p) + eager_s
+        busy = M * stage
+        ph = _phases()
+        ph.update(attention=M * st_attn, communication=M * (st_comm + p2p),
+                  synchronization=step - busy - M * p2p - eager_s, other=M * st_other + eager_s)
+        phases["reference" if s.kind == "reference" else "stage"] = ph
+    else:
+        p = s.pool
+        thr = p.threshold if p.size > 0 else math.inf
+        short = [n for n in ctx if n <= thr]
+        long = [n for n in ctx if n > thr]
+        cross_base = s.tp > gpn
+        other = gemm_part(B, s.tp)
+        base_attn = m.n_layers * _attn_s(cal, sum(short) * 2 * m.hidden * b / s.tp, bw)
+        base_comm = m.n_layers * 2 * links.allreduce_s(act(B), s.tp, cross_base) + links.allreduce_s(act(B), s.tp, cross_base)
+        pool_attn = pool_comm = merge = 0.0
+        if long:
+            ranks = [max(1, min(p.max_size, p.size, math.ceil(n / p.tokens_per_rank))) if p.policy == "proportional"
+                     else min(p.max_size, p.size) for n in long]
+            # blocks spread round-robin: each pool rank streams its share of the long KV
+            per_rank_kv = sum(n * 2 * m.hidden * b for n in long) / p.size
+            pool_attn = m.n_layers * _attn_s(cal, per_rank_kv, bw)
+            nodes_per_seq = [math.ceil(r / gpn) for r in ranks]
+            sources = nodes_per_seq if p.hierarchical else ranks
+            q_bytes = len(long) * m.hidden * b  # q of every long sequence, to each of its ranks
+            part_bytes = sum(src * (m.hidden * b + m.n_heads * 4) for src in sources)
+            intra = sum(max(0, r - nn) * (m.hidden * b + m.n_heads * 4) for r, nn in zip(ranks, nodes_per_seq)) \
+                if p.hierarchical else 0.0
+            pool_cross = (s.tp + p.size) > gpn
+            per_layer_comm = (links.send_s(q_bytes * max(ranks) / s.tp, pool_cross)
+                              + links.send_s(part_bytes / s.tp, pool_cross)
+                              + (links.send_s(intra / p.size, False) if intra else 0.0))
+            pool_comm = m.n_layers * per_layer_comm
+            merge = m.n_layers * M * cal.merge_s
+        base_busy = other + base_attn + base_comm + merge
+        pool_path = pool_attn + pool_comm
+        if p.async_overlap and M > 1 and long:  # pool work of one micro-batch hides behind base work of others
+            step = max(base_busy, pool_path) + min(base_busy, pool_path) / M
+        else:
+            step = base_busy + pool_path
+        step += eager_s
+        ph = _phases()
+        ph.update(attention=base_attn, communication=base_comm + merge + (pool_comm if long else 0.0),
+                  synchronization=max(0.0, step - base_busy - (pool_comm if long else 0.0) - eager_s),
+                  other=other + eager_s)
+        phases["base"] = ph
+        if p.size:
+            pph = _phases()
+            pph.update(attention=pool_attn, communication=pool_comm, synchronization=max(0.0, step - pool_attn - pool_comm))
+            phases["pool"] = pph
+            pool_busy = pool_attn / step if step > 0 else 0.0
+    prefill = predict_prefill(cfg, cal, bw, flops)
+    return {"step_s": step, "phases": phases, "pool_busy_fraction": pool_busy, "prefill_s": prefill,
+            "calibration": cal.source}
+
+
+def predict_prefill(cfg, cal, bw, flops) -> float:
+    """Prefill: GEMM FLOPs of every prompt token plus causal attention FLOPs, at the GEMM efficiency."""
+    m, s, w = cfg.model, cfg.strategy, cfg.workload
+    lens = prompt_lengths(w)
+    tokens = sum(lens)
+    dense = m.n_layers * (4 * m.hidden**2 + 2 * m.hidden * m.ffn_hidden)
+    attn = sum(2 * n * n * m.hidden for n in lens) * m.n_layers  # causal: half of 4 n^2 h
+    ranks = s.tp * s.pp if s.kind != "fa_pool" else s.tp
+    return (2 * tokens * dense + attn) / (flops * ranks) + 2 * tokens * m.hidden * m.vocab_size / (flops * s.tp)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Projected records (launcher=model) and the predicted-vs-measured check.
+# ----------------------------------------------------------------------------------------------------------
+def project(cfg: BenchConfig, cfg_dict: dict, eager: bool = False):
+    """A record of status ok (or oom when it cannot fit) marked env.source = 'projected'. Nothing runs."""
+    from harness.measure import breakdown, compute_metrics
+    from harness.record import RunRecord, run_id
+
+    env = {"source": "projected", "hardware": cfg.hardware.name, "world_size": cfg.strategy.world_size,
+           "device": cfg.hardware.device, "model": "harness/perfmodel.py"}
+    too_big = check_fits(cfg)
+    if too_big:
+        return RunRecord(run_id=run_id(cfg_dict), status="oom", config=cfg_dict, error=f"projected: {too_big}", env=env)
+    cal = Calibration.from_bench()
+    pred = predict_step(cfg, cal, eager)
+    env["calibration"] = cal.source
+    w = cfg.workload
+    lens = prompt_lengths(w)
+    ttft = pred["prefill_s"]  # projected: the prefill is predicted even where a measured run would skip it
+    steps = [pred["step_s"]] * (w.output_tokens - 1)
+    metrics = compute_metrics(ttft, steps, sum(lens), w.batch_size, cfg.strategy.world_size)
+    metrics["prefill_s_projected"] = pred["prefill_s"]
+    memory = {r.role: {"peak_bytes_max": r.total_bytes, "weight_bytes_max": r.weight_bytes, "kv_bytes_max": r.kv_bytes,
+                       "source": "projected: weights + KV + activations + 1 GiB workspace"} for r in memory_by_role(cfg)}
+    util = {}
+    if pred["pool_busy_fraction"] is not None:
+        util = {f"rank{cfg.strategy.tp + i}": pred["pool_busy_fraction"] for i in range(cfg.strategy.pool.size)}
+    return RunRecord(run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env, metrics=metrics,
+                     step_times_ms=[t * 1e3 for t in steps], memory=memory,
+                     breakdown={role: breakdown(ph) for role, ph in pred["phases"].items()},
+                     pool_utilization=util, synthetic_kv=False)
+
+
+def check(root: str | Path) -> list[dict]:
+    """Predicted vs measured mean TPOT for every measured ok record under root (eager engines)."""
+    from omegaconf import OmegaConf
+
+    from harness.collect import find_records
+
+    good, _ = find_records(root)
+    rows = []
+    for path, rec in good:
+        if rec.status != "ok" or rec.env.get("source", "measured") != "measured":
+            continue
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), rec.config))
+        if cfg.hardware.device != "cuda":
+            continue  # CPU/gloo runs measure the mechanics, not a GPU: nothing to predict
+        pred = predict_step(cfg, eager=True)["step_s"] * 1e3
+        meas = rec.metrics["mean_tpot_ms"]
+        rows.append({"record": str(path.parent.name), "strategy": cfg.strategy.name, "workload": cfg.workload.name,
+                     "batch": cfg.workload.batch_size, "measured_ms": meas, "predicted_ms": pred,
+                     "rel_error": (pred - meas) / meas})
+    return rows
+
+
+def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
+    """Predicted vs measured TPOT of the graphed single-GPU steps in the benchmark's own result set."""
+    res = json.loads(Path(bench_json).read_text())
+    cal = Calibration.from_bench(bench_json)
+    lim = res["limits"]
+    m = PRESETS_BY_NAME[res["model"]]
+    rows = []
+    for r in res.get("decode_steps", []):
+        if not r.get("graph") or r.get("backend") != "sdpa_cudnn" or "tpot_ms" not in r:
+            continue
+        pred = _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, lim["read_bytes_per_s"],
+                           lim["gemm_flops_per_s"], 2) * 1e3
+        rows.append({"record": f"graphed L={r['context']} B={r['batch']}", "measured_ms": r["tpot_ms"],
+                     "predicted_ms": pred, "rel_error": (pred - r["tpot_ms"]) / r["tpot_ms"]})
+    return rows
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description="predicted vs measured TPOT for the measured records under a directory")
+    ap.add_argument("root", nargs="?", default=str(CALIBRATION_SET.parent))
+    args = ap.parse_args(argv)
+    print(f"calibration: {Calibration.from_bench()}")
+    for title, rows in (("harness records (eager engines)", check(args.root)),
+                        ("graphed steps of the benchmark (calibration set)", check_graphed() if CALIBRATION_SET.exists() else [])):
+        print(f"\n## {title}")
+        if not rows:
+            print("(none)")
+            continue
+        print("| run | measured TPOT ms | predicted ms | rel. error |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['record']} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | {r['rel_error']:+.1%} |")
+        print(f"median |rel. error| = {statistics.median(abs(r['rel_error']) for r in rows):.1%} over {len(rows)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,395 @@
+"""Reports: the records under a directory as tables (Markdown, LaTeX) and plots (PNG, PDF), with the paper's
+claims (results/reference/paper_claims.csv) beside them and labelled as claims.
+
+    fapool-report RESULTS_DIR [--out DIR] [--baseline tp8_pp2] [--fa-pool fa_pool]
+
+Measured and projected records are never mixed: every table keeps `source` as a key and every ratio
+is taken between two rows of the same source.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from harness.collect import collect  # noqa: E402
+
+CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
+PHASES = ("attention", "communication", "synchronization", "resource_management", "other")
+KEY = ["source", "strategy", "seq_len"]
+
+
+def load_claims(path: Path = CLAIMS) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
+    if df.empty:
+        return df
+    d = df[df["status"] == "ok"].copy()
+    d["strategy"] = d["config.strategy.name"]
+    d["kind"] = d["config.strategy.kind"]
+    return d
+
+
+def pick(d: pd.DataFrame, wanted: str | None, kind: str) -> str | None:
+    names = sorted(d.loc[d["kind"] == kind, "strategy"].unique()) if not d.empty else []
+    if wanted in names:
+        return wanted
+    return names[0] if names else None
+
+
+def _mean_by(d, keys, cols):
+    cols = [c for c in cols if c in d]
+    return d.groupby(keys, dropna=False)[cols].mean().reset_index()
+
+
+def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = None, fa_pool: str | None = None) -> pd.DataFrame:
+    """Per source and length: baseline and FA Pool TPOT and TPS, their ratios, and the paper's claims."""
+    d = ok_runs(df)
+    if d.empty:
+        return pd.DataFrame()
+    base, fa = pick(d, baseline or "tp8_pp2", "static"), pick(d, fa_pool or "fa_pool", "fa_pool")
+    if not base or not fa:
+        return pd.DataFrame()
+    m = _mean_by(d[d["strategy"].isin([base, fa])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.decode_tps"])
+    b = m[m["strategy"] == base].drop(columns="strategy").set_index(["source", "seq_len"])
+    f = m[m["strategy"] == fa].drop(columns="strategy").set_index(["source", "seq_len"])
+    t = (
+        pd.merge(b, f, left_index=True, right_index=True, suffixes=("_base", "_fa")).reset_index())
+    t.insert(2, "baseline", base)
+    t.insert(3, "fa_pool", fa)
+    t["tpot_speedup"] = t["metrics.mean_tpot_ms_base"] / t["metrics.mean_tpot_ms_fa"]
+    t["tps_speedup"] = t["metrics.tps_fa"] / t["metrics.tps_base"]
+    t["decode_tps_speedup"] = t["metrics.decode_tps_fa"] / t["metrics.decode_tps_base"]
+    c = claims.set_index("claim_id")["value"]
+    for col, prefix in (("claim_tpot_base_ms", "tpot_base_"), ("claim_tpot_fa_ms", "tpot_fapool_"),
+                        ("claim_tpot_speedup", "tpot_speedup_"), ("claim_tps_base", "tps_base_"),
+                        ("claim_tps_fa", "tps_fapool_"), ("claim_tps_speedup", "tps_speedup_")):
+        t[col] = [c.get(f"{prefix}{int(L)}") if pd.notna(L) else None for L in t["seq_len"]]
+    return t.rename(columns={"metrics.mean_tpot_ms_base": "tpot_base_ms", "metrics.mean_tpot_ms_fa": "tpot_fa_ms",
+                             "metrics.tps_base": "tps_base", "metrics.tps_fa": "tps_fa",
+                             "metrics.decode_tps_base": "decode_tps_base", "metrics.decode_tps_fa": "decode_tps_fa"})
+
+
+def static_vs_fapool(df: pd.DataFrame, fa_pool: str | None = None) -> pd.DataFrame:
+    """Every static strategy against FA Pool, per source and length: TPOT and TPS ratios."""
+    d = ok_runs(df)
+    fa = pick(d, fa_pool or "fa_pool", "fa_pool") if not d.empty else None
+    if not fa:
+        return pd.DataFrame()
+    m = _mean_by(d[d["kind"].isin(["static", "fa_pool"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
+    f = m[m["strategy"] == fa].set_index(["source", "seq_len"])
+    rows = []
+    statics = set(d.loc[d["kind"] == "static", "strategy"])
+    for _, r in m[m["strategy"].isin(statics)].iterrows():
+        key = (r["source"], r["seq_len"])
+        if key not in f.index:
+            continue
+        fr = f.loc[key]
+        rows.append({"source": r["source"], "seq_len": r["seq_len"], "static": r["strategy"], "static_gpus": r["metrics.num_gpus"],
+                     "fa_pool": fa, "fa_pool_gpus": fr["metrics.num_gpus"], "static_tpot_ms": r["metrics.mean_tpot_ms"],
+                     "fa_pool_tpot_ms": fr["metrics.mean_tpot_ms"],
+                     "tpot_speedup": r["metrics.mean_tpot_ms"] / fr["metrics.mean_tpot_ms"],
+                     "tps_speedup": (fr["metrics.tps"] / r["metrics.tps"]) if r["metrics.tps"] else None})
+    return pd.DataFrame(rows)
+
+
+def iso_gpu(df: pd.DataFrame) -> pd.DataFrame:
+    """Strategies that use the same number of GPUs, side by side with per-GPU metrics."""
+    d = ok_runs(df)
+    if d.empty:
+        return pd.DataFrame()
+    m = _mean_by(d, ["source", "metrics.num_gpus", "seq_len", "strategy"],
+                 ["metrics.mean_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "metrics.decode_tps"])
+    m["decode_tps_per_gpu"] = m["metrics.decode_tps"] / m["metrics.num_gpus"]
+    counts = m.groupby(["source", "metrics.num_gpus", "seq_len"])["strategy"].transform("nunique")
+    return m[counts >= 2].sort_values(["source", "metrics.num_gpus", "seq_len", "strategy"]).reset_index(drop=True)
+
+
+def memory_table(df: pd.DataFrame) -> pd.DataFrame:
+    d = ok_runs(df)
+    if d.empty:
+        return pd.DataFrame()
+    rows = []
+    for _, r in d.iterrows():
+        for col in d.columns:
+            if col.startswith("memory.") and col.endswith(".peak_bytes_max") and pd.notna(r[col]):
+                role = col.split(".")[1]
+                rows.append({"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
+                             "peak_gb": r[col] / 1e9, "how": r.get(f"memory.{role}.source")})
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    return out.groupby(["source", "strategy", "seq_len", "role", "how"], dropna=False)["peak_gb"].max().reset_index()
+
+
+def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
+    d = ok_runs(df)
+    if d.empty:
+        return pd.DataFrame()
+    rows = []
+    for _, r in d.iterrows():
+        roles = {c.split(".")[1] for c in d.columns if c.startswith("breakdown.") and pd.notna(r[c])}
+        for role in sorted(roles):
+            row = {"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role}
+            row.update({p: r.get(f"breakdown.{role}.{p}", 0.0) for p in PHASES})
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    return out.groupby(["source", "strategy", "seq_len", "role"]).mean().reset_index() if not out.empty else out
+
+
+def swept(df: pd.DataFrame, field: str) -> pd.DataFrame:
+    """FA Pool runs by a swept field (pool size, threshold): TPOT and TPS per source and length."""
+    d = ok_runs(df)
+    if d.empty or field not in d:
+        return pd.DataFrame()
+    d = d[d["kind"] == "fa_pool"]
+    m = _mean_by(d, ["source", "seq_len", field], ["metrics.mean_tpot_ms", "metrics.decode_tps", "pool_utilization_mean"])
+    return m.sort_values(["source", "seq_len", field]).reset_index(drop=True)
+
+
+# -- plots ---------------------------------------------------------------------------------------------------
+def _save(fig, out: Path, name: str) -> list[Path]:
+    paths = []
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        p = out / f"{name}.{ext}"
+        fig.savefig(p, dpi=120)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
+def _empty(ax, what: str):
+    ax.text(0.5, 0.5, f"no {what} in these results", ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
+def _line_by_strategy(ax, d, x, y, label_fmt="{strategy} ({source})"):
+    for (source, strategy), g in d.groupby(["source", "strategy"]):
+        g = g.sort_values(x)
+        ax.plot(g[x], g[y], marker="o" if source == "measured" else "s",
+                linestyle="-" if source == "measured" else "--", label=label_fmt.format(strategy=strategy, source=source))
+
+
+def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, fa_pool=None) -> list[Path]:
+    d = ok_runs(df)
+    files = []
+    means = _mean_by(d, KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "metrics.decode_tps",
+                              "metrics.num_gpus"]) if not d.empty else pd.DataFrame()
+    if not means.empty:
+        means["decode_tps_per_gpu"] = means["metrics.decode_tps"] / means["metrics.num_gpus"]
+
+    # TPOT vs length, claims overlaid
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if means.empty:
+        _empty(ax, "ok runs")
+    else:
+        _line_by_strategy(ax, means, "seq_len", "metrics.mean_tpot_ms")
+        for strat, marker in (("tp8_pp2", "x"), ("fa_pool", "+")):
+            c = claims[(claims["metric"] == "mean_tpot_ms") & (claims["strategy"] == strat)]
+            ax.scatter(c["seq_len"], c["value"], marker=marker, s=80, color="k", label=f"paper claim: {strat}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (prompt tokens, log scale)")
+        ax.set_ylabel("mean TPOT (ms, log scale)")
+        ax.set_title("TPOT vs sequence length (claims: A100 paper setup)")
+        ax.legend(fontsize=7)
+    files += _save(fig, out, "tpot_vs_length")
+
+    # TPS and decode TPS per GPU
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    if means.empty:
+        _empty(axes[0], "ok runs")
+        _empty(axes[1], "ok runs")
+    else:
+        has_tps = means.dropna(subset=["metrics.tps"])
+        if has_tps.empty:
+            _empty(axes[0], "runs with TPS (synthetic-KV runs have no TTFT, so no TPS)")
+        else:
+            _line_by_strategy(axes[0], has_tps, "seq_len", "metrics.tps")
+            c = claims[claims["metric"] == "tps"]
+            axes[0].scatter(c["seq_len"], c["value"], marker="x", color="k", label="paper claims (tokens/s)")
+            axes[0].set_xscale("log", base=2)
+            axes[0].set_yscale("log")
+            axes[0].set_xlabel("sequence length (tokens, log scale)")
+            axes[0].set_ylabel("TPS: (input + output tokens) / e2e s")
+            axes[0].legend(fontsize=7)
+        _line_by_strategy(axes[1], means, "seq_len", "decode_tps_per_gpu")
+        axes[1].set_xscale("log", base=2)
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("sequence length (tokens, log scale)")
+        axes[1].set_ylabel("decode tokens/s per GPU")
+        axes[1].legend(fontsize=7)
+    files += _save(fig, out, "tps")
+
+    # speedup bars
+    lay = paper_layout(df, claims, baseline, fa_pool)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if lay.empty:
+        _empty(ax, "baseline + FA Pool pairs")
+    else:
+        labels = [f"{int(L)}\n{s}" for L, s in zip(lay["seq_len"], lay["source"])]
+        x = range(len(lay))
+        ax.bar([i - 0.2 for i in x], lay["tpot_speedup"], width=0.4, label=f"{lay['fa_pool'][0]} vs {lay['baseline'][0]} (this harness)")
+        ax.bar([i + 0.2 for i in x], lay["claim_tpot_speedup"].astype(float), width=0.4, color="lightgray",
+               edgecolor="k", hatch="//", label="paper claim")
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_xlabel("sequence length (tokens) / source")
+        ax.set_ylabel("TPOT speed-up (baseline TPOT / FA Pool TPOT)")
+        ax.legend(fontsize=7)
+    files += _save(fig, out, "speedup")
+
+    for field, name, xlabel in (("config.strategy.pool.size", "pool_scaling", "attention pool size (GPUs)"),
+                                ("config.strategy.pool.threshold", "threshold_sweep", "threshold (tokens)")):
+        s = swept(df, field)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        if s.empty or s[field].nunique() < 2:
+            _empty(ax, f"{name.replace('_', ' ')} sweep")
+        else:
+            for (source, L), g in s.groupby(["source", "seq_len"]):
+                ax.plot(g[field], g["metrics.mean_tpot_ms"], marker="o", label=f"{source}, length {L:g}")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("mean TPOT (ms)")
+            if name == "pool_scaling":
+                ax.axvline(24, color="gray", ls=":", label="paper claim: plateau beyond 24")
+            else:
+                ax.axvline(4096, color="gray", ls=":", label="paper's threshold 4096")
+            ax.legend(fontsize=7)
+        files += _save(fig, out, name)
+
+    # overhead breakdown, stacked
+    bt = breakdown_table(df)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if bt.empty:
+        _empty(ax, "breakdowns")
+    else:
+        labels = [f"{r.strategy}:{r.role}\n{r.seq_len:g} ({r.source[0]})" for r in bt.itertuples()]
+        bottom = [0.0] * len(bt)
+        for p in PHASES:
+            ax.bar(range(len(bt)), bt[p], bottom=bottom, label=p)
+            bottom = [a + b for a, b in zip(bottom, bt[p])]
+        ax.set_xticks(range(len(bt)), labels, fontsize=6, rotation=60, ha="right")
+        ax.set_ylabel("fraction of the role's time")
+        ax.set_title("overhead breakdown per role (m = measured, p = projected)")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
+    files += _save(fig, out, "breakdown")
+
+    mt = memory_table(df)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if mt.empty:
+        _empty(ax, "memory figures")
+    else:  # pipeline stages shown as one role (their max); one bar group per strategy and role
+        mt = mt.assign(role=mt["role"].str.replace(r"^stage\d+$", "stage", regex=True))
+        mt["who"] = mt["strategy"] + ":" + mt["role"] + " (" + mt["source"].str[0] + ")"
+        piv = mt.pivot_table(index="who", columns="seq_len", values="peak_gb", aggfunc="max")
+        piv.plot.bar(ax=ax, width=0.8)
+        ax.set_xticklabels(piv.index, rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel("strategy:role (m = measured, p = projected)")
+        ax.set_yscale("log")
+        ax.set_ylabel("peak memory per GPU of the role (GB, log)")
+        ax.legend(title="sequence length", fontsize=7)
+        for role, val in (("base", 65), ("pool", 45)):
+            ax.axhline(val, ls=":", color="gray")
+            ax.text(len(piv) - 0.5, val, f"paper claim: {role} {val} GB", fontsize=7, ha="right", va="bottom")
+    files += _save(fig, out, "memory")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if means.empty:
+        _empty(ax, "ok runs")
+    else:
+        for (source, strategy), g in means.groupby(["source", "strategy"]):
+            ax.scatter(g["decode_tps_per_gpu"], g["metrics.mean_tpot_ms"], label=f"{strategy} ({source})",
+                       marker="o" if source == "measured" else "s")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("decode tokens/s per GPU (log; right is better)")
+        ax.set_ylabel("mean TPOT (ms, log; down is better)")
+        ax.set_title("Pareto: latency vs per-GPU throughput")
+        ax.legend(fontsize=7)
+    files += _save(fig, out, "pareto")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    el = d[d["elasticity"].notna()] if not d.empty and "elasticity" in d else pd.DataFrame()
+    if el.empty:
+        _empty(ax, "FA Pool elasticity logs")
+    else:
+        r = el.iloc[0]
+        log = [e for e in json.loads(r["elasticity"]) if e["step"] != "finish"]
+        seqs = sorted({s for e in log for s in e["pool_ranks_per_seq"]}, key=int)
+        for s in seqs:
+            ax.step(range(len(log)), [len(e["pool_ranks_per_seq"].get(s, [])) for e in log], where="post", label=f"seq {s}")
+        ax2 = ax.twinx()
+        ax2.plot(range(len(log)), [e["blocks_held"] for e in log], "k--", label="blocks held")
+        ax2.set_ylabel("pool KV blocks held")
+        ax.set_xlabel("step (0 = prefill)")
+        ax.set_ylabel("pool ranks per sequence")
+        ax.set_title(f"elasticity: {r['strategy']}, {r['config.workload.name']} ({r['source']})")
+        ax.legend(fontsize=7, loc="upper left")
+    files += _save(fig, out, "elasticity")
+    return files
+
+
+def _write(t: pd.DataFrame, out: Path, name: str, title: str) -> list[Path]:
+    md, tex = out / f"{name}.md", out / f"{name}.tex"
+    if t.empty:
+        md.write_text(f"# {title}\n\n(no rows: the results hold no runs of this kind)\n")
+        tex.write_text(f"% {title}: no rows\n")
+    else:
+        md.write_text(f"# {title}\n\n" + t.to_markdown(index=False, floatfmt=".4g") + "\n")
+        tex.write_text(t.to_latex(index=False, float_format="%.4g", na_rep="--", caption=title))
+    return [md, tex]
+
+
+def report(root: str | Path, out: str | Path | None = None, baseline: str | None = None, fa_pool: str | None = None) -> dict:
+    root = Path(root)
+    out = Path(out) if out else root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    df, bad = collect(root)
+    claims = load_claims()
+    files = []
+    if not df.empty:
+        df.to_csv(out / "results.csv", index=False)
+        df.to_parquet(out / "results.parquet", index=False)
+        files += [out / "results.csv", out / "results.parquet"]
+    tables = {
+        "paper_layout": (paper_layout(df, claims, baseline, fa_pool), "Baseline vs FA Pool per length, beside the paper's claims"),
+        "static_vs_fapool": (static_vs_fapool(df, fa_pool), "Each static strategy vs FA Pool"),
+        "iso_gpu": (iso_gpu(df), "Equal GPU counts: per-GPU metrics"),
+        "memory": (memory_table(df), "Peak memory per GPU role (GB)"),
+        "breakdown": (breakdown_table(df), "Overhead breakdown per role (fractions of the role's time)"),
+        "pool_scaling": (swept(df, "config.strategy.pool.size"), "FA Pool by pool size"),
+        "threshold_sweep": (swept(df, "config.strategy.pool.threshold"), "FA Pool by threshold"),
+    }
+    for name, (t, title) in tables.items():
+        files += _write(t, out, name, title)
+    files += plot_all(df, claims, out, baseline, fa_pool)
+    (out / "skipped.txt").write_text("".join(f"{p}: {why}\n" for p, why in bad) or "(none)\n")
+    return {"frame": df, "bad": bad, "tables": {k: v[0] for k, v in tables.items()}, "files": files, "out": out}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results_dir")
+    ap.add_argument("--out", default=None, help="where the report goes (default RESULTS_DIR/report)")
+    ap.add_argument("--baseline", default=None, help="static strategy of the paper layout (default tp8_pp2, else the first)")
+    ap.add_argument("--fa-pool", default=None, help="FA Pool strategy (default fa_pool, else the first)")
+    args = ap.parse_args(argv)
+    r = report(args.results_dir, args.out, args.baseline, args.fa_pool)
+    print(f"{len(r['frame'])} records loaded, {len(r['bad'])} skipped")
+    for p, why in r["bad"]:
+        print(f"  skipped {p}: {why}")
+    print((r["out"] / "paper_layout.md").read_text())
+    print(f"tables and plots in {r['out']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # fapool-bench: analysis of a results directory
+#
+# Loads every `result.json` under `RESULTS_DIR` (set the environment variable `FAPOOL_RESULTS`, or edit the
+# cell below), then shows the tables and plots of `fapool-report` beside the paper's claims.
+# Measured and projected records are kept apart by the `source` column; claims are labelled as claims.
+# Metric definitions: the top-level README, "Metrics".
+
+# %%
+import os
+from pathlib import Path
+
+import pandas as pd
+from IPython.display import Image, Markdown, display
+
+from harness.report import load_claims, report
+
+RESULTS_DIR = Path(os.environ.get("FAPOOL_RESULTS", "../results/projected/paper_table"))
+OUT = Path(os.environ.get("FAPOOL_REPORT_OUT", RESULTS_DIR / "report"))
+r = report(RESULTS_DIR, OUT)
+df = r["frame"]
+print(f"{len(df)} records from {RESULTS_DIR}; {len(r['bad'])} files skipped")
+for path, why in r["bad"]:
+    print(f"  skipped {path}: {why}")
+
+# %% [markdown]
+# ## The runs
+
+# %%
+cols = ["source", "status", "config.strategy.name", "config.workload.name", "seq_len", "metrics.num_gpus",
+        "metrics.mean_tpot_ms", "metrics.p99_tpot_ms", "metrics.tps", "metrics.decode_tps"]
+display(df[[c for c in cols if c in df]].sort_values(["source", "config.workload.name", "config.strategy.name"]))
+
+# %% [markdown]
+# ## Baseline vs FA Pool, in the paper's layout (claims beside)
+
+# %%
+display(Markdown((OUT / "paper_layout.md").read_text()))
+display(Image(OUT / "tpot_vs_length.png"))
+display(Image(OUT / "speedup.png"))
+
+# %% [markdown]
+# ## Each static strategy vs FA Pool, and equal GPU counts
+
+# %%
+display(Markdown((OUT / "static_vs_fapool.md").read_text()))
+display(Markdown((OUT / "iso_gpu.md").read_text()))
+display(Image(OUT / "tps.png"))
+display(Image(OUT / "pareto.png"))
+
+# %% [markdown]
+# ## Where the time goes, and memory per role
+
+# %%
+display(Markdown((OUT / "breakdown.md").read_text()))
+display(Image(OUT / "breakdown.png"))
+display(Markdown((OUT / "memory.md").read_text()))
+display(Image(OUT / "memory.png"))
+
+# %% [markdown]
+# ## Pool size, threshold, elasticity
+
+# %%
+for name in ("pool_scaling", "threshold_sweep", "elasticity"):
+    display(Image(OUT / f"{name}.png"))
+
+# %% [markdown]
+# ## The paper's claims as data (with the contradictions noted)
+
+# %%
+claims = load_claims()
+display(claims[claims["note"].notna()][["claim_id", "section", "value", "unit", "note"]])

@@ -1,0 +1,120 @@
+"""Collector, tables, plots and the notebook, on a small results set the test makes itself."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from harness.collect import collect
+from harness.record import RunRecord, write_record
+from harness.report import load_claims, paper_layout, report, static_vs_fapool
+from tests.conftest import ROOT, run_cli
+
+PLOTS = ["tpot_vs_length", "tps", "speedup", "pool_scaling", "threshold_sweep", "breakdown", "memory", "pareto", "elasticity"]
+
+
+def _rec(strategy, kind, length, tpot, tps, gpus, source=None, status="ok"):
+    cfg = {"strategy": {"name": strategy, "kind": kind, "pool": {"size": 2, "threshold": 32}},
+           "workload": {"name": f"len{length}", "prompt_lens": [length], "buckets": []}}
+    env = {"source": source} if source else {}
+    metrics = {} if status != "ok" else {"mean_tpot_ms": tpot, "tps": tps, "decode_tps": 1000 / tpot, "num_gpus": gpus,
+                                         "tps_per_gpu": tps / gpus}
+    return RunRecord(run_id=f"{strategy}{length}{source}", status=status, config=cfg, env=env, metrics=metrics,
+                     breakdown={"base": {"attention": 0.5, "communication": 0.2, "synchronization": 0.1,
+                                         "resource_management": 0.05, "other": 0.15}} if status == "ok" else {},
+                     memory={"base": {"peak_bytes_max": 2e9, "source": "test"}} if status == "ok" else {})
+
+
+@pytest.fixture
+def results(tmp_path):
+    runs = [("tp8_pp2", "static", 8192, 245.0, 33.0, 16), ("fa_pool", "fa_pool", 8192, 100.0, 80.0, 40),
+            ("tp16_pp2", "static", 8192, 200.0, 40.0, 32), ("tp8_pp2", "static", 512, 45.0, 22.0, 16),
+            ("fa_pool", "fa_pool", 512, 50.0, 20.0, 40), ("fa_pool_iso16", "fa_pool", 8192, 150.0, 50.0, 16)]
+    for i, r in enumerate(runs):
+        write_record(_rec(*r), tmp_path / f"run{i}")
+    write_record(_rec("fa_pool", "fa_pool", 8192, 10.0, 800.0, 40, source="projected"), tmp_path / "proj")
+    write_record(_rec("tp8_pp2", "static", 8192, 40.0, 200.0, 16, source="projected"), tmp_path / "proj2")
+    write_record(_rec("tp8_pp2", "static", 2048, 0, 0, 16, status="failed"), tmp_path / "failed")
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "result.json").write_text('{"run_id": "x", "status": "ok", "conf')
+    (tmp_path / "future").mkdir()
+    (tmp_path / "future" / "result.json").write_text(json.dumps({"schema_version": 99, "run_id": "y", "status": "ok"}))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "result.json").write_text("")
+    return tmp_path
+
+
+def test_collector_loads_good_rows_and_lists_bad_ones(results):
+    df, bad = collect(results)
+    assert len(df) == 9 and set(df["status"]) == {"ok", "failed"}
+    reasons = {p.parent.name: why for p, why in bad}
+    assert set(reasons) == {"trunc", "future", "empty"}
+    assert "JSONDecodeError" in reasons["trunc"] and "schema_version 99" in reasons["future"]
+    assert "empty" in reasons["empty"]
+
+
+def test_speedups_equal_hand_computed_ratios_and_sources_never_mix(results):
+    df, _ = collect(results)
+    lay = paper_layout(df, load_claims()).set_index(["source", "seq_len"])
+    assert lay.loc[("measured", 8192), "tpot_speedup"] == pytest.approx(245 / 100)
+    assert lay.loc[("measured", 8192), "tps_speedup"] == pytest.approx(80 / 33)
+    assert lay.loc[("measured", 512), "tpot_speedup"] == pytest.approx(45 / 50)
+    assert lay.loc[("projected", 8192), "tpot_speedup"] == pytest.approx(40 / 10)
+    assert lay.loc[("measured", 8192), "claim_tpot_speedup"] == 2.1  # the paper's, beside ours
+    sv = static_vs_fapool(df).set_index(["source", "static", "seq_len"])
+    assert sv.loc[("measured", "tp16_pp2", 8192), "tpot_speedup"] == pytest.approx(200 / 100)
+    assert ("projected", "tp16_pp2", 8192) not in sv.index
+
+
+def test_every_table_and_plot_is_written_and_not_empty(results, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    r = report(results, out)
+    for name in PLOTS:
+        for ext in ("png", "pdf"):
+            assert (out / f"{name}.{ext}").stat().st_size > 1000, name
+    for name in ("paper_layout", "static_vs_fapool", "iso_gpu", "memory", "breakdown"):
+        assert (out / f"{name}.md").read_text().count("|") > 10, name
+        assert "tabular" in (out / f"{name}.tex").read_text()
+    assert len(pd.read_parquet(out / "results.parquet")) == 9
+    assert "trunc" in (out / "skipped.txt").read_text()
+
+
+def test_claims_cite_their_sections():
+    claims = load_claims()
+    assert claims["section"].notna().all() and len(claims) >= 30
+    assert claims.loc[claims["claim_id"] == "tpot_base_16384", "value"].item() == 892
+
+
+def test_notebook_is_paired_and_executes(results, tmp_path):
+    nb_path = ROOT / "notebooks" / "analysis.ipynb"
+    paired = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--output", str(tmp_path / "fresh.ipynb"),
+                             str(ROOT / "notebooks" / "analysis.py")], capture_output=True, text=True)
+    assert paired.returncode == 0, paired.stderr
+    fresh, committed = nbformat.read(tmp_path / "fresh.ipynb", 4), nbformat.read(nb_path, 4)
+    assert [c.source for c in fresh.cells] == [c.source for c in committed.cells], "run: jupytext --sync notebooks/analysis.py"
+    os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"] = str(results), str(tmp_path / "nb_report")
+    try:
+        NotebookClient(committed, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
+    outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
+    assert "9 records" in outputs and "image/png" in outputs
+
+
+def test_fapool_report_command_on_a_real_sweep(tmp_path):
+    proc, records = run_cli(["-m", "launcher=model", "hardware=a100_80gb", "model=paper", "strategy=tp8_pp2,fa_pool",
+                             "workload=len2048,len16384", "workload.batch_size=64"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert len(records) == 4 and all(r["env"]["source"] == "projected" for r in records)
+    sweep = tmp_path / "sweep"
+    assert (sweep / "report" / "paper_layout.md").exists()  # written at the end of the multirun
+    out = subprocess.run([sys.executable, "-m", "harness.report", str(sweep), "--out", str(tmp_path / "rep")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "4 records loaded, 0 skipped" in out.stdout and "projected" in out.stdout
