@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, register_configs, validate
 from harness.launch import failure_record, launch_local
-from harness.record import read_record, write_record
+from harness.plan import PLANNED, plan_line
+from harness.record import read_record, run_id, write_record
 
 log = logging.getLogger("fapool")
 register_configs()
@@ -40,6 +41,19 @@ def run(cfg: DictConfig, out_dir: str):
         log.error("invalid config: %s", e)
         write_record(failure_record(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device), out_dir)
         return read_record(Path(out_dir) / "result.json")
+    if cfg_obj.plan:
+        PLANNED.append(plan_line(cfg_obj))
+        print("PLAN", PLANNED[-1])
+        return None
+    existing = Path(out_dir) / "result.json"
+    if cfg_obj.resume and existing.exists():
+        try:
+            old = read_record(existing)
+        except (OSError, ValueError, TypeError):
+            old = None
+        if old is not None and old.status == "ok" and old.run_id == run_id(cfg_dict):
+            log.info("resume: %s already has an ok record of this config; skipped", out_dir)
+            return old
     if cfg_obj.launcher.kind == "model":  # projected: nothing runs
         from harness.perfmodel import project
 
@@ -56,7 +70,14 @@ def run(cfg: DictConfig, out_dir: str):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig):
     out_dir = cfg.results_dir or HydraConfig.get().runtime.output_dir
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    if multirun and cfg.launcher.kind == "slurm":  # submit every point now; the sweep waits at its end
+        cfg.launcher.wait = False
     rec = run(cfg, out_dir)
+    if rec is None:
+        if not cfg.plan:
+            print(f"{cfg.strategy.name} x {cfg.workload.name}: submitted -> {Path(out_dir) / 'result.json'}")
+        return "planned" if cfg.plan else "submitted"
     print(summary(rec), f"-> {Path(out_dir) / 'result.json'}")
     if rec.status != "ok" and HydraConfig.get().mode.name == "RUN":
         sys.exit(1)

@@ -32,8 +32,34 @@ def comparison_table(df) -> str:
     return out.to_markdown(index=False, floatfmt=".3g")
 
 
+def print_plan(lines: list[dict]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(lines)
+    print("\nPlan (nothing was submitted or run):")
+    print(df.to_markdown(index=False, floatfmt=".3g"))
+    print(f"total: {len(df)} jobs, {int(df['gpus'].sum())} GPUs over all jobs, at most "
+          f"{df['gpu_hours_limit'].sum():.1f} GPU-hours (the jobs' time limits)"
+          + (f", projected {(df['projected_run_s'] * df['gpus']).sum() / 3600:.3f} GPU-hours of run time"
+             if "projected_run_s" in df else ""))
+
+
 class PrintComparison(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from harness.plan import PLANNED
+
+        if PLANNED:
+            print_plan(PLANNED)
+            PLANNED.clear()
+            return
+        import sys
+
+        if "harness.slurm" in sys.modules:  # Slurm jobs of this sweep still queued or running
+            from harness.slurm import PENDING, wait_all
+
+            if PENDING:
+                print(f"waiting for {len(PENDING)} Slurm jobs ...", flush=True)
+                wait_all()
         df, bad = collect(config.hydra.sweep.dir)
         print("\nResults of this sweep ('measured' on this machine, or 'projected' by harness/perfmodel.py; "
               "mean over the decode steps; README defines every column):")

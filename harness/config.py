@@ -120,6 +120,8 @@ class BenchConfig:
     check_reference: bool = False  # also decode on one device and compare logits and tokens
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
+    plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
+    resume: bool = True  # skip a run whose directory already holds an ok record of the same run_id
 
 
 def register_configs() -> None:

@@ -1,0 +1,109 @@
+"""The Slurm path for real: a single-node Slurm cluster on this machine (jobs/local_slurm.sh), multi-task jobs,
+torch.distributed across tasks, requeue, and a hung run that ends as a timeout record."""
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, compose_cfg, run_cli
+
+pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
+                                reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    out = subprocess.run(["bash", str(ROOT / "jobs" / "local_slurm.sh"), "start", str(state)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    conf = out.stdout.strip().split("=", 1)[1]
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf
+    yield conf
+    subprocess.run(["bash", str(ROOT / "jobs" / "local_slurm.sh"), "stop", str(state)])
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path):
+    proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "workload=tiny_short,tiny_long"],
+                            tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    assert {r["env"]["world_size"] for r in records} == {2, 4}
+    assert all(r["env"]["slurm_job_id"] for r in records)  # written inside a Slurm task
+    assert len({r["env"]["slurm_job_id"] for r in records}) == 4  # one job per point, all queued at once
+    assert "fa_pool_b2_p2" in proc.stdout and "report:" in proc.stdout
+
+
+def _job_state(job_id):
+    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
+    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+    return fields.get("JobState"), int(fields.get("Restarts", "0"))
+
+
+def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
+    from omegaconf import OmegaConf
+
+    from harness import slurm as slurm_launcher
+
+    cfg = compose_cfg(["launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=800",
+                       "launcher.wait=false", "hydra.mode=RUN"])
+    cfg_obj = OmegaConf.to_object(cfg)
+    pending = slurm_launcher.submit(cfg_obj, OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+    deadline = time.monotonic() + 120
+    while _job_state(pending.job.job_id)[0] != "RUNNING":
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.5)
+    time.sleep(3)  # well inside the run (imports, warm-up, ~10 s of decode)
+    assert not (Path(tmp_path) / "result.json").exists()
+    subprocess.run(["scontrol", "requeue", str(pending.job.job_id)], check=True)
+    # Slurm holds a requeued batch job back for 2 minutes; release it now, as an admin would
+    while _job_state(pending.job.job_id)[0] != "PENDING":  # the killed attempt first has to leave the node
+        assert time.monotonic() < deadline + 60
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={pending.job.job_id}", "StartTime=now"], check=True)
+    rec = slurm_launcher.wait(pending)
+    assert rec.status == "ok", rec.error
+    assert _job_state(pending.job.job_id)[1] >= 1  # it did restart
+    assert len(list(Path(tmp_path).rglob("result.json"))) == 1
+    assert not list(Path(tmp_path).glob(".result.json.*"))
+
+
+def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
+    t0 = time.monotonic()
+    proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
+                             "fault.kind=none,hang", "fault.rank=1", "launcher.timeout_s=45"], tmp_path, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by_fault = {r["config"]["fault"]["kind"]: r for r in records}
+    assert by_fault["none"]["status"] == "ok"
+    assert by_fault["hang"]["status"] == "timeout" and "cancelled" in by_fault["hang"]["error"]
+    assert time.monotonic() - t0 < 200
+    # the cancelled job is gone from the queue, not left to eat its time limit
+    queue = subprocess.run(["squeue", "-h", "-o", "%i %T"], capture_output=True, text=True).stdout
+    assert "RUNNING" not in queue
+
+
+def test_plan_mode_prints_nodes_and_gpu_hours_and_submits_nothing(slurm, tmp_path):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    proc, records = run_cli(["-m", "experiment=paper_table", "launcher=slurm_a100", "plan=true"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert records == []
+    assert "16 jobs" in proc.stdout and "480 GPUs" in proc.stdout
+    assert "| fa_pool    | len16384   | slurm_a100 |       5 |" in proc.stdout
+    after = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    assert set(after.split()) <= set(before.split())  # no new job (earlier ones may have left the queue)
+
+
+def test_resume_skips_runs_that_already_have_an_ok_record(slurm, tmp_path):
+    args = ["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short,tiny_long"]
+    proc, first = run_cli(args, tmp_path, timeout=300)
+    assert proc.returncode == 0 and len(first) == 2
+    proc, again = run_cli(args, tmp_path, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.count("submitted") == 0
+    assert sorted(r["created_at"] for r in again) == sorted(r["created_at"] for r in first)
