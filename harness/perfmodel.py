@@ -118,6 +118,8 @@ class Calibration:
     gemm_flops_fraction: float = 0.76  # measured 8192^3 GEMM / datasheet
     attn_bw_fraction: float = 1.0  # attention KV streaming / measured read bandwidth (cuDNN)
     attn_fixed_s: float = 40e-6  # a decode attention kernel's floor
+    attn_bw_fraction_eager: float = 0.9  # the same for the kernel eager engines use (flash: no per-shape plan)
+    attn_fixed_eager_s: float = 40e-6
     gemm_bw_fraction: float = 0.6  # small-batch GEMM weight streaming / measured read bandwidth
     gemm_fixed_s: float = 10e-6  # a GEMM kernel's floor
     layer_fixed_s: float = 20e-6  # norms, rotary, residuals, cache writes per layer (graphed)
@@ -136,7 +138,9 @@ class Calibration:
         rows = [r for r in res.get("attention_shards", []) if r.get("backend") == "sdpa_cudnn" and "time_us" in r]
         if len(rows) >= 2:  # t = bytes / (bw * f) + fixed, least squares
             cal.attn_bw_fraction, cal.attn_fixed_s = _fit_bw(rows, "kv_bytes", bw)
-        gemm_rows = [r for r in res.get("gemms", []) if r["batch"] <= 256]
+        # decode-sized GEMMs whose weights exceed the L2 cache: the benchmark repeats one GEMM, so smaller
+        # weights stay in L2 and would overstate what a step (which streams every layer's weights) gets
+        gemm_rows = [r for r in res.get("gemms", []) if r["batch"] <= 256 and r["k"] * r["n"] * 2 >= 64e6]
         if len(gemm_rows) >= 2:
             cal.gemm_bw_fraction, cal.gemm_fixed_s = _fit_bw(gemm_rows, "bytes", bw)
         merges = [r["merge_graph_us"] for r in res.get("merge", []) if "merge_graph_us" in r]
@@ -145,14 +149,20 @@ class Calibration:
         steps = [r for r in res.get("decode_steps", []) if r.get("graph") and r.get("backend") == "sdpa_cudnn" and "tpot_ms" in r]
         if steps:  # what the per-kernel terms leave unexplained in a whole graphed step, per layer
             m = PRESETS_BY_NAME[res["model"]]
+            cal.layer_fixed_s = 0.0
             resid = [(r["tpot_ms"] * 1e-3 - _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, bw,
                                                       lim["gemm_flops_per_s"], 2)) / m.n_layers for r in steps]
             cal.layer_fixed_s = max(0.0, statistics.median(resid))
-        eng = res.get("engine")
-        if eng and "engine_step_no_phase_sync_ms" in eng:
+        flash = [r for r in res.get("attention_shards", []) if r.get("backend") == "sdpa_flash" and "time_us" in r]
+        if len(flash) >= 2:
+            cal.attn_bw_fraction_eager, cal.attn_fixed_eager_s = _fit_bw(flash, "kv_bytes", bw)
+        engine = [r for r in res.get("engine_steps", []) if "engine_step_ms" in r]
+        if engine:  # eager engine steps: what the GPU-time terms leave unexplained, per layer
             m = PRESETS_BY_NAME[res["model"]]
-            gpu = _gpu_step_s(cal, m, eng["batch"], [eng["context"] + 1] * eng["batch"], 1, bw, lim["gemm_flops_per_s"], 2)
-            cal.eager_cpu_s_per_layer = max(0.0, (eng["engine_step_no_phase_sync_ms"] * 1e-3 - gpu) / m.n_layers)
+            resid = [(r["engine_step_ms"] * 1e-3 - _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, bw,
+                                                              lim["gemm_flops_per_s"], 2, eager=True)) / m.n_layers
+                     for r in engine]
+            cal.eager_cpu_s_per_layer = max(0.0, statistics.median(resid))
         return cal
 
 
@@ -173,8 +183,12 @@ def _gemm_s(cal, rows, k, n, b, bw, flops):
     return max(2 * rows * k * n / flops, nbytes / (bw * cal.gemm_bw_fraction)) + cal.gemm_fixed_s
 
 
-def _attn_s(cal, kv_bytes, bw):
-    return (kv_bytes / (bw * cal.attn_bw_fraction) + cal.attn_fixed_s) if kv_bytes > 0 else 0.0
+def _attn_s(cal, kv_bytes, bw, eager=False):
+    if kv_bytes <= 0:
+        return 0.0
+    if eager:
+        return kv_bytes / (bw * cal.attn_bw_fraction_eager) + cal.attn_fixed_eager_s
+    return kv_bytes / (bw * cal.attn_bw_fraction) + cal.attn_fixed_s
 
 
 def _layer_gemms_s(cal, m, rows, tp, b, bw, flops):
@@ -183,10 +197,10 @@ def _layer_gemms_s(cal, m, rows, tp, b, bw, flops):
             + _gemm_s(cal, rows, h, f // tp, b, bw, flops) + _gemm_s(cal, rows, f // tp, h, b, bw, flops))
 
 
-def _gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b):
+def _gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b, eager=False):
     """One GPU's decode step over `rows` sequences of contexts `ctx`, weights split tp ways (no comm)."""
     kv = sum(ctx) * 2 * m.hidden * b // tp
-    per_layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + _attn_s(cal, kv, bw) + cal.layer_fixed_s
+    per_layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + _attn_s(cal, kv, bw, eager) + cal.layer_fixed_s
     head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
     return m.n_layers * per_layer + head
 
@@ -238,7 +252,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
         cross = tp > gpn
         # one micro-batch on one stage
         st_other = layers / m.n_layers * gemm_part(mb, tp)
-        st_attn = layers * _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw)
+        st_attn = layers * _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
         st_comm = layers * 2 * links.allreduce_s(act(mb), tp, cross) + links.allreduce_s(act(mb), tp, cross)
         stage = st_other + st_attn + st_comm
         p2p = links.send_s(act(mb), cross_node=tp * 1 >= gpn) if pp > 1 else 0.0
@@ -256,7 +270,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
         long = [n for n in ctx if n > thr]
         cross_base = s.tp > gpn
         other = gemm_part(B, s.tp)
-        base_attn = m.n_layers * _attn_s(cal, sum(short) * 2 * m.hidden * b / s.tp, bw)
+        base_attn = m.n_layers * _attn_s(cal, sum(short) * 2 * m.hidden * b / s.tp, bw, eager)
         base_comm = m.n_layers * 2 * links.allreduce_s(act(B), s.tp, cross_base) + links.allreduce_s(act(B), s.tp, cross_base)
         pool_attn = pool_comm = merge = 0.0
         if long:
@@ -264,7 +278,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
                      else min(p.max_size, p.size) for n in long]
             # blocks spread round-robin: each pool rank streams its share of the long KV
             per_rank_kv = sum(n * 2 * m.hidden * b for n in long) / p.size
-            pool_attn = m.n_layers * _attn_s(cal, per_rank_kv, bw)
+            pool_attn = m.n_layers * _attn_s(cal, per_rank_kv, bw, eager)
             nodes_per_seq = [math.ceil(r / gpn) for r in ranks]
             sources = nodes_per_seq if p.hierarchical else ranks
             q_bytes = len(long) * m.hidden * b  # q of every long sequence, to each of its ranks
