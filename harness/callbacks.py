@@ -12,6 +12,21 @@ from harness.collect import collect
 log = logging.getLogger("fapool")
 
 
+def varied_fields(df, shown, limit: int = 4) -> list[str]:
+    """Config fields a sweep varied besides what is shown (e.g. strategy.pool.threshold)."""
+    out = []
+    for c in df.columns:
+        if not c.startswith("config.") or c in shown or c == "config.results_dir" or df[c].astype(str).nunique() <= 1:
+            continue
+        # fields that follow from a swept strategy or workload preset are implied by its name
+        if c.startswith("config.strategy.") and df["config.strategy.name"].nunique() > 1:
+            continue
+        if c.startswith("config.workload.") and df["config.workload.name"].nunique() > 1:
+            continue
+        out.append(c)
+    return out[:limit]
+
+
 def comparison_table(df) -> str:
     """One row per run: strategy, workload, GPUs/ranks, TPOT, TPS, speed-up of TPOT vs the reference."""
     if df.empty:
@@ -26,9 +41,11 @@ def comparison_table(df) -> str:
     ref_tpot = dict(zip(ref["config.workload.name"], ref["metrics.mean_tpot_ms"]))
     df["tpot_speedup_vs_reference"] = [ref_tpot.get(w, float("nan")) / t if t else float("nan")
                                        for w, t in zip(df["config.workload.name"], df["metrics.mean_tpot_ms"])]
-    out = df[cols + ["tpot_speedup_vs_reference"]].sort_values(["config.workload.name", "config.strategy.name"])
-    out.columns = ["strategy", "workload", "source", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank",
-                   "matches ref", "TPOT speed-up vs ref"]
+    varied = varied_fields(df, cols)
+    out = df[cols[:2] + varied + cols[2:] + ["tpot_speedup_vs_reference"]].sort_values(
+        ["config.workload.name", "config.strategy.name"] + varied)
+    out.columns = ["strategy", "workload"] + [c.removeprefix("config.") for c in varied] + [
+        "source", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank", "matches ref", "TPOT speed-up vs ref"]
     return out.to_markdown(index=False, floatfmt=".3g")
 
 

@@ -322,16 +322,23 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
     if el.empty:
         _empty(ax, "FA Pool elasticity logs")
     else:
-        r = el.iloc[0]
+        def pooled(text):  # how many sequences went to the pool: show the run with the most going on
+            return len({s for e in json.loads(text) for s in e["pool_ranks_per_seq"]})
+
+        r = el.loc[el["elasticity"].map(pooled).idxmax()]
         log = [e for e in json.loads(r["elasticity"]) if e["step"] != "finish"]
         seqs = sorted({s for e in log for s in e["pool_ranks_per_seq"]}, key=int)
-        for s in seqs:
-            ax.step(range(len(log)), [len(e["pool_ranks_per_seq"].get(s, [])) for e in log], where="post", label=f"seq {s}")
+        for i, s in enumerate(seqs):  # small offsets keep sequences with equal counts apart
+            off = (i - (len(seqs) - 1) / 2) * 0.04
+            ax.step(range(len(log)), [len(e["pool_ranks_per_seq"].get(s, [])) + off for e in log], where="post",
+                    label=f"seq {s}")
+        ax.yaxis.get_major_locator().set_params(integer=True)
         ax2 = ax.twinx()
-        ax2.plot(range(len(log)), [e["blocks_held"] for e in log], "k--", label="blocks held")
+        ax2.plot(range(len(log)), [e["blocks_held"] for e in log], "k--", label="pool KV blocks held (right axis)")
         ax2.set_ylabel("pool KV blocks held")
+        ax2.legend(fontsize=7, loc="lower right")
         ax.set_xlabel("step (0 = prefill)")
-        ax.set_ylabel("pool ranks per sequence")
+        ax.set_ylabel("pool ranks per sequence (0 = on the base)")
         ax.set_title(f"elasticity: {r['strategy']}, {r['config.workload.name']} ({r['source']})")
         ax.legend(fontsize=7, loc="upper left")
     files += _save(fig, out, "elasticity")
