@@ -302,7 +302,8 @@ def main(argv=None):
         md.append("## 5. profile of one eager decode step\n```\n" + res["profile"] + "\n```\n")
         print(md[-1], flush=True)
     if "engine" not in skip:  # points apart from jobs/gpu_measure.sh's records, which validate the model
-        points = [(32, 2), (64, 4)] if args.smoke else [(16384, 32), (4096, 32), (16384, 8), (32768, 16), (2048, 128)]
+        points = [(32, 2), (64, 4)] if args.smoke else [(16384, 24), (4096, 32), (16384, 8), (32768, 16), (2048, 128),
+                                                          (4096, 8), (8192, 16), (2048, 32), (32768, 4), (1024, 64)]
         res["engine_steps"] = engine_steps(cfg, device, dtype, points, "sdpa", out)
         md.append("## 6. the harness's eager engine step (attention_backend=sdpa)\n" + fmt_table(res["engine_steps"], ["context", "batch", "backend", "engine_step_ms"]))
         print(md[-1], flush=True)
