@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, register_configs, validate
-from harness.launch import failure_record, launch_local
+from harness.launch import launch_local, record_failure
 from harness.plan import PLANNED, plan_line
 from harness.record import read_record, run_id, write_record
 
@@ -38,9 +38,7 @@ def run(cfg: DictConfig, out_dir: str):
     try:
         validate(cfg_obj)
     except ConfigError as e:
-        log.error("invalid config: %s", e)
-        write_record(failure_record(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device), out_dir)
-        return read_record(Path(out_dir) / "result.json")
+        return read_record(record_failure(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device, out_dir))
     if cfg_obj.plan:
         PLANNED.append(plan_line(cfg_obj))
         print("PLAN", PLANNED[-1])
@@ -57,8 +55,7 @@ def run(cfg: DictConfig, out_dir: str):
     if cfg_obj.launcher.kind == "model":  # projected: nothing runs
         from harness.perfmodel import project
 
-        write_record(project(cfg_obj, cfg_dict), out_dir)
-        return read_record(Path(out_dir) / "result.json")
+        return read_record(write_record(project(cfg_obj, cfg_dict), out_dir))
     if cfg_obj.launcher.kind == "slurm":
         from harness.slurm import launch_slurm
 
@@ -79,7 +76,7 @@ def main(cfg: DictConfig):
             print(f"{cfg.strategy.name} x {cfg.workload.name}: submitted -> {Path(out_dir) / 'result.json'}")
         return "planned" if cfg.plan else "submitted"
     print(summary(rec), f"-> {Path(out_dir) / 'result.json'}")
-    if rec.status != "ok" and HydraConfig.get().mode.name == "RUN":
+    if rec.status != "ok" and not multirun:
         sys.exit(1)
     return rec.status
 

@@ -24,6 +24,15 @@ def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: 
                      env=environment(world, device))
 
 
+def record_failure(cfg_dict: dict, status: str, error: str, world: int, device: str, out_dir: str | Path) -> Path:
+    """Write the run's record of a failure (atomically replacing any partial one); CUDA's out-of-memory
+    error makes a failed or timed-out run `oom`."""
+    if status in ("failed", "timeout") and ("CUDA out of memory" in error or "OutOfMemoryError" in error):
+        status = "oom"
+    log.error("run %s: %s", status, error.strip().splitlines()[-1] if error.strip() else "")
+    return write_record(failure_record(cfg_dict, status, error, world, device), out_dir)
+
+
 def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: float, device: str = "cpu") -> Path:
     """Start `world` rank processes (spawned), wait up to timeout_s, and make sure a record exists."""
     from harness.runner import rank_main
@@ -64,11 +73,7 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
         elif not result.exists():
             status, error = "failed", "all ranks exited cleanly but rank 0 wrote no result.json"
     if status != "ok":
-        if "CUDA out of memory" in (error or "") or "OutOfMemoryError" in (error or ""):
-            status = "oom"
-        result.unlink(missing_ok=True)  # never keep a partial record beside a failure
-        write_record(failure_record(cfg_dict, status, error, world, device), out_dir)
-        log.error("run %s: %s", status, (error or "").strip().splitlines()[-1] if error else "")
+        record_failure(cfg_dict, status, error, world, device, out_dir)
     return result
 
 

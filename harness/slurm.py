@@ -14,7 +14,6 @@ re-run writes its record atomically over the same file, so there is never more t
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 import submitit
 
 from harness.config import BenchConfig, slurm_layout
-from harness.launch import failure_record
-from harness.record import read_record, write_record
+from harness.launch import record_failure
+from harness.record import read_record
 
 log = logging.getLogger("fapool.slurm")
 
@@ -99,14 +98,11 @@ def wait(p: Pending, poll_s: float = 1.0):
             p.job.results()  # every task's return value; raises with the failing task's error
         except Exception as e:  # noqa: BLE001 - any failure of the job becomes the record's error
             status, error = "failed", f"Slurm job {p.job.job_id} ({p.job.state}): {e}"
-            if "CUDA out of memory" in str(e) or "OutOfMemoryError" in str(e):
-                status = "oom"
         else:
             if not record.exists():
                 status, error = "failed", f"Slurm job {p.job.job_id} ended without a result.json from rank 0"
     if status is not None:
-        record.unlink(missing_ok=True)
-        write_record(failure_record(p.cfg_dict, status, error, p.world, p.device), p.out_dir)
+        record_failure(p.cfg_dict, status, error, p.world, p.device, p.out_dir)
     if p in PENDING:
         PENDING.remove(p)
     return read_record(record)
@@ -122,13 +118,8 @@ def launch_slurm(cfg: BenchConfig, cfg_dict: dict, out_dir: str):
     try:
         p = submit(cfg, cfg_dict, out_dir)
     except Exception as e:  # noqa: BLE001 - sbatch refused (no such partition, no Slurm here...): a record says so
-        write_record(failure_record(cfg_dict, "failed", f"Slurm submission failed: {type(e).__name__}: {e}",
-                                    cfg.strategy.world_size, cfg.hardware.device), out_dir)
-        return read_record(Path(out_dir) / "result.json")
+        return read_record(record_failure(cfg_dict, "failed", f"Slurm submission failed: {type(e).__name__}: {e}",
+                                          cfg.strategy.world_size, cfg.hardware.device, out_dir))
     if cfg.launcher.wait:
         return wait(p)
     return None
-
-
-def slurm_env_hint() -> str:
-    return os.environ.get("SLURM_CONF", "(SLURM_CONF unset: the system's slurm.conf)")
