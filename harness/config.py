@@ -214,7 +214,7 @@ def validate(cfg: BenchConfig) -> None:
 
         if cfg.hardware.device == "cuda":
             need(torch.cuda.is_available(), "hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-        if cfg.launcher.dist_backend == "nccl" and cfg.launcher.kind == "local":
+        if cfg.launcher.dist_backend == "nccl":
             need(cfg.hardware.device == "cuda" and torch.cuda.is_available(),
                  "launcher.dist_backend=nccl needs CUDA GPUs; use gloo on CPU")
         if cfg.hardware.dtype == "bfloat16" and cfg.hardware.device == "cuda":

@@ -62,9 +62,6 @@ class StepClock:
         self.cuda = torch.device(device).type == "cuda"
         self.times = []
 
-    def _now(self):
-        return time.perf_counter()
-
     def _event(self):
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
@@ -75,17 +72,18 @@ class StepClock:
         self.times = []
         if self.cuda:
             self.last_event = self._event()
-        self.t0 = self.last = self._now()
+        else:
+            self.last = time.perf_counter()
 
     def mark(self, _step=None):
         if self.cuda:
             ev = self._event()
             self.times.append(self.last_event.elapsed_time(ev) / 1e3)
             self.last_event = ev
-            return
-        now = self._now()
-        self.times.append(now - self.last)
-        self.last = now
+        else:
+            now = time.perf_counter()
+            self.times.append(now - self.last)
+            self.last = now
 
 
 def nvml_utilization() -> float | None:
