@@ -6,12 +6,17 @@ fixed workspace per rank, by role (`reference`, `stage<i>`, `base`, `pool`).
 """
 from __future__ import annotations
 
+import functools
+import json
 import math
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness.config import BenchConfig
+from harness.measure import PHASES
 from harness.workload import prompt_lengths
-from model.config import ModelConfig
+from model.config import PRESETS, ModelConfig
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 WORKSPACE_BYTES = 1 << 30  # CUDA context, NCCL buffers, allocator slack: 1 GiB per rank (assumed)
@@ -98,10 +103,6 @@ def check_fits(cfg: BenchConfig) -> str | None:
 # ----------------------------------------------------------------------------------------------------------
 # Time: a decode step (and prefill) per phase, from bytes and FLOPs against calibrated efficiencies.
 # ----------------------------------------------------------------------------------------------------------
-import json
-import statistics
-from pathlib import Path
-
 CALIBRATION_SET = Path(__file__).resolve().parent.parent / "results" / "measured" / "h100-x1" / "bench_gpu.json"
 LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
 
@@ -147,23 +148,34 @@ class Calibration:
         if merges:
             cal.merge_s = statistics.median(merges) * 1e-6
         steps = [r for r in res.get("decode_steps", []) if r.get("graph") and r.get("backend") == "sdpa_cudnn" and "tpot_ms" in r]
+        m = PRESETS[res["model"]]
         if steps:  # what the per-kernel terms leave unexplained in a whole graphed step, per layer
-            m = PRESETS_BY_NAME[res["model"]]
-            cal.layer_fixed_s = 0.0
-            resid = [(r["tpot_ms"] * 1e-3 - _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, bw,
-                                                      lim["gemm_flops_per_s"], 2)) / m.n_layers for r in steps]
-            cal.layer_fixed_s = max(0.0, statistics.median(resid))
+            cal.layer_fixed_s = 0.0  # the residual is taken against a step without the term being fitted
+            cal.layer_fixed_s = _median_residual_per_layer(cal, m, lim, steps, "tpot_ms", eager=False)
         flash = [r for r in res.get("attention_shards", []) if r.get("backend") == "sdpa_flash" and "time_us" in r]
         if len(flash) >= 2:
             cal.attn_bw_fraction_eager, cal.attn_fixed_eager_s = _fit_bw(flash, "kv_bytes", bw)
         engine = [r for r in res.get("engine_steps", []) if "engine_step_ms" in r]
         if engine:  # eager engine steps: what the GPU-time terms leave unexplained, per layer
-            m = PRESETS_BY_NAME[res["model"]]
-            resid = [(r["engine_step_ms"] * 1e-3 - _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, bw,
-                                                              lim["gemm_flops_per_s"], 2, eager=True)) / m.n_layers
-                     for r in engine]
-            cal.eager_cpu_s_per_layer = max(0.0, statistics.median(resid))
+            cal.eager_cpu_s_per_layer = _median_residual_per_layer(cal, m, lim, engine, "engine_step_ms", eager=True)
         return cal
+
+
+@functools.lru_cache(maxsize=None)
+def default_calibration() -> Calibration:
+    """The committed set's calibration, read and fitted once per process."""
+    return Calibration.from_bench()
+
+
+def _uniform_step_s(cal, m, lim, row, eager):
+    """Predicted one-GPU step of a benchmark row: `batch` sequences all at `context` (+ the new token)."""
+    return _gpu_step_s(cal, m, row["batch"], [row["context"] + 1] * row["batch"], 1, lim["read_bytes_per_s"],
+                       lim["gemm_flops_per_s"], 2, eager)
+
+
+def _median_residual_per_layer(cal, m, lim, rows, time_key, eager):
+    resid = [(r[time_key] * 1e-3 - _uniform_step_s(cal, m, lim, r, eager)) / m.n_layers for r in rows]
+    return max(0.0, statistics.median(resid))
 
 
 def _fit_bw(rows, bytes_key, bw):
@@ -173,9 +185,6 @@ def _fit_bw(rows, bytes_key, bw):
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
     fixed = max(0.0, my - slope * mx)
     return 1.0 / (slope * bw), fixed
-
-
-from model.config import PRESETS as PRESETS_BY_NAME  # noqa: E402
 
 
 def _gemm_s(cal, rows, k, n, b, bw, flops):
@@ -222,13 +231,9 @@ class Links:
         return 2 * (n - 1) * self.send_s(nbytes / n, cross_node)
 
 
-def _phases() -> dict:
-    return {"attention": 0.0, "communication": 0.0, "synchronization": 0.0, "resource_management": 0.0, "other": 0.0}
-
-
 def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool = False) -> dict:
     """Predicted decode step: {'step_s', 'phases': {role: {phase: s}}, 'pool_busy_fraction', 'prefill_s'}."""
-    cal = cal or Calibration.from_bench()
+    cal = cal or default_calibration()
     m, s, w, hw = cfg.model, cfg.strategy, cfg.workload, cfg.hardware
     b = DTYPE_BYTES[hw.dtype]
     bw = hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12
@@ -259,7 +264,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
         slots = M + pp - 1  # GPipe forward: fill, steady state, drain
         step = slots * (stage + p2p) + eager_s
         busy = M * stage
-        ph = _phases()
+        ph = dict.fromkeys(PHASES, 0.0)
         ph.update(attention=M * st_attn, communication=M * (st_comm + p2p),
                   synchronization=step - busy - M * p2p - eager_s, other=M * st_other + eager_s)
         phases["reference" if s.kind == "reference" else "stage"] = ph
@@ -298,13 +303,13 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
         else:
             step = base_busy + pool_path
         step += eager_s
-        ph = _phases()
+        ph = dict.fromkeys(PHASES, 0.0)
         ph.update(attention=base_attn, communication=base_comm + merge + (pool_comm if long else 0.0),
                   synchronization=max(0.0, step - base_busy - (pool_comm if long else 0.0) - eager_s),
                   other=other + eager_s)
         phases["base"] = ph
         if p.size:
-            pph = _phases()
+            pph = dict.fromkeys(PHASES, 0.0)
             pph.update(attention=pool_attn, communication=pool_comm, synchronization=max(0.0, step - pool_attn - pool_comm))
             phases["pool"] = pph
             pool_busy = pool_attn / step if step > 0 else 0.0
@@ -337,7 +342,7 @@ def project(cfg: BenchConfig, cfg_dict: dict, eager: bool = False):
     too_big = check_fits(cfg)
     if too_big:
         return RunRecord(run_id=run_id(cfg_dict), status="oom", config=cfg_dict, error=f"projected: {too_big}", env=env)
-    cal = Calibration.from_bench()
+    cal = default_calibration()
     pred = predict_step(cfg, cal, eager)
     env["calibration"] = cal.source
     w = cfg.workload
@@ -384,13 +389,12 @@ def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
     res = json.loads(Path(bench_json).read_text())
     cal = Calibration.from_bench(bench_json)
     lim = res["limits"]
-    m = PRESETS_BY_NAME[res["model"]]
+    m = PRESETS[res["model"]]
     rows = []
     for r in res.get("decode_steps", []):
         if not r.get("graph") or r.get("backend") != "sdpa_cudnn" or "tpot_ms" not in r:
             continue
-        pred = _gpu_step_s(cal, m, r["batch"], [r["context"] + 1] * r["batch"], 1, lim["read_bytes_per_s"],
-                           lim["gemm_flops_per_s"], 2) * 1e3
+        pred = _uniform_step_s(cal, m, lim, r, eager=False) * 1e3
         rows.append({"record": f"graphed L={r['context']} B={r['batch']}", "measured_ms": r["tpot_ms"],
                      "predicted_ms": pred, "rel_error": (pred - r["tpot_ms"]) / r["tpot_ms"]})
     return rows
@@ -402,7 +406,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="predicted vs measured TPOT for the measured records under a directory")
     ap.add_argument("root", nargs="?", default=str(CALIBRATION_SET.parent))
     args = ap.parse_args(argv)
-    print(f"calibration: {Calibration.from_bench()}")
+    print(f"calibration: {default_calibration()}")
     for title, rows in (("harness records (eager engines)", check(args.root)),
                         ("graphed steps of the benchmark (calibration set)", check_graphed() if CALIBRATION_SET.exists() else [])):
         print(f"\n## {title}")
