@@ -19,9 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness.collect import collect  # noqa: E402
+from harness.measure import PHASES  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
-PHASES = ("attention", "communication", "synchronization", "resource_management", "other")
 KEY = ["source", "strategy", "seq_len"]
 
 
@@ -113,17 +113,19 @@ def iso_gpu(df: pd.DataFrame) -> pd.DataFrame:
     return m[counts >= 2].sort_values(["source", "metrics.num_gpus", "seq_len", "strategy"]).reset_index(drop=True)
 
 
-def memory_table(df: pd.DataFrame) -> pd.DataFrame:
+def _role_rows(df: pd.DataFrame, section: str):
+    """(run, role) for every ok run and every role that has a `<section>.<role>.*` value in it."""
     d = ok_runs(df)
-    if d.empty:
-        return pd.DataFrame()
-    rows = []
     for _, r in d.iterrows():
-        for col in d.columns:
-            if col.startswith("memory.") and col.endswith(".peak_bytes_max") and pd.notna(r[col]):
-                role = col.split(".")[1]
-                rows.append({"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
-                             "peak_gb": r[col] / 1e9, "how": r.get(f"memory.{role}.source")})
+        roles = {c.split(".")[1] for c in d.columns if c.startswith(section + ".") and pd.notna(r[c])}
+        for role in sorted(roles):
+            yield r, role
+
+
+def memory_table(df: pd.DataFrame) -> pd.DataFrame:
+    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
+             "peak_gb": r[f"memory.{role}.peak_bytes_max"] / 1e9, "how": r.get(f"memory.{role}.source")}
+            for r, role in _role_rows(df, "memory") if pd.notna(r.get(f"memory.{role}.peak_bytes_max"))]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
@@ -131,16 +133,9 @@ def memory_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
-    d = ok_runs(df)
-    if d.empty:
-        return pd.DataFrame()
-    rows = []
-    for _, r in d.iterrows():
-        roles = {c.split(".")[1] for c in d.columns if c.startswith("breakdown.") and pd.notna(r[c])}
-        for role in sorted(roles):
-            row = {"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role}
-            row.update({p: r.get(f"breakdown.{role}.{p}", 0.0) for p in PHASES})
-            rows.append(row)
+    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
+             **{p: r.get(f"breakdown.{role}.{p}", 0.0) for p in PHASES}}
+            for r, role in _role_rows(df, "breakdown")]
     out = pd.DataFrame(rows)
     return out.groupby(["source", "strategy", "seq_len", "role"]).mean().reset_index() if not out.empty else out
 
