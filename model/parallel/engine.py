@@ -16,6 +16,12 @@ def param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def micro_batches(batch: int, parts: int) -> list[range]:
+    """The batch's rows cut into `parts` equal micro-batches (validation makes batch divisible by parts)."""
+    size = batch // parts
+    return [range(m * size, (m + 1) * size) for m in range(parts)]
+
+
 class Engine:
     role = "reference"
     has_tokens = True  # this rank knows every step's tokens (rank 0 must)

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from model.attention import attention, merge_partials
 from model.parallel.block_manager import BlockManager
-from model.parallel.engine import Engine, param_bytes
+from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn, shard_range)
 from model.transformer import Step, build_model, last_token_logits, pad_prompts
@@ -104,10 +104,6 @@ class FAPoolEngine(Engine):
             self.pool_kv[slot] = torch.zeros(2, self.n_layers, self.n_heads, self.block_size, self.head_dim,
                                              dtype=self.dtype, device=self.device)
         return self.pool_kv[slot]
-
-    def _rows(self):
-        size = self.batch // self.micro_batches
-        return [range(m * size, (m + 1) * size) for m in range(self.micro_batches)]
 
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -233,7 +229,7 @@ class FAPoolEngine(Engine):
         dev_lens = self.lens.to(self.device)
         step = Step(slice(0, self.batch), dev_lens, torch.ones_like(dev_lens))
         x = self.embed(tokens[:, None])  # [B, 1, hidden]
-        mbs = self._rows()
+        mbs = micro_batches(self.batch, self.micro_batches)
         for layer, block in enumerate(self.blocks):
             pending = []
             for rows in mbs:
@@ -311,7 +307,7 @@ class FAPoolEngine(Engine):
 
     def _decode_pool(self):
         for layer in range(self.n_layers):
-            for rows in self._rows():
+            for rows in micro_batches(self.batch, self.micro_batches):
                 long, _ = self._long_short(rows)
                 mine = [s for s in long if self.me in self.bm.participants(s)]
                 if mine:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.parallel.engine import Engine, TimedCore, fill_random_kv, param_bytes
+from model.parallel.engine import Engine, TimedCore, fill_random_kv, micro_batches, param_bytes
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
 from model.transformer import LocalKV, Step, build_model, last_token_logits, pad_prompts
@@ -60,9 +60,8 @@ class StaticEngine(Engine):
             a.core = TimedCore(LocalKV(batch, a.n_heads, max_len, a.head_dim, self.dtype, self.device, self.backend), self.timer)
         self.batch = batch
 
-    def _micro_batches(self):
-        size = self.batch // self.micro_batches
-        return [slice(m * size, (m + 1) * size) for m in range(self.micro_batches)]
+    def _micro_batches(self):  # as slices: they index the cache rows directly
+        return [slice(r.start, r.stop) for r in micro_batches(self.batch, self.micro_batches)]
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.no_grad()
