@@ -63,10 +63,6 @@ def _math(q, k, v, mask, scale):
     return torch.matmul(probs, v.float()).to(q.dtype), lse
 
 
-def _additive(mask, dtype):
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
-
-
 def _aligned_bias(mask, dtype, heads):
     """Additive bias [B, H, Tq, Tk] whose batch stride is a multiple of 8, as the fused CUDA kernels require:
     allocated with Tk rounded up to 8 and sliced back (the heads dimension is broadcast, stride 0)."""
@@ -78,12 +74,12 @@ def _aligned_bias(mask, dtype, heads):
 
 
 def _sdpa(q, k, v, mask, scale, backend):
-    if q.device.type == "cpu":
-        bias = None if mask is None else _additive(mask, q.dtype).expand(q.shape[0], 1, -1, -1).contiguous()
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
-        return out, lse.float()
     if mask is not None and mask.shape[0] == 1:
         mask = mask.expand(q.shape[0], -1, -1, -1)
+    if q.device.type == "cpu":
+        bias = None if mask is None else _aligned_bias(mask, q.dtype, 1).contiguous()
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        return out, lse.float()
     if backend == "sdpa":
         # Eager steps change the KV length every step; cuDNN builds a new plan per shape (~10 ms of CPU
         # each, measured on H100), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the
@@ -93,12 +89,11 @@ def _sdpa(q, k, v, mask, scale, backend):
         if mask is not None:
             raise BackendUnavailable("sdpa_flash takes no mask: use equal kv lengths, or 'sdpa' / 'sdpa_efficient'")
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
-    elif backend == "sdpa_cudnn":
-        bias = None if mask is None else _aligned_bias(mask, q.dtype, q.shape[1])
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, True, scale=scale)[:2]
     else:
         bias = None if mask is None else _aligned_bias(mask, q.dtype, q.shape[1])
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+        op = (torch.ops.aten._scaled_dot_product_cudnn_attention if backend == "sdpa_cudnn"
+              else torch.ops.aten._scaled_dot_product_efficient_attention)
+        out, lse = op(q, k, v, bias, True, scale=scale)[:2]
     # kernels differ in the LSE's shape: [B, H, Tq], [B, H, Tq, 1] (cuDNN) or Tq padded (efficient)
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
 
