@@ -28,6 +28,7 @@ class PoolConfig:
     hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
     async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
+    kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
 
 
 @dataclass
@@ -171,6 +172,7 @@ def validate(cfg: BenchConfig) -> None:
         need(p.tokens_per_rank > 0, f"strategy.pool.tokens_per_rank={p.tokens_per_rank} must be > 0")
         need(p.policy in ("proportional", "all"), f"strategy.pool.policy={p.policy!r}: choose proportional or all")
         need(p.gpus_per_node >= 1, f"strategy.pool.gpus_per_node={p.gpus_per_node} must be >= 1")
+        need(0 < p.kv_memory_fraction <= 1, f"strategy.pool.kv_memory_fraction={p.kv_memory_fraction} must be in (0, 1]")
     expected = s.tp * s.pp + pool_ranks
     need(s.world_size == expected,
          f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if pool_ranks else ''} = {expected}; set strategy.world_size={expected}")

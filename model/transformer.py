@@ -96,9 +96,6 @@ class Attention(nn.Module):
         b, _, t, _ = out.shape
         return self.wo(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
-    def forward(self, x, step: Step):
-        q, k, v = self.qkv(x, step)
-        return self.project_out(self.core(q, k, v, step))
 
 
 class FeedForward(nn.Module):
@@ -120,7 +117,17 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
 
     def forward(self, x, step: Step):
-        x = x + self.attn(self.attn_norm(x), step)
+        return self.finish(x, self.begin(x, step))
+
+    # The two halves of forward, for engines that start several micro-batches before finishing any: a core
+    # may answer with a pending result (anything with .wait()) whose attention runs elsewhere meanwhile.
+    def begin(self, x, step: Step):
+        q, k, v = self.attn.qkv(self.attn_norm(x), step)
+        return self.attn.core(q, k, v, step)
+
+    def finish(self, x, attended):
+        out = attended.wait() if hasattr(attended, "wait") else attended  # [b, H, T, D]
+        x = x + self.attn.project_out(out)
         return x + self.ffn(self.ffn_norm(x))
 
 

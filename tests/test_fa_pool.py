@@ -1,7 +1,9 @@
 """FA Pool over gloo on CPU: correctness against the reference, and that the pool is real."""
 import pytest
 
-from model.parallel.block_manager import BlockManager
+import numpy as np
+
+from model.parallel.block_table import BlockTable
 from tests.conftest import launch
 
 SHORT = [5, 9, 3, 12]  # stays below the threshold of 32 for all 9 output tokens
@@ -123,17 +125,37 @@ def test_pool_kv_per_rank_falls_with_pool_size(tmp_path):
         assert held == total_blocks // pool * block
 
 
-def test_block_manager_allocates_widens_and_conserves():
-    bm = BlockManager(pool_size=4, max_ranks_per_seq=3, block_size=8, policy="proportional", tokens_per_rank=16)
-    new = bm.grow(0, 20)  # 3 blocks, ceil(20/16) = 2 ranks
-    assert len(new) == 3 and len(bm.seqs[0].ranks) == 2
-    bm.grow(1, 40)  # 5 blocks over 3 ranks (capped at max 3), least-loaded ranks first
-    assert len(bm.seqs[1].ranks) == 3 and bm.seqs[1].ranks[0] in (2, 3)
-    bm.check()
-    assert bm.grow(0, 24) == []  # still fits in 3 blocks
-    assert len(bm.grow(0, 25)) == 1
-    bm.check()
-    assert bm.free(0) == 4 and bm.allocated - bm.freed == 5
-    bm.grow(2, 8)  # freed slots are reused
-    bm.check()
-    assert max(bm.next_slot) <= 3
+def test_block_table_places_widens_and_conserves():
+    bt = BlockTable(batch=4, pool_size=4, max_ranks_per_seq=3, block_size=8, policy="proportional",
+                    tokens_per_rank=16, me=1, slots=40, max_blocks_per_seq=12)
+    new = bt.place(np.array([0]), np.array([20]))  # 3 blocks, ceil(20/16) = 2 ranks, dealt round-robin
+    assert len(new) == 3 and bt.n_ranks[0] == 2 and sorted(bt.counts[0]) == [0, 0, 1, 2]
+    bt.place(np.array([1]), np.array([40]))  # 5 blocks over 3 ranks (capped), least-loaded ranks first
+    assert bt.n_ranks[1] == 3 and (bt.counts[1] > 0).sum() == 3
+    bt.check()
+    assert len(bt.grow(np.array([0]), np.array([24]))) == 0  # still fits in 3 blocks
+    grown = bt.grow(np.array([0]), np.array([33]))  # a 5th block, and a 3rd rank from 33 tokens on
+    assert len(grown) == 2 and bt.n_ranks[0] == 3
+    assert bt.counts[0].max() - bt.counts[0][bt.counts[0] > 0].min() <= 1  # the new rank caught up
+    bt.check()
+    # local tokens: only the last block is partly filled
+    tokens = bt.local_tokens(np.array([33, 40, 0, 0]))
+    assert tokens[0].sum() == 33 and tokens[1].sum() == 40 and (tokens[2:] == 0).all()
+    assert bt.free(np.array([0])) == 5 and bt.allocated - bt.freed == 5
+    bt.place(np.array([2]), np.array([64]))  # freed slots of this rank are reused
+    bt.check()
+    used = bt.table[2, : bt.counts[2, 1]]
+    assert used.max() < 8
+
+
+def test_block_table_spreads_a_batch_placed_at_once():
+    """1024 sequences placed in one call land evenly (as the paper's batch migrates at prefill)."""
+    bt = BlockTable(batch=1024, pool_size=32, max_ranks_per_seq=32, block_size=256, policy="proportional",
+                    tokens_per_rank=4096)
+    bt.place(np.arange(1024), np.full(1024, 16384))
+    assert bt.held.max() - bt.held.min() <= 1 and bt.held.sum() == 1024 * 64
+    for _ in range(300):  # decode growth keeps it even
+        pooled = np.arange(1024)
+        bt.grow(pooled, np.full(1024, 16384 + 1 + _))
+    bt.check()
+    assert bt.held.max() / bt.held.mean() < 1.05

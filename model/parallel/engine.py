@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from harness.measure import PhaseTimer
 from model.transformer import Step, build_model, last_token_logits, pad_prompts
 
 
@@ -27,8 +26,8 @@ class Engine:
     has_tokens = True  # this rank knows every step's tokens (rank 0 must)
     has_logits = True  # this rank holds the logits, for the reference check
 
-    def __init__(self, timer: PhaseTimer):
-        self.timer = timer
+    def __init__(self, timer):
+        self.timer = timer  # timer(phase) is a context manager that books time to a phase (harness.measure.PhaseTimer)
         self.logits = []
 
     def prefill(self, prompts: list[torch.Tensor], max_len: int) -> torch.Tensor | None:
@@ -103,7 +102,7 @@ class ReferenceEngine(Engine):
 class TimedCore:
     """Wraps an attention core so that its time counts as the `attention` phase."""
 
-    def __init__(self, core, timer: PhaseTimer):
+    def __init__(self, core, timer):
         self.inner, self.timer = core, timer
 
     def nbytes(self):

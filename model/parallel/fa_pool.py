@@ -1,37 +1,98 @@
 """FA Pool: a tensor-parallel base group holds the weights; attention of long sequences runs on a pool.
 
 Ranks 0..tp-1 form the base group (TP as in model/parallel/tp.py: embeddings, norms, QKV and output
-projections, FFN, LM head). Ranks tp..tp+pool-1 form the attention pool and hold no weights.
+projections, FFN, LM head). Ranks tp..tp+pool-1 form the attention pool and hold no weights, only KV blocks.
+
+The parts, each in its own module:
+- block_table.py   resource management: which pool rank holds which block (numpy, replicated on every rank)
+- fa_pool_plan.py  the per-step plan: index tensors and message sizes of every layer, uploaded once a step
+- paged_kv.py      storage: one preallocated block tensor per rank (the base's short sequences too)
+- transport.py     batched point-to-point messages, one per peer per layer and micro-batch
+- ../paged_attention.py  the attention core's kernel: paged decode attention returning (out, lse)
+This module ties them together: `PoolAttentionCore` is the base's attention core, plugged into each
+`Block` like `LocalKV`; `FAPoolEngine._pool_attend` is a pool rank's side of one layer and micro-batch.
 
 Per decode step:
-  1. resource management (every rank, identical replicas of the block table): sequences whose context would
-     exceed `threshold` move their KV from the base to pool blocks; every pooled sequence gets room for its
-     new token (new blocks, and more pool ranks as the policy widens with length).
-  2. per layer and micro-batch, each base rank computes q, k, v for its heads. Short sequences attend on the
-     base. For long ones the base sends q to every pool rank holding blocks of that sequence, and the new
-     k, v to the rank holding its last block.
-  3. each pool rank computes partial attention (out + LSE) over its blocks and the partials are merged by
-     their LSE: hierarchical = within a node at a leader rank, then across nodes at the base rank that owns
-     those heads; flat = every pool rank sends straight to the base, which merges all.
-  4. with async_overlap, a base rank issues all micro-batches of a layer before it completes any, so that
-     pool attention of one micro-batch overlaps base work (QKV, output projection, FFN) of the others.
+  1. resource management (every rank, identical): sequences whose context would exceed `threshold` move their
+     KV blocks from the base to the pool (one message per base rank and pool rank pair); every pooled
+     sequence gets room for its new token; the plan is built and uploaded.
+  2. per layer and micro-batch, the base computes q, k, v for its heads, stores the new token of short
+     sequences and attends over them locally (pooled rows have no base tokens: lse = -inf); for pooled rows it
+     sends one message to each serving pool rank (q of served rows, k and v of rows whose last block it holds).
+  3. each pool rank stores the new tokens, attends over its blocks, and the partials (fp32 out + LSE) are
+     merged by their LSE: hierarchical = at a leader per node, then at the base; flat = at the base. The base
+     merges its own partial and all delivered ones in one vectorized call.
+  4. with async_overlap, the base starts every micro-batch of a layer (QKV, local attention, messages) before
+     it finishes any (merge, output projection, FFN), so that pool attention overlaps base work.
 Prefill attention runs on the base; the KV of prompts longer than the threshold then moves to the pool.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from model.attention import attention, merge_partials
-from model.parallel.block_manager import BlockManager
+from model.paged_attention import paged_decode
+from model.parallel import fa_pool_plan
+from model.parallel.block_table import BlockTable
 from model.parallel.engine import Engine, micro_batches, param_bytes
+from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
-                               shard_ffn, shard_range)
+                               shard_ffn)
+from model.parallel.transport import Transport, split_rows
 from model.transformer import Step, build_model, last_token_logits, pad_prompts
 
-TAG_QKV, TAG_PARTIAL, TAG_LEADER, TAG_MIGRATE = 1, 2, 3, 4
+
+class PendingPartials:
+    """A micro-batch whose pooled rows are still being attended in the pool; `wait()` merges all partials."""
+
+    def __init__(self, core, works, local, received, mp):
+        self.core, self.works, self.local, self.received, self.mp = core, works, local, received, mp
+
+    def wait(self) -> torch.Tensor:
+        core, mp = self.core, self.mp
+        with core.timer("synchronization"):
+            Transport.wait(self.works)
+        with core.timer("communication"):  # the last level of the reduction
+            b, dim = mp.rows.stop - mp.rows.start, self.local.shape[-1] - 1
+            stacked = self.local.new_zeros((1 + len(mp.sources)) * b, *self.local.shape[1:])
+            stacked[..., dim] = float("-inf")
+            stacked[:b] = self.local
+            stacked.index_copy_(0, mp.t["merge_index"], self.received)
+            stacked = stacked.view(1 + len(mp.sources), b, *self.local.shape[1:])
+            out, _ = merge_partials(stacked[..., :dim], stacked[..., dim])
+        return out.to(core.dtype)[:, :, None]  # [b, H_local, 1, D]
+
+
+class PoolAttentionCore:
+    """The base's attention core for one layer: short rows attend over the base's paged cache, pooled rows in
+    the pool. Returns the output, or a PendingPartials when some row of the micro-batch is pooled."""
+
+    def __init__(self, engine: "FAPoolEngine", layer: int):
+        self.engine, self.layer = engine, layer
+        self.timer, self.dtype = engine.timer, engine.dtype
+
+    def __call__(self, q, k, v, step: Step):  # q, k, v: [b, H_local, 1, D]
+        e = self.engine
+        mp = e.plan.micro_at(step.rows)
+        q1, k1, v1 = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        with self.timer("attention"):
+            e.base_kv.write_token(self.layer, mp.t["base_slot"], mp.t["base_offset"], k1, v1)
+            out, lse = paged_decode(q1, *e.base_kv.layer(self.layer), e.base_table[mp.rows], mp.t["base_lens"])
+        if not mp.pooled:
+            return out.to(self.dtype)[:, :, None]
+        with self.timer("communication"):
+            b, heads, dim = q1.shape
+            msg = torch.stack([q1, k1, v1]).view(3 * b, heads, dim).index_select(0, mp.t["send_index"])
+            received = torch.empty(sum(mp.recv_sizes), heads, dim + 1, dtype=torch.float32, device=q.device)
+            works = e.transport.exchange(
+                sends=[(e.tp + p, m, "base_to_pool") for p, m in zip(mp.to_pool, split_rows(msg, mp.send_sizes))],
+                recvs=[(e.tp + p, m, "pool_to_base") for p, m in zip(mp.sources, split_rows(received, mp.recv_sizes))])
+        local = torch.cat([out, lse[..., None]], dim=-1)  # [b, H_local, D + 1] fp32
+        return PendingPartials(self, works, local, received, mp)
 
 
 class FAPoolEngine(Engine):
@@ -41,379 +102,290 @@ class FAPoolEngine(Engine):
         self.tp, self.pool_size = strategy.tp, pool.size
         self.rank, self.is_base = rank, rank < strategy.tp
         self.role = "base" if self.is_base else "pool"
-        self.me = rank - self.tp  # pool index (negative on base ranks)
+        self.me = rank - self.tp if not self.is_base else -1  # pool index
         self.has_tokens, self.has_logits = self.is_base, rank == 0
         self.n_layers, self.n_heads, self.head_dim = model_cfg.n_layers, model_cfg.n_heads, model_cfg.head_dim
+        self.local_heads = self.n_heads // self.tp
         self.vocab_size = model_cfg.vocab_size
         self.threshold = pool.threshold if pool.size > 0 else math.inf  # no pool: everything stays on the base
         self.block_size, self.micro_batches = pool.block_size, strategy.micro_batches
-        self.hierarchical, self.async_overlap = pool.hierarchical, pool.async_overlap
-        self.gpus_per_node = pool.gpus_per_node
-        self.pool_args = (pool.size, pool.max_size, pool.block_size, pool.policy, pool.tokens_per_rank)
+        self.async_overlap, self.kv_memory_fraction = pool.async_overlap, pool.kv_memory_fraction
+        self.topo = fa_pool_plan.Topology(self.tp, pool.size, pool.gpus_per_node, pool.hierarchical)
+        self.table_args = (pool.size, pool.max_size, pool.block_size, pool.policy, pool.tokens_per_rank)
         self.device, self.dtype, self.backend = device, dtype, backend
         self.stats = CommStats()
+        self.transport = Transport(self.stats)
         self.elasticity = []
+        self.base_kv = self.pool_kv = None
         base_group = new_groups([list(range(self.tp))], rank)
-        self.heads = [shard_range(self.n_heads, self.tp, r) for r in range(self.tp)]
         if self.is_base:
             model = build_model(model_cfg, dtype, "cpu")
-            for block in model.blocks:
+            for layer, block in enumerate(model.blocks):
                 shard_attention(block.attn, self.tp, rank, base_group, timer, self.stats)
                 shard_ffn(block.ffn, self.tp, rank, base_group, timer, self.stats)
+                block.attn.core = PoolAttentionCore(self, layer)
             self.embed = VocabParallelEmbedding(model.tok_emb, self.tp, rank, base_group, timer, self.stats)
             self.head = VocabParallelHead(model.lm_head, self.tp, rank, base_group, timer, self.stats)
             self.blocks, self.norm = model.blocks, model.norm
             self.modules = torch.nn.ModuleList([self.embed, self.blocks, self.norm, self.head]).to(device)
-            self.local_heads = self.heads[rank][1] - self.heads[rank][0]
         else:
             self.modules = torch.nn.ModuleList()  # the pool holds no weights
-
-    # -- placement helpers ---------------------------------------------------------------------------
-    def _global(self, p: int) -> int:
-        return self.tp + p
-
-    def _node(self, p: int) -> int:
-        return self._global(p) // self.gpus_per_node
-
-    def _sources(self, s: int) -> list[int]:
-        """Pool ranks whose (merged) partial for seq s reaches the base: all holders, or one leader a node."""
-        holders = self.bm.participants(s)
-        if not self.hierarchical:
-            return holders
-        return sorted({min(q for q in holders if self._node(q) == self._node(p)) for p in holders})
-
-    def _leader(self, s: int, p: int) -> int:
-        return min(q for q in self.bm.participants(s) if self._node(q) == self._node(p))
+        dist.barrier()  # every rank in one collective first: NCCL point-to-point batches need the communicator
 
     # -- setup -----------------------------------------------------------------------------------------
-    def _reset(self, lens: torch.Tensor):
-        self.lens = lens.cpu().clone()  # tokens in the cache per sequence (replicated on every rank)
-        self.batch = len(lens)
-        self.bm = BlockManager(*self.pool_args)
-        self.in_pool: set[int] = set()
-        self.base_kv: dict[int, torch.Tensor] = {}  # base: seq -> [2, L, H_local, cap, D]
-        self.pool_kv: dict[int, torch.Tensor] = {}  # pool: slot -> [2, L, H, block, D]
-        self.step_no = 0
-        self.peak_kv_bytes, self.kv_seqs = 0, []
+    def _reset(self, lens: torch.Tensor, max_len: int):
+        """Fresh bookkeeping for a batch; storage is allocated once and kept while its shape fits."""
+        self.lens = lens.cpu().numpy().astype(np.int64)  # tokens in the cache per sequence (every rank)
+        self.batch = batch = len(lens)
+        self.in_pool = np.zeros(batch, bool)
+        bs = self.block_size
+        self.base_blocks = -(-int(min(max_len, self.threshold)) // bs)  # base cache rows, in blocks
+        self.trash_slot = batch * self.base_blocks  # where pooled rows' tokens go on the base: never read
+        max_blocks = -(-max_len // bs)
+        slots = self._pool_slots(max_len) if not self.is_base else 0
+        self.table = BlockTable(batch, *self.table_args, me=self.me, slots=slots, max_blocks_per_seq=max_blocks)
+        self.rows = micro_batches(batch, self.micro_batches)
+        if self.is_base:
+            self.base_kv = self._storage(self.base_kv, batch * self.base_blocks + 1, self.local_heads)  # + trash
+            self.base_table = torch.arange(batch * self.base_blocks, dtype=torch.int32,
+                                           device=self.device).view(batch, self.base_blocks)
+        else:
+            self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
+            self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
+        self.step_no, self.migrated = 0, 0
+        self.peak_blocks, self.kv_seqs, self.logged_version, self.placement = 0, [], -1, {}
 
-    def _base_cache(self, s: int, cap: int) -> torch.Tensor:
-        return torch.zeros(2, self.n_layers, self.local_heads, cap, self.head_dim, dtype=self.dtype, device=self.device)
+    def _storage(self, current, slots, heads):
+        if current is not None and current.slots == slots and current.kv.shape[3] == heads:
+            return current  # the warm-up's storage serves the measured generation: no new allocation
+        self.base_kv = self.pool_kv = current = None  # free the old storage before allocating the new one
+        return PagedKV(self.n_layers, slots, heads, self.block_size, self.head_dim, self.dtype, self.device)
 
-    def _block(self, slot: int) -> torch.Tensor:
-        if slot not in self.pool_kv:
-            self.pool_kv[slot] = torch.zeros(2, self.n_layers, self.n_heads, self.block_size, self.head_dim,
-                                             dtype=self.dtype, device=self.device)
-        return self.pool_kv[slot]
+    def _pool_slots(self, max_len: int) -> int:
+        """Blocks a pool rank preallocates: every sequence at max_len on this rank at most, capped on a GPU by
+        kv_memory_fraction of the free memory."""
+        most = self.batch * -(-max_len // self.block_size)
+        if self.device.type != "cuda":
+            return most
+        block = 2 * self.n_layers * self.n_heads * self.block_size * self.head_dim * torch.finfo(self.dtype).bits // 8
+        free, _ = torch.cuda.mem_get_info(self.device)
+        held = self.pool_kv.nbytes() if self.pool_kv is not None else 0
+        return min(most, int((free + held) * self.kv_memory_fraction) // block)
 
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts, max_len):
         tokens, lens = pad_prompts(prompts, self.device)
-        self._reset(lens)
-        out = None
+        self._reset(lens, max_len)
+        long = np.nonzero(self.lens > self.threshold)[0]
+        out, stash = None, None
         if self.is_base:
-            cap = min(max_len, self.threshold if math.isfinite(self.threshold) else max_len)
-            for s in range(self.batch):
-                self.base_kv[s] = self._base_cache(s, max(cap, int(lens[s])))
             step = Step(slice(0, self.batch), torch.zeros_like(lens), lens)
+            t = tokens.shape[1]
+            stash_blocks = -(-t // self.block_size)
+            stash = PagedKV(self.n_layers, len(long) * stash_blocks, self.local_heads, self.block_size,
+                            self.head_dim, self.dtype, self.device)
+            long_rows = torch.as_tensor(long, device=self.device)
             x = self.embed(tokens)
             for layer, block in enumerate(self.blocks):
                 q, k, v = block.attn.qkv(block.attn_norm(x), step)
                 with self.timer("attention"):
-                    for s in range(self.batch):
-                        n = int(lens[s])
-                        self.base_kv[s][0, layer, :, :n] = k[s, :, :n]
-                        self.base_kv[s][1, layer, :, :n] = v[s, :, :n]
+                    self._store_prompt(self.base_kv, layer, k, v, torch.arange(self.batch, device=self.device),
+                                       self.base_blocks)
+                    self._store_prompt(stash, layer, k, v, long_rows, stash_blocks)
                     o, _ = attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)
                 x = x + block.attn.project_out(o)
                 x = x + block.ffn(block.ffn_norm(x))
             out = self._emit(last_token_logits(self.head(self.norm(x)), lens))
         with self.timer("resource_management"):
-            moved = self._migrate([s for s in range(self.batch) if self.lens[s] > self.threshold])
-        self._log(self.bm.allocated, moved)
-        self._track()
+            stash_row = np.zeros(self.batch, np.int64)
+            stash_row[long] = np.arange(len(long))
+            moved = self._migrate(long, stash, lambda s, j: stash_row[s] * -(-int(tokens.shape[1]) // self.block_size) + j)
+        self._log(self.table.allocated, moved)
         return out
+
+    def _store_prompt(self, kv: PagedKV, layer, k, v, rows, n_blocks):
+        """Prompt K/V [B, h, T, D] of `rows` into blocks row*n_blocks + j (as many tokens as fit)."""
+        if len(rows) == 0:
+            return
+        bs, t = self.block_size, k.shape[2]
+        take = min(t, n_blocks * bs)
+        for i, src in enumerate((k, v)):
+            padded = src.new_zeros(len(rows), src.shape[1], n_blocks * bs, src.shape[3])
+            padded[:, :, :take] = src[rows, :, :take]
+            blocks = padded.view(len(rows), src.shape[1], n_blocks, bs, src.shape[3]).transpose(1, 2)
+            kv.kv[layer, i, : len(rows) * n_blocks].view(len(rows), n_blocks, *blocks.shape[2:]).copy_(blocks)
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):
-        self._reset(lens)
+        self._reset(lens, max_len)
         gen = torch.Generator(device=self.device).manual_seed(seed + max(self.rank, 0))
-        for s in range(self.batch):
-            n = int(lens[s])
-            if n > self.threshold:  # straight into pool blocks, no migration
-                self.in_pool.add(s)
-                for _, p, slot in self.bm.grow(s, n):
-                    if p == self.me:
-                        self._block(slot).normal_(generator=gen)
-            elif self.is_base:
-                cap = int(min(max_len, self.threshold))
-                self.base_kv[s] = self._base_cache(s, cap)
-                self.base_kv[s][:, :, :, :n].normal_(generator=gen)
-        self._log(self.bm.allocated, 0)
-        self._track()
+        long = np.nonzero(self.lens > self.threshold)[0]
+        self.table.place(long, self.lens[long])  # straight into pool blocks, no migration
+        self.in_pool[long] = True
+        self._upload_own_table()
+        (self.base_kv if self.is_base else self.pool_kv).fill_random(gen)
+        self._log(self.table.allocated, 0)
         first = torch.randint(0, self.vocab_size, (self.batch,), generator=torch.Generator().manual_seed(seed))
         return first.to(self.device) if self.is_base else None
 
-    def _migrate(self, seqs: list[int]) -> int:
-        """Move the cached KV of `seqs` from the base ranks' head slices into pool blocks."""
-        if not seqs:
+    def _upload_own_table(self):
+        if not self.is_base:
+            self.table_dev.copy_(torch.from_numpy(self.table.table))
+
+    def _migrate(self, seqs: np.ndarray, source: PagedKV | None, source_slot) -> int:
+        """Place `seqs` in the pool with their cached tokens and move their blocks there: one message per
+        (base rank, pool rank) pair, all posted at once. source_slot(seqs, blocks) -> slots on the base."""
+        if len(seqs) == 0:
             return 0
-        plan = {s: self.bm.grow(s, int(self.lens[s])) for s in seqs}  # (block, rank, slot)
-        bs = self.block_size
-        moved = 0
+        new = self.table.place(seqs, self.lens[seqs])
+        self.in_pool[seqs] = True
+        sends, recvs, landing = [], [], []
         for p in range(self.pool_size):
-            mine = [(s, j, slot) for s in seqs for j, q, slot in plan[s] if q == p]
-            if not mine:
+            rows = new[new[:, 2] == p]
+            if not len(rows):
                 continue
-            moved += len(mine)
-            for r in range(self.tp):
-                h0, h1 = self.heads[r]
-                shape = (len(mine), 2, self.n_layers, h1 - h0, bs, self.head_dim)
-                if self.is_base and r == self.rank:
-                    buf = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                    for i, (s, j, _) in enumerate(mine):
-                        chunk = self.base_kv[s][:, :, :, j * bs : (j + 1) * bs]
-                        buf[i, :, :, :, : chunk.shape[3]] = chunk
-                    dist.send(buf, dst=self._global(p), tag=TAG_MIGRATE)
-                    self.stats.add("migrate_to_pool", buf.nbytes)
-                elif self.me == p:
-                    buf = torch.empty(shape, dtype=self.dtype, device=self.device)
-                    dist.recv(buf, src=r, tag=TAG_MIGRATE)
-                    self.stats.add("migrate_from_base", buf.nbytes)
-                    for i, (_, _, slot) in enumerate(mine):
-                        self._block(slot)[:, :, h0:h1] = buf[i]
-        for s in seqs:
-            self.in_pool.add(s)
-            self.base_kv.pop(s, None)
-        self.migrated = getattr(self, "migrated", 0) + moved
-        return moved
+            if self.is_base:
+                slots = torch.as_tensor(source_slot(rows[:, 0], rows[:, 1]), device=self.device)
+                sends.append((self.tp + p, source.read_blocks(slots).contiguous(), "migrate_to_pool"))
+            elif p == self.me:
+                for r in range(self.tp):
+                    buf = torch.empty(self.n_layers, 2, len(rows), self.local_heads, self.block_size, self.head_dim,
+                                      dtype=self.dtype, device=self.device)
+                    recvs.append((r, buf, "migrate_from_base"))
+                    landing.append((r, buf))
+        Transport.wait(self.transport.exchange(sends, recvs))
+        if landing:
+            slots = torch.as_tensor(self.table.slots_of(new), device=self.device, dtype=torch.long)
+            for r, buf in landing:
+                h0 = r * self.local_heads
+                self.pool_kv.write_blocks(slots, buf, slice(h0, h0 + self.local_heads))
+            self._upload_own_table()
+        self.migrated += len(new)
+        return len(new)
 
     # -- decode ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def decode(self, tokens):
         self.step_no += 1
-        allocated_before = self.bm.allocated
+        allocated_before = self.table.allocated
         with self.timer("resource_management"):
-            crossing = [s for s in range(self.batch) if s not in self.in_pool and self.lens[s] + 1 > self.threshold]
-            moved = self._migrate(crossing)
-            for s in sorted(self.in_pool):
-                self.bm.grow(s, int(self.lens[s]) + 1)
-        self._log(self.bm.allocated - allocated_before, moved)
+            moved = self._plan_step()
+        self._log(self.table.allocated - allocated_before, moved)
         out = self._decode_base(tokens) if self.is_base else self._decode_pool()
         self.lens += 1
-        self._track()
         return out
 
-    def _track(self):
-        """Peak KV bytes this rank held, and which sequences' KV it holds now."""
-        kv = sum(t.nbytes for t in self.base_kv.values()) + sum(t.nbytes for t in self.pool_kv.values())
-        self.peak_kv_bytes = max(self.peak_kv_bytes, kv)
-        if self.is_base:
-            self.kv_seqs = sorted(self.base_kv)
-        else:
-            self.kv_seqs = sorted(s for s in self.in_pool if self.me in self.bm.participants(s))
-
-    def _log(self, allocated: int, migrated: int):
-        self.elasticity.append({
-            "step": self.step_no,
-            "pool_ranks_per_seq": {str(s): self.bm.participants(s) for s in sorted(self.in_pool)},
-            "blocks_allocated": allocated, "blocks_migrated": migrated, "blocks_freed": 0,
-            "blocks_held": self.bm.allocated - self.bm.freed,
-        })
-
-    def _long_short(self, rows):
-        long = [s for s in rows if s in self.in_pool]
-        return long, [s for s in rows if s not in self.in_pool]
+    def _plan_step(self) -> int:
+        """Migration of sequences crossing the threshold, room for the new token, the step's plan."""
+        crossing = np.nonzero(~self.in_pool & (self.lens + 1 > self.threshold))[0]
+        moved = self._migrate(crossing, self.base_kv, lambda s, j: s * self.base_blocks + j)
+        pooled = np.nonzero(self.in_pool)[0]
+        new = self.table.grow(pooled, self.lens[pooled] + 1)
+        extra = {}
+        if not self.is_base:  # this rank's new blocks enter its device block table with the plan's upload
+            mine = new[new[:, 2] == self.me]
+            extra = {"new_seq": mine[:, 0], "new_local": mine[:, 3], "new_slot": self.table.table[mine[:, 0], mine[:, 3]]}
+        self.plan = fa_pool_plan.build(self.table, self.topo, self.lens, self.in_pool, self.rows, self.base_blocks,
+                                       self.trash_slot, self.me, self.device, extra)
+        if not self.is_base:
+            self.table_dev[self.plan["new_seq"], self.plan["new_local"]] = self.plan["new_slot"].to(torch.int32)
+        return moved
 
     def _decode_base(self, tokens):
-        dev_lens = self.lens.to(self.device)
-        step = Step(slice(0, self.batch), dev_lens, torch.ones_like(dev_lens))
+        step = Step(slice(0, self.batch), self.plan["cache_lens"], torch.ones_like(self.plan["cache_lens"]))
         x = self.embed(tokens[:, None])  # [B, 1, hidden]
-        mbs = micro_batches(self.batch, self.micro_batches)
-        for layer, block in enumerate(self.blocks):
-            pending = []
-            for rows in mbs:
-                pending.append(self._issue(layer, block, x, rows, step))
+        for block in self.blocks:
+            started = []
+            for mp in self.plan.micro:
+                rows = mp.rows
+                started.append((rows, block.begin(x[rows], Step(rows, step.cache_lens[rows], step.new_lens[rows]))))
                 if not self.async_overlap:
-                    x = self._complete(layer, block, x, *pending.pop())
-            for item in pending:
-                x = self._complete(layer, block, x, *item)
-        logits = self.head(self.norm(x))[:, 0]
-        return self._emit(logits)
-
-    def _issue(self, layer, block, x, rows, step):
-        """QKV for one micro-batch; short sequences attend here; long ones go out to the pool."""
-        sl = slice(rows.start, rows.stop)
-        q, k, v = block.attn.qkv(block.attn_norm(x[sl]), Step(sl, step.cache_lens[sl], step.new_lens[sl]))
-        long, short = self._long_short(rows)
-        out = torch.zeros_like(q)  # [b, H_local, 1, D]
-        if short:
-            with self.timer("attention"):
-                out[[s - rows.start for s in short]] = self._base_attention(layer, short, q, k, v, rows.start)
-        recvs = []
-        with self.timer("communication"):
-            for p in range(self.pool_size):
-                qs = [s for s in long if p in self.bm.participants(s)]
-                if not qs:
-                    continue
-                tails = [s for s in long if self.bm.owner_of(s, int(self.lens[s]))[0] == p]
-                msg = torch.cat([q[[s - rows.start for s in qs], :, 0], k[[s - rows.start for s in tails], :, 0],
-                                 v[[s - rows.start for s in tails], :, 0]]).contiguous()
-                recvs.append(dist.isend(msg, dst=self._global(p), tag=TAG_QKV))
-                self.stats.add("base_to_pool", msg.nbytes)
-            partials = []
-            for p in range(self.pool_size):
-                ss = [s for s in long if p in self._sources(s)]
-                if not ss:
-                    continue
-                o = torch.empty(len(ss), self.local_heads, self.head_dim, dtype=self.dtype, device=self.device)
-                l = torch.empty(len(ss), self.local_heads, dtype=torch.float32, device=self.device)
-                recvs += [dist.irecv(o, src=self._global(p), tag=TAG_PARTIAL), dist.irecv(l, src=self._global(p), tag=TAG_PARTIAL)]
-                partials.append((p, ss, o, l))
-        return rows, long, out, recvs, partials
-
-    def _complete(self, layer, block, x, rows, long, out, recvs, partials):
-        """Wait for the pool, merge partials by LSE, then the output projection and FFN."""
-        with self.timer("synchronization"):
-            for work in recvs:
-                work.wait()
-        for _, _, o, l in partials:
-            self.stats.add("pool_to_base", o.nbytes + l.nbytes)
-        with self.timer("communication"):  # the last level of the reduction
-            for s in long:
-                parts = [(o[ss.index(s)], l[ss.index(s)]) for _, ss, o, l in partials if s in ss]
-                merged, _ = merge_partials([a for a, _ in parts], [b for _, b in parts])
-                out[s - rows.start, :, 0] = merged
-        sl = slice(rows.start, rows.stop)
-        h = x[sl] + block.attn.project_out(out)
-        x[sl] = h + block.ffn(block.ffn_norm(h))
-        return x
-
-    def _base_attention(self, layer, seqs, q, k, v, row0):
-        """Append the new token and attend over the base-held cache of short sequences."""
-        idx = [s - row0 for s in seqs]
-        span = max(int(self.lens[s]) + 1 for s in seqs)
-        kc = torch.zeros(len(seqs), self.local_heads, span, self.head_dim, dtype=self.dtype, device=self.device)
-        vc = torch.zeros_like(kc)
-        for i, s in enumerate(seqs):
-            n = int(self.lens[s])
-            cache = self.base_kv[s]
-            cache[0, layer, :, n] = k[idx[i], :, 0]
-            cache[1, layer, :, n] = v[idx[i], :, 0]
-            kc[i, :, : n + 1] = cache[0, layer, :, : n + 1]
-            vc[i, :, : n + 1] = cache[1, layer, :, : n + 1]
-        lens = torch.tensor([int(self.lens[s]) + 1 for s in seqs], device=self.device)
-        return attention(q[idx], kc, vc, kv_lens=lens, backend=self.backend)[0]
+                    x[rows] = block.finish(x[rows], started.pop()[1])
+            for rows, attended in started:
+                x[rows] = block.finish(x[rows], attended)
+        return self._emit(self.head(self.norm(x))[:, 0])
 
     def _decode_pool(self):
         for layer in range(self.n_layers):
-            for rows in micro_batches(self.batch, self.micro_batches):
-                long, _ = self._long_short(rows)
-                mine = [s for s in long if self.me in self.bm.participants(s)]
-                if mine:
-                    self._pool_attend(layer, mine, long)
+            for mp in self.plan.micro:
+                if mp.serves or mp.delivers:
+                    self._pool_attend(layer, mp)
         return None
 
-    def _pool_attend(self, layer, mine, long):
-        tails = [s for s in mine if self.bm.owner_of(s, int(self.lens[s]))[0] == self.me]
-        q = torch.empty(len(mine), self.n_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        knew, vnew = torch.empty(2, len(tails), self.n_heads, self.head_dim, dtype=self.dtype, device=self.device)
-        works, bufs = [], []
-        with self.timer("synchronization"):  # waiting for the base's q (includes the transfer)
-            for r in range(self.tp):
-                h0, h1 = self.heads[r]
-                buf = torch.empty(len(mine) + 2 * len(tails), h1 - h0, self.head_dim, dtype=self.dtype, device=self.device)
-                works.append(dist.irecv(buf, src=r, tag=TAG_QKV))
-                bufs.append((h0, h1, buf))
-            for w in works:
-                w.wait()
-        for h0, h1, buf in bufs:
-            self.stats.add("from_base", buf.nbytes)
-            q[:, h0:h1] = buf[: len(mine)]
-            knew[:, h0:h1] = buf[len(mine) : len(mine) + len(tails)]
-            vnew[:, h0:h1] = buf[len(mine) + len(tails) :]
-        bs = self.block_size
-        with self.timer("attention"):
-            for i, s in enumerate(tails):  # the new token goes into the sequence's last block
-                _, slot = self.bm.owner_of(s, int(self.lens[s]))
-                off = int(self.lens[s]) % bs
-                self._block(slot)[0, layer, :, off] = knew[i]
-                self._block(slot)[1, layer, :, off] = vnew[i]
-            per_seq = []
-            for s in mine:
-                blocks = self.bm.blocks_on(s, self.me)
-                total = int(self.lens[s]) + 1
-                valid = sum(min(bs, total - j * bs) for j, _ in blocks)
-                per_seq.append((blocks, valid))
-            span = max(len(b) for b, _ in per_seq) * bs
-            kc = torch.zeros(len(mine), self.n_heads, span, self.head_dim, dtype=self.dtype, device=self.device)
-            vc = torch.zeros_like(kc)
-            for i, (blocks, _) in enumerate(per_seq):
-                for n, (_, slot) in enumerate(blocks):
-                    kc[i, :, n * bs : (n + 1) * bs] = self._block(slot)[0, layer]
-                    vc[i, :, n * bs : (n + 1) * bs] = self._block(slot)[1, layer]
-            lens = torch.tensor([v for _, v in per_seq], device=self.device)
-            out, lse = attention(q[:, :, None], kc, vc, kv_lens=lens, backend=self.backend)
-            out, lse = out[:, :, 0], lse[:, :, 0]  # [n, H, D], [n, H]
-        self._reduce(mine, out, lse)
-
-    def _reduce(self, mine, out, lse):
-        """Deliver this rank's partials: via the node leader (hierarchical) or straight to the base (flat)."""
-        sends = []
+    def _pool_attend(self, layer, mp):
+        """One layer and micro-batch on a pool rank: receive q and new k, v, attend, deliver the partials."""
+        heads, dim, tp = self.n_heads, self.head_dim, self.tp
+        n, s = mp.serves, mp.stores
+        part = torch.empty(0, heads, dim + 1, dtype=torch.float32, device=self.device)
+        if n:
+            with self.timer("synchronization"):  # waiting for the base's q (includes the transfer)
+                buf = torch.empty(tp, n + 2 * s, self.local_heads, dim, dtype=self.dtype, device=self.device)
+                Transport.wait(self.transport.exchange(recvs=[(r, buf[r], "from_base") for r in range(tp)]))
+            with self.timer("attention"):
+                x = buf.transpose(0, 1).reshape(n + 2 * s, heads, dim)  # heads back in order
+                self.pool_kv.write_token(layer, mp.t["tail_slot"], mp.t["tail_offset"], x[n : n + s], x[n + s :])
+                table = self.table_dev.index_select(0, mp.t["table_rows"])
+                out, lse = paged_decode(x[:n], *self.pool_kv.layer(layer), table, mp.t["local_lens"])
+                part = torch.cat([out, lse[..., None]], dim=-1)  # [n, H, D + 1] fp32
         with self.timer("communication"):
-            if self.hierarchical:
-                lead = [s for s in mine if self._leader(s, self.me) == self.me]
-                for p in range(self.pool_size):  # members' partials for the sequences this rank leads
-                    if p == self.me:
-                        continue
-                    ss = [s for s in lead if p in self.bm.participants(s) and self._node(p) == self._node(self.me)]
-                    if not ss:
-                        continue
-                    o = torch.empty(len(ss), self.n_heads, self.head_dim, dtype=self.dtype, device=self.device)
-                    l = torch.empty(len(ss), self.n_heads, dtype=torch.float32, device=self.device)
-                    dist.recv(o, src=self._global(p), tag=TAG_LEADER)
-                    dist.recv(l, src=self._global(p), tag=TAG_LEADER)
-                    self.stats.add("pool_from_pool", o.nbytes + l.nbytes)
-                    for i, s in enumerate(ss):
-                        k = mine.index(s)
-                        out[k], lse[k] = merge_partials([out[k], o[i]], [lse[k], l[i]])
-                for leader in sorted({self._leader(s, self.me) for s in mine} - {self.me}):
-                    idx = [mine.index(s) for s in mine if self._leader(s, self.me) == leader]
-                    o, l = out[idx].contiguous(), lse[idx].contiguous()
-                    sends += [dist.isend(o, dst=self._global(leader), tag=TAG_LEADER),
-                              dist.isend(l, dst=self._global(leader), tag=TAG_LEADER)]
-                    self.stats.add("pool_to_pool", o.nbytes + l.nbytes)
-                deliver = lead
-            else:
-                deliver = mine
-            idx = [mine.index(s) for s in deliver]
-            if idx:
-                for r in range(self.tp):
-                    h0, h1 = self.heads[r]
-                    o, l = out[idx, h0:h1].contiguous(), lse[idx, h0:h1].contiguous()
-                    sends += [dist.isend(o, dst=r, tag=TAG_PARTIAL), dist.isend(l, dst=r, tag=TAG_PARTIAL)]
-                    self.stats.add("pool_to_base", o.nbytes + l.nbytes)
-            for w in sends:
-                w.wait()
+            if self.topo.hierarchical:
+                leader = self.topo.leader(self.me)
+                if leader != self.me:
+                    Transport.wait(self.transport.exchange(sends=[(tp + leader, part, "pool_to_pool")]))
+                    return
+                part = self._merge_node(mp, part)
+            rows = part.shape[0]
+            packed = part.view(rows, tp, self.local_heads, dim + 1).transpose(0, 1).contiguous()
+            Transport.wait(self.transport.exchange(sends=[(r, packed[r], "pool_to_base") for r in range(tp)]))
 
-    # -- end -----------------------------------------------------------------------------------------------
+    def _merge_node(self, mp, own):
+        """Leader: merge the node members' partials (own first) over the rows the node delivers."""
+        sizes = mp.contrib_sizes[1:]
+        received = torch.empty(sum(sizes), *own.shape[1:], dtype=torch.float32, device=self.device)
+        Transport.wait(self.transport.exchange(recvs=[(self.tp + q, m, "pool_from_pool")
+                                                      for q, m in zip(mp.contributors[1:], split_rows(received, sizes))]))
+        dim, rows, n = own.shape[-1] - 1, mp.delivers, len(mp.contributors)
+        stacked = own.new_zeros(n * rows, *own.shape[1:])
+        stacked[..., dim] = float("-inf")
+        stacked.index_copy_(0, mp.t["leader_index"], torch.cat([own, received]))
+        stacked = stacked.view(n, rows, *own.shape[1:])
+        out, lse = merge_partials(stacked[..., :dim], stacked[..., dim])
+        return torch.cat([out, lse[..., None]], dim=-1)
+
+    # -- bookkeeping --------------------------------------------------------------------------------------
+    def _log(self, allocated: int, migrated: int):
+        """One elasticity entry; the per-sequence placement is rebuilt only when it changed."""
+        if self.table.version != self.logged_version:
+            pooled = np.nonzero(self.in_pool)[0]
+            part = self.table.participates()[pooled]
+            self.placement = {str(s): np.nonzero(row)[0].tolist() for s, row in zip(pooled.tolist(), part)}
+            self.logged_version = self.table.version
+            mine = ~self.in_pool if self.is_base else self.table.participates()[:, self.me]
+            self.kv_seqs = np.nonzero(mine)[0].tolist()
+        held = int(self.table.held.sum())
+        self.peak_blocks = max(self.peak_blocks, int((~self.in_pool).sum()) * self.base_blocks if self.is_base
+                               else int(self.table.held[self.me]))
+        self.elasticity.append({"step": self.step_no, "pool_ranks_per_seq": self.placement, "blocks_allocated": allocated,
+                                "blocks_migrated": migrated, "blocks_freed": 0, "blocks_held": held})
+
     def _emit(self, logits):
         self.logits.append(logits)
         return logits.argmax(-1)
 
     def finish(self):
         with self.timer("resource_management"):
-            self.bm.check()
-            freed = sum(self.bm.free(s) for s in sorted(self.in_pool))
-            self.pool_kv.clear()
-            self.base_kv.clear()
-            self.bm.check()
+            self.table.check()
+            freed = self.table.free(np.nonzero(self.in_pool)[0])
+            self.table.check()
         self.elasticity.append({"step": "finish", "pool_ranks_per_seq": {}, "blocks_allocated": 0, "blocks_migrated": 0,
-                                "blocks_freed": freed, "blocks_held": self.bm.allocated - self.bm.freed})
-        self.in_pool = set()
+                                "blocks_freed": freed, "blocks_held": int(self.table.held.sum())})
+        self.in_pool[:] = False
 
     def report(self):
-        block_bytes = 2 * self.n_layers * self.n_heads * self.block_size * self.head_dim * torch.finfo(self.dtype).bits // 8
-        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.peak_kv_bytes,
+        storage = self.base_kv if self.is_base else self.pool_kv
+        block_bytes = storage.block_bytes() if storage is not None else 0
+        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.peak_blocks * block_bytes,
+                "kv_allocated_bytes": storage.nbytes() if storage is not None else 0,
                 "comm_bytes": dict(self.stats.bytes), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
-                "blocks_allocated": self.bm.allocated, "blocks_freed": self.bm.freed}
+                "blocks_allocated": self.table.allocated, "blocks_freed": self.table.freed}

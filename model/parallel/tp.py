@@ -10,7 +10,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from harness.measure import PhaseTimer
 from model.transformer import Attention, FeedForward
 
 
@@ -32,7 +31,7 @@ class CommStats:
 class AllReduceAfter(nn.Module):
     """A row-parallel linear: local matmul of a slice of the input dim, then sum over the TP group."""
 
-    def __init__(self, linear: nn.Linear, group, timer: PhaseTimer, stats: CommStats):
+    def __init__(self, linear: nn.Linear, group, timer, stats: CommStats):
         super().__init__()
         self.linear, self.group, self.timer, self.stats = linear, group, timer, stats
 

@@ -1,0 +1,155 @@
+"""Paged decode attention: one query per sequence against KV held in fixed-size blocks, returning (out, lse).
+
+The layout is vLLM's. A rank's KV lives in one preallocated tensor of blocks; a sequence is a list of slots.
+    q:           [n, H, D]                one new token per row
+    k_blocks:    [slots, H, block, D]     any strides (a layer's view of the rank's one KV pool)
+    v_blocks:    [slots, H, block, D]
+    block_table: [n, max_blocks] int32    slot of the row's j-th block; entries past the row's blocks are ignored
+    kv_lens:     [n] int32                valid tokens of the row; token t sits in block t // block at offset t % block
+Returns out [n, H, D] float32 and lse [n, H] float32 (natural log, scale included), the contract of
+model/attention.py, so that `merge_partials` combines the partials of several ranks unchanged. A row with
+kv_len 0 (this rank holds none of the sequence) gets out = 0 and lse = -inf.
+
+Two implementations of one API:
+- on CUDA with Triton (an optional GPU dependency): a split-KV (flash-decoding) kernel. The grid is
+  rows x heads x splits, so that a small batch of long sequences still fills the GPU; each program walks its
+  share of the row's tokens in tiles, gathering slots through the block table, with an online softmax; a
+  second kernel merges the splits by their LSE. No host synchronization: the launch depends only on shapes.
+- elsewhere (and as the tests' reference): gather the blocks and run the math backend.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs run the reference path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
+MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
+
+
+def paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens):
+    """Gather + math: the definition the kernel is tested against. Runs anywhere."""
+    n, heads, dim = q.shape
+    bs = k_blocks.shape[2]
+    width = block_table.shape[1]
+    if n == 0 or width == 0:
+        return q.new_zeros(n, heads, dim, dtype=torch.float32), q.new_full((n, heads), float("-inf"), dtype=torch.float32)
+    pos = torch.arange(width * bs, device=q.device)
+    visible = pos[None, :] < kv_lens.long()[:, None]  # [n, T]
+    slots = block_table.long().clamp(0, k_blocks.shape[0] - 1)  # unused entries may hold anything
+    # gathered into [n, H, T, D] fp32 by one copy each, the same ops whatever the number of blocks
+    k = q.new_empty(n, heads, width * bs, dim, dtype=torch.float32)
+    v = torch.empty_like(k)
+    k.view(n, heads, width, bs, dim).copy_(k_blocks[slots].transpose(1, 2))
+    v.view(n, heads, width, bs, dim).copy_(v_blocks[slots].transpose(1, 2))
+    scores = torch.einsum("nhd,nhtd->nht", q.float(), k) / math.sqrt(dim)
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [n, H]; -inf for an empty row
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]), nan=0.0)
+    return torch.einsum("nht,nhtd->nhd", probs, v), lse
+
+
+def triton_available(device) -> bool:
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None):
+    """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference."""
+    if not triton_available(q.device):
+        return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
+    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits)
+
+
+def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
+    """Splits of each row's tokens: enough programs for ~4 waves of the GPU, none shorter than MIN_SPLIT_TOKENS."""
+    want = max(1, math.ceil(4 * sm_count / max(1, rows * heads)))
+    most = max(1, max_tokens // MIN_SPLIT_TOKENS)
+    return 1 << (min(want, most).bit_length() - 1)  # a power of two, for the merge kernel's arange
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+                      sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e,
+                      HEADS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr,
+                      TILE: tl.constexpr):
+        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_len = tl.load(lens_ptr + row)
+        start = split * split_tokens
+        end = tl.minimum(start + split_tokens, kv_len)
+        dims = tl.arange(0, DIM)
+        q = tl.load(q_ptr + row * sq_n + head * sq_h + dims).to(tl.float32) * scale_log2e  # log2 domain
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], tl.float32)
+        acc = tl.zeros([DIM], tl.float32)
+        for t0 in range(start, end, TILE):
+            tok = t0 + tl.arange(0, TILE)
+            valid = tok < end
+            slot = tl.load(table_ptr + row * st_n + tok // BLOCK, mask=valid, other=0).to(tl.int64)
+            off = (tok % BLOCK).to(tl.int64)
+            k = tl.load(k_ptr + slot[:, None] * sk_slot + head * sk_h + off[:, None] * sk_t + dims[None, :],
+                        mask=valid[:, None], other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new)
+            v = tl.load(v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t + dims[None, :],
+                        mask=valid[:, None], other=0.0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+            l = l * alpha + tl.sum(p, axis=0)
+            m = m_new
+        base = (row * HEADS + head) * SPLITS + split
+        empty = l == 0.0
+        tl.store(part_out_ptr + base * DIM + dims, tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l)))
+        tl.store(part_lse_ptr + base, tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l))))
+
+    @triton.jit
+    def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
+                      HEADS: tl.constexpr, SPLITS: tl.constexpr, DIM: tl.constexpr):
+        row, head = tl.program_id(0), tl.program_id(1)
+        base = (row * HEADS + head) * SPLITS
+        splits = tl.arange(0, SPLITS)
+        dims = tl.arange(0, DIM)
+        lse2 = tl.load(part_lse_ptr + base + splits)  # log2 domain
+        m = tl.max(lse2, axis=0)
+        empty = m == float("-inf")
+        w = tl.exp2(lse2 - tl.where(empty, 0.0, m))  # 0 for empty splits
+        total = tl.sum(w, axis=0)
+        parts = tl.load(part_out_ptr + (base + splits)[:, None] * DIM + dims[None, :])
+        out = tl.sum(parts * w[:, None], axis=0) / tl.where(empty, 1.0, total)
+        tl.store(out_ptr + (row * HEADS + head) * DIM + dims, tl.where(empty, 0.0, out))
+        ln2 = 0.6931471805599453
+        tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
+
+
+def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits):
+    n, heads, dim = q.shape
+    out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)
+    if n == 0:
+        return out, lse
+    bs = k_blocks.shape[2]
+    max_tokens = block_table.shape[1] * bs
+    if splits is None:
+        splits = choose_splits(n, heads, max_tokens, torch.cuda.get_device_properties(q.device).multi_processor_count)
+    split_tokens = -(-max_tokens // splits)
+    split_tokens = -(-split_tokens // TILE_TOKENS) * TILE_TOKENS
+    part_out = torch.empty(n, heads, splits, dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(n, heads, splits, dtype=torch.float32, device=q.device)
+    assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
+    _split_kernel[(n, heads, splits)](
+        q, k_blocks, v_blocks, block_table, kv_lens, part_out, part_lse,
+        q.stride(0), q.stride(1), k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2),
+        v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
+        math.log2(math.e) / math.sqrt(dim),
+        HEADS=heads, SPLITS=splits, BLOCK=bs, DIM=dim, TILE=TILE_TOKENS, num_warps=4)
+    _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
+    return out, lse

@@ -1,0 +1,166 @@
+"""The FA Pool's per-step plan: from the replicated block table, the index tensors every layer needs.
+
+Built once per decode step, with numpy operations over all sequences at once, and uploaded to the device as
+one int64 buffer (one host-to-device copy); every layer then reuses the same views. Per micro-batch:
+- which rows each pool rank serves (it holds blocks of them) and which rows' new token it stores (it holds
+  their last block);
+- what a base rank sends to each pool rank: q of the served rows and k, v of the stored rows, as one message
+  (`send_index` gathers them from the stacked [q; k; v] rows);
+- who delivers partials to the base (every serving pool rank, or one leader per node), which rows each
+  brings, and where they land in the stacked partials the base merges (`merge_index`);
+- on a pool rank: its block-table rows, its tokens of each served row, where the new tokens go, and, on a
+  node leader, where the members' partials land before the node-level merge.
+The number of arrays and messages depends on the pool size and micro-batch count only, never on the batch
+size or the number of blocks, so a decode step launches the same kernels whatever those are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model.parallel.block_table import BlockTable
+
+
+@dataclass
+class Topology:
+    """Who is who: base ranks 0..tp-1, pool rank p is global rank tp + p; nodes of gpus_per_node ranks."""
+
+    tp: int
+    pool_size: int
+    gpus_per_node: int
+    hierarchical: bool
+
+    def __post_init__(self):
+        node = [(self.tp + p) // self.gpus_per_node for p in range(self.pool_size)]
+        self.leader_of = [node.index(node[p]) for p in range(self.pool_size)]  # lowest pool rank of p's node
+        self.members_of = {g: [q for q in range(self.pool_size) if self.leader_of[q] == g] for g in set(self.leader_of)}
+
+    def leader(self, p: int) -> int:
+        """The pool rank that merges the partials of p's node (hierarchical reduction)."""
+        return self.leader_of[p]
+
+    def members(self, leader: int) -> list[int]:
+        return self.members_of[leader]
+
+    def sources(self) -> list[int]:
+        """Pool ranks that deliver partials to the base."""
+        return sorted(self.members_of) if self.hierarchical else list(range(self.pool_size))
+
+
+@dataclass
+class MicroPlan:
+    rows: slice  # batch rows of this micro-batch
+    pooled: bool  # some row attends in the pool
+    # base rank: one message to each pool rank in `to_pool` of send_sizes[i] rows; partial rows from `sources`
+    to_pool: list = field(default_factory=list)
+    send_sizes: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    recv_sizes: list = field(default_factory=list)
+    # pool rank
+    serves: int = 0  # rows served here
+    stores: int = 0  # rows whose new token is stored here
+    contributors: list = field(default_factory=list)  # leader: pool ranks whose partials it merges (itself first)
+    contrib_sizes: list = field(default_factory=list)
+    delivers: int = 0  # rows this rank delivers to the base (0: none, or not a source)
+    t: dict = field(default_factory=dict)  # name -> device index tensor (views of the step's one upload)
+
+
+class StepPlan:
+    """Built by `build()`; `micro[m]` for micro-batch m, `cache_lens` [B] on the device, `table_update`."""
+
+    def __init__(self, micro: list[MicroPlan], tensors: dict, device):
+        names = list(tensors)
+        arrays = [np.asarray(tensors[n], np.int64).ravel() for n in names]
+        flat = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+        if torch.device(device).type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        views = torch.split(flat, [len(a) for a in arrays])
+        self.micro = micro
+        self.by_start = {mp.rows.start: mp for mp in micro}
+        self.tensors = dict(zip(names, views))
+        for m, mp in enumerate(micro):
+            mp.t = {n[1]: v for n, v in self.tensors.items() if isinstance(n, tuple) and n[0] == m}
+
+    def __getitem__(self, name):
+        return self.tensors[name]
+
+    def micro_at(self, rows: slice) -> MicroPlan:
+        return self.by_start[rows.start]
+
+
+def build(table: BlockTable, topo: Topology, cache_lens: np.ndarray, in_pool: np.ndarray, micro_rows: list[range],
+          base_blocks: int, trash_slot: int, me: int, device, extra: dict | None = None) -> StepPlan:
+    """The plan of one decode step. cache_lens: tokens cached before this step's token; `me`: pool index of
+    this rank (-1 on a base rank). The table already holds room for this step's token."""
+    bs = table.block_size
+    total = cache_lens + 1
+    part_all = table.participates() & in_pool[:, None]
+    tokens_all = table.local_tokens(total) if me >= 0 else None
+    tensors = {"cache_lens": cache_lens, **(extra or {})}
+    micro = []
+    for m, rows in enumerate(micro_rows):
+        r0, r1 = rows.start, rows.stop
+        b = r1 - r0
+        pooled = in_pool[r0:r1]
+        part = part_all[r0:r1]  # [b, P]
+        tail_rank = np.where(pooled, table.last_rank[r0:r1], -1)
+        mp = MicroPlan(rows=slice(r0, r1), pooled=bool(pooled.any()))
+        # base: write the new token in the base cache (pooled rows go to the trash slot) and attend there
+        seq = np.arange(r0, r1)
+        tensors[(m, "base_slot")] = np.where(pooled, trash_slot, seq * base_blocks + cache_lens[r0:r1] // bs)
+        tensors[(m, "base_offset")] = np.where(pooled, 0, cache_lens[r0:r1] % bs)
+        tensors[(m, "base_lens")] = np.where(pooled, 0, total[r0:r1])
+        # base -> pool: per pool rank, q of its served rows then k and v of its stored rows
+        serve_p, serve_row = np.nonzero(part.T)  # sorted by pool rank, then row
+        tail_row = np.nonzero(tail_rank >= 0)[0]
+        tail_p = tail_rank[tail_row]
+        kind = np.r_[np.zeros(len(serve_p)), np.ones(len(tail_p)), np.full(len(tail_p), 2)]
+        peer = np.r_[serve_p, tail_p, tail_p]
+        index = np.r_[serve_row, b + tail_row, 2 * b + tail_row]
+        order = np.lexsort((index, kind, peer))
+        tensors[(m, "send_index")] = index[order]
+        n_serve = np.bincount(serve_p, minlength=topo.pool_size)
+        n_tail = np.bincount(tail_p, minlength=topo.pool_size)
+        mp.to_pool = [int(p) for p in np.nonzero(n_serve)[0]]
+        mp.send_sizes = [int(n_serve[p] + 2 * n_tail[p]) for p in mp.to_pool]
+        # partials -> base: each source's rows, placed at (1 + source index) * b + row in the stacked partials
+        deliver_rows = {}
+        for src in topo.sources():
+            group = topo.members(src) if topo.hierarchical else [src]
+            r = np.nonzero(part[:, group].any(axis=1))[0]
+            if len(r):
+                deliver_rows[src] = r
+        mp.sources = list(deliver_rows)
+        mp.recv_sizes = [len(r) for r in deliver_rows.values()]
+        tensors[(m, "merge_index")] = np.concatenate(
+            [(1 + i) * b + r for i, r in enumerate(deliver_rows.values())]) if deliver_rows else np.zeros(0)
+        if me >= 0:
+            _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows)
+        micro.append(mp)
+    return StepPlan(micro, tensors, device)
+
+
+def _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows):
+    bs = table.block_size
+    served = np.nonzero(part[:, me])[0]
+    stored = np.nonzero(tail_rank == me)[0]
+    mp.serves, mp.stores = len(served), len(stored)
+    tensors[(m, "table_rows")] = r0 + served
+    tensors[(m, "local_lens")] = tokens_all[r0 + served, me]
+    last_local = table.counts[r0 + stored, me] - 1
+    tensors[(m, "tail_slot")] = table.table[r0 + stored, last_local]
+    tensors[(m, "tail_offset")] = (total[r0 + stored] - 1) % bs
+    if topo.hierarchical and topo.leader(me) == me:
+        union = deliver_rows.get(me, np.zeros(0, np.int64))
+        contributors = [me] + [q for q in topo.members(me) if q != me]
+        pieces = [(q, np.nonzero(part[:, q])[0]) for q in contributors]
+        pieces = [(q, r) for q, r in pieces if len(r) or q == me]
+        mp.contributors = [q for q, _ in pieces]
+        mp.contrib_sizes = [len(r) for _, r in pieces]
+        tensors[(m, "leader_index")] = np.concatenate(
+            [i * len(union) + np.searchsorted(union, r) for i, (_, r) in enumerate(pieces)])
+        mp.delivers = len(union)
+    elif not topo.hierarchical:
+        mp.delivers = len(served)

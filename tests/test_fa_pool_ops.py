@@ -1,0 +1,65 @@
+"""A FA Pool decode step launches the same torch ops whatever the batch size or the number of KV blocks.
+
+Four ranks over gloo (base TP2 + pool of 2, the pool one node with a leader): one decode step is counted with a
+dispatch-mode counter on every rank, at batch 8 and 64, and at block size 4 and 32 with the same context.
+"""
+from collections import Counter
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from harness.config import PoolConfig, StrategyConfig
+from harness.measure import PhaseTimer
+from model.config import ModelConfig
+
+WORLD = 4
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _rank(rank, init, batch, block, out):
+    from model.parallel.fa_pool import FAPoolEngine
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    pool = PoolConfig(size=2, max_size=2, threshold=32, block_size=block, policy="proportional", tokens_per_rank=16,
+                      hierarchical=True, async_overlap=True, gpus_per_node=2)
+    strategy = StrategyConfig(name="t", kind="fa_pool", tp=2, micro_batches=2, world_size=WORLD, pool=pool)
+    engine = FAPoolEngine(ModelConfig(), strategy, rank, WORLD, torch.device("cpu"), torch.float32, "math",
+                          PhaseTimer("cpu"))
+    lens = torch.tensor([40, 10] * (batch // 2))  # half pooled, half on the base, in every micro-batch
+    tok = engine.synthetic_prefill(lens, max_len=64, seed=0)
+    tok = engine.decode(tok)  # a first step: every peer has spoken once
+    with OpCounter() as counter:
+        engine.decode(tok)
+    torch.save(dict(counter.ops), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def count_ops(tmp_path, batch, block):
+    out = tmp_path / f"b{batch}_bs{block}"
+    out.mkdir()
+    mp.spawn(_rank, args=(f"file://{out}/store", batch, block, str(out)), nprocs=WORLD, join=True)
+    return [Counter(torch.load(out / f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_decode_step_ops_do_not_grow_with_batch_or_blocks(tmp_path):
+    small = count_ops(tmp_path, batch=8, block=4)
+    large_batch = count_ops(tmp_path, batch=64, block=4)
+    large_blocks = count_ops(tmp_path, batch=8, block=32)
+    for rank in range(WORLD):
+        assert sum(small[rank].values()) > 20, small[rank]  # the counter sees the step's work
+        assert small[rank] == large_batch[rank], (rank, small[rank] - large_batch[rank], large_batch[rank] - small[rank])
+        assert small[rank] == large_blocks[rank], (rank, small[rank] - large_blocks[rank], large_blocks[rank] - small[rank])
