@@ -30,6 +30,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
+WARPS = 4
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 
 
@@ -59,11 +60,13 @@ def triton_available(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
-def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None):
-    """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference."""
+def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
+                 warps: int = WARPS):
+    """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference.
+    splits (None = chosen from the shapes), tile and warps tune the kernel; they do not change the result."""
     if not triton_available(q.device):
         return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
-    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits)
+    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps)
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
@@ -130,7 +133,7 @@ if triton is not None:
         tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
 
 
-def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits):
+def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile=TILE_TOKENS, warps=WARPS):
     n, heads, dim = q.shape
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)
@@ -141,7 +144,7 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits):
     if splits is None:
         splits = choose_splits(n, heads, max_tokens, torch.cuda.get_device_properties(q.device).multi_processor_count)
     split_tokens = -(-max_tokens // splits)
-    split_tokens = -(-split_tokens // TILE_TOKENS) * TILE_TOKENS
+    split_tokens = -(-split_tokens // tile) * tile
     part_out = torch.empty(n, heads, splits, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(n, heads, splits, dtype=torch.float32, device=q.device)
     assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
@@ -150,6 +153,6 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits):
         q.stride(0), q.stride(1), k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2),
         v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
         math.log2(math.e) / math.sqrt(dim),
-        HEADS=heads, SPLITS=splits, BLOCK=bs, DIM=dim, TILE=TILE_TOKENS, num_warps=4)
+        HEADS=heads, SPLITS=splits, BLOCK=bs, DIM=dim, TILE=tile, num_warps=warps)
     _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
     return out, lse

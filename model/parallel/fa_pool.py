@@ -135,20 +135,16 @@ class FAPoolEngine(Engine):
     # -- setup -----------------------------------------------------------------------------------------
     def _reset(self, lens: torch.Tensor, max_len: int):
         """Fresh bookkeeping for a batch; storage is allocated once and kept while its shape fits."""
-        self.lens = lens.cpu().numpy().astype(np.int64)  # tokens in the cache per sequence (every rank)
         self.batch = batch = len(lens)
-        self.in_pool = np.zeros(batch, bool)
-        bs = self.block_size
-        self.base_blocks = -(-int(min(max_len, self.threshold)) // bs)  # base cache rows, in blocks
-        self.trash_slot = batch * self.base_blocks  # where pooled rows' tokens go on the base: never read
-        max_blocks = -(-max_len // bs)
+        max_blocks = -(-max_len // self.block_size)
         slots = self._pool_slots(max_len) if not self.is_base else 0
         self.table = BlockTable(batch, *self.table_args, me=self.me, slots=slots, max_blocks_per_seq=max_blocks)
-        self.rows = micro_batches(batch, self.micro_batches)
+        self.sched = fa_pool_plan.Scheduler(lens.cpu().numpy(), max_len, self.threshold, self.table, self.topo,
+                                            micro_batches(batch, self.micro_batches), self.me, self.device)
         if self.is_base:
-            self.base_kv = self._storage(self.base_kv, batch * self.base_blocks + 1, self.local_heads)  # + trash
-            self.base_table = torch.arange(batch * self.base_blocks, dtype=torch.int32,
-                                           device=self.device).view(batch, self.base_blocks)
+            rows = self.sched.base_blocks
+            self.base_kv = self._storage(self.base_kv, batch * rows + 1, self.local_heads)  # + the trash slot
+            self.base_table = torch.arange(batch * rows, dtype=torch.int32, device=self.device).view(batch, rows)
         else:
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
             self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
@@ -177,7 +173,7 @@ class FAPoolEngine(Engine):
     def prefill(self, prompts, max_len):
         tokens, lens = pad_prompts(prompts, self.device)
         self._reset(lens, max_len)
-        long = np.nonzero(self.lens > self.threshold)[0]
+        long = self.sched.long_now()
         out, stash = None, None
         if self.is_base:
             step = Step(slice(0, self.batch), torch.zeros_like(lens), lens)
@@ -191,7 +187,7 @@ class FAPoolEngine(Engine):
                 q, k, v = block.attn.qkv(block.attn_norm(x), step)
                 with self.timer("attention"):
                     self._store_prompt(self.base_kv, layer, k, v, torch.arange(self.batch, device=self.device),
-                                       self.base_blocks)
+                                       self.sched.base_blocks)
                     self._store_prompt(stash, layer, k, v, long_rows, stash_blocks)
                     o, _ = attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)
                 x = x + block.attn.project_out(o)
@@ -220,9 +216,7 @@ class FAPoolEngine(Engine):
     def synthetic_prefill(self, lens, max_len, seed):
         self._reset(lens, max_len)
         gen = torch.Generator(device=self.device).manual_seed(seed + max(self.rank, 0))
-        long = np.nonzero(self.lens > self.threshold)[0]
-        self.table.place(long, self.lens[long])  # straight into pool blocks, no migration
-        self.in_pool[long] = True
+        self.sched.admit(self.sched.long_now())  # straight into pool blocks, no migration
         self._upload_own_table()
         (self.base_kv if self.is_base else self.pool_kv).fill_random(gen)
         self._log(self.table.allocated, 0)
@@ -238,8 +232,7 @@ class FAPoolEngine(Engine):
         (base rank, pool rank) pair, all posted at once. source_slot(seqs, blocks) -> slots on the base."""
         if len(seqs) == 0:
             return 0
-        new = self.table.place(seqs, self.lens[seqs])
-        self.in_pool[seqs] = True
+        new = self.sched.admit(seqs)
         sends, recvs, landing = [], [], []
         for p in range(self.pool_size):
             rows = new[new[:, 2] == p]
@@ -273,21 +266,14 @@ class FAPoolEngine(Engine):
             moved = self._plan_step()
         self._log(self.table.allocated - allocated_before, moved)
         out = self._decode_base(tokens) if self.is_base else self._decode_pool()
-        self.lens += 1
+        self.sched.advance()
         return out
 
     def _plan_step(self) -> int:
         """Migration of sequences crossing the threshold, room for the new token, the step's plan."""
-        crossing = np.nonzero(~self.in_pool & (self.lens + 1 > self.threshold))[0]
-        moved = self._migrate(crossing, self.base_kv, lambda s, j: s * self.base_blocks + j)
-        pooled = np.nonzero(self.in_pool)[0]
-        new = self.table.grow(pooled, self.lens[pooled] + 1)
-        extra = {}
-        if not self.is_base:  # this rank's new blocks enter its device block table with the plan's upload
-            mine = new[new[:, 2] == self.me]
-            extra = {"new_seq": mine[:, 0], "new_local": mine[:, 3], "new_slot": self.table.table[mine[:, 0], mine[:, 3]]}
-        self.plan = fa_pool_plan.build(self.table, self.topo, self.lens, self.in_pool, self.rows, self.base_blocks,
-                                       self.trash_slot, self.me, self.device, extra)
+        rows = self.sched.base_blocks
+        moved = self._migrate(self.sched.crossing(), self.base_kv, lambda s, j: s * rows + j)
+        self.plan = self.sched.plan_step()
         if not self.is_base:
             self.table_dev[self.plan["new_seq"], self.plan["new_local"]] = self.plan["new_slot"].to(torch.int32)
         return moved
@@ -356,15 +342,16 @@ class FAPoolEngine(Engine):
     # -- bookkeeping --------------------------------------------------------------------------------------
     def _log(self, allocated: int, migrated: int):
         """One elasticity entry; the per-sequence placement is rebuilt only when it changed."""
+        in_pool = self.sched.in_pool
         if self.table.version != self.logged_version:
-            pooled = np.nonzero(self.in_pool)[0]
+            pooled = np.nonzero(in_pool)[0]
             part = self.table.participates()[pooled]
             self.placement = {str(s): np.nonzero(row)[0].tolist() for s, row in zip(pooled.tolist(), part)}
             self.logged_version = self.table.version
-            mine = ~self.in_pool if self.is_base else self.table.participates()[:, self.me]
+            mine = ~in_pool if self.is_base else self.table.participates()[:, self.me]
             self.kv_seqs = np.nonzero(mine)[0].tolist()
         held = int(self.table.held.sum())
-        self.peak_blocks = max(self.peak_blocks, int((~self.in_pool).sum()) * self.base_blocks if self.is_base
+        self.peak_blocks = max(self.peak_blocks, int((~in_pool).sum()) * self.sched.base_blocks if self.is_base
                                else int(self.table.held[self.me]))
         self.elasticity.append({"step": self.step_no, "pool_ranks_per_seq": self.placement, "blocks_allocated": allocated,
                                 "blocks_migrated": migrated, "blocks_freed": 0, "blocks_held": held})
@@ -376,11 +363,11 @@ class FAPoolEngine(Engine):
     def finish(self):
         with self.timer("resource_management"):
             self.table.check()
-            freed = self.table.free(np.nonzero(self.in_pool)[0])
+            freed = self.table.free(np.nonzero(self.sched.in_pool)[0])
             self.table.check()
         self.elasticity.append({"step": "finish", "pool_ranks_per_seq": {}, "blocks_allocated": 0, "blocks_migrated": 0,
                                 "blocks_freed": freed, "blocks_held": int(self.table.held.sum())})
-        self.in_pool[:] = False
+        self.sched.in_pool[:] = False
 
     def report(self):
         storage = self.base_kv if self.is_base else self.pool_kv

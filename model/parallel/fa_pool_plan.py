@@ -164,3 +164,45 @@ def _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, tot
         mp.delivers = len(union)
     elif not topo.hierarchical:
         mp.delivers = len(served)
+
+
+class Scheduler:
+    """Resource management of one rank, identical on every rank: the sequences' lengths, which of them are
+    pooled, the block table, and each decode step's plan. No communication: the engine moves the data."""
+
+    def __init__(self, lens: np.ndarray, max_len: int, threshold: float, table: BlockTable, topo: Topology,
+                 micro_rows: list[range], me: int, device):
+        self.lens = np.asarray(lens, np.int64).copy()  # tokens in the cache per sequence
+        self.batch = len(self.lens)
+        self.in_pool = np.zeros(self.batch, bool)
+        self.threshold, self.table, self.topo, self.rows, self.me, self.device = threshold, table, topo, micro_rows, me, device
+        self.base_blocks = -(-int(min(max_len, threshold)) // table.block_size)  # a base cache row, in blocks
+        self.trash_slot = self.batch * self.base_blocks  # where pooled rows' new tokens go on the base: never read
+
+    def long_now(self) -> np.ndarray:
+        """Sequences above the threshold that are not pooled yet (at prefill)."""
+        return np.nonzero(~self.in_pool & (self.lens > self.threshold))[0]
+
+    def crossing(self) -> np.ndarray:
+        """Sequences whose next token takes them above the threshold: they move to the pool before it."""
+        return np.nonzero(~self.in_pool & (self.lens + 1 > self.threshold))[0]
+
+    def admit(self, seqs: np.ndarray) -> np.ndarray:
+        """Pool `seqs` with their cached tokens; returns their blocks (seq, block, rank, local index)."""
+        new = self.table.place(seqs, self.lens[seqs])
+        self.in_pool[seqs] = True
+        return new
+
+    def plan_step(self) -> StepPlan:
+        """Room for every pooled sequence's next token, and the step's plan (after any admission)."""
+        pooled = np.nonzero(self.in_pool)[0]
+        new = self.table.grow(pooled, self.lens[pooled] + 1)
+        extra = {}
+        if self.me >= 0:  # this rank's new blocks enter its device block table with the plan's upload
+            mine = new[new[:, 2] == self.me]
+            extra = {"new_seq": mine[:, 0], "new_local": mine[:, 3], "new_slot": self.table.table[mine[:, 0], mine[:, 3]]}
+        return build(self.table, self.topo, self.lens, self.in_pool, self.rows, self.base_blocks, self.trash_slot,
+                     self.me, self.device, extra)
+
+    def advance(self) -> None:
+        self.lens += 1

@@ -1,0 +1,113 @@
+"""The paged decode-attention kernel against this GPU's read bandwidth and against dense cuDNN, same bytes.
+
+    python -m harness.bench_paged --out results/measured/<device>/paged     # on a GPU
+    python -m harness.bench_paged --smoke --out /tmp/x                      # tiny shapes, CPU reference path
+
+At contexts x block sizes, a batch that holds at least 2 GiB of one layer's KV (32 heads, head dim 128, bf16)
+is stored in blocks at shuffled slots (as a pool holds them after many allocations and frees); the kernel's
+achieved KV bytes/s is divided by the read bandwidth measured in the same run (a sum over 2 GiB), and put
+beside dense cuDNN SDPA over the same bytes in contiguous [B, H, L, D] tensors. `--sweep` also times other
+splits, tiles and warp counts, to tune the defaults. Writes paged.json and paged.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from harness.bench_gpu import HEAD_DIM, HEADS, device_info, fmt_table, limits, timeit
+from model.attention import attention, backend_available
+from model.paged_attention import TILE_TOKENS, WARPS, choose_splits, paged_decode
+
+
+def versions() -> dict:
+    info = {}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if torch.cuda.is_available():
+        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    return info
+
+
+def paged_layout(batch, context, block, dtype, device, seed=0):
+    """q [B, H, D]; K/V blocks at shuffled slots; block table [B, blocks]; lengths all = context."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_blocks = -(-context // block)
+    slots = batch * n_blocks
+    k = torch.randn(slots, HEADS, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(slots, HEADS, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    table = torch.randperm(slots, device=device, generator=gen).view(batch, n_blocks).to(torch.int32)
+    q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    return q, k, v, table, lens
+
+
+def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: bool) -> list[dict]:
+    rows = []
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    cudnn = "sdpa_cudnn" if backend_available("sdpa_cudnn", device) else "sdpa"
+    for L in contexts:
+        per_seq = L * HEADS * HEAD_DIM * 2 * torch.finfo(dtype).bits // 8
+        batch = max(1, -(-total_bytes // per_seq))
+        kv_bytes = batch * per_seq
+        qd = torch.randn(batch, HEADS, 1, HEAD_DIM, device=device, dtype=dtype)
+        kd = torch.randn(batch, HEADS, L, HEAD_DIM, device=device, dtype=dtype)
+        vd = torch.randn_like(kd)
+        dense = timeit(lambda: attention(qd, kd, vd, backend=cudnn))
+        del qd, kd, vd
+        for bs in blocks:
+            q, k, v, table, lens = paged_layout(batch, L, bs, dtype, device)
+            auto = choose_splits(batch, HEADS, table.shape[1] * bs, sms)
+            variants = [(None, TILE_TOKENS, WARPS)]
+            if sweep:
+                variants += [(s, t, w) for s in sorted({1, auto // 2, auto * 2, auto * 4} - {0})
+                             for t in (64, 128) for w in (4, 8)] + [(auto, 128, 4), (auto, 128, 8), (auto, 64, 8)]
+            for splits, tile, warps in variants:
+                t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits, tile=tile, warps=warps))
+                rows.append({"context": L, "block": bs, "batch": batch, "kv_gib": kv_bytes / 2**30,
+                             "splits": splits or auto, "tile": tile, "warps": warps, "default": splits is None,
+                             "paged_us": t * 1e6, "paged_ratio_to_read_bw": kv_bytes / t / read_bw,
+                             "cudnn_us": dense * 1e6, "cudnn_ratio_to_read_bw": kv_bytes / dense / read_bw,
+                             "paged_over_cudnn": t / dense})
+            del q, k, v, table, lens
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
+    ap.add_argument("--sweep", action="store_true", help="also time other splits, tiles and warps")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    contexts, blocks, total = ([64, 128], [16, 64], 1 << 20) if args.smoke else ([8192, 16384, 32768], [16, 64, 256], 2 << 30)
+    res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
+    res["limits"] = lim = limits(device, dtype, args.smoke)
+    print(f"# {res['device']}\n# read {lim['read_bytes_per_s'] / 1e12:.3f} TB/s", flush=True)
+    res["points"] = rows = kernel_points(device, dtype, lim["read_bytes_per_s"], contexts, blocks, total, args.sweep)
+    cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "paged_us", "paged_ratio_to_read_bw",
+            "cudnn_us", "cudnn_ratio_to_read_bw", "paged_over_cudnn"]
+    defaults = [r for r in rows if r["default"]]
+    md = [f"# Paged decode attention on {res['device'].get('device_name')}\n",
+          f"versions: {json.dumps(res['device'])}\n", f"read bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s\n",
+          "## default kernel settings\n" + fmt_table(defaults, cols)]
+    if args.sweep:
+        md.append("## sweep\n" + fmt_table(rows, cols))
+    text = "\n".join(md)
+    print(text, flush=True)
+    (out / "paged.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "paged.md").write_text(text)
+    return res
+
+
+if __name__ == "__main__":
+    main()
