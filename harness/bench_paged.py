@@ -19,7 +19,7 @@ import torch
 
 from harness.bench_gpu import HEAD_DIM, HEADS, device_info, fmt_table, limits, timeit
 from model.attention import attention, backend_available
-from model.paged_attention import TILE_TOKENS, WARPS, choose_splits, paged_decode
+from model.paged_attention import MMA, STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
 
 
 def versions() -> dict:
@@ -64,15 +64,21 @@ def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: 
         for bs in blocks:
             q, k, v, table, lens = paged_layout(batch, L, bs, dtype, device)
             auto = choose_splits(batch, HEADS, table.shape[1] * bs, sms)
-            variants = [(None, TILE_TOKENS, WARPS)]
-            if sweep:
-                variants += [(s, t, w) for s in sorted({1, auto // 2, auto * 2, auto * 4} - {0})
-                             for t in (64, 128) for w in (4, 8)] + [(auto, 128, 4), (auto, 128, 8), (auto, 64, 8)]
-            for splits, tile, warps in variants:
-                t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits, tile=tile, warps=warps))
+            variants = [(None, TILE_TOKENS, WARPS, STAGES, MMA)]
+            if sweep and L != 16384:
+                variants += [(s, t, w, st, True) for s in (max(1, auto // 4), auto, 2 * auto) for t in (64, 128)
+                             for w in (4, 8) for st in (2, 3)]
+                variants += [(max(1, auto // 4), 128, 4, 3, False), (auto, 128, 4, 3, False)]
+            for splits, tile, warps, stages, mma in variants:
+                try:
+                    t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits, tile=tile, warps=warps,
+                                                    stages=stages, mma=mma))
+                except Exception as e:  # a setting the compiler refuses (e.g. shared memory) is reported, not fatal
+                    rows.append({"context": L, "block": bs, "tile": tile, "warps": warps, "error": str(e)[:200]})
+                    continue
                 rows.append({"context": L, "block": bs, "batch": batch, "kv_gib": kv_bytes / 2**30,
-                             "splits": splits or auto, "tile": tile, "warps": warps, "default": splits is None,
-                             "paged_us": t * 1e6, "paged_ratio_to_read_bw": kv_bytes / t / read_bw,
+                             "splits": splits or auto, "tile": tile, "warps": warps, "stages": stages, "mma": mma,
+                             "default": splits is None, "paged_us": t * 1e6, "paged_ratio_to_read_bw": kv_bytes / t / read_bw,
                              "cudnn_us": dense * 1e6, "cudnn_ratio_to_read_bw": kv_bytes / dense / read_bw,
                              "paged_over_cudnn": t / dense})
             del q, k, v, table, lens
@@ -94,13 +100,19 @@ def main(argv=None):
     res["limits"] = lim = limits(device, dtype, args.smoke)
     print(f"# {res['device']}\n# read {lim['read_bytes_per_s'] / 1e12:.3f} TB/s", flush=True)
     res["points"] = rows = kernel_points(device, dtype, lim["read_bytes_per_s"], contexts, blocks, total, args.sweep)
-    cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "paged_us", "paged_ratio_to_read_bw",
+    cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "stages", "mma", "paged_us", "paged_ratio_to_read_bw",
             "cudnn_us", "cudnn_ratio_to_read_bw", "paged_over_cudnn"]
-    defaults = [r for r in rows if r["default"]]
+    defaults = [r for r in rows if r.get("default")]
     md = [f"# Paged decode attention on {res['device'].get('device_name')}\n",
           f"versions: {json.dumps(res['device'])}\n", f"read bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s\n",
           "## default kernel settings\n" + fmt_table(defaults, cols)]
     if args.sweep:
+        best = {}
+        for r in (r for r in rows if "error" not in r):
+            key = (r["context"], r["block"])
+            if key not in best or r["paged_us"] < best[key]["paged_us"]:
+                best[key] = r
+        md.append("## best of the sweep per point\n" + fmt_table(list(best.values()), cols))
         md.append("## sweep\n" + fmt_table(rows, cols))
     text = "\n".join(md)
     print(text, flush=True)

@@ -29,8 +29,12 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs run the refere
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
-WARPS = 4
+# Defaults from the sweep of harness/bench_paged.py on H200 (results/measured/*/paged/): the best worst case
+# over contexts 8K-32K and blocks 16-256.
+TILE_TOKENS = 128  # tokens per inner iteration of the kernel: a [128, 128] bf16 tile of K and of V
+WARPS = 8
+STAGES = 3  # software pipelining of the tile loop's loads
+MMA = True  # tensor-core products (query padded to 16 rows) instead of CUDA-core reductions
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 
 
@@ -61,28 +65,29 @@ def triton_available(device) -> bool:
 
 
 def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
-                 warps: int = WARPS):
+                 warps: int = WARPS, stages: int = STAGES, mma: bool = MMA):
     """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference.
     splits (None = chosen from the shapes), tile and warps tune the kernel; they do not change the result."""
     if not triton_available(q.device):
         return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
-    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps)
+    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages, mma)
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
-    """Splits of each row's tokens: enough programs for ~4 waves of the GPU, none shorter than MIN_SPLIT_TOKENS."""
-    want = max(1, math.ceil(4 * sm_count / max(1, rows * heads)))
+    """Splits of each row's tokens: programs for ~16 waves of the GPU (short programs balance the tail of the
+    grid), none shorter than MIN_SPLIT_TOKENS. A power of two, for the merge kernel's arange."""
+    waves = 1 << (max(1, math.ceil(4 * sm_count / max(1, rows * heads))).bit_length() - 1)
     most = max(1, max_tokens // MIN_SPLIT_TOKENS)
-    return 1 << (min(want, most).bit_length() - 1)  # a power of two, for the merge kernel's arange
+    return 1 << (min(4 * waves, most).bit_length() - 1)
 
 
 if triton is not None:
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
-                      sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e,
-                      HEADS: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr,
-                      TILE: tl.constexpr):
+                      sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
+                      HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr,
+                      TILE: tl.constexpr, STAGES: tl.constexpr):
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_len = tl.load(lens_ptr + row)
         start = split * split_tokens
@@ -92,27 +97,84 @@ if triton is not None:
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc = tl.zeros([DIM], tl.float32)
-        for t0 in range(start, end, TILE):
+        for t0 in tl.range(start, end, TILE, num_stages=STAGES):
             tok = t0 + tl.arange(0, TILE)
             valid = tok < end
-            slot = tl.load(table_ptr + row * st_n + tok // BLOCK, mask=valid, other=0).to(tl.int64)
-            off = (tok % BLOCK).to(tl.int64)
-            k = tl.load(k_ptr + slot[:, None] * sk_slot + head * sk_h + off[:, None] * sk_t + dims[None, :],
-                        mask=valid[:, None], other=0.0)
+            if BLOCK % TILE == 0:  # the tile lies in one block: one table entry, one contiguous [TILE, D] span
+                slot = tl.load(table_ptr + row * st_n + t0 // BLOCK).to(tl.int64)
+                off = (t0 % BLOCK + tl.arange(0, TILE)).to(tl.int64)
+                k_rows = k_ptr + slot * sk_slot + head * sk_h + off[:, None] * sk_t
+                v_rows = v_ptr + slot * sv_slot + head * sv_h + off[:, None] * sv_t
+            else:  # the tile spans several blocks: one table entry per token
+                slot = tl.load(table_ptr + row * st_n + tok // BLOCK, mask=valid, other=0).to(tl.int64)
+                off = (tok % BLOCK).to(tl.int64)
+                k_rows = k_ptr + slot[:, None] * sk_slot + head * sk_h + off[:, None] * sk_t
+                v_rows = v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t
+            k = tl.load(k_rows + dims[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_rows + dims[None, :], mask=valid[:, None], other=0.0)  # issued before the math
             s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=0))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new)
-            v = tl.load(v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t + dims[None, :],
-                        mask=valid[:, None], other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l = l * alpha + tl.sum(p, axis=0)
             m = m_new
-        base = (row * HEADS + head) * SPLITS + split
+        base = (row * HEADS + head) * splits + split
         empty = l == 0.0
         tl.store(part_out_ptr + base * DIM + dims, tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l)))
         tl.store(part_lse_ptr + base, tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l))))
+
+    @triton.jit
+    def _split_kernel_mma(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+                          sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
+                          HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
+                          STAGES: tl.constexpr, PRECISION: tl.constexpr):
+        """The same split as _split_kernel, with both products on tensor cores: the query is padded to 16
+        rows (row 0 real, the rest zero), so q k^T and p v are tl.dot; the tiles then stream through shared
+        memory, which the loop's software pipelining overlaps with the math."""
+        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_len = tl.load(lens_ptr + row)
+        start = split * split_tokens
+        end = tl.minimum(start + split_tokens, kv_len)
+        dims = tl.arange(0, DIM)
+        qrow = tl.arange(0, 16)
+        q = tl.load(q_ptr + row * sq_n + head * sq_h + qrow[:, None] * 0 + dims[None, :], mask=qrow[:, None] == 0,
+                    other=0.0)  # [16, D], only row 0 non-zero
+        m = tl.full([16], float("-inf"), tl.float32)
+        l = tl.zeros([16], tl.float32)
+        acc = tl.zeros([16, DIM], tl.float32)
+        for t0 in tl.range(start, end, TILE, num_stages=STAGES):
+            tok = t0 + tl.arange(0, TILE)
+            valid = tok < end
+            if BLOCK % TILE == 0:
+                slot = tl.load(table_ptr + row * st_n + t0 // BLOCK).to(tl.int64)
+                off = (t0 % BLOCK + tl.arange(0, TILE)).to(tl.int64)
+                k_rows = k_ptr + slot * sk_slot + head * sk_h + off[:, None] * sk_t
+                v_rows = v_ptr + slot * sv_slot + head * sv_h + off[:, None] * sv_t
+            else:
+                slot = tl.load(table_ptr + row * st_n + tok // BLOCK, mask=valid, other=0).to(tl.int64)
+                off = (tok % BLOCK).to(tl.int64)
+                k_rows = k_ptr + slot[:, None] * sk_slot + head * sk_h + off[:, None] * sk_t
+                v_rows = v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t
+            k = tl.load(k_rows + dims[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_rows + dims[None, :], mask=valid[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [16, TILE], log2 domain
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        first = qrow == 0
+        acc0 = tl.sum(tl.where(first[:, None], acc, 0.0), axis=0)
+        l0 = tl.sum(tl.where(first, l, 0.0), axis=0)
+        m0 = tl.max(tl.where(first, m, float("-inf")), axis=0)
+        base = (row * HEADS + head) * splits + split
+        empty = l0 == 0.0
+        tl.store(part_out_ptr + base * DIM + dims, tl.where(empty, 0.0, acc0 / tl.where(empty, 1.0, l0)))
+        tl.store(part_lse_ptr + base, tl.where(empty, float("-inf"), m0 + tl.log2(tl.where(empty, 1.0, l0))))
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
@@ -133,7 +195,8 @@ if triton is not None:
         tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
 
 
-def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile=TILE_TOKENS, warps=WARPS):
+def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile=TILE_TOKENS, warps=WARPS,
+                         stages=STAGES, mma=MMA):
     n, heads, dim = q.shape
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)
@@ -148,11 +211,15 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
     part_out = torch.empty(n, heads, splits, dim, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(n, heads, splits, dtype=torch.float32, device=q.device)
     assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
-    _split_kernel[(n, heads, splits)](
-        q, k_blocks, v_blocks, block_table, kv_lens, part_out, part_lse,
-        q.stride(0), q.stride(1), k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2),
-        v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
-        math.log2(math.e) / math.sqrt(dim),
-        HEADS=heads, SPLITS=splits, BLOCK=bs, DIM=dim, TILE=tile, num_warps=warps)
+    args = (q, k_blocks, v_blocks, block_table, kv_lens, part_out, part_lse,
+            q.stride(0), q.stride(1), k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2),
+            v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
+            math.log2(math.e) / math.sqrt(dim), splits)
+    meta = dict(HEADS=heads, BLOCK=bs, DIM=dim, TILE=tile, STAGES=stages, num_warps=warps)
+    if mma:  # fp32 caches keep fp32 products (no TF32), so that fp32 runs stay exact
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        _split_kernel_mma[(n, heads, splits)](*args, PRECISION=precision, **meta)
+    else:
+        _split_kernel[(n, heads, splits)](*args, **meta)
     _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
     return out, lse

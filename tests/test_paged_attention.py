@@ -88,13 +88,24 @@ def test_partials_of_split_blocks_merge_to_the_whole():
 @pytest.mark.skipif(not (CUDA and triton_available("cuda")), reason="needs CUDA and Triton")
 @pytest.mark.parametrize("block", [16, 64, 256])
 @pytest.mark.parametrize("splits", [None, 1, 4])
-def test_triton_kernel_bf16_equals_math(block, splits):
+@pytest.mark.parametrize("mma", [True, False])
+def test_triton_kernel_bf16_equals_math(block, splits, mma):
     lens = [0, 1, block - 1, block + 1, 3 * block + 5, 2048 + 17]
     q, k, v, table, lens_t = hostile_layout(lens, heads=8, dim=128, block=block, dtype=torch.bfloat16, device="cuda")
-    out, lse = paged_decode(q, k, v, table, lens_t, splits=splits)
+    out, lse = paged_decode(q, k, v, table, lens_t, splits=splits, mma=mma)
     ref_out, ref_lse = paged_decode_reference(q, k, v, table, lens_t)
     empty = lens_t == 0
     assert torch.isneginf(lse[empty]).all() and (out[empty] == 0).all()
     # bf16 inputs, fp32 accumulation in both: differences are accumulation order only
     assert (out[~empty] - ref_out[~empty]).abs().max() < 2e-2
     assert (lse[~empty] - ref_lse[~empty]).abs().max() < 1e-2 * math.log(max(lens))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (CUDA and triton_available("cuda")), reason="needs CUDA and Triton")
+def test_triton_kernel_fp32_is_exact():
+    """fp32 caches (the engine's float32 runs) keep fp32 products: agreement to rounding, not to bf16."""
+    q, k, v, table, lens = hostile_layout([0, 5, 77, 300], heads=4, dim=64, block=16, device="cuda")
+    out, lse = paged_decode(q, k, v, table, lens)
+    ref_out, ref_lse = paged_decode_reference(q, k, v, table, lens)
+    assert (out - ref_out).abs().max() < 1e-4 and (lse[1:] - ref_lse[1:]).abs().max() < 1e-4
