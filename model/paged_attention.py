@@ -32,8 +32,8 @@ except ImportError:  # pragma: no cover - depends on the install
 # Defaults from the sweep of harness/bench_paged.py on H200 (results/measured/*/paged/): the best worst case
 # over contexts 8K-32K and blocks 16-256.
 TILE_TOKENS = 128  # tokens per inner iteration of the kernel: a [128, 128] bf16 tile of K and of V
-WARPS = 8
-STAGES = 3  # software pipelining of the tile loop's loads
+WARPS = 4
+STAGES = 2  # software pipelining of the tile loop's loads
 MMA = True  # tensor-core products (query padded to 16 rows) instead of CUDA-core reductions
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 
@@ -74,11 +74,11 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
-    """Splits of each row's tokens: programs for ~16 waves of the GPU (short programs balance the tail of the
+    """Splits of each row's tokens: programs for ~32 waves of the GPU (short programs balance the tail of the
     grid), none shorter than MIN_SPLIT_TOKENS. A power of two, for the merge kernel's arange."""
     waves = 1 << (max(1, math.ceil(4 * sm_count / max(1, rows * heads))).bit_length() - 1)
     most = max(1, max_tokens // MIN_SPLIT_TOKENS)
-    return 1 << (min(4 * waves, most).bit_length() - 1)
+    return 1 << (min(8 * waves, most).bit_length() - 1)
 
 
 if triton is not None:

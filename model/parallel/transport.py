@@ -17,12 +17,19 @@ class Transport:
         self.stats = stats
 
     def exchange(self, sends=(), recvs=()) -> list:
-        """sends, recvs: (peer rank, tensor, stats key) triples. Returns the works to wait on."""
-        ops = [dist.P2POp(dist.isend, t, peer) for peer, t, _ in sends if t.numel()]
-        ops += [dist.P2POp(dist.irecv, t, peer) for peer, t, _ in recvs if t.numel()]
-        for _, t, key in (*sends, *recvs):
-            self.stats.add(key, t.nbytes)
-        return dist.batch_isend_irecv(ops) if ops else []
+        """sends, recvs: (peer rank, tensor, stats key) triples. Returns the works to wait on.
+
+        Sends and receives go out as two batches, never one mixed batch: the peer posts the matching receives
+        (sends) in a batch of its own, and NCCL leaves mixed and one-sided groupings of the same messages
+        undefined (a mixed group can wait on its own receive before its send progresses; NVIDIA/nccl#1279)."""
+        works = []
+        for ops, op in ((sends, dist.isend), (recvs, dist.irecv)):
+            batch = [dist.P2POp(op, t, peer) for peer, t, _ in ops if t.numel()]
+            for _, t, key in ops:
+                self.stats.add(key, t.nbytes)
+            if batch:
+                works += dist.batch_isend_irecv(batch)
+        return works
 
     @staticmethod
     def wait(works: list) -> None:
