@@ -69,9 +69,9 @@ def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: 
             auto = choose_splits(batch, HEADS, table.shape[1] * bs, sms)
             variants = [(None, TILE_TOKENS, WARPS, STAGES, MMA)]
             if sweep:
-                variants += [(s, t, w, st, True) for s in (max(1, auto // 4), auto, 2 * auto) for t in (64, 128)
+                variants += [(s, t, w, st, True) for s in (auto, 2 * auto, 8 * auto) for t in (64, 128)
                              for w in (4, 8) for st in (2, 3)]
-                variants += [(max(1, auto // 4), 128, 4, 3, False), (auto, 128, 4, 3, False)]
+                variants += [(auto, 128, 4, 3, False)]
             for splits, tile, warps, stages, mma in variants:
                 try:
                     t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits, tile=tile, warps=warps,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 
@@ -70,8 +71,10 @@ def main(argv=None):
             rows.append({"case": name, "role": role, **PAPER, **time_steps(lens, args.steps, me)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
+        machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                   "numpy": np.__version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        Path(args.out, "bench_plan.json").write_text(json.dumps(rows, indent=1))
+        Path(args.out, "bench_plan.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return rows
 
 

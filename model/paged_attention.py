@@ -29,9 +29,10 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs run the refere
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Defaults from the sweep of harness/bench_paged.py on H200 (results/measured/*/paged/): the best worst case
-# over contexts 8K-32K and blocks 16-256.
-TILE_TOKENS = 128  # tokens per inner iteration of the kernel: a [128, 128] bf16 tile of K and of V
+# Defaults from the sweep of harness/bench_paged.py on H200 (results/measured/h200-x1/paged/paged.md): at
+# 16K and 32K, 64-token tiles, 4 warps and ~4 programs per SM (one long loop each) read at 0.95-0.98 of the
+# read bandwidth at every block size, where more programs or larger tiles lose up to 20%.
+TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
 WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MMA = True  # tensor-core products (query padded to 16 rows) instead of CUDA-core reductions
@@ -74,11 +75,11 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
-    """Splits of each row's tokens: programs for ~32 waves of the GPU (short programs balance the tail of the
-    grid), none shorter than MIN_SPLIT_TOKENS. A power of two, for the merge kernel's arange."""
-    waves = 1 << (max(1, math.ceil(4 * sm_count / max(1, rows * heads))).bit_length() - 1)
+    """Splits of each row's tokens: about 4 programs per SM (a small batch of long rows still fills the GPU, a
+    large batch needs no split), none shorter than MIN_SPLIT_TOKENS. A power of two, for the merge kernel."""
+    want = max(1, 4 * sm_count // max(1, rows * heads))
     most = max(1, max_tokens // MIN_SPLIT_TOKENS)
-    return 1 << (min(8 * waves, most).bit_length() - 1)
+    return 1 << (min(want, most).bit_length() - 1)
 
 
 if triton is not None:
