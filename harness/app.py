@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, register_configs, validate
+from harness.config import ConfigError, load, register_configs, validate
 from harness.launch import launch_local, record_failure
 from harness.plan import PLANNED, plan_line
 from harness.record import read_record, run_id, write_record
@@ -33,12 +33,13 @@ def summary(rec) -> str:
 
 def run(cfg: DictConfig, out_dir: str):
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    cfg_obj = OmegaConf.to_object(cfg)
-    world = cfg_obj.strategy.world_size
     try:
+        cfg_obj = load(cfg)
         validate(cfg_obj)
     except ConfigError as e:
-        return read_record(record_failure(cfg_dict, "invalid", str(e), world, cfg_obj.hardware.device, out_dir))
+        world, device = cfg_dict["strategy"]["world_size"], cfg_dict["hardware"]["device"]
+        return read_record(record_failure(cfg_dict, "invalid", str(e), world, device, out_dir))
+    world = cfg_obj.strategy.world_size
     if cfg_obj.plan:
         PLANNED.append(plan_line(cfg_obj))
         print("PLAN", PLANNED[-1])

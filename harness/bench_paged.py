@@ -19,7 +19,7 @@ import torch
 
 from harness.bench_gpu import HEAD_DIM, HEADS, device_info, fmt_table, limits, timeit
 from model.attention import attention, backend_available
-from model.paged_attention import MMA, STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
+from model.paged_attention import STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
 
 
 REPS, WARMUP = 100, 25  # ~0.5 ms calls: enough of them that clocks settle and the median is stable
@@ -67,20 +67,19 @@ def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: 
         for bs in blocks:
             q, k, v, table, lens = paged_layout(batch, L, bs, dtype, device)
             auto = choose_splits(batch, HEADS, table.shape[1] * bs, sms)
-            variants = [(None, TILE_TOKENS, WARPS, STAGES, MMA)]
+            variants = [(None, TILE_TOKENS, WARPS, STAGES)]
             if sweep:
-                variants += [(s, t, w, st, True) for s in (auto, 2 * auto, 8 * auto) for t in (64, 128)
-                             for w in (4, 8) for st in (2, 3)]
-                variants += [(auto, 128, 4, 3, False)]
-            for splits, tile, warps, stages, mma in variants:
+                variants += [(s, t, w, st) for s in (auto, 2 * auto, 8 * auto) for t in (64, 128) for w in (4, 8)
+                             for st in (2, 3)]
+            for splits, tile, warps, stages in variants:
                 try:
                     t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits, tile=tile, warps=warps,
-                                                    stages=stages, mma=mma), reps=REPS, warmup=WARMUP)
+                                                    stages=stages), reps=REPS, warmup=WARMUP)
                 except Exception as e:  # a setting the compiler refuses (e.g. shared memory) is reported, not fatal
                     rows.append({"context": L, "block": bs, "tile": tile, "warps": warps, "error": str(e)[:200]})
                     continue
                 rows.append({"context": L, "block": bs, "batch": batch, "kv_gib": kv_bytes / 2**30,
-                             "splits": splits or auto, "tile": tile, "warps": warps, "stages": stages, "mma": mma,
+                             "splits": splits or auto, "tile": tile, "warps": warps, "stages": stages,
                              "default": splits is None, "paged_us": t * 1e6, "paged_ratio_to_read_bw": kv_bytes / t / read_bw,
                              "cudnn_us": dense * 1e6, "cudnn_ratio_to_read_bw": kv_bytes / dense / read_bw,
                              "paged_over_cudnn": t / dense})
@@ -103,7 +102,7 @@ def main(argv=None):
     res["limits"] = lim = limits(device, dtype, args.smoke)
     print(f"# {res['device']}\n# read {lim['read_bytes_per_s'] / 1e12:.3f} TB/s", flush=True)
     res["points"] = rows = kernel_points(device, dtype, lim["read_bytes_per_s"], contexts, blocks, total, args.sweep)
-    cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "stages", "mma", "paged_us", "paged_ratio_to_read_bw",
+    cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "stages", "paged_us", "paged_ratio_to_read_bw",
             "cudnn_us", "cudnn_ratio_to_read_bw", "paged_over_cudnn"]
     defaults = [r for r in rows if r.get("default")]
     md = [f"# Paged decode attention on {res['device'].get('device_name')}\n",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -69,8 +70,6 @@ class PrintComparison(Callback):
             print_plan(PLANNED)
             PLANNED.clear()
             return
-        import sys
-
         if "harness.slurm" in sys.modules:  # Slurm jobs of this sweep still queued or running
             from harness.slurm import PENDING, wait_all
 
@@ -90,3 +89,8 @@ class PrintComparison(Callback):
             print(f"report: {r['out']}")
         except Exception as e:  # a report failure must not hide the sweep's records
             log.exception("report failed: %s", e)
+        not_ok = int((df["status"] != "ok").sum()) if not df.empty else 0
+        if (not_ok or bad) and config.get("fail_on_error", True):  # a script or CI job must notice
+            print(f"{not_ok} point(s) not ok and {len(bad)} unreadable record(s): exit status 1 "
+                  "(fail_on_error=false keeps 0)")
+            sys.exit(1)

@@ -15,6 +15,29 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 
 STRATEGY_KINDS = ("reference", "static", "fa_pool")
+FAULTS = ("none", "raise", "kill", "hang", "wrong_token")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the field, the value and the fix."""
+
+
+def need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def at_least(group: str, obj, low, *names: str) -> None:
+    """Each of obj's fields `names` is >= low (NaN is refused too)."""
+    for n in names:
+        v = getattr(obj, n)
+        need(v >= low, f"{group}.{n}={v} must be >= {low}")
+
+
+def above(group: str, obj, low, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        need(v > low, f"{group}.{n}={v} must be > {low}")
 
 
 @dataclass
@@ -30,6 +53,15 @@ class PoolConfig:
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
 
+    def __post_init__(self):
+        g = "strategy.pool"
+        at_least(g, self, 0, "size")
+        at_least(g, self, 1, "max_size", "gpus_per_node")
+        above(g, self, 0, "threshold", "block_size", "tokens_per_rank")
+        need(self.size <= self.max_size, f"strategy.pool.size={self.size} exceeds strategy.pool.max_size={self.max_size}")
+        need(self.policy in ("proportional", "all"), f"strategy.pool.policy={self.policy!r}: choose proportional or all")
+        need(0 < self.kv_memory_fraction <= 1, f"strategy.pool.kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
+
 
 @dataclass
 class StrategyConfig:
@@ -40,6 +72,10 @@ class StrategyConfig:
     micro_batches: int = 1  # decode micro-batches (pipeline stages or pool/base overlap)
     world_size: int = 1  # declared ranks; must equal tp * pp (+ pool.size)
     pool: PoolConfig = field(default_factory=PoolConfig)
+
+    def __post_init__(self):
+        need(self.kind in STRATEGY_KINDS, f"strategy.kind={self.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
+        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size")
 
 
 @dataclass
@@ -52,6 +88,16 @@ class WorkloadConfig:
     warmup_steps: int = 2  # decode steps of an untimed warm-up generation
     synthetic_kv: bool = False  # fill the KV cache with random values instead of prefill (no TTFT)
     seed: int = 0  # prompts and sampled lengths
+
+    def __post_init__(self):
+        at_least("workload", self, 1, "batch_size")
+        need(self.output_tokens >= 2, f"workload.output_tokens={self.output_tokens}: TPOT needs at least 2 output tokens")
+        at_least("workload", self, 0, "warmup_steps", "seed")
+        need(len(self.prompt_lens) > 0 or len(self.buckets) > 0, "workload: give prompt_lens or buckets")
+        need(all(n >= 1 for n in self.prompt_lens), f"workload.prompt_lens={list(self.prompt_lens)}: every length must be >= 1")
+        for b in self.buckets:
+            need(len(b) == 2, f"workload.buckets entry {list(b)} must be [min, max]")
+            need(1 <= b[0] <= b[1], f"workload.buckets entry {list(b)}: need 1 <= min <= max")
 
 
 @dataclass
@@ -76,6 +122,14 @@ class LauncherConfig:
     wait: bool = True  # block until the job ends (sweeps submit every point first, then wait)
     max_requeues: int = 2  # re-runs after preemption or time-out
 
+    def __post_init__(self):
+        need(self.kind in ("local", "slurm", "model"), f"launcher.kind={self.kind!r}: choose local, slurm or model")
+        need(self.dist_backend in ("auto", "gloo", "nccl"),
+             f"launcher.dist_backend={self.dist_backend!r}: choose auto, gloo or nccl")
+        above("launcher", self, 0, "timeout_s", "time_min")
+        at_least("launcher", self, 0, "gpus_per_node", "tasks_per_node", "nodes", "mem_gb", "max_requeues")
+        at_least("launcher", self, 1, "cpus_per_task")
+
 
 def slurm_layout(launcher: "LauncherConfig", world: int) -> tuple[int, int]:
     """(nodes, tasks per node) of a run of `world` ranks under this launcher."""
@@ -96,14 +150,27 @@ class HardwareConfig:
     nvlink_gbps: float = 0.0  # per GPU, one direction
     ib_gbps: float = 0.0  # per GPU, one direction
 
+    def __post_init__(self):
+        need(self.device in ("cpu", "cuda"), f"hardware.device={self.device!r}: choose cpu or cuda")
+        need(self.dtype in ("float32", "bfloat16"), f"hardware.dtype={self.dtype!r}: choose float32 or bfloat16")
+        at_least("hardware", self, 1, "gpus_per_node")
+        at_least("hardware", self, 0, "memory_gb", "peak_tflops", "hbm_gbps", "nvlink_gbps", "ib_gbps")
+
 
 @dataclass
 class FaultConfig:
     """Faults injected on purpose, to test that failures end as records and never hang a sweep."""
 
-    kind: str = "none"  # none | raise (an exception) | kill (SIGKILL) | hang (stops answering collectives)
+    # none | raise (an exception) | kill (SIGKILL) | hang (stops answering collectives) | wrong_token (the rank
+    # records a wrong token at that step, as a bug in sending tokens back would: the reference check must see it)
+    kind: str = "none"
     rank: int = 0  # which rank misbehaves
     step: int = 1  # at which decode step of the measured generation
+
+    def __post_init__(self):
+        need(self.kind in FAULTS, f"fault.kind={self.kind!r}: choose one of {', '.join(FAULTS)}")
+        at_least("fault", self, 0, "rank")
+        at_least("fault", self, 1, "step")
 
 
 @dataclass
@@ -123,6 +190,7 @@ class BenchConfig:
     fault: FaultConfig = field(default_factory=FaultConfig)
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
     resume: bool = True  # skip a run whose directory already holds an ok record of the same run_id
+    fail_on_error: bool = True  # a multirun exits 1 when any point is not ok (after all records and the report)
 
 
 def register_configs() -> None:
@@ -135,63 +203,61 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field, the value and the fix."""
+def check_topology(cfg: BenchConfig) -> None:
+    """GPUs per node is stated by the hardware, the Slurm launcher and the FA Pool (which reduces partials
+    within a node first). Where they describe real nodes they must agree, or a 'within-node' reduction could
+    cross nodes. The local launcher runs every rank on this one machine: there the pool's gpus_per_node only
+    groups ranks (tests pretend 2 to exercise both reduction levels)."""
+    s, L, hw = cfg.strategy, cfg.launcher, cfg.hardware
+    pool_node = s.pool.gpus_per_node if s.kind == "fa_pool" and s.pool.hierarchical else None
+    if L.kind == "slurm":
+        _, per_node = slurm_layout(L, s.world_size)
+        if hw.device == "cuda":
+            need(L.gpus_per_node == hw.gpus_per_node,
+                 f"launcher.gpus_per_node={L.gpus_per_node} but hardware.gpus_per_node={hw.gpus_per_node} "
+                 f"({hw.name}): set them equal, to the GPUs a node of your partition has")
+        if pool_node is not None:
+            need(pool_node == per_node,
+                 f"strategy.pool.gpus_per_node={pool_node} but the job runs {per_node} tasks per node: the "
+                 f"hierarchical reduction's nodes must be the job's nodes; set strategy.pool.gpus_per_node={per_node}")
+    if L.kind == "model" and pool_node is not None and hw.device == "cuda":
+        need(pool_node == hw.gpus_per_node,
+             f"strategy.pool.gpus_per_node={pool_node} but hardware.gpus_per_node={hw.gpus_per_node} ({hw.name}): the "
+             f"projection prices traffic inside and across nodes by the hardware's nodes; set them equal")
+
+
+def load(cfg) -> BenchConfig:
+    """The typed config of a composed one; a field out of its range (each group's __post_init__) is a ConfigError."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:  # ModelConfig lives in model/, which does not know ConfigError
+        raise ConfigError(str(e)) from None
 
 
 def validate(cfg: BenchConfig) -> None:
     """Refuse what cannot run, before anything is launched. Raises ConfigError."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
-
-    def need(ok: bool, msg: str):
-        if not ok:
-            raise ConfigError(msg)
-
-    need(s.kind in STRATEGY_KINDS, f"strategy.kind={s.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
-    need(m.hidden % m.n_heads == 0, f"model.hidden={m.hidden} is not divisible by model.n_heads={m.n_heads}")
-    need(m.head_dim % 2 == 0, f"model head_dim={m.head_dim} must be even for rotary embeddings")
-    need(s.tp >= 1 and s.pp >= 1, f"strategy.tp={s.tp} and strategy.pp={s.pp} must be >= 1")
     need(m.n_heads % s.tp == 0, f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; pick tp among the divisors of n_heads")
     need(m.ffn_hidden % s.tp == 0, f"model.ffn_hidden={m.ffn_hidden} is not divisible by strategy.tp={s.tp}")
     need(m.vocab_size % s.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by strategy.tp={s.tp}")
     need(m.n_layers % s.pp == 0, f"model.n_layers={m.n_layers} is not divisible by strategy.pp={s.pp}")
-    need(s.micro_batches >= 1, f"strategy.micro_batches={s.micro_batches} must be >= 1")
     need(w.batch_size % s.micro_batches == 0,
          f"workload.batch_size={w.batch_size} is not divisible by strategy.micro_batches={s.micro_batches}")
     if s.kind == "reference":
         need(s.tp == 1 and s.pp == 1, f"strategy.kind=reference runs on one device; got tp={s.tp}, pp={s.pp}")
     pool_ranks = s.pool.size if s.kind == "fa_pool" else 0
     if s.kind == "fa_pool":
-        p = s.pool
         need(s.pp == 1, f"strategy.pp={s.pp}: the FA Pool base group is tensor-parallel only; set strategy.pp=1")
-        need(p.size >= 0, f"strategy.pool.size={p.size} must be >= 0")
-        need(p.max_size >= 1, f"strategy.pool.max_size={p.max_size} must be >= 1")
-        need(p.size <= p.max_size, f"strategy.pool.size={p.size} exceeds strategy.pool.max_size={p.max_size}")
-        need(p.threshold > 0, f"strategy.pool.threshold={p.threshold} must be > 0")
-        need(p.block_size > 0, f"strategy.pool.block_size={p.block_size} must be > 0")
-        need(p.tokens_per_rank > 0, f"strategy.pool.tokens_per_rank={p.tokens_per_rank} must be > 0")
-        need(p.policy in ("proportional", "all"), f"strategy.pool.policy={p.policy!r}: choose proportional or all")
-        need(p.gpus_per_node >= 1, f"strategy.pool.gpus_per_node={p.gpus_per_node} must be >= 1")
-        need(0 < p.kv_memory_fraction <= 1, f"strategy.pool.kv_memory_fraction={p.kv_memory_fraction} must be in (0, 1]")
     expected = s.tp * s.pp + pool_ranks
     need(s.world_size == expected,
          f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if pool_ranks else ''} = {expected}; set strategy.world_size={expected}")
-    need(w.batch_size >= 1, f"workload.batch_size={w.batch_size} must be >= 1")
-    need(w.output_tokens >= 2, f"workload.output_tokens={w.output_tokens}: TPOT needs at least 2 output tokens")
-    need(w.warmup_steps >= 0, f"workload.warmup_steps={w.warmup_steps} must be >= 0")
-    need(len(w.prompt_lens) > 0 or len(w.buckets) > 0, "workload: give prompt_lens or buckets")
-    need(all(n >= 1 for n in w.prompt_lens), f"workload.prompt_lens={list(w.prompt_lens)}: every length must be >= 1")
-    for b in w.buckets:
-        need(len(b) == 2, f"workload.buckets entry {list(b)} must be [min, max]")
-        need(1 <= b[0] <= b[1], f"workload.buckets entry {list(b)}: need 1 <= min <= max")
-    need(cfg.fault.kind in ("none", "raise", "kill", "hang"), f"fault.kind={cfg.fault.kind!r}: choose none, raise, kill or hang")
     need(0 <= cfg.fault.rank < s.world_size, f"fault.rank={cfg.fault.rank} is outside 0..{s.world_size - 1}")
-    need(cfg.hardware.device in ("cpu", "cuda"), f"hardware.device={cfg.hardware.device!r}: choose cpu or cuda")
-    need(cfg.hardware.dtype in ("float32", "bfloat16"), f"hardware.dtype={cfg.hardware.dtype!r}: choose float32 or bfloat16")
-    need(cfg.launcher.dist_backend in ("auto", "gloo", "nccl"),
-         f"launcher.dist_backend={cfg.launcher.dist_backend!r}: choose auto, gloo or nccl")
-    need(cfg.launcher.timeout_s > 0, f"launcher.timeout_s={cfg.launcher.timeout_s} must be > 0")
-    need(cfg.launcher.kind in ("local", "slurm", "model"), f"launcher.kind={cfg.launcher.kind!r}: choose local, slurm or model")
+    need(not (cfg.check_reference and w.synthetic_kv),
+         "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
+         "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")
+    check_topology(cfg)
     if cfg.launcher.kind == "slurm":
         L = cfg.launcher
         need(bool(L.partition), f"launcher {L.name!r} has no partition; set launcher.partition=<your partition>")
@@ -203,7 +269,6 @@ def validate(cfg: BenchConfig) -> None:
             need(per_node <= L.gpus_per_node,
                  f"launcher.tasks_per_node={per_node} exceeds launcher.gpus_per_node={L.gpus_per_node}: one task per GPU; "
                  f"use more nodes")
-        need(L.time_min > 0, f"launcher.time_min={L.time_min} must be > 0")
     if cfg.launcher.kind != "model":  # a projection of a config that cannot fit is recorded as projected oom
         from harness.perfmodel import check_fits
 

@@ -55,9 +55,19 @@ class RunRecord:
         return rec
 
 
+# what the record says: where it is written and the sweep's own switches do not change it
+NOT_MEASURED = ("results_dir", "resume", "plan", "fail_on_error")
+# how it was measured: a projection (launcher=model) is not a measurement, one node is not four
+LAUNCHER_HOW = ("kind", "dist_backend", "nodes", "tasks_per_node")
+
+
 def run_id(resolved_config: dict) -> str:
-    """Stable id of a config: where it is written and how it is run do not change it."""
-    keyed = {k: v for k, v in resolved_config.items() if k not in ("results_dir", "launcher")}
+    """Stable id of what a run measures and how: the config without where it is written and without the
+    launcher's bookkeeping (time limits, partition, queue), but with the launcher's kind and layout, so that
+    resume accepts only a record produced the same way."""
+    keyed = {k: v for k, v in resolved_config.items() if k not in NOT_MEASURED and k != "launcher"}
+    launcher = resolved_config.get("launcher") or {}
+    keyed["launcher"] = {k: launcher[k] for k in LAUNCHER_HOW if k in launcher}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 

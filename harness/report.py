@@ -4,7 +4,9 @@ claims (results/reference/paper_claims.csv) beside them and labelled as claims.
     fapool-report RESULTS_DIR [--out DIR] [--baseline tp8_pp2] [--fa-pool fa_pool]
 
 Measured and projected records are never mixed: every table keeps `source` as a key and every ratio
-is taken between two rows of the same source.
+is taken between two rows of the same source. Nor are unlike runs averaged together: any config field that
+differs between records of the same row (batch size, hardware, model, dtype, a pool setting...) becomes a
+key of that table too, and the table says which fields split its rows.
 """
 from __future__ import annotations
 
@@ -23,6 +25,31 @@ from harness.measure import PHASES  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
 KEY = ["source", "strategy", "seq_len"]
+# fields that say where or how a sweep ran, not what it measured (`source` already tells measured/projected)
+NOT_SPLIT = ("config.results_dir", "config.resume", "config.plan", "config.fail_on_error", "config.check_reference",
+             "config.launcher.timeout_s", "config.launcher.partition", "config.launcher.account", "config.launcher.qos",
+             "config.launcher.folder", "config.launcher.wait", "config.launcher.setup", "config.launcher.max_requeues",
+             "config.launcher.time_min", "config.launcher.mem_gb", "config.launcher.name", "config.launcher.kind",
+             "config.launcher.constraint", "config.launcher.cpus_per_task")
+
+
+def split_fields(d: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Config fields with several values among records that share `keys`: averaging over them would mix unlike
+    runs, so they become keys too. Fields fixed by the keys (a strategy's tp, say) do not split anything."""
+    if d.empty:
+        return []
+    out = []
+    for c in sorted(c for c in d.columns if c.startswith("config.") and c not in keys and c not in NOT_SPLIT
+                    and not c.startswith("config.fault.")):
+        values = d[c].astype(str)
+        if values.groupby([d[k].astype(str) for k in keys]).nunique().max() > 1:
+            out.append(c)
+    return out
+
+
+def _split_note(t: pd.DataFrame, fields: list[str]) -> pd.DataFrame:
+    t.attrs["split_by"] = [f.removeprefix("config.") for f in fields]
+    return t
 
 
 def load_claims(path: Path = CLAIMS) -> pd.DataFrame:
@@ -46,8 +73,16 @@ def pick(d: pd.DataFrame, wanted: str | None, kind: str) -> str | None:
 
 
 def _mean_by(d, keys, cols):
+    """Means of `cols` per `keys`, and per every config field that would otherwise be averaged over."""
     cols = [c for c in cols if c in d]
-    return d.groupby(keys, dropna=False)[cols].mean().reset_index()
+    extra = split_fields(d, keys)
+    grouped = d.assign(**{c: d[c].astype(str) for c in extra})
+    return _split_note(grouped.groupby(keys + extra, dropna=False)[cols].mean().reset_index(), extra)
+
+
+def _shared(fields) -> list[str]:
+    """Of the splitting fields, those that two strategies can share (not a strategy's own settings)."""
+    return [c for c in fields if not c.startswith("config.strategy.")]
 
 
 def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = None, fa_pool: str | None = None) -> pd.DataFrame:
@@ -59,10 +94,11 @@ def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = 
     if not base or not fa:
         return pd.DataFrame()
     m = _mean_by(d[d["strategy"].isin([base, fa])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.decode_tps"])
-    b = m[m["strategy"] == base].drop(columns="strategy").set_index(["source", "seq_len"])
-    f = m[m["strategy"] == fa].drop(columns="strategy").set_index(["source", "seq_len"])
-    t = (
-        pd.merge(b, f, left_index=True, right_index=True, suffixes=("_base", "_fa")).reset_index())
+    split = ["config." + c for c in m.attrs["split_by"]]
+    on = ["source", "seq_len"] + _shared(split)
+    b = m[m["strategy"] == base].drop(columns="strategy")
+    f = m[m["strategy"] == fa].drop(columns="strategy")
+    t = pd.merge(b, f, on=on, suffixes=("_base", "_fa"))
     t.insert(2, "baseline", base)
     t.insert(3, "fa_pool", fa)
     t["tpot_speedup"] = t["metrics.mean_tpot_ms_base"] / t["metrics.mean_tpot_ms_fa"]
@@ -73,9 +109,10 @@ def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = 
                         ("claim_tpot_speedup", "tpot_speedup_"), ("claim_tps_base", "tps_base_"),
                         ("claim_tps_fa", "tps_fapool_"), ("claim_tps_speedup", "tps_speedup_")):
         t[col] = [c.get(f"{prefix}{int(L)}") if pd.notna(L) else None for L in t["seq_len"]]
-    return t.rename(columns={"metrics.mean_tpot_ms_base": "tpot_base_ms", "metrics.mean_tpot_ms_fa": "tpot_fa_ms",
-                             "metrics.tps_base": "tps_base", "metrics.tps_fa": "tps_fa",
-                             "metrics.decode_tps_base": "decode_tps_base", "metrics.decode_tps_fa": "decode_tps_fa"})
+    t = t.rename(columns={"metrics.mean_tpot_ms_base": "tpot_base_ms", "metrics.mean_tpot_ms_fa": "tpot_fa_ms",
+                          "metrics.tps_base": "tps_base", "metrics.tps_fa": "tps_fa",
+                          "metrics.decode_tps_base": "decode_tps_base", "metrics.decode_tps_fa": "decode_tps_fa"})
+    return _split_note(t, split)
 
 
 def static_vs_fapool(df: pd.DataFrame, fa_pool: str | None = None) -> pd.DataFrame:
@@ -85,20 +122,19 @@ def static_vs_fapool(df: pd.DataFrame, fa_pool: str | None = None) -> pd.DataFra
     if not fa:
         return pd.DataFrame()
     m = _mean_by(d[d["kind"].isin(["static", "fa_pool"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
-    f = m[m["strategy"] == fa].set_index(["source", "seq_len"])
-    rows = []
+    split = ["config." + c for c in m.attrs["split_by"]]
     statics = set(d.loc[d["kind"] == "static", "strategy"])
-    for _, r in m[m["strategy"].isin(statics)].iterrows():
-        key = (r["source"], r["seq_len"])
-        if key not in f.index:
-            continue
-        fr = f.loc[key]
-        rows.append({"source": r["source"], "seq_len": r["seq_len"], "static": r["strategy"], "static_gpus": r["metrics.num_gpus"],
-                     "fa_pool": fa, "fa_pool_gpus": fr["metrics.num_gpus"], "static_tpot_ms": r["metrics.mean_tpot_ms"],
-                     "fa_pool_tpot_ms": fr["metrics.mean_tpot_ms"],
-                     "tpot_speedup": r["metrics.mean_tpot_ms"] / fr["metrics.mean_tpot_ms"],
-                     "tps_speedup": (fr["metrics.tps"] / r["metrics.tps"]) if r["metrics.tps"] else None})
-    return pd.DataFrame(rows)
+    s, f = m[m["strategy"].isin(statics)], m[m["strategy"] == fa]
+    t = pd.merge(s, f, on=["source", "seq_len"] + _shared(split), suffixes=("_s", "_f"))
+    if t.empty:
+        return pd.DataFrame()
+    out = pd.DataFrame({"source": t["source"], "seq_len": t["seq_len"], **{c.removeprefix("config."): t[c] for c in _shared(split)},
+                        "static": t["strategy_s"], "static_gpus": t["metrics.num_gpus_s"], "fa_pool": fa,
+                        "fa_pool_gpus": t["metrics.num_gpus_f"], "static_tpot_ms": t["metrics.mean_tpot_ms_s"],
+                        "fa_pool_tpot_ms": t["metrics.mean_tpot_ms_f"],
+                        "tpot_speedup": t["metrics.mean_tpot_ms_s"] / t["metrics.mean_tpot_ms_f"],
+                        "tps_speedup": t["metrics.tps_f"] / t["metrics.tps_s"].where(t["metrics.tps_s"] != 0)})
+    return _split_note(out, split)
 
 
 def iso_gpu(df: pd.DataFrame) -> pd.DataFrame:
@@ -108,36 +144,48 @@ def iso_gpu(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     m = _mean_by(d, ["source", "metrics.num_gpus", "seq_len", "strategy"],
                  ["metrics.mean_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "metrics.decode_tps"])
+    split = ["config." + c for c in m.attrs["split_by"]]
     m["decode_tps_per_gpu"] = m["metrics.decode_tps"] / m["metrics.num_gpus"]
-    counts = m.groupby(["source", "metrics.num_gpus", "seq_len"])["strategy"].transform("nunique")
-    return m[counts >= 2].sort_values(["source", "metrics.num_gpus", "seq_len", "strategy"]).reset_index(drop=True)
+    same = ["source", "metrics.num_gpus", "seq_len"] + _shared(split)
+    counts = m.groupby(same, dropna=False)["strategy"].transform("nunique")
+    return _split_note(m[counts >= 2].sort_values(same + ["strategy"]).reset_index(drop=True), split)
 
 
 def _role_rows(df: pd.DataFrame, section: str):
-    """(run, role) for every ok run and every role that has a `<section>.<role>.*` value in it."""
+    """(run, role, splitting fields of the run) for every ok run and every role with a `<section>.<role>.*` value."""
     d = ok_runs(df)
+    split = split_fields(d, KEY)
     for _, r in d.iterrows():
         roles = {c.split(".")[1] for c in d.columns if c.startswith(section + ".") and pd.notna(r[c])}
         for role in sorted(roles):
-            yield r, role
+            yield r, role, {c.removeprefix("config."): str(r[c]) for c in split}
 
 
 def memory_table(df: pd.DataFrame) -> pd.DataFrame:
-    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
+    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], **split, "role": role,
              "peak_gb": r[f"memory.{role}.peak_bytes_max"] / 1e9, "how": r.get(f"memory.{role}.source")}
-            for r, role in _role_rows(df, "memory") if pd.notna(r.get(f"memory.{role}.peak_bytes_max"))]
+            for r, role, split in _role_rows(df, "memory") if pd.notna(r.get(f"memory.{role}.peak_bytes_max"))]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    return out.groupby(["source", "strategy", "seq_len", "role", "how"], dropna=False)["peak_gb"].max().reset_index()
+    split = [c for c in out.columns if c not in ("source", "strategy", "seq_len", "role", "how", "peak_gb")]
+    keys = ["source", "strategy", "seq_len", *split, "role", "how"]
+    out = out.groupby(keys, dropna=False)["peak_gb"].max().reset_index()
+    out.attrs["split_by"] = split
+    return out
 
 
 def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
-    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], "role": role,
+    rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], **split, "role": role,
              **{p: r.get(f"breakdown.{role}.{p}", 0.0) for p in PHASES}}
-            for r, role in _role_rows(df, "breakdown")]
+            for r, role, split in _role_rows(df, "breakdown")]
     out = pd.DataFrame(rows)
-    return out.groupby(["source", "strategy", "seq_len", "role"]).mean().reset_index() if not out.empty else out
+    if out.empty:
+        return out
+    split = [c for c in out.columns if c not in ("source", "strategy", "seq_len", "role", *PHASES)]
+    out = out.groupby(["source", "strategy", "seq_len", *split, "role"], dropna=False).mean().reset_index()
+    out.attrs["split_by"] = split
+    return out
 
 
 def swept(df: pd.DataFrame, field: str) -> pd.DataFrame:
@@ -342,12 +390,16 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
 
 def _write(t: pd.DataFrame, out: Path, name: str, title: str) -> list[Path]:
     md, tex = out / f"{name}.md", out / f"{name}.tex"
+    split = t.attrs.get("split_by") or []
+    note = (f"Rows are also split by {', '.join(split)}: these differ between the records and are not averaged "
+            "over.\n\n") if split else ""
     if t.empty:
         md.write_text(f"# {title}\n\n(no rows: the results hold no runs of this kind)\n")
         tex.write_text(f"% {title}: no rows\n")
     else:
-        md.write_text(f"# {title}\n\n" + t.to_markdown(index=False, floatfmt=".4g") + "\n")
-        tex.write_text(t.to_latex(index=False, float_format="%.4g", na_rep="--", caption=title))
+        md.write_text(f"# {title}\n\n{note}" + t.to_markdown(index=False, floatfmt=".4g") + "\n")
+        caption = title + (f" (rows also split by {', '.join(split)})" if split else "")
+        tex.write_text(t.to_latex(index=False, float_format="%.4g", na_rep="--", caption=caption))
     return [md, tex]
 
 

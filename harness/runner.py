@@ -72,6 +72,11 @@ def inject_fault(fault, rank: int, step: int) -> None:
         time.sleep(10**6)
 
 
+def wrong_token(fault, rank: int, step: int) -> bool:
+    """The injected fault `wrong_token`: this rank records (not feeds back) a wrong token at this step."""
+    return fault is not None and fault.kind == "wrong_token" and fault.rank == rank and fault.step == step
+
+
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
              fault=None, rank: int = 0):
     """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known."""
@@ -91,24 +96,39 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     for i in steps:
         inject_fault(fault, rank, i)
         tok = engine.decode(tok)
-        out.append(tok)
+        out.append(tok + 1 if wrong_token(fault, rank, i) and tok is not None else tok)
         if clock:
             clock.mark()
     engine.finish()
     return torch.stack(out, 1) if engine.has_tokens else None
 
 
-def reference_check(cfg: BenchConfig, prompts, logits: torch.Tensor, tokens: torch.Tensor, device) -> dict:
-    """Decode the same prompts on one device with the plain model and compare."""
+def reference_check(cfg: BenchConfig, prompts, logits: torch.Tensor, device) -> dict:
+    """Decode the same prompts on one device with the plain model; compare the logits here (the rank that holds
+    them). The reference tokens travel with the result to rank 0, which compares the tokens it recorded."""
     from model.transformer import build_model, generate as ref_generate
 
     model = build_model(cfg.model, getattr(torch, cfg.hardware.dtype), device)
     ref_tokens, ref_logits = ref_generate(model, prompts, cfg.workload.output_tokens, "math")
     return {
         "max_abs_logit_error": float((ref_logits.float() - logits.float()).abs().max()),
-        "tokens_equal": bool(torch.equal(ref_tokens.cpu(), tokens.cpu())),
         "steps_compared": int(ref_logits.shape[0]),
+        "reference_tokens": ref_tokens.cpu().tolist(),
     }
+
+
+def compare_tokens(check: dict | None, tokens: torch.Tensor | None) -> dict | None:
+    """Rank 0: the reference check's verdict on the tokens this run recorded (and hashed), not on an argmax
+    recomputed where the logits are, so that a bug in sending tokens back cannot pass it."""
+    if check is None:
+        return None
+    check = dict(check)
+    ref = torch.tensor(check.pop("reference_tokens"))
+    check["tokens_equal"] = tokens is not None and bool(torch.equal(ref, tokens.cpu()))
+    if tokens is not None and not check["tokens_equal"] and ref.shape == tokens.shape:
+        seq, step = (ref != tokens.cpu()).nonzero()[0].tolist()
+        check["first_mismatch"] = {"sequence": seq, "step": step}
+    return check
 
 
 def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: str, local_rank: int | None = None):
@@ -148,8 +168,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     else:
         report["peak_bytes"], report["memory_source"] = report["weight_bytes"] + report["kv_bytes"], "tensor bytes held (CPU)"
     if cfg.check_reference and engine.has_logits and engine.logits:
-        all_tokens = torch.stack([l.argmax(-1) for l in engine.logits], 1)
-        report["reference_check"] = reference_check(cfg, prompts, torch.stack(engine.logits), all_tokens, device)
+        report["reference_check"] = reference_check(cfg, prompts, torch.stack(engine.logits), device)
     elasticity = getattr(engine, "elasticity", [])
     reports = [None] * world
     dist.gather_object(report, reports if rank == 0 else None, dst=0)
@@ -178,7 +197,7 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
     for r in roles.get("pool", []):  # busy = attention + resource management work on the pool rank
         busy = r["phase_s"]["attention"] + r["phase_s"]["resource_management"]
         utilization[f"rank{r['rank']}"] = busy / r["wall_s"] if r["wall_s"] > 0 else 0.0
-    check = next((r["reference_check"] for r in reports if "reference_check" in r), None)
+    check = compare_tokens(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), tokens)
     return RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict,
         env=environment(world, cfg.hardware.device, backend),

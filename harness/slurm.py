@@ -8,8 +8,12 @@ bad config never reaches the queue. The job still runs the same `run_rank` as th
 In a multirun every point is submitted first and the sweep waits for all of them at its end
 (`wait_all`, called by the multirun callback), so the points queue and run side by side.
 A job that fails, is cancelled or outlives `launcher.timeout_s` leaves a `failed`/`timeout` record and
-the sweep goes on. Preemption and time-outs requeue the job (submitit's checkpointing); a run that is
-re-run writes its record atomically over the same file, so there is never more than one.
+the sweep goes on. `launcher.timeout_s` counts from the job's start (the first task leaves a `started`
+marker), not from submission: a 40-GPU job may wait in the queue far longer than it runs. A job past its time
+is cancelled, and its record is written only once the job has ended, so the timeout record never races an
+`ok` record that rank 0 was writing; if the run finished meanwhile, its record stands. Preemption and
+time-outs requeue the job (submitit's checkpointing); a run that is re-run writes its record atomically over
+the same file, so there is never more than one.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         from harness.runner import run_rank
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.out_dir, STARTED).touch()  # the waiter's clock starts here, not at submission
         run_rank(self.cfg_dict, env.rank, env.world_size, "env://", self.out_dir, local_rank=env.local_rank)
         return env.rank
 
@@ -48,10 +54,12 @@ class Pending:
     out_dir: str
     world: int
     device: str
-    deadline: float
+    timeout_s: float  # from the job's start
 
 
 PENDING: list[Pending] = []  # submitted by this process and not yet waited for
+STARTED = "started"  # marker a job's tasks leave in the run directory when they start
+CANCEL_GRACE_S = 60.0  # how long a cancelled job may take to end before its record is written anyway
 
 
 def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
@@ -74,26 +82,32 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
 
 
 def submit(cfg: BenchConfig, cfg_dict: dict, out_dir: str) -> Pending:
+    for stale in (STARTED, "result.json"):  # an earlier run's marker or record is not this run's
+        Path(out_dir, stale).unlink(missing_ok=True)
     job = executor_for(cfg, out_dir).submit(SlurmRun(cfg_dict, out_dir))
     log.info("submitted %s x %s as Slurm job %s", cfg.strategy.name, cfg.workload.name, job.job_id)
-    p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device,
-                time.monotonic() + cfg.launcher.timeout_s)
+    p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device, cfg.launcher.timeout_s)
     PENDING.append(p)
     return p
 
 
 def wait(p: Pending, poll_s: float = 1.0):
     """Until the job ends or its deadline passes; make sure the run has exactly one record."""
-    record = Path(p.out_dir) / "result.json"
-    status, error = None, None
+    record, marker = Path(p.out_dir) / "result.json", Path(p.out_dir) / STARTED
+    status, error, started = None, None, None
     while not p.job.done():
-        if time.monotonic() > p.deadline:
+        if started is None and marker.exists():
+            started = time.monotonic()
+        if started is not None and time.monotonic() - started > p.timeout_s:
             p.job.cancel(check=False)
-            status, error = "timeout", (f"Slurm job {p.job.job_id} exceeded launcher.timeout_s; cancelled "
-                                        f"(state {p.job.state})")
+            status, error = "timeout", (f"Slurm job {p.job.job_id} exceeded launcher.timeout_s={p.timeout_s}s after it "
+                                        f"started; cancelled (state {p.job.state})")
+            _wait_until_ended(p.job, poll_s)
+            if _ok_record(record):  # it finished while being cancelled: the run's own record stands
+                status = None
             break
         time.sleep(poll_s)
-    if status is None:
+    if status is None and not _ok_record(record):
         try:
             p.job.results()  # every task's return value; raises with the failing task's error
         except Exception as e:  # noqa: BLE001 - any failure of the job becomes the record's error
@@ -106,6 +120,19 @@ def wait(p: Pending, poll_s: float = 1.0):
     if p in PENDING:
         PENDING.remove(p)
     return read_record(record)
+
+
+def _ok_record(path: Path) -> bool:
+    try:
+        return read_record(path).status == "ok"
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _wait_until_ended(job, poll_s: float) -> None:
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while not job.done() and time.monotonic() < deadline:
+        time.sleep(poll_s)
 
 
 def wait_all():

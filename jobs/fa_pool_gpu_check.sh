@@ -2,6 +2,7 @@
 # FA Pool on GPUs over NCCL, next to the strategies it competes with, at the point of issue #15
 # (paper model, bf16, 8K contexts, batch 16, synthetic KV) and its correctness in fp32 and bf16.
 # Usage: bash jobs/fa_pool_gpu_check.sh OUT_DIR [GPUS]   (GPUS = 4: TP4 and FA Pool 2+2; 2: TP2 and 1+1)
+#        RUNS="reference check_fp32 ..." limits it to the runs named (as they appear in records/).
 set -uo pipefail
 OUT=${1:?output directory}
 GPUS=${2:-4}
@@ -10,6 +11,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/nvidia-smi.csv" 2>&1
 run() {  # name, overrides...
   local name=$1; shift
+  [ -z "${RUNS:-}" ] || [[ " $RUNS " == *" $name "* ]] || return 0
   python3 -m harness.app hydra.mode=RUN launcher.timeout_s=${RUN_TIMEOUT_S:-240} "$@" results_dir="$OUT/records/$name" hydra.run.dir="$OUT/hydra/$name" \
     > "$OUT/logs_$name.txt" 2>&1 || echo "$name failed (see logs_$name.txt)"
 }

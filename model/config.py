@@ -4,6 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -16,6 +21,17 @@ class ModelConfig:
     rope_base: float = 10000.0  # rotary position embedding (no parameters)
     seed: int = 0  # weights are drawn from this seed, identically on every rank
     init_std: float = 0.02  # std of the normal weight init
+
+    def __post_init__(self):
+        """Each field's valid range, checked where the field is defined (the harness reports the message)."""
+        for name in ("n_layers", "hidden", "n_heads", "ffn_hidden"):
+            _need(getattr(self, name) >= 1, f"model.{name}={getattr(self, name)} must be >= 1")
+        _need(self.vocab_size >= 2, f"model.vocab_size={self.vocab_size} must be >= 2")
+        for name in ("norm_eps", "rope_base", "init_std"):
+            _need(getattr(self, name) > 0, f"model.{name}={getattr(self, name)} must be > 0")
+        _need(self.seed >= 0, f"model.seed={self.seed} must be >= 0")
+        _need(self.hidden % self.n_heads == 0, f"model.hidden={self.hidden} is not divisible by model.n_heads={self.n_heads}")
+        _need(self.head_dim % 2 == 0, f"model head_dim={self.head_dim} must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:

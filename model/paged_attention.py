@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - depends on the install
 TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
 WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
-MMA = True  # tensor-core products (query padded to 16 rows) instead of CUDA-core reductions
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 
 
@@ -66,12 +65,12 @@ def triton_available(device) -> bool:
 
 
 def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
-                 warps: int = WARPS, stages: int = STAGES, mma: bool = MMA):
+                 warps: int = WARPS, stages: int = STAGES):
     """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference.
     splits (None = chosen from the shapes), tile and warps tune the kernel; they do not change the result."""
     if not triton_available(q.device):
         return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
-    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages, mma)
+    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages)
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
@@ -86,54 +85,14 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
-                      sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
-                      HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr,
-                      TILE: tl.constexpr, STAGES: tl.constexpr):
-        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kv_len = tl.load(lens_ptr + row)
-        start = split * split_tokens
-        end = tl.minimum(start + split_tokens, kv_len)
-        dims = tl.arange(0, DIM)
-        q = tl.load(q_ptr + row * sq_n + head * sq_h + dims).to(tl.float32) * scale_log2e  # log2 domain
-        m = tl.full([], float("-inf"), tl.float32)
-        l = tl.zeros([], tl.float32)
-        acc = tl.zeros([DIM], tl.float32)
-        for t0 in tl.range(start, end, TILE, num_stages=STAGES):
-            tok = t0 + tl.arange(0, TILE)
-            valid = tok < end
-            if BLOCK % TILE == 0:  # the tile lies in one block: one table entry, one contiguous [TILE, D] span
-                slot = tl.load(table_ptr + row * st_n + t0 // BLOCK).to(tl.int64)
-                off = (t0 % BLOCK + tl.arange(0, TILE)).to(tl.int64)
-                k_rows = k_ptr + slot * sk_slot + head * sk_h + off[:, None] * sk_t
-                v_rows = v_ptr + slot * sv_slot + head * sv_h + off[:, None] * sv_t
-            else:  # the tile spans several blocks: one table entry per token
-                slot = tl.load(table_ptr + row * st_n + tok // BLOCK, mask=valid, other=0).to(tl.int64)
-                off = (tok % BLOCK).to(tl.int64)
-                k_rows = k_ptr + slot[:, None] * sk_slot + head * sk_h + off[:, None] * sk_t
-                v_rows = v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t
-            k = tl.load(k_rows + dims[None, :], mask=valid[:, None], other=0.0)
-            v = tl.load(v_rows + dims[None, :], mask=valid[:, None], other=0.0)  # issued before the math
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            l = l * alpha + tl.sum(p, axis=0)
-            m = m_new
-        base = (row * HEADS + head) * splits + split
-        empty = l == 0.0
-        tl.store(part_out_ptr + base * DIM + dims, tl.where(empty, 0.0, acc / tl.where(empty, 1.0, l)))
-        tl.store(part_lse_ptr + base, tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l))))
-
-    @triton.jit
-    def _split_kernel_mma(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
                           sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
                           HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
                           STAGES: tl.constexpr, PRECISION: tl.constexpr):
-        """The same split as _split_kernel, with both products on tensor cores: the query is padded to 16
-        rows (row 0 real, the rest zero), so q k^T and p v are tl.dot; the tiles then stream through shared
-        memory, which the loop's software pipelining overlaps with the math."""
+        """One program = one (row, head, split): its share of the row's tokens, tile by tile, with an online
+        softmax; the partial out and LSE (log2 domain) go to part_out / part_lse. Both products run on tensor
+        cores: the query is padded to 16 rows (row 0 real, the rest zero), so q k^T and p v are tl.dot; the
+        tiles then stream through shared memory, which the loop's software pipelining overlaps with the math.
+        (A CUDA-core version with tl.sum reductions read at 0.41-0.54 of the bandwidth: paged.md.)"""
         row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         kv_len = tl.load(lens_ptr + row)
         start = split * split_tokens
@@ -197,7 +156,7 @@ if triton is not None:
 
 
 def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile=TILE_TOKENS, warps=WARPS,
-                         stages=STAGES, mma=MMA):
+                         stages=STAGES):
     n, heads, dim = q.shape
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)
@@ -217,10 +176,7 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
             v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
             math.log2(math.e) / math.sqrt(dim), splits)
     meta = dict(HEADS=heads, BLOCK=bs, DIM=dim, TILE=tile, STAGES=stages, num_warps=warps)
-    if mma:  # fp32 caches keep fp32 products (no TF32), so that fp32 runs stay exact
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"
-        _split_kernel_mma[(n, heads, splits)](*args, PRECISION=precision, **meta)
-    else:
-        _split_kernel[(n, heads, splits)](*args, **meta)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 caches keep fp32 products: exact fp32 runs
+    _split_kernel[(n, heads, splits)](*args, PRECISION=precision, **meta)
     _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
     return out, lse

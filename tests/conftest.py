@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from harness.app import CONF_DIR
 
@@ -19,7 +18,10 @@ def compose_cfg(overrides=()):
 
 
 def cfg_object(overrides=()):
-    return OmegaConf.to_object(compose_cfg(overrides))
+    """The typed config; a field out of its group's range raises ConfigError here, as in the app."""
+    from harness.config import load
+
+    return load(compose_cfg(overrides))
 
 
 def run_cli(args, tmp_path, timeout=300):

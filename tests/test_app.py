@@ -14,7 +14,11 @@ def test_default_run_is_a_comparison_with_a_table_and_ok_records(tmp_path):
             assert m[key] is not None and m[key] > 0, key
         assert len(rec["step_times_ms"]) == rec["config"]["workload"]["output_tokens"] - 1
         assert rec["memory"] and rec["breakdown"]
+        check = rec["reference_check"]  # the first thing a new user runs shows that the strategies agree
+        assert check["tokens_equal"] and check["max_abs_logit_error"] < 1e-4, check
     assert "TPOT speed-up vs ref" in proc.stdout and "fa_pool_b2_p2" in proc.stdout
+    table = proc.stdout[proc.stdout.index("matches ref"):]
+    assert table.count("True") >= 6 and "False" not in table
 
 
 def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
@@ -53,3 +57,38 @@ def test_cli_fa_pool_end_to_end_with_breakdown_and_elasticity(tmp_path):
         assert abs(sum(rec["breakdown"][role].values()) - 1) < 1e-9
     assert len(rec["pool_utilization"]) == 4
     assert rec["elasticity"][-1]["step"] == "finish"
+
+
+def test_resume_does_not_take_a_projection_for_a_measurement(tmp_path):
+    """An ok projected record (launcher=model) in the run directory must not satisfy resume of a measured run."""
+    from tests.conftest import launch
+
+    point = ["strategy=reference", "workload=tiny", "hardware=h100_80gb", "hardware.device=cpu", "hardware.dtype=float32"]
+    projected = launch(point + ["launcher=model"], tmp_path)
+    assert projected["status"] == "ok" and projected["config"]["launcher"]["kind"] == "model"
+    measured = launch(point, tmp_path)
+    assert measured["status"] == "ok" and measured["config"]["launcher"]["kind"] == "local"
+    assert measured["run_id"] != projected["run_id"] and measured["step_times_ms"] != projected["step_times_ms"]
+    again = launch(point, tmp_path)  # the same measurement again: resumed, not re-run
+    assert again["created_at"] == measured["created_at"]
+
+
+def test_a_multirun_with_a_bad_point_writes_everything_then_exits_non_zero(tmp_path):
+    args = ["-m", "strategy=reference", "workload=tiny", "workload.batch_size=0,2"]
+    proc, records = run_cli(args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert sorted(r["status"] for r in records) == ["invalid", "ok"]
+    assert list(tmp_path.rglob("report/paper_layout.md"))  # the report was written before the exit
+    proc, _ = run_cli(args + ["fail_on_error=false"], tmp_path / "keep")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_reference_check_reads_the_tokens_rank0_recorded(tmp_path):
+    """A pipeline whose tokens travel back from the last stage: a wrong token in what rank 0 records (as a bug
+    in sending tokens back would leave) fails the check although every logit matches."""
+    proc, records = run_cli(["hydra.mode=RUN", "strategy=tp1_pp2", "workload=tiny", "check_reference=true",
+                             "fault.kind=wrong_token", "fault.rank=0", "fault.step=3"], tmp_path)
+    check = records[0]["reference_check"]
+    assert records[0]["status"] == "ok", records[0]["error"]
+    assert check["max_abs_logit_error"] < 1e-4 and not check["tokens_equal"]
+    assert check["first_mismatch"]["step"] == 3

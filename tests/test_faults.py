@@ -38,7 +38,8 @@ def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
     # the second point hangs; the first and third still run and the sweep ends with three records
     proc, records = run_cli(["-m", "strategy=tp2_pp1", "workload=tiny_short", "fault.kind=none,hang,none",
                              "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=240)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the sweep ends, then says that a point failed
+    assert "exit status 1" in proc.stdout
     by_fault = sorted((r["config"]["fault"]["kind"], r["status"]) for r in records)
     assert by_fault == [("hang", "timeout"), ("none", "ok"), ("none", "ok")]
     assert "timeout" in proc.stdout  # the comparison table lists the failed point too

@@ -66,9 +66,12 @@ def test_record_round_trips_through_json(tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_run_id_ignores_where_and_how_it_runs():
-    assert run_id({"model": 1, "results_dir": "a", "launcher": {"x": 1}}) == run_id({"model": 1, "results_dir": "b"})
-    assert run_id({"model": 1}) != run_id({"model": 2})
+def test_run_id_ignores_where_it_is_written_but_not_how_it_was_measured():
+    local = {"kind": "local", "timeout_s": 60, "partition": None}
+    assert run_id({"model": 1, "results_dir": "a", "resume": True, "launcher": local}) == \
+        run_id({"model": 1, "results_dir": "b", "resume": False, "launcher": {**local, "timeout_s": 600}})
+    assert run_id({"model": 1, "launcher": local}) != run_id({"model": 2, "launcher": local})
+    assert run_id({"model": 1, "launcher": local}) != run_id({"model": 1, "launcher": {**local, "kind": "model"}})
 
 
 def test_bucket_lengths_are_seeded_and_inside_their_bucket():

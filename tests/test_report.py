@@ -118,3 +118,21 @@ def test_fapool_report_command_on_a_real_sweep(tmp_path):
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert "4 records loaded, 0 skipped" in out.stdout and "projected" in out.stdout
+
+
+def test_unlike_records_are_not_averaged_and_the_tables_say_why(tmp_path):
+    """Two batch sizes of the same strategies and length: separate rows (not a mean of unlike runs), and the
+    tables name the field that split them."""
+    for batch, static_tpot in ((4, 200.0), (64, 400.0)):
+        for strategy, kind, tpot, gpus in (("tp8_pp2", "static", static_tpot, 16), ("fa_pool", "fa_pool", 100.0, 40)):
+            rec = _rec(strategy, kind, 8192, tpot, 10.0, gpus)
+            rec.config["workload"]["batch_size"] = batch
+            write_record(rec, tmp_path / f"{strategy}_{batch}")
+    df, _ = collect(tmp_path)
+    lay = paper_layout(df, load_claims())
+    assert sorted(lay["tpot_speedup"]) == [pytest.approx(2.0), pytest.approx(4.0)]  # a mean would give 3.0 once
+    assert sorted(static_vs_fapool(df)["tpot_speedup"]) == [pytest.approx(2.0), pytest.approx(4.0)]
+    r = report(tmp_path, tmp_path / "rep")
+    assert len(r["tables"]["memory"]) == 4 and len(r["tables"]["breakdown"]) == 4
+    for name in ("paper_layout", "static_vs_fapool", "memory", "breakdown"):
+        assert "split by workload.batch_size" in (tmp_path / "rep" / f"{name}.md").read_text(), name

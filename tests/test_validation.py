@@ -49,14 +49,28 @@ REFUSED = [
     ("fault_rank_outside_world", ["fault.kind=raise", "fault.rank=3"], ["fault.rank=3", "0..0"]),
     ("unknown_fault", ["fault.kind=meteor"], ["fault.kind='meteor'"]),
     ("timeout_not_positive", ["launcher.timeout_s=0"], ["launcher.timeout_s=0"]),
+    ("no_layers", ["strategy=fa_pool_b2_p2", "workload=tiny_short", "model.n_layers=0"], ["model.n_layers=0", ">= 1"]),
+    ("init_std_nan", ["model.init_std=nan"], ["model.init_std=nan", "> 0"]),
+    ("kv_fraction_above_one", ["strategy=fa_pool_b2_p2", "strategy.pool.kv_memory_fraction=1.5"],
+     ["strategy.pool.kv_memory_fraction=1.5", "(0, 1]"]),
+    ("check_reference_with_synthetic_kv", ["check_reference=true", "workload.synthetic_kv=true"],
+     ["check_reference=true", "workload.synthetic_kv=true"]),
+    ("pool_nodes_unlike_job_nodes", ["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
+                                     "workload=len16384", "workload.batch_size=64", "strategy.pool.gpus_per_node=16"],
+     ["strategy.pool.gpus_per_node=16", "8 tasks per node"]),
+    ("launcher_gpus_unlike_hardware", ["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=tp8_pp2",
+                                       "workload=len2048", "workload.batch_size=64", "launcher.gpus_per_node=4"],
+     ["launcher.gpus_per_node=4", "hardware.gpus_per_node=8"]),
+    ("projected_pool_nodes_unlike_hardware", ["launcher=model", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
+                                              "workload=len16384", "workload.batch_size=64", "strategy.pool.gpus_per_node=4"],
+     ["strategy.pool.gpus_per_node=4", "hardware.gpus_per_node=8"]),
 ]
 
 
 @pytest.mark.parametrize("overrides,words", [c[1:] for c in REFUSED], ids=[c[0] for c in REFUSED])
 def test_refused_with_field_value_and_fix(overrides, words):
-    cfg = cfg_object(overrides)
     with pytest.raises(ConfigError) as ei:
-        validate(cfg)
+        validate(cfg_object(overrides))  # a group's own range check fires in cfg_object, the rest in validate
     for w in words:
         assert w in str(ei.value), f"{w!r} not in {ei.value}"
 
@@ -87,3 +101,29 @@ def test_paper_configs_that_fit_are_accepted_at_paper_scale():
     cfg = cfg_object(["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
                       "workload=len16384", "workload.batch_size=64"])
     validate(cfg)
+
+
+SCHEMAS = ["harness.config:PoolConfig", "harness.config:StrategyConfig", "harness.config:WorkloadConfig",
+           "harness.config:LauncherConfig", "harness.config:HardwareConfig", "harness.config:FaultConfig",
+           "model.config:ModelConfig"]
+
+
+def numeric_fields():
+    import dataclasses
+    import importlib
+
+    for path in SCHEMAS:
+        module, name = path.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        for f in dataclasses.fields(cls):
+            if f.type in ("int", "float", int, float):
+                yield pytest.param(cls, f.name, f.type in ("float", float), id=f"{name}.{f.name}")
+
+
+@pytest.mark.parametrize("cls,name,is_float", list(numeric_fields()))
+def test_every_numeric_field_has_a_range_checked_by_its_own_group(cls, name, is_float):
+    """A new numeric field that its group forgets to check fails here (no central list to forget it in)."""
+    cls()  # the defaults are valid
+    for bad in ([-1.0, float("nan")] if is_float else [-1]):
+        with pytest.raises(ValueError, match=name):
+            cls(**{name: bad})
