@@ -185,7 +185,7 @@ class BenchConfig:
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
-    check_reference: bool = False  # also decode on one device and compare logits and tokens
+    check_reference: bool = False  # also decode on one device and compare (conf/config.yaml: on for CPU + real prefill)
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
@@ -196,6 +196,11 @@ class BenchConfig:
 def register_configs() -> None:
     # `world_size: ${sum:${.tp},${.pool.size}}` in the FA Pool presets follows a swept pool size
     OmegaConf.register_new_resolver("sum", lambda *xs: sum(int(x) for x in xs), replace=True)
+    # conf/config.yaml's default for check_reference: on for CPU runs with a real prefill (the tiny default
+    # sweep shows that the strategies agree); off with synthetic KV (nothing to compare) and on GPUs, where
+    # a one-device reference of a multi-GPU batch may not fit: ask for it there with check_reference=true
+    OmegaConf.register_new_resolver("check_by_default", lambda synthetic, device: not synthetic and device == "cpu",
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="bench_schema", node=BenchConfig)
     for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("workload", WorkloadConfig),
@@ -205,9 +210,10 @@ def register_configs() -> None:
 
 def check_topology(cfg: BenchConfig) -> None:
     """GPUs per node is stated by the hardware, the Slurm launcher and the FA Pool (which reduces partials
-    within a node first). Where they describe real nodes they must agree, or a 'within-node' reduction could
-    cross nodes. The local launcher runs every rank on this one machine: there the pool's gpus_per_node only
-    groups ranks (tests pretend 2 to exercise both reduction levels)."""
+    within a node first). Where they describe real nodes they must agree: the launcher's GPUs are the
+    hardware's, and the pool's reduction groups must tile the real nodes (divide their size), or a
+    'within-node' reduction would cross nodes. The local launcher runs every rank on this one machine: there
+    the pool's gpus_per_node only groups ranks (tests pretend 2 to exercise both reduction levels)."""
     s, L, hw = cfg.strategy, cfg.launcher, cfg.hardware
     pool_node = s.pool.gpus_per_node if s.kind == "fa_pool" and s.pool.hierarchical else None
     if L.kind == "slurm":
@@ -217,13 +223,15 @@ def check_topology(cfg: BenchConfig) -> None:
                  f"launcher.gpus_per_node={L.gpus_per_node} but hardware.gpus_per_node={hw.gpus_per_node} "
                  f"({hw.name}): set them equal, to the GPUs a node of your partition has")
         if pool_node is not None:
-            need(pool_node == per_node,
+            need(per_node % pool_node == 0,
                  f"strategy.pool.gpus_per_node={pool_node} but the job runs {per_node} tasks per node: the "
-                 f"hierarchical reduction's nodes must be the job's nodes; set strategy.pool.gpus_per_node={per_node}")
+                 f"hierarchical reduction's groups would cross nodes; set strategy.pool.gpus_per_node={per_node} "
+                 f"(or a divisor of it)")
     if L.kind == "model" and pool_node is not None and hw.device == "cuda":
-        need(pool_node == hw.gpus_per_node,
+        need(hw.gpus_per_node % pool_node == 0,
              f"strategy.pool.gpus_per_node={pool_node} but hardware.gpus_per_node={hw.gpus_per_node} ({hw.name}): the "
-             f"projection prices traffic inside and across nodes by the hardware's nodes; set them equal")
+             f"reduction's groups would cross the hardware's nodes; set strategy.pool.gpus_per_node={hw.gpus_per_node} "
+             f"(or a divisor of it)")
 
 
 def load(cfg) -> BenchConfig:

@@ -62,8 +62,8 @@ REFUSED = [
                                        "workload=len2048", "workload.batch_size=64", "launcher.gpus_per_node=4"],
      ["launcher.gpus_per_node=4", "hardware.gpus_per_node=8"]),
     ("projected_pool_nodes_unlike_hardware", ["launcher=model", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
-                                              "workload=len16384", "workload.batch_size=64", "strategy.pool.gpus_per_node=4"],
-     ["strategy.pool.gpus_per_node=4", "hardware.gpus_per_node=8"]),
+                                              "workload=len16384", "workload.batch_size=64", "strategy.pool.gpus_per_node=3"],
+     ["strategy.pool.gpus_per_node=3", "hardware.gpus_per_node=8"]),
 ]
 
 
