@@ -26,7 +26,9 @@ def summary(rec) -> str:
     m = rec.metrics
     check = ""
     if rec.reference_check:
-        check = f" ref_check: tokens_equal={rec.reference_check['tokens_equal']} max_err={rec.reference_check['max_abs_logit_error']:.2e}"
+        c = rec.reference_check
+        check = (f" ref_check: passed={c['passed']} (teacher-forced max_err={c['max_abs_logit_error']:.2e}, "
+                 f"rel {c['max_rel_logit_error']:.1e} <= {c['rtol']:g}; free-running tokens_equal={c['tokens_equal']})")
     return (f"{s}: ok  mean TPOT {m['mean_tpot_ms']:.2f} ms  TPS {m['tps'] or float('nan'):.1f}  "
             f"GPUs/ranks {m['num_gpus']}{check}")
 

@@ -33,7 +33,7 @@ def comparison_table(df) -> str:
     if df.empty:
         return "(no records)"
     cols = ["config.strategy.name", "config.workload.name", "source", "status", "metrics.num_gpus", "metrics.mean_tpot_ms",
-            "metrics.p90_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "reference_check.tokens_equal"]
+            "metrics.p90_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "reference_check.passed"]
     df = df.copy()
     for c in cols:
         if c not in df:

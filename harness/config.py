@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 
 STRATEGY_KINDS = ("reference", "static", "fa_pool")
-FAULTS = ("none", "raise", "kill", "hang", "wrong_token")
+FAULTS = ("none", "raise", "kill", "hang", "wrong_token", "perturb_weight")
 
 
 class ConfigError(ValueError):
@@ -163,6 +163,7 @@ class FaultConfig:
 
     # none | raise (an exception) | kill (SIGKILL) | hang (stops answering collectives) | wrong_token (the rank
     # records a wrong token at that step, as a bug in sending tokens back would: the reference check must see it)
+    # | perturb_weight (1% noise on the rank's first projection weight: an error the reference check must see)
     kind: str = "none"
     rank: int = 0  # which rank misbehaves
     step: int = 1  # at which decode step of the measured generation
@@ -262,6 +263,8 @@ def validate(cfg: BenchConfig) -> None:
     need(s.world_size == expected,
          f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if pool_ranks else ''} = {expected}; set strategy.world_size={expected}")
     need(0 <= cfg.fault.rank < s.world_size, f"fault.rank={cfg.fault.rank} is outside 0..{s.world_size - 1}")
+    if cfg.fault.kind == "perturb_weight" and s.kind == "fa_pool":
+        need(cfg.fault.rank < s.tp, f"fault.rank={cfg.fault.rank} is a pool rank, which holds no weights; pick a base rank 0..{s.tp - 1}")
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig
 from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics, nvml_utilization
 from harness.record import RunRecord, environment, run_id, write_record
@@ -78,8 +79,9 @@ def wrong_token(fault, rank: int, step: int) -> bool:
 
 
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
-             fault=None, rank: int = 0):
-    """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known."""
+             fault=None, rank: int = 0, forced: torch.Tensor | None = None):
+    """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known.
+    forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1] instead of the last output."""
     if clock:
         clock.start()
     if synthetic:
@@ -95,6 +97,8 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         steps = tqdm(steps, desc="decode", unit="step", leave=False, disable=not sys.stderr.isatty())
     for i in steps:
         inject_fault(fault, rank, i)
+        if forced is not None and tok is not None:
+            tok = forced[:, i - 1].to(tok.device)
         tok = engine.decode(tok)
         out.append(tok + 1 if wrong_token(fault, rank, i) and tok is not None else tok)
         if clock:
@@ -103,32 +107,40 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     return torch.stack(out, 1) if engine.has_tokens else None
 
 
-def reference_check(cfg: BenchConfig, prompts, logits: torch.Tensor, device) -> dict:
-    """Decode the same prompts on one device with the plain model; compare the logits here (the rank that holds
-    them). The reference tokens travel with the result to rank 0, which compares the tokens it recorded."""
-    from model.transformer import build_model, generate as ref_generate
+def perturb_weights(engine, fault, rank: int) -> None:
+    """The injected fault `perturb_weight`: noise of 1% of its spread on this rank's first weight matrix after
+    the embedding (a projection), a real numerical error that the reference check must catch (the reference
+    builds its own, unperturbed model)."""
+    if fault is None or fault.kind != "perturb_weight" or fault.rank != rank:
+        return
+    modules = engine.model if hasattr(engine, "model") else engine.modules
+    weights = [p for p in modules.parameters() if p.ndim == 2]
+    w = weights[1] if len(weights) > 1 else weights[0]
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(rank)).to(w)
+    with torch.no_grad():
+        w.add_(noise * 0.01 * w.float().std().to(w.dtype))
 
-    model = build_model(cfg.model, getattr(torch, cfg.hardware.dtype), device)
-    ref_tokens, ref_logits = ref_generate(model, prompts, cfg.workload.output_tokens, "math")
-    return {
-        "max_abs_logit_error": float((ref_logits.float() - logits.float()).abs().max()),
-        "steps_compared": int(ref_logits.shape[0]),
-        "reference_tokens": ref_tokens.cpu().tolist(),
-    }
 
-
-def compare_tokens(check: dict | None, tokens: torch.Tensor | None) -> dict | None:
-    """Rank 0: the reference check's verdict on the tokens this run recorded (and hashed), not on an argmax
-    recomputed where the logits are, so that a bug in sending tokens back cannot pass it."""
-    if check is None:
-        return None
-    check = dict(check)
-    ref = torch.tensor(check.pop("reference_tokens"))
-    check["tokens_equal"] = tokens is not None and bool(torch.equal(ref, tokens.cpu()))
-    if tokens is not None and not check["tokens_equal"] and ref.shape == tokens.shape:
-        seq, step = (ref != tokens.cpu()).nonzero()[0].tolist()
-        check["first_mismatch"] = {"sequence": seq, "step": step}
-    return check
+def reference_check(cfg: BenchConfig, engine, prompts, max_len: int, device, rank: int, world: int):
+    """Teacher-forced comparison with the plain model (harness/check.py). Every rank runs it; returns (the
+    check, on the rank that holds the logits, else None; the tokens this rank recorded in the forced pass)."""
+    holders = [None] * world
+    dist.all_gather_object(holders, bool(engine.has_logits))
+    holder = holders.index(True)
+    ref = reference_decode(cfg, prompts, device) if rank == holder else None
+    box = [ref[0].cpu() if ref is not None else None]
+    dist.broadcast_object_list(box, src=holder)
+    engine.reset_measurements()
+    fault = cfg.fault if cfg.fault.kind == "wrong_token" else None  # a broken token path shows in this pass too
+    forced_tokens = generate(engine, prompts, cfg.workload.output_tokens, max_len, False, cfg.workload.seed,
+                             fault=fault, rank=rank, forced=box[0])
+    if rank != holder:
+        return None, forced_tokens
+    logits = torch.stack(engine.logits)  # [n, B, V]
+    check = compare_logits(logits, ref[1], RTOL[cfg.hardware.dtype])
+    check["strategy_argmax"] = logits.argmax(-1).t().cpu().tolist()
+    check["reference_tokens"] = box[0].tolist()
+    return check, forced_tokens
 
 
 def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: str, local_rank: int | None = None):
@@ -152,6 +164,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     max_len = max(len(p) for p in prompts) + w.output_tokens
     timer = PhaseTimer(device)
     engine = build_engine(cfg, rank, world, device, timer)
+    perturb_weights(engine, cfg.fault, rank)
     if w.warmup_steps > 0:  # warm caches, allocator and communicators; not timed
         generate(engine, prompts, w.warmup_steps + 1, max_len, w.synthetic_kv, w.seed)
     if device.type == "cuda":
@@ -167,18 +180,23 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
         report["nvml_utilization_pct"] = nvml_utilization()
     else:
         report["peak_bytes"], report["memory_source"] = report["weight_bytes"] + report["kv_bytes"], "tensor bytes held (CPU)"
-    if cfg.check_reference and engine.has_logits and engine.logits:
-        report["reference_check"] = reference_check(cfg, prompts, torch.stack(engine.logits), device)
-    elasticity = getattr(engine, "elasticity", [])
+    elasticity = getattr(engine, "elasticity", [])  # the measured generation's, before the check pass
+    forced_tokens = None
+    if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
+        report["reference_check"], forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
+        if report["reference_check"] is None:
+            del report["reference_check"]
     reports = [None] * world
     dist.gather_object(report, reports if rank == 0 else None, dst=0)
     if rank != 0:
         return
-    record = build_record(cfg, cfg_dict, reports, clock.times, prompts, tokens, elasticity, world, backend)
+    record = build_record(cfg, cfg_dict, reports, clock.times, prompts, tokens, elasticity, world, backend,
+                          forced_tokens)
     write_record(record, out_dir)
 
 
-def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity, world, backend) -> RunRecord:
+def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity, world, backend,
+                 forced_tokens=None) -> RunRecord:
     w = cfg.workload
     ttft = None if w.synthetic_kv else step_times[0]
     metrics = compute_metrics(ttft, step_times[1:], sum(len(p) for p in prompts), w.batch_size, world)
@@ -197,7 +215,7 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
     for r in roles.get("pool", []):  # busy = attention + resource management work on the pool rank
         busy = r["phase_s"]["attention"] + r["phase_s"]["resource_management"]
         utilization[f"rank{r['rank']}"] = busy / r["wall_s"] if r["wall_s"] > 0 else 0.0
-    check = compare_tokens(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), tokens)
+    check = verdict(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), forced_tokens, tokens)
     return RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict,
         env=environment(world, cfg.hardware.device, backend),

@@ -15,7 +15,7 @@ def test_default_run_is_a_comparison_with_a_table_and_ok_records(tmp_path):
         assert len(rec["step_times_ms"]) == rec["config"]["workload"]["output_tokens"] - 1
         assert rec["memory"] and rec["breakdown"]
         check = rec["reference_check"]  # the first thing a new user runs shows that the strategies agree
-        assert check["tokens_equal"] and check["max_abs_logit_error"] < 1e-4, check
+        assert check["passed"] and check["tokens_equal"] and check["max_abs_logit_error"] < 1e-4, check
     assert "TPOT speed-up vs ref" in proc.stdout and "fa_pool_b2_p2" in proc.stdout
     table = proc.stdout[proc.stdout.index("matches ref"):]
     assert table.count("True") >= 6 and "False" not in table
@@ -90,5 +90,16 @@ def test_the_reference_check_reads_the_tokens_rank0_recorded(tmp_path):
                              "fault.kind=wrong_token", "fault.rank=0", "fault.step=3"], tmp_path)
     check = records[0]["reference_check"]
     assert records[0]["status"] == "ok", records[0]["error"]
-    assert check["max_abs_logit_error"] < 1e-4 and not check["tokens_equal"]
-    assert check["first_mismatch"]["step"] == 3
+    assert check["max_abs_logit_error"] < 1e-4 and check["numerics_ok"]
+    assert not check["tokens_consistent"] and not check["passed"]  # the teacher-forced pass sees it
+    assert not check["tokens_equal"] and check["first_mismatch"]["step"] == 3  # and the measured generation
+
+
+def test_the_reference_check_catches_a_perturbed_weight(tmp_path):
+    """One base rank's embedding shard x 1.01: a real error, beyond rounding, that no token flip may hide."""
+    proc, records = run_cli(["hydra.mode=RUN", "strategy=fa_pool_b2_p2", "workload=tiny_mixed", "model.init_std=0.3",
+                             "fault.kind=perturb_weight", "fault.rank=1"], tmp_path)
+    check = records[0]["reference_check"]
+    assert records[0]["status"] == "ok", records[0]["error"]
+    assert not check["numerics_ok"] and not check["passed"] and check["tokens_consistent"]
+    assert check["max_rel_logit_error"] > check["rtol"]

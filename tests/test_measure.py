@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from harness.config import WorkloadConfig
 from harness.measure import PHASES, PhaseTimer, breakdown, compute_metrics, percentile
@@ -99,3 +100,21 @@ def test_synthetic_kv_runs_have_no_ttft_and_say_so(strategy, tmp_path):
     assert rec["metrics"]["mean_tpot_ms"] > 0 and len(rec["step_times_ms"]) == 7
     for role, fractions in rec["breakdown"].items():
         assert sum(fractions.values()) == pytest.approx(1.0)
+
+
+def test_a_near_tie_flip_inside_rounding_passes_and_a_real_error_fails():
+    from harness.check import compare_logits
+
+    ref = torch.zeros(3, 2, 5)
+    ref[:, :, 0] = 10.0
+    ref[1, 1, 3] = 9.9995  # step 1, sequence 1: a near tie between tokens 0 and 3
+    rounded = ref + 1e-3 * torch.tensor([0.5, -1.0, 0.5, -0.5, 0.2])  # errors of a rounding order, below rtol
+    rounded[1, 1, 0] -= 1.5e-3  # ...which flip the near tie
+    rounded[1, 1, 3] += 1.5e-3
+    flip = compare_logits(rounded, ref, rtol=5e-2)
+    assert flip["numerics_ok"] and [(f["step"], f["sequence"]) for f in flip["argmax_flips"]] == [(1, 1)]
+    assert flip["argmax_flips"][0]["ref_margin"] == pytest.approx(5e-4, abs=1e-5)
+    wrong = ref.clone()
+    wrong[2, 0, 4] = 12.0  # a real error: a wrong winner by 2, far outside rounding
+    real = compare_logits(wrong, ref, rtol=5e-2)
+    assert not real["numerics_ok"] and real["per_step"][2]["max_abs"] == pytest.approx(12.0)
