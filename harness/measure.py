@@ -14,17 +14,20 @@ PHASES = ("attention", "communication", "synchronization", "resource_management"
 class PhaseTimer:
     """Wall time per phase on one rank. Whatever is not inside a named phase counts as `other`.
 
-    On CUDA the phase boundaries synchronize the device, so that a phase's time is its kernels' time.
+    On CUDA the phase boundaries synchronize the device, so that a phase's time is its kernels' time; that
+    serializes what would overlap (NCCL with compute, the pool with the base). So the runner times steps with
+    the timer off (`enabled=False`: a phase is a no-op) and takes the breakdown from a separate pass with it on.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):
         self.cuda = torch.device(device).type == "cuda"
+        self.enabled = enabled
         self.reset()
 
     def reset(self):
         self.seconds = defaultdict(float)
         self._depth = 0
-        self._start = self._now()
+        self._start = self._now() if self.enabled else time.perf_counter()
 
     def _now(self):
         if self.cuda:
@@ -33,7 +36,7 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str):
-        if self._depth:  # nested: the outer phase keeps the time
+        if not self.enabled or self._depth:  # off, or nested: the outer phase keeps the time
             yield
             return
         self._depth += 1
@@ -45,7 +48,7 @@ class PhaseTimer:
             self._depth -= 1
 
     def report(self) -> dict:
-        wall = self._now() - self._start
+        wall = (self._now() if self.enabled else time.perf_counter()) - self._start
         named = {p: self.seconds.get(p, 0.0) for p in PHASES if p != "other"}
         named["other"] = max(wall - sum(named.values()), 0.0)
         return {"wall_s": wall, "phase_s": named}

@@ -35,6 +35,7 @@ class RunRecord:
     tokens_sha256: Optional[str] = None  # hash of the generated token ids
     reference_check: Optional[dict] = None  # max abs logit error and token equality vs one device
     synthetic_kv: bool = False
+    passes: dict = field(default_factory=dict)  # which generation gave which numbers (timed, breakdown, check)
     created_at: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 

@@ -79,9 +79,11 @@ def wrong_token(fault, rank: int, step: int) -> bool:
 
 
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
-             fault=None, rank: int = 0, forced: torch.Tensor | None = None):
+             fault=None, rank: int = 0, forced: torch.Tensor | None = None, phases: dict | None = None):
     """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known.
-    forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1] instead of the last output."""
+    forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1] instead of the last output.
+    phases: filled with the engine timer's report of the decode steps alone (reset after prefill, read
+    before teardown)."""
     if clock:
         clock.start()
     if synthetic:
@@ -91,6 +93,8 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         tok = engine.prefill(prompts, max_len)
     if clock:
         clock.mark()
+    if phases is not None:
+        engine.timer.reset()
     out = [tok]
     steps = range(1, n_out)
     if clock is not None:  # progress on rank 0, quiet when not on a terminal
@@ -103,6 +107,8 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         out.append(tok + 1 if wrong_token(fault, rank, i) and tok is not None else tok)
         if clock:
             clock.mark()
+    if phases is not None:
+        phases.update(engine.timer.report())
     engine.finish()
     return torch.stack(out, 1) if engine.has_tokens else None
 
@@ -162,7 +168,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     w = cfg.workload
     prompts = make_prompts(w, cfg.model.vocab_size)
     max_len = max(len(p) for p in prompts) + w.output_tokens
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(device, enabled=False)  # off while steps are timed: its synchronizations would serialize
     engine = build_engine(cfg, rank, world, device, timer)
     perturb_weights(engine, cfg.fault, rank)
     if w.warmup_steps > 0:  # warm caches, allocator and communicators; not timed
@@ -170,17 +176,24 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     engine.reset_measurements()
-    timer.reset()
     clock = StepClock(device) if rank == 0 else None
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
-    report.update(timer.report(), rank=rank)
+    report["rank"] = rank
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         report["nvml_utilization_pct"] = nvml_utilization()
     else:
         report["peak_bytes"], report["memory_source"] = report["weight_bytes"] + report["kv_bytes"], "tensor bytes held (CPU)"
-    elasticity = getattr(engine, "elasticity", [])  # the measured generation's, before the check pass
+    elasticity = getattr(engine, "elasticity", [])  # the measured generation's, before the passes below
+    # the breakdown: the same generation again with the phase timers on, decode steps only
+    engine.reset_measurements()
+    timer.enabled = True
+    phases = {}
+    instrumented = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, phases=phases)
+    timer.enabled = False
+    report.update(phases)
+    report["instrumented_tokens_equal"] = None if tokens is None else bool(torch.equal(tokens, instrumented))
     forced_tokens = None
     if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
         report["reference_check"], forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
@@ -223,6 +236,11 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
         breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
         tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,
         reference_check=check, synthetic_kv=w.synthetic_kv,
+        passes={"timed": "step times and TPOT: phase timers off, clock marks at step boundaries only",
+                "breakdown": "phase fractions and pool utilization: a second generation with the phase timers on "
+                             "(on CUDA each phase boundary synchronizes the device), decode steps only",
+                "reference_check": "a third, teacher-forced generation" if check else None,
+                "instrumented_tokens_equal": reports[0].pop("instrumented_tokens_equal", None)},
     )
 
 

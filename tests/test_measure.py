@@ -118,3 +118,23 @@ def test_a_near_tie_flip_inside_rounding_passes_and_a_real_error_fails():
     wrong[2, 0, 4] = 12.0  # a real error: a wrong winner by 2, far outside rounding
     real = compare_logits(wrong, ref, rtol=5e-2)
     assert not real["numerics_ok"] and real["per_step"][2]["max_abs"] == pytest.approx(12.0)
+
+
+def test_a_phase_timer_that_is_off_measures_and_synchronizes_nothing():
+    import time
+
+    timer = PhaseTimer("cpu", enabled=False)
+    with timer("attention"):
+        time.sleep(0.02)
+    rep = timer.report()
+    assert all(s == 0.0 for p, s in rep["phase_s"].items() if p != "other") and rep["wall_s"] >= 0.02
+
+
+@pytest.mark.parametrize("strategy", ["fa_pool_b2_p2", "tp1_pp2"])
+def test_the_timed_and_the_instrumented_generation_decode_the_same_tokens(strategy, tmp_path):
+    rec = launch([f"strategy={strategy}", "workload=tiny_mixed"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["passes"]["instrumented_tokens_equal"] is True
+    assert "phase timers off" in rec["passes"]["timed"] and "decode steps only" in rec["passes"]["breakdown"]
+    for fractions in rec["breakdown"].values():  # the breakdown comes from the instrumented pass
+        assert sum(fractions.values()) == pytest.approx(1.0) and fractions["other"] < 1.0
