@@ -248,16 +248,23 @@ def _fmt(v):
     return str(v)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def bench_setup(doc: str, argv, extra) -> tuple:
+    """The GPU benchmarks' common command line (--out, --smoke, and `extra`'s arguments), the output folder,
+    and the device and dtype they measure: bf16 on a GPU, fp32 on the CPU (smoke runs)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine")
+    extra(ap)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return args, out, device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def main(argv=None):
+    args, out, device, dtype = bench_setup(__doc__, argv, lambda ap: ap.add_argument(
+        "--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine"))
     skip = set(filter(None, args.skip.split(",")))
     cfg = PRESETS["tiny" if args.smoke else "paper"]
     if args.smoke:

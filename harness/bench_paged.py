@@ -11,13 +11,11 @@ splits, tiles and warp counts, to tune the defaults. Writes paged.json and paged
 """
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import torch
 
-from harness.bench_gpu import HEAD_DIM, HEADS, device_info, fmt_table, limits, timeit
+from harness.bench_gpu import HEAD_DIM, HEADS, bench_setup, device_info, fmt_table, limits, timeit
 from model.attention import attention, backend_available
 from model.paged_attention import STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
 
@@ -88,15 +86,8 @@ def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: 
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    ap.add_argument("--sweep", action="store_true", help="also time other splits, tiles and warps")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args, out, device, dtype = bench_setup(__doc__, argv, lambda ap: ap.add_argument(
+        "--sweep", action="store_true", help="also time other splits, tiles and warps"))
     contexts, blocks, total = ([64, 128], [16, 64], 1 << 20) if args.smoke else ([8192, 16384, 32768], [16, 64, 256], 2 << 30)
     res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
     res["limits"] = lim = limits(device, dtype, args.smoke)
