@@ -70,18 +70,20 @@ def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
                                     _activations(m, rows, s.tp, b)))
         return roles
     p = s.pool
-    short = [n for n in ctx if n <= p.threshold or p.size == 0]
-    long = [n for n in ctx if n > p.threshold and p.size > 0]
-    base = RoleMemory("base", s.tp, m.param_count() * b // s.tp, sum(short) * kv_token * m.n_layers // s.tp,
-                      _activations(m, rows, s.tp, b))
+    # the base preallocates a cache row of ceil(min(longest context, threshold) / block) blocks for every
+    # sequence that starts short (model/parallel/fa_pool_plan.py), plus one trash block
+    starts_short = [n for n in prompt_lengths(cfg.workload) if n <= p.threshold or p.size == 0]
+    row_tokens = math.ceil(min(max(ctx), p.threshold if p.size else max(ctx)) / p.block_size) * p.block_size
+    base_kv = (len(starts_short) * row_tokens + p.block_size) * kv_token * m.n_layers // s.tp
+    base = RoleMemory("base", s.tp, m.param_count() * b // s.tp, base_kv, _activations(m, rows, s.tp, b))
     roles = [base]
     if p.size:
+        long = [n for n in ctx if n > p.threshold]
         blocks = sum(math.ceil(n / p.block_size) for n in long)
         per_rank_blocks = math.ceil(blocks / p.size)  # blocks are spread over the pool ranks
         kv = per_rank_blocks * p.block_size * kv_token * m.n_layers
-        # the pool gathers one sequence-set's KV blocks per layer into a contiguous buffer to attend
-        longest = max(long, default=0)
-        act = rows * longest * kv_token // max(1, min(p.size, p.max_size)) + rows * m.hidden * 4 * b
+        # the paged kernel reads blocks in place: live buffers are a micro-batch's q, new k/v and fp32 partials
+        act = rows * m.hidden * (3 * b + 2 * 4)
         roles.append(RoleMemory("pool", p.size, 0, kv, act))
     return roles
 

@@ -60,6 +60,10 @@ def test_fa_pool_matches_reference_and_pool_is_real(case, tmp_path):
     assert set(last["pool_ranks_per_seq"]) == long_at_end
     for r in base_ranks(rec):  # the base holds the short sequences' KV and none of the long ones'
         assert not set(map(str, r["kv_seqs"])) & long_at_end
+        # its cache has rows only for the sequences that start short (+ one trash block), preallocated
+        starts_short = sum(n <= 32 for n in lens)
+        row_blocks = -(-min(max(lens) + 9, 32) // kw.get("block", 8))
+        assert r["kv_allocated_bytes"] == (starts_short * row_blocks + 1) * r["pool_block_bytes"]
     for r in pool_ranks(rec):  # pool ranks hold no weights, only KV of sequences assigned to them
         assert r["weight_bytes"] == 0
         p = r["rank"] - TP

@@ -141,10 +141,9 @@ class FAPoolEngine(Engine):
         self.table = BlockTable(batch, *self.table_args, me=self.me, slots=slots, max_blocks_per_seq=max_blocks)
         self.sched = fa_pool_plan.Scheduler(lens.cpu().numpy(), max_len, self.threshold, self.table, self.topo,
                                             micro_batches(batch, self.micro_batches), self.me, self.device)
-        if self.is_base:
-            rows = self.sched.base_blocks
-            self.base_kv = self._storage(self.base_kv, batch * rows + 1, self.local_heads)  # + the trash slot
-            self.base_table = torch.arange(batch * rows, dtype=torch.int32, device=self.device).view(batch, rows)
+        if self.is_base:  # rows only for the sequences that start short, + the trash slot
+            self.base_kv = self._storage(self.base_kv, self.sched.trash_slot + 1, self.local_heads)
+            self.base_table = torch.as_tensor(self.sched.base_table(), dtype=torch.int32, device=self.device)
         else:
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
             self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
@@ -182,12 +181,12 @@ class FAPoolEngine(Engine):
             stash = PagedKV(self.n_layers, len(long) * stash_blocks, self.local_heads, self.block_size,
                             self.head_dim, self.dtype, self.device)
             long_rows = torch.as_tensor(long, device=self.device)
+            short_rows = torch.as_tensor(np.nonzero(self.sched.base_row >= 0)[0], device=self.device)  # row order
             x = self.embed(tokens)
             for layer, block in enumerate(self.blocks):
                 q, k, v = block.attn.qkv(block.attn_norm(x), step)
                 with self.timer("attention"):
-                    self._store_prompt(self.base_kv, layer, k, v, torch.arange(self.batch, device=self.device),
-                                       self.sched.base_blocks)
+                    self._store_prompt(self.base_kv, layer, k, v, short_rows, self.sched.base_blocks)
                     self._store_prompt(stash, layer, k, v, long_rows, stash_blocks)
                     o, _ = attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)
                 x = x + block.attn.project_out(o)
@@ -201,7 +200,7 @@ class FAPoolEngine(Engine):
         return out
 
     def _store_prompt(self, kv: PagedKV, layer, k, v, rows, n_blocks):
-        """Prompt K/V [B, h, T, D] of `rows` into blocks row*n_blocks + j (as many tokens as fit)."""
+        """Prompt K/V [B, h, T, D] of `rows`: the i-th row's into blocks i*n_blocks + j (as many tokens as fit)."""
         if len(rows) == 0:
             return
         bs, t = self.block_size, k.shape[2]
@@ -271,8 +270,7 @@ class FAPoolEngine(Engine):
 
     def _plan_step(self) -> int:
         """Migration of sequences crossing the threshold, room for the new token, the step's plan."""
-        rows = self.sched.base_blocks
-        moved = self._migrate(self.sched.crossing(), self.base_kv, lambda s, j: s * rows + j)
+        moved = self._migrate(self.sched.crossing(), self.base_kv, self.sched.base_slots)
         self.plan = self.sched.plan_step()
         if not self.is_base:
             self.table_dev[self.plan["new_seq"], self.plan["new_local"]] = self.plan["new_slot"].to(torch.int32)

@@ -90,17 +90,17 @@ class StepPlan:
         return self.by_start[rows.start]
 
 
-def build(table: BlockTable, topo: Topology, cache_lens: np.ndarray, in_pool: np.ndarray, micro_rows: list[range],
-          base_blocks: int, trash_slot: int, me: int, device, extra: dict | None = None) -> StepPlan:
-    """The plan of one decode step. cache_lens: tokens cached before this step's token; `me`: pool index of
-    this rank (-1 on a base rank). The table already holds room for this step's token."""
+def build(sched: "Scheduler", extra: dict | None = None) -> StepPlan:
+    """The plan of one decode step, from the scheduler's state (its block table already holds room for this
+    step's token). `extra` arrays are uploaded with the plan."""
+    table, topo, cache_lens, in_pool, me = sched.table, sched.topo, sched.lens, sched.in_pool, sched.me
     bs = table.block_size
     total = cache_lens + 1
     part_all = table.participates() & in_pool[:, None]
     tokens_all = table.local_tokens(total) if me >= 0 else None
     tensors = {"cache_lens": cache_lens, **(extra or {})}
     micro = []
-    for m, rows in enumerate(micro_rows):
+    for m, rows in enumerate(sched.rows):
         r0, r1 = rows.start, rows.stop
         b = r1 - r0
         pooled = in_pool[r0:r1]
@@ -109,7 +109,7 @@ def build(table: BlockTable, topo: Topology, cache_lens: np.ndarray, in_pool: np
         mp = MicroPlan(rows=slice(r0, r1), pooled=bool(pooled.any()))
         # base: write the new token in the base cache (pooled rows go to the trash slot) and attend there
         seq = np.arange(r0, r1)
-        tensors[(m, "base_slot")] = np.where(pooled, trash_slot, seq * base_blocks + cache_lens[r0:r1] // bs)
+        tensors[(m, "base_slot")] = np.where(pooled, sched.trash_slot, sched.base_slots(seq, cache_lens[r0:r1] // bs))
         tensors[(m, "base_offset")] = np.where(pooled, 0, cache_lens[r0:r1] % bs)
         tensors[(m, "base_lens")] = np.where(pooled, 0, total[r0:r1])
         # base -> pool: per pool rank, q of its served rows then k and v of its stored rows
@@ -139,7 +139,7 @@ def build(table: BlockTable, topo: Topology, cache_lens: np.ndarray, in_pool: np
         if me >= 0:
             _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows)
         micro.append(mp)
-    return StepPlan(micro, tensors, device)
+    return StepPlan(micro, tensors, sched.device)
 
 
 def _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows):
@@ -177,7 +177,20 @@ class Scheduler:
         self.in_pool = np.zeros(self.batch, bool)
         self.threshold, self.table, self.topo, self.rows, self.me, self.device = threshold, table, topo, micro_rows, me, device
         self.base_blocks = -(-int(min(max_len, threshold)) // table.block_size)  # a base cache row, in blocks
-        self.trash_slot = self.batch * self.base_blocks  # where pooled rows' new tokens go on the base: never read
+        # a base cache row only for the sequences that start short: one that starts long never comes back
+        starts_short = self.lens <= threshold
+        self.base_rows = int(starts_short.sum())
+        self.base_row = np.where(starts_short, np.cumsum(starts_short) - 1, -1)
+        self.trash_slot = self.base_rows * self.base_blocks  # where pooled rows' new tokens go on the base: never read
+
+    def base_slots(self, seqs: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Slots of the base cache holding block `blocks` of each of `seqs` (sequences that started short)."""
+        return self.base_row[seqs] * self.base_blocks + blocks
+
+    def base_table(self) -> np.ndarray:
+        """[batch, base_blocks]: each sequence's base cache blocks; the trash slot for those with no row."""
+        rows = self.base_slots(np.arange(self.batch)[:, None], np.arange(self.base_blocks)[None, :])
+        return np.where(self.base_row[:, None] >= 0, rows, self.trash_slot)
 
     def long_now(self) -> np.ndarray:
         """Sequences above the threshold that are not pooled yet (at prefill)."""
@@ -201,8 +214,7 @@ class Scheduler:
         if self.me >= 0:  # this rank's new blocks enter its device block table with the plan's upload
             mine = new[new[:, 2] == self.me]
             extra = {"new_seq": mine[:, 0], "new_local": mine[:, 3], "new_slot": self.table.table[mine[:, 0], mine[:, 3]]}
-        return build(self.table, self.topo, self.lens, self.in_pool, self.rows, self.base_blocks, self.trash_slot,
-                     self.me, self.device, extra)
+        return build(self, extra)
 
     def advance(self) -> None:
         self.lens += 1
