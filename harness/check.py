@@ -28,9 +28,7 @@ def reference_decode(cfg, prompts, device):
     from model.transformer import build_model, generate
 
     model = build_model(cfg.model, getattr(torch, cfg.hardware.dtype), device)
-    tokens, logits = generate(model, prompts, cfg.workload.output_tokens, "math")
-    del model
-    return tokens, logits
+    return generate(model, prompts, cfg.workload.output_tokens, "math")
 
 
 def compare_logits(logits: torch.Tensor, ref_logits: torch.Tensor, rtol: float) -> dict:

@@ -27,10 +27,10 @@ class PhaseTimer:
     def reset(self):
         self.seconds = defaultdict(float)
         self._depth = 0
-        self._start = self._now() if self.enabled else time.perf_counter()
+        self._start = self._now()
 
     def _now(self):
-        if self.cuda:
+        if self.cuda and self.enabled:  # an off timer never synchronizes
             torch.cuda.synchronize()
         return time.perf_counter()
 
@@ -48,7 +48,7 @@ class PhaseTimer:
             self._depth -= 1
 
     def report(self) -> dict:
-        wall = (self._now() if self.enabled else time.perf_counter()) - self._start
+        wall = self._now() - self._start
         named = {p: self.seconds.get(p, 0.0) for p in PHASES if p != "other"}
         named["other"] = max(wall - sum(named.values()), 0.0)
         return {"wall_s": wall, "phase_s": named}

@@ -196,9 +196,9 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     report["instrumented_tokens_equal"] = None if tokens is None else bool(torch.equal(tokens, instrumented))
     forced_tokens = None
     if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
-        report["reference_check"], forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
-        if report["reference_check"] is None:
-            del report["reference_check"]
+        check, forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
+        if check is not None:  # only the rank that holds the logits has one
+            report["reference_check"] = check
     reports = [None] * world
     dist.gather_object(report, reports if rank == 0 else None, dst=0)
     if rank != 0:

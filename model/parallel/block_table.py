@@ -62,9 +62,6 @@ class BlockTable:
         tokens[rows, self.last_rank[rows]] -= unfilled[rows]
         return tokens
 
-    def ranks_of(self, seq: int) -> list[int]:
-        return [int(p) for p in np.nonzero(self.counts[seq])[0]]
-
     # -- changes -----------------------------------------------------------------------------------
     def place(self, seqs: np.ndarray, n_tokens: np.ndarray) -> np.ndarray:
         """Sequences that hold no block yet get room for n_tokens each, dealt round-robin over their ranks.

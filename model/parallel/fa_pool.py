@@ -147,7 +147,7 @@ class FAPoolEngine(Engine):
         else:
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
             self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
-        self.step_no, self.migrated = 0, 0
+        self.step_no = 0
         self.peak_blocks, self.kv_seqs, self.logged_version, self.placement = 0, [], -1, {}
 
     def _storage(self, current, slots, heads):
@@ -253,7 +253,6 @@ class FAPoolEngine(Engine):
                 h0 = r * self.local_heads
                 self.pool_kv.write_blocks(slots, buf, slice(h0, h0 + self.local_heads))
             self._upload_own_table()
-        self.migrated += len(new)
         return len(new)
 
     # -- decode ------------------------------------------------------------------------------------------

@@ -68,7 +68,8 @@ class MicroPlan:
 
 
 class StepPlan:
-    """Built by `build()`; `micro[m]` for micro-batch m, `cache_lens` [B] on the device, `table_update`."""
+    """Built by `build()`; `micro[m]` for micro-batch m; `plan[name]` for the step-wide arrays (`cache_lens`
+    [B] and the `extra` ones), all views of one device buffer."""
 
     def __init__(self, micro: list[MicroPlan], tensors: dict, device):
         names = list(tensors)
