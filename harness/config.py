@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from model.config import ModelConfig
 
 STRATEGY_KINDS = ("reference", "static", "fa_pool")
+SCHEDULES = ("continuous", "gpipe")  # the pipeline schedules of model/parallel/static.py
 FAULTS = ("none", "raise", "kill", "hang", "wrong_token", "perturb_weight")
 
 
@@ -71,11 +72,15 @@ class StrategyConfig:
     pp: int = 1  # pipeline stages
     micro_batches: int = 1  # decode micro-batches (pipeline stages or pool/base overlap)
     world_size: int = 1  # declared ranks; must equal tp * pp (+ pool.size)
+    schedule: str = "continuous"  # pipeline: continuous (step k+1 enters as its tokens return) | gpipe (a bubble per step)
+    cuda_graphs: bool = True  # static and reference on CUDA: each micro-batch's stage pass replayed from a CUDA graph
+    kv_block: int = 256  # tokens per block of a static rank's KV cache (the paged kernel's unit)
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __post_init__(self):
         need(self.kind in STRATEGY_KINDS, f"strategy.kind={self.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
-        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size")
+        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size", "kv_block")
+        need(self.schedule in SCHEDULES, f"strategy.schedule={self.schedule!r}: choose {' or '.join(SCHEDULES)}")
 
 
 @dataclass

@@ -57,36 +57,36 @@ class PhaseTimer:
 class StepClock:
     """Marks step boundaries: prefill (TTFT) and each decode step (TPOT samples).
 
-    On CPU, time.perf_counter. On CUDA, an event is recorded at every boundary and the device is
-    synchronized there, so a step's time is the GPU time between its events (launch jitter excluded).
+    On CPU, time.perf_counter. On CUDA, a CUDA event is recorded at every boundary on the current stream and
+    nothing waits on it: the host keeps queueing work ahead of the GPU as it would unmeasured. `stop()`
+    synchronizes once and turns the events into the GPU time between consecutive boundaries.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
         self.times = []
 
-    def _event(self):
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
-        torch.cuda.synchronize()
         return ev
 
     def start(self):
-        self.times = []
-        if self.cuda:
-            self.last_event = self._event()
-        else:
-            self.last = time.perf_counter()
+        self.times, self.marks = [], [self._now()]
 
     def mark(self, _step=None):
+        self.marks.append(self._now())
+
+    def stop(self):
+        """The step times, in seconds, of the marks so far (`times`)."""
         if self.cuda:
-            ev = self._event()
-            self.times.append(self.last_event.elapsed_time(ev) / 1e3)
-            self.last_event = ev
+            torch.cuda.synchronize()
+            self.times = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         else:
-            now = time.perf_counter()
-            self.times.append(now - self.last)
-            self.last = now
+            self.times = [b - a for a, b in zip(self.marks, self.marks[1:])]
+        return self.times
 
 
 def nvml_utilization() -> float | None:

@@ -36,6 +36,7 @@ class RunRecord:
     reference_check: Optional[dict] = None  # max abs logit error and token equality vs one device
     synthetic_kv: bool = False
     passes: dict = field(default_factory=dict)  # which generation gave which numbers (timed, breakdown, check)
+    roofline: dict = field(default_factory=dict)  # the step's lower bound on this hardware (harness/roofline.py), if computed
     created_at: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 

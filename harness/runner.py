@@ -46,11 +46,7 @@ def dist_backend(cfg: BenchConfig) -> str:
 def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
     dtype = getattr(torch, cfg.hardware.dtype)
     kind = cfg.strategy.kind
-    if kind == "reference":
-        from model.parallel.engine import ReferenceEngine
-
-        return ReferenceEngine(cfg.model, device, dtype, cfg.attention_backend, timer)
-    if kind == "static":
+    if kind in ("reference", "static"):  # the reference is the static engine on one device (tp = pp = 1)
         from model.parallel.static import StaticEngine
 
         return StaticEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
@@ -80,8 +76,8 @@ def wrong_token(fault, rank: int, step: int) -> bool:
 
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
              fault=None, rank: int = 0, forced: torch.Tensor | None = None, phases: dict | None = None):
-    """Prefill (or synthetic KV), then n_out - 1 decode steps. Returns tokens [B, n_out] where known.
-    forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1] instead of the last output.
+    """Prefill (or synthetic KV), then n_out - 1 decode steps under the engine's schedule. Returns tokens
+    [B, n_out] where known. forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1].
     phases: filled with the engine timer's report of the decode steps alone (reset after prefill, read
     before teardown)."""
     if clock:
@@ -96,17 +92,19 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     if phases is not None:
         engine.timer.reset()
     out = [tok]
-    steps = range(1, n_out)
-    if clock is not None:  # progress on rank 0, quiet when not on a terminal
-        steps = tqdm(steps, desc="decode", unit="step", leave=False, disable=not sys.stderr.isatty())
-    for i in steps:
-        inject_fault(fault, rank, i)
-        if forced is not None and tok is not None:
-            tok = forced[:, i - 1].to(tok.device)
-        tok = engine.decode(tok)
-        out.append(tok + 1 if wrong_token(fault, rank, i) and tok is not None else tok)
+    progress = tqdm(total=n_out - 1, desc="decode", unit="step", leave=False,  # rank 0, on a terminal only
+                    disable=clock is None or not sys.stderr.isatty())
+
+    def after(i, tokens):
+        out.append(tokens + 1 if wrong_token(fault, rank, i) and tokens is not None else tokens)
         if clock:
             clock.mark()
+        progress.update()
+
+    engine.decode_steps(tok, n_out - 1, forced=forced, before=lambda i: inject_fault(fault, rank, i), after=after)
+    progress.close()
+    if clock:
+        clock.stop()
     if phases is not None:
         phases.update(engine.timer.report())
     engine.finish()
@@ -137,9 +135,11 @@ def reference_check(cfg: BenchConfig, engine, prompts, max_len: int, device, ran
     box = [ref[0].cpu() if ref is not None else None]
     dist.broadcast_object_list(box, src=holder)
     engine.reset_measurements()
+    engine.keep_logits = True
     fault = cfg.fault if cfg.fault.kind == "wrong_token" else None  # a broken token path shows in this pass too
     forced_tokens = generate(engine, prompts, cfg.workload.output_tokens, max_len, False, cfg.workload.seed,
                              fault=fault, rank=rank, forced=box[0])
+    engine.keep_logits = False
     if rank != holder:
         return None, forced_tokens
     logits = torch.stack(engine.logits)  # [n, B, V]
@@ -156,8 +156,10 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
     device = pick_device(cfg, rank if local_rank is None else local_rank)
     backend = dist_backend(cfg)
+    # device_id: NCCL creates the world communicator now, eagerly, as CUDA graph capture needs
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=cfg.launcher.timeout_s))
+                            timeout=timedelta(seconds=cfg.launcher.timeout_s),
+                            device_id=device if backend == "nccl" else None)
     try:
         _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
     finally:

@@ -22,10 +22,7 @@ class Step:
     rows: slice  # cache rows (sequences) of this forward, e.g. one micro-batch
     cache_lens: torch.Tensor  # [b] tokens already in the cache per sequence
     new_lens: torch.Tensor  # [b] valid new tokens per sequence (prompt lengths at prefill, 1 at decode)
-
-    @property
-    def prefill(self) -> bool:
-        return bool((self.cache_lens == 0).all())
+    prefill: bool = False  # a prompt from an empty cache; said by the caller, never read from the tensors (a sync)
 
     def positions(self, t: int) -> torch.Tensor:  # [b, t] absolute positions of the new tokens
         return self.cache_lens[:, None] + torch.arange(t, device=self.cache_lens.device)[None, :]
@@ -154,18 +151,19 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transformer:
-    """Weights drawn from cfg.seed in a fixed order on the CPU, so every rank builds the same model."""
+    """Weights drawn from cfg.seed in a fixed order on `device` (in fp32, then cast), so every rank of one device
+    type builds the same model; drawing on the GPU takes a second where the CPU takes many at paper scale."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(cfg.seed)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, cfg.init_std, generator=gen)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(dtype=dtype).eval()
 
 
 def last_token_logits(logits: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
@@ -193,7 +191,7 @@ def generate(model: Transformer, prompts: list[torch.Tensor], n_new: int, backen
     batch = len(prompts)
     model.setup_cache(batch, int(lens.max()) + n_new, backend)
     rows = slice(0, batch)
-    step = Step(rows, torch.zeros_like(lens), lens)
+    step = Step(rows, torch.zeros_like(lens), lens, prefill=True)
     logits = last_token_logits(model(tokens, step), lens)
     out_tokens, out_logits = [logits.argmax(-1)], [logits]
     if on_step:
@@ -222,6 +220,6 @@ def recompute_logits(model: Transformer, prompts: list[torch.Tensor], generated:
         seqs = [torch.cat([p.to(device), generated[b, :i]]) for b, p in enumerate(prompts)]
         tokens, lens = pad_prompts(seqs, device)
         model.setup_cache(len(seqs), int(lens.max()), backend)
-        step = Step(slice(0, len(seqs)), torch.zeros_like(lens), lens)
+        step = Step(slice(0, len(seqs)), torch.zeros_like(lens), lens, prefill=True)
         out.append(last_token_logits(model(tokens, step), lens))
     return torch.stack(out)

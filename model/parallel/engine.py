@@ -25,6 +25,7 @@ class Engine:
     role = "reference"
     has_tokens = True  # this rank knows every step's tokens (rank 0 must)
     has_logits = True  # this rank holds the logits, for the reference check
+    keep_logits = False  # keep every step's logits in self.logits (the reference check's pass; a copy per step)
 
     def __init__(self, timer):
         self.timer = timer  # timer(phase) is a context manager that books time to a phase (harness.measure.PhaseTimer)
@@ -36,6 +37,17 @@ class Engine:
     def decode(self, tokens: torch.Tensor | None) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def decode_steps(self, tokens, n_steps, forced=None, before=lambda i: None, after=lambda i, tok: None) -> None:
+        """n_steps decode steps after prefill (tokens: prefill's, where this rank knows them). forced [B, n_steps]:
+        teacher forcing, step i is fed forced[:, i - 1]. before(i) runs as step i starts, after(i, tokens) once
+        this rank knows step i's tokens. One step after the other; a pipeline overrides this with its schedule."""
+        for i in range(1, n_steps + 1):
+            before(i)
+            if forced is not None and tokens is not None:
+                tokens = forced[:, i - 1].to(tokens.device)
+            tokens = self.decode(tokens)
+            after(i, tokens)
+
     def synthetic_prefill(self, lens: torch.Tensor, max_len: int, seed: int) -> torch.Tensor | None:
         """Fill the KV cache with random values as if `lens` tokens had been prefilled; first tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no synthetic KV")
@@ -46,7 +58,7 @@ class Engine:
         if hasattr(self, "elasticity"):
             self.elasticity = []
         if hasattr(self, "stats"):
-            self.stats.bytes = {}
+            self.stats.bytes, self.stats.ops = {}, {}
 
     def finish(self) -> None:
         """End of generation: free what the sequences held."""
@@ -57,7 +69,8 @@ class Engine:
 
 
 class ReferenceEngine(Engine):
-    """One device, the plain model: the baseline every strategy is checked against."""
+    """One device, the plain model, eager with its dense cache: what harness/bench_gpu.py compares the graphed
+    step with. fapool-bench's `reference` strategy runs the static engine with tp = pp = 1 instead (graphed)."""
 
     def __init__(self, cfg, device, dtype, backend, timer):
         super().__init__(timer)
@@ -91,7 +104,8 @@ class ReferenceEngine(Engine):
         return self._emit(logits)
 
     def _emit(self, logits):
-        self.logits.append(logits)
+        if self.keep_logits:
+            self.logits.append(logits)
         return logits.argmax(-1)
 
     def report(self):

@@ -119,7 +119,7 @@ class FAPoolEngine(Engine):
         self.base_kv = self.pool_kv = None
         base_group = new_groups([list(range(self.tp))], rank)
         if self.is_base:
-            model = build_model(model_cfg, dtype, "cpu")
+            model = build_model(model_cfg, dtype, device)
             for layer, block in enumerate(model.blocks):
                 shard_attention(block.attn, self.tp, rank, base_group, timer, self.stats)
                 shard_ffn(block.ffn, self.tp, rank, base_group, timer, self.stats)
@@ -175,7 +175,7 @@ class FAPoolEngine(Engine):
         long = self.sched.long_now()
         out, stash = None, None
         if self.is_base:
-            step = Step(slice(0, self.batch), torch.zeros_like(lens), lens)
+            step = Step(slice(0, self.batch), torch.zeros_like(lens), lens, prefill=True)
             t = tokens.shape[1]
             stash_blocks = -(-t // self.block_size)
             stash = PagedKV(self.n_layers, len(long) * stash_blocks, self.local_heads, self.block_size,
@@ -201,15 +201,8 @@ class FAPoolEngine(Engine):
 
     def _store_prompt(self, kv: PagedKV, layer, k, v, rows, n_blocks):
         """Prompt K/V [B, h, T, D] of `rows`: the i-th row's into blocks i*n_blocks + j (as many tokens as fit)."""
-        if len(rows) == 0:
-            return
-        bs, t = self.block_size, k.shape[2]
-        take = min(t, n_blocks * bs)
-        for i, src in enumerate((k, v)):
-            padded = src.new_zeros(len(rows), src.shape[1], n_blocks * bs, src.shape[3])
-            padded[:, :, :take] = src[rows, :, :take]
-            blocks = padded.view(len(rows), src.shape[1], n_blocks, bs, src.shape[3]).transpose(1, 2)
-            kv.kv[layer, i, : len(rows) * n_blocks].view(len(rows), n_blocks, *blocks.shape[2:]).copy_(blocks)
+        if len(rows):
+            kv.write_prompt(layer, k[rows], v[rows], torch.arange(len(rows), device=k.device) * n_blocks, n_blocks)
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):
@@ -354,7 +347,8 @@ class FAPoolEngine(Engine):
                                 "blocks_migrated": migrated, "blocks_freed": 0, "blocks_held": held})
 
     def _emit(self, logits):
-        self.logits.append(logits)
+        if self.keep_logits:
+            self.logits.append(logits)
         return logits.argmax(-1)
 
     def finish(self):
@@ -371,5 +365,5 @@ class FAPoolEngine(Engine):
         block_bytes = storage.block_bytes() if storage is not None else 0
         return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.peak_blocks * block_bytes,
                 "kv_allocated_bytes": storage.nbytes() if storage is not None else 0,
-                "comm_bytes": dict(self.stats.bytes), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
+                "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
                 "blocks_allocated": self.table.allocated, "blocks_freed": self.table.freed}

@@ -35,6 +35,19 @@ class PagedKV:
         self.kv[layer, 0].transpose(1, 2).index_put_((slots, offsets), k)  # [slots, block, heads, D] view
         self.kv[layer, 1].transpose(1, 2).index_put_((slots, offsets), v)
 
+    def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, first_slots: torch.Tensor, n_blocks: int):
+        """Prompt K/V [b, heads, T, head_dim]: row i's tokens into slots first_slots[i] + j for j < n_blocks (as
+        many tokens as fit), one indexed copy per tensor whatever b and n_blocks are."""
+        b, heads, t, dim = k.shape
+        bs = self.block_size
+        take = min(t, n_blocks * bs)
+        slots = (first_slots[:, None] + torch.arange(n_blocks, device=k.device)).reshape(-1)
+        for i, src in enumerate((k, v)):
+            padded = src.new_zeros(b, heads, n_blocks * bs, dim)
+            padded[:, :, :take] = src[:, :, :take]
+            blocks = padded.view(b, heads, n_blocks, bs, dim).transpose(1, 2).reshape(b * n_blocks, heads, bs, dim)
+            self.kv[layer, i].index_copy_(0, slots, blocks)
+
     def read_blocks(self, slots: torch.Tensor) -> torch.Tensor:
         """[layers, 2, n, heads, block, head_dim]: the blocks at `slots`, all layers (what a migration sends)."""
         return self.kv.index_select(2, slots)

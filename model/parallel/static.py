@@ -2,23 +2,78 @@
 
 Ranks: rank = stage * tp + tp_rank. Each stage holds n_layers / pp blocks with weights and KV cache
 sliced over its TP group; stage 0 also holds the vocab-parallel embedding, the last stage the norm and
-vocab-parallel LM head.
+vocab-parallel LM head. The 1-GPU reference engine is this engine with tp = pp = 1.
 
-Schedule (forward-only GPipe, per prefill or decode step): the batch is cut into `micro_batches`; stage s
-takes micro-batch m from stage s-1 (same TP index), runs its blocks and sends it on, so that while stage s
-works on m, stage s-1 works on m+1. The last stage sends each micro-batch's next tokens back to stage 0.
-A step costs about (micro_batches + pp - 1) micro-batch-stage times, so micro_batches >= pp keeps the
-bubble small. Decode has no backward pass, so 1F1B and interleaving buy nothing here.
+The parts:
+- `StageKV`: the stage's KV cache, preallocated once per batch shape, dense per sequence but stored in blocks
+  so that decode attention is the paged kernel (model/paged_attention.py) over a fixed block table, with the
+  lengths in a device tensor: a decode step has the same shapes every step, so it can be captured.
+- `StaticEngine._stage_decode`: one micro-batch through this stage's layers, from and into static buffers
+  (input tokens or hidden state, output hidden state or tokens and logits), lengths advanced on the device.
+  On CUDA each micro-batch's pass is captured in a CUDA graph (its TP all-reduces and the LM head's
+  all-gather inside) after one eager step has created the communicators, and replayed from then on.
+  Pipeline messages stay eager between replays: the point-to-point order between stages depends on the
+  schedule, and an eager send/recv costs ~50-100 us against a whole stage pass.
+- `StaticEngine.decode_steps`: the pipeline schedule over a whole generation.
+  * `continuous` (default): stage 0 starts micro-batch m of step k+1 as soon as the last stage has sent back
+    m's tokens of step k, so the stages stay busy across steps (no bubble per step once micro_batches >= pp).
+  * `gpipe`: stage 0 waits for every token of step k before it starts step k+1 (a bubble of pp-1 stage
+    times per step), the paper's baseline.
+  Hidden states travel forward on the world group, tokens back from the last stage on a group of their own,
+  so that the two directions between the same two ranks never queue behind each other in one NCCL stream.
+Prefill runs eagerly, GPipe-style, with dense causal attention over the prompt.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from model.parallel.engine import Engine, TimedCore, fill_random_kv, micro_batches, param_bytes
+from model.attention import attention
+from model.paged_attention import paged_decode
+from model.parallel.engine import Engine, micro_batches, param_bytes
+from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.transformer import LocalKV, Step, build_model, last_token_logits, pad_prompts
+from model.transformer import Step, build_model, last_token_logits, pad_prompts
+
+
+class StageKV:
+    """The KV of a stage's layers for `batch` sequences of up to max_len tokens: sequence b's j-th block is slot
+    b * blocks_per_seq + j of one PagedKV, so the block table never changes."""
+
+    def __init__(self, layers, batch, heads, max_len, head_dim, block_size, dtype, device):
+        self.batch, self.max_len = batch, max_len
+        self.blocks_per_seq = -(-max_len // block_size)
+        self.kv = PagedKV(layers, batch * self.blocks_per_seq, heads, block_size, head_dim, dtype, device)
+        self.table = torch.arange(batch * self.blocks_per_seq, dtype=torch.int32, device=device).view(batch, -1)
+
+    def fits(self, layers, batch, heads, max_len) -> bool:
+        return (self.batch, self.max_len, self.kv.kv.shape[0], self.kv.kv.shape[3]) == (batch, max_len, layers, heads)
+
+
+class StageAttention:
+    """A block's attention core on a static rank: prefill stores the prompt and attends densely; decode stores the
+    new token at its length and runs the paged kernel. Nothing here reads a tensor's value on the host."""
+
+    def __init__(self, cache: StageKV, layer: int, backend: str, timer):
+        self.cache, self.layer, self.backend, self.timer = cache, layer, backend, timer
+
+    def nbytes(self) -> int:
+        return self.cache.kv.kv[self.layer].nbytes
+
+    def __call__(self, q, k, v, step: Step):  # q, k, v: [b, H, T, D]
+        c = self.cache
+        rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
+        with self.timer("attention"):
+            if step.prefill:
+                c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq, c.blocks_per_seq)
+                return attention(q, k, v, kv_lens=step.new_lens, causal=True, backend=self.backend)[0]
+            bs = c.kv.block_size
+            pos = step.cache_lens
+            slots = rows * c.blocks_per_seq + pos // bs
+            c.kv.write_token(self.layer, slots, pos % bs, k[:, :, 0], v[:, :, 0])
+            out, _ = paged_decode(q[:, :, 0], *c.kv.layer(self.layer), c.table[step.rows], (pos + 1).to(torch.int32))
+            return out.to(q.dtype)[:, :, None]
 
 
 class StaticEngine(Engine):
@@ -26,9 +81,11 @@ class StaticEngine(Engine):
         super().__init__(timer)
         tp, pp = strategy.tp, strategy.pp
         self.tp, self.pp, self.micro_batches = tp, pp, strategy.micro_batches
+        self.schedule, self.use_graphs = strategy.schedule, strategy.cuda_graphs and torch.device(device).type == "cuda"
+        self.kv_block = strategy.kv_block
         self.stage, self.tp_rank = divmod(rank, tp)
         self.first, self.last = self.stage == 0, self.stage == pp - 1
-        self.role = f"stage{self.stage}"
+        self.role = f"stage{self.stage}" if tp * pp > 1 else "reference"
         self.has_tokens = self.first or self.last
         self.has_logits = self.last and self.tp_rank == 0
         self.device, self.dtype, self.backend = device, dtype, backend
@@ -38,11 +95,12 @@ class StaticEngine(Engine):
         self.token_peer = (pp - 1) * tp + self.tp_rank if self.first else self.tp_rank
         self.stats = CommStats()
         tp_group = new_groups([[s * tp + t for t in range(tp)] for s in range(pp)], rank)
-        self.vocab_size = model_cfg.vocab_size
+        self.token_group = new_groups([[t, (pp - 1) * tp + t] for t in range(tp)], rank) if pp > 1 else None
+        self.vocab_size, self.hidden = model_cfg.vocab_size, model_cfg.hidden
 
-        model = build_model(model_cfg, dtype, "cpu")  # same seeded weights on every rank, sliced below
-        per_stage = model_cfg.n_layers // pp
-        self.blocks = torch.nn.ModuleList(model.blocks[self.stage * per_stage : (self.stage + 1) * per_stage])
+        model = build_model(model_cfg, dtype, device)  # same seeded weights on every rank, sliced below
+        self.per_stage = model_cfg.n_layers // pp
+        self.blocks = torch.nn.ModuleList(model.blocks[self.stage * self.per_stage : (self.stage + 1) * self.per_stage])
         for block in self.blocks:
             shard_attention(block.attn, tp, self.tp_rank, tp_group, timer, self.stats)
             shard_ffn(block.ffn, tp, self.tp_rank, tp_group, timer, self.stats)
@@ -50,89 +108,184 @@ class StaticEngine(Engine):
         self.norm = model.norm if self.last else None
         self.head = VocabParallelHead(model.lm_head, tp, self.tp_rank, tp_group, timer, self.stats) if self.last else None
         self.modules = torch.nn.ModuleList(m for m in (self.embed, self.blocks, self.norm, self.head) if m is not None)
-        self.modules.to(device)
         del model
+        self.cache, self.graphs = None, None
+        if world > 1 and torch.device(device).type == "cuda":
+            dist.barrier()  # the world communicator exists before the first point-to-point message
 
-    # -- setup -------------------------------------------------------------------------------------
-    def _setup_cache(self, batch: int, max_len: int):
-        for block in self.blocks:
-            a = block.attn
-            a.core = TimedCore(LocalKV(batch, a.n_heads, max_len, a.head_dim, self.dtype, self.device, self.backend), self.timer)
+    # -- setup: storage and static buffers, allocated once per batch shape ----------------------------------
+    def _setup(self, lens: torch.Tensor, max_len: int):
+        batch, heads = len(lens), self.blocks[0].attn.n_heads
+        if self.cache is None or not self.cache.fits(self.per_stage, batch, heads, max_len):
+            self.cache = self.graphs = None  # free the old storage (and the graphs that point into it) first
+            self.cache = StageKV(self.per_stage, batch, heads, max_len, self.blocks[0].attn.head_dim, self.kv_block,
+                                 self.dtype, self.device)
+            for layer, block in enumerate(self.blocks):
+                block.attn.core = StageAttention(self.cache, layer, self.backend, self.timer)
+            self.rows = [slice(r.start, r.stop) for r in micro_batches(batch, self.micro_batches)]
+            dev = self.device
+            self.lens = torch.zeros(batch, dtype=torch.long, device=dev)
+            self.ones = torch.ones(batch, dtype=torch.long, device=dev)
+            self.tokens_in = torch.zeros(batch, dtype=torch.long, device=dev)
+            self.tokens_out = torch.zeros(batch, dtype=torch.long, device=dev)
+            self.logits_out = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=dev) if self.last else None
+            self.hidden_in = [torch.zeros(r.stop - r.start, 1, self.hidden, dtype=self.dtype, device=dev) for r in self.rows]
+            self.hidden_out = [torch.zeros_like(h) for h in self.hidden_in]
+        self.lens.copy_(lens)
         self.batch = batch
 
-    def _micro_batches(self):  # as slices: they index the cache rows directly
-        return [slice(r.start, r.stop) for r in micro_batches(self.batch, self.micro_batches)]
-
-    # -- steps -------------------------------------------------------------------------------------
+    # -- prefill -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts, max_len):
         tokens, lens = pad_prompts(prompts, self.device)
-        self._setup_cache(len(prompts), max_len)
-        self.lens = lens
-        return self._step(tokens, torch.zeros_like(lens), lens)
+        self._setup(lens, max_len)
+        return self._prefill(tokens, lens)
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):
-        self._setup_cache(len(lens), max_len)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        for block in self.blocks:
-            fill_random_kv(block.attn.core, lens, gen)
-        self.lens = lens.to(self.device)
+        self._setup(lens.to(self.device), max_len)
+        self.cache.kv.fill_random(torch.Generator(device=self.device).manual_seed(seed))
         first = torch.randint(0, self.vocab_size, (len(lens),), generator=torch.Generator().manual_seed(seed))
         return first.to(self.device) if self.has_tokens else None
 
-    @torch.no_grad()
-    def decode(self, tokens):
-        cache_lens = self.lens.clone()
-        new_lens = torch.ones_like(cache_lens)
-        tokens = tokens[:, None] if tokens is not None else None
-        out = self._step(tokens, cache_lens, new_lens)
-        self.lens = self.lens + 1
-        return out
-
-    def _step(self, tokens, cache_lens, new_lens):
-        t = tokens.shape[1] if tokens is not None else (int(new_lens.max()))
-        hidden = self.blocks[0].attn.wqkv.in_features
-        sends, next_tokens, logits_parts = [], [], []
-        for rows in self._micro_batches():
-            step = Step(rows, cache_lens[rows], new_lens[rows])
+    def _prefill(self, tokens, lens):
+        """The prompts through the pipeline, micro-batch by micro-batch (eager); first tokens where known."""
+        zeros = torch.zeros_like(lens)
+        t, sends, next_tokens, logits_parts = tokens.shape[1], [], [], []
+        for rows in self.rows:
+            step = Step(rows, zeros[rows], lens[rows], prefill=True)
             if self.first:
                 x = self.embed(tokens[rows])
             else:
-                x = torch.empty(rows.stop - rows.start, t, hidden, dtype=self.dtype, device=self.device)
-                with self.timer("synchronization"):  # waiting for the upstream stage (includes the transfer)
-                    dist.recv(x, src=self.prev_rank)
-                self.stats.add("pp_recv", x.nbytes)
+                x = torch.empty(rows.stop - rows.start, t, self.hidden, dtype=self.dtype, device=self.device)
+                self._recv(x, self.prev_rank, None, "pp_recv")
             for block in self.blocks:
                 x = block(x, step)
             if not self.last:
-                with self.timer("communication"):
-                    sends.append(dist.isend(x.contiguous(), dst=self.next_rank))
-                self.stats.add("pp_send", x.nbytes)
+                sends.append(self._send(x.contiguous(), self.next_rank, None, "pp_send"))
                 continue
             logits = last_token_logits(self.head(self.norm(x)), step.new_lens)
             logits_parts.append(logits)
-            nxt = logits.argmax(-1)
-            next_tokens.append(nxt)
-            if not self.first:  # tokens go back to stage 0 for the next step
-                with self.timer("communication"):
-                    sends.append(dist.isend(nxt.contiguous(), dst=self.token_peer))
-                self.stats.add("pp_send", nxt.nbytes)
+            next_tokens.append(logits.argmax(-1))
+            if not self.first:
+                sends.append(self._send(next_tokens[-1], self.token_peer, self.token_group, "pp_send"))
         if self.first and not self.last:
-            for rows in self._micro_batches():
+            for rows in self.rows:
                 nxt = torch.empty(rows.stop - rows.start, dtype=torch.long, device=self.device)
-                with self.timer("synchronization"):
-                    dist.recv(nxt, src=self.token_peer)
-                self.stats.add("pp_recv", nxt.nbytes)
+                self._recv(nxt, self.token_peer, self.token_group, "pp_recv")
                 next_tokens.append(nxt)
-        with self.timer("communication"):
-            for s in sends:
-                s.wait()
-        if self.has_logits:
+        for s in sends:
+            s.wait()
+        if self.has_logits and self.keep_logits:
             self.logits.append(torch.cat(logits_parts))
         return torch.cat(next_tokens) if next_tokens else None
 
+    # -- decode --------------------------------------------------------------------------------------------
+    def _stage_decode(self, m: int):
+        """Micro-batch m through this stage: static buffers in and out, lengths advanced. Graph-capturable."""
+        rows = self.rows[m]
+        step = Step(rows, self.lens[rows], self.ones[rows])
+        x = self.embed(self.tokens_in[rows][:, None]) if self.first else self.hidden_in[m]
+        for block in self.blocks:
+            x = block(x, step)
+        if self.last:
+            logits = self.head(self.norm(x))[:, 0]
+            self.logits_out[rows].copy_(logits)
+            self.tokens_out[rows].copy_(logits.argmax(-1))
+        else:
+            self.hidden_out[m].copy_(x)
+        self.lens[rows] += 1
+
+    def _run(self, m: int):
+        if self.graphs is None or not self.timer_off():  # the instrumented pass runs eager, phase by phase
+            self._stage_decode(m)
+            return
+        graph, sent = self.graphs[m]
+        graph.replay()
+        self.stats.merge(sent)  # the collectives inside the graph, counted as if launched
+
+    def _capture(self, pending):
+        """One graph per micro-batch, sharing one memory pool. Every rank of a TP group captures the same
+        sequence of collectives, which the eager step before has already run once (communicators exist).
+        thread_local: the NCCL watchdog thread may query its events meanwhile."""
+        for work in pending:
+            if work is not None:
+                work.wait()
+        torch.cuda.synchronize()
+        self.graphs, pool = [], None
+        for m in range(len(self.rows)):
+            before = self.stats.copy()
+            graph = torch.cuda.CUDAGraph()
+            saved = self.lens.clone()  # capture records the kernels without running them; keep the state anyway
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self._stage_decode(m)
+            self.lens.copy_(saved)
+            pool = graph.pool()
+            self.graphs.append((graph, self.stats.since(before)))
+            self.stats.bytes, self.stats.ops = before.bytes, before.ops  # in place: the modules hold this object
+
+    @torch.no_grad()
+    def decode_steps(self, tokens, n_steps, forced=None, before=lambda i: None, after=lambda i, tok: None):
+        """n_steps decode steps after prefill (tokens = its tokens, where known) under the pipeline schedule.
+        forced [B, n_steps]: teacher forcing, step i is fed forced[:, i - 1]. before(i) runs as step i starts on
+        this rank; after(i, tokens) once this rank knows step i's tokens (stage 0: when they are back)."""
+        pipelined = self.first and self.pp > 1  # stage 0 gets its tokens back from the last stage
+        pending = [None] * len(self.rows)  # the send still reading micro-batch m's output buffer
+        back = None  # stage 0 of a pipeline: the previous step's tokens
+        for i in range(1, n_steps + 1):
+            before(i)
+            if i == 2 and self.use_graphs and self.graphs is None and self.timer_off():
+                self._capture(pending)
+            if pipelined and i > 1:
+                back = torch.empty(self.batch, dtype=torch.long, device=self.device)
+                if self.schedule == "gpipe":  # the whole previous step first
+                    for rows in self.rows:
+                        self._recv(back[rows], self.token_peer, self.token_group, "pp_recv")
+                    after(i - 1, back)
+            for m, rows in enumerate(self.rows):
+                if self.first:
+                    if pipelined and i > 1 and self.schedule == "continuous":  # only this micro-batch's tokens
+                        self._recv(back[rows], self.token_peer, self.token_group, "pp_recv")
+                    source = tokens if i == 1 else back if pipelined else self.tokens_out
+                    self.tokens_in[rows].copy_((forced[:, i - 1] if forced is not None else source)[rows])
+                else:
+                    self._recv(self.hidden_in[m], self.prev_rank, None, "pp_recv")
+                if pending[m] is not None:
+                    pending[m].wait()  # the buffer this pass overwrites has left
+                self._run(m)
+                if not self.last:
+                    pending[m] = self._send(self.hidden_out[m], self.next_rank, None, "pp_send")
+                elif not self.first:
+                    pending[m] = self._send(self.tokens_out[rows], self.token_peer, self.token_group, "pp_send")
+            if pipelined and i > 1 and self.schedule == "continuous":
+                after(i - 1, back)
+            if self.last:
+                if self.has_logits and self.keep_logits:
+                    self.logits.append(self.logits_out.clone())
+                after(i, self.tokens_out.clone())
+        if pipelined:
+            back = torch.empty(self.batch, dtype=torch.long, device=self.device)
+            for rows in self.rows:
+                self._recv(back[rows], self.token_peer, self.token_group, "pp_recv")
+            after(n_steps, back)
+        for work in pending:
+            if work is not None:
+                work.wait()
+
+    def timer_off(self) -> bool:
+        return not getattr(self.timer, "enabled", False)
+
+    # -- messages ------------------------------------------------------------------------------------------
+    def _send(self, t, peer, group, key):
+        self.stats.add(key, t.nbytes)
+        return dist.isend(t, dst=peer, group=group)
+
+    def _recv(self, t, peer, group, key):
+        with self.timer("synchronization"):  # waiting for the peer stage (includes the transfer)
+            dist.recv(t, src=peer, group=group)
+        self.stats.add(key, t.nbytes)
+
     def report(self):
-        kv = sum(b.attn.core.nbytes() for b in self.blocks)
-        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": kv,
-                "comm_bytes": dict(self.stats.bytes), "tp_rank": self.tp_rank, "stage": self.stage}
+        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.cache.kv.nbytes(),
+                "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops), "tp_rank": self.tp_rank, "stage": self.stage,
+                "cuda_graphs": self.graphs is not None, "schedule": self.schedule if self.pp > 1 else None}

@@ -19,13 +19,32 @@ def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
 
 
 class CommStats:
-    """Bytes this rank sent and received, by the role of the peer and the kind of traffic."""
+    """Bytes and operations (messages or collectives) of this rank, by the kind of traffic."""
 
     def __init__(self):
-        self.bytes = {}
+        self.bytes, self.ops = {}, {}
 
-    def add(self, key: str, nbytes: int):
+    def add(self, key: str, nbytes: int, ops: int = 1):
         self.bytes[key] = self.bytes.get(key, 0) + int(nbytes)
+        self.ops[key] = self.ops.get(key, 0) + ops
+
+    def since(self, before: "CommStats") -> "CommStats":
+        """What was added after `before` (a copy taken earlier)."""
+        delta = CommStats()
+        for key in self.bytes:
+            n, ops = self.bytes[key] - before.bytes.get(key, 0), self.ops[key] - before.ops.get(key, 0)
+            if ops:
+                delta.add(key, n, ops)
+        return delta
+
+    def copy(self) -> "CommStats":
+        c = CommStats()
+        c.bytes, c.ops = dict(self.bytes), dict(self.ops)
+        return c
+
+    def merge(self, other: "CommStats") -> None:
+        for key in other.bytes:
+            self.add(key, other.bytes[key], other.ops[key])
 
 
 class AllReduceAfter(nn.Module):

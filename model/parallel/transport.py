@@ -26,7 +26,8 @@ class Transport:
         for ops, op in ((sends, dist.isend), (recvs, dist.irecv)):
             batch = [dist.P2POp(op, t, peer) for peer, t, _ in ops if t.numel()]
             for _, t, key in ops:
-                self.stats.add(key, t.nbytes)
+                if t.numel():
+                    self.stats.add(key, t.nbytes)
             if batch:
                 works += dist.batch_isend_irecv(batch)
         return works

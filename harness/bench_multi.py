@@ -1,0 +1,242 @@
+"""Multi-GPU benchmark: every strategy on this machine's GPUs, each against its roofline, in one job.
+
+    python -m harness.bench_multi --out results/measured/<device>-x4      # on a machine with 4 GPUs
+    python -m harness.bench_multi --smoke --out /tmp/x                     # tiny model, 2 CPU ranks (tests)
+
+1. Limits, measured here: the read bandwidth of every GPU (the slowest counts) and NCCL's time per operation
+   (all-reduce and all-gather over 2 and 4 ranks, a point-to-point message between 2), eager and inside a CUDA
+   graph, at sizes 4 KiB-64 MiB per rank -> limits.json.
+2. The runs, each through `fapool-bench` (its own processes, its failures a failed record): the paper model in
+   bf16 with synthetic KV, at 8K b16 and at contexts 8K, 16K, 32K with the batch that fills half of one GPU's
+   memory with KV (the reference's, and FA Pool 2+1's pool rank, hold all of it); strategies reference (1 GPU),
+   tp2, tp4, tp2_pp2, tp1_pp4, FA Pool 2+2, 1+3, 2+1 (threshold below the context: every sequence in the pool).
+3. Each ok record gets its roofline (harness/roofline.py) written into it; the table (bench_multi.md/json)
+   gives TPOT, decode TPS per GPU, TPOT / roofline, and the speed-up over the best static strategy at equal GPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from harness.bench_gpu import bench_setup, device_info, fmt_table, limits
+from harness.roofline import roofline
+from harness.runner import to_config
+
+KiB = 1024
+SIZES = [4 * KiB * 4**i for i in range(8)]  # 4 KiB .. 64 MiB per rank
+SMOKE_SIZES = [4 * KiB, 64 * KiB]
+STEPS = 16  # output tokens per sequence: 15 timed decode steps
+
+
+# -- 1. NCCL per operation ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _time_op(fn, graphed: bool, reps: int = 20) -> float:
+    """Seconds per call of fn: `reps` calls eagerly, or captured in one CUDA graph and replayed; median of 5."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: communicators and NCCL's buffers exist before capture
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+    else:
+        for _ in range(3):
+            fn()
+    run = lambda: [fn() for _ in range(reps)]  # noqa: E731
+    if graphed:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            run()
+        run = graph.replay
+    times = []
+    for _ in range(7):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / reps)
+        else:
+            t0 = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - t0) / reps)
+    return statistics.median(times[2:])
+
+
+def _calibrate_rank(rank, world, port, sizes, path):
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, device_id=device if cuda else None)
+    groups = {g: dist.new_group(list(range(g))) for g in (2, 4) if g <= world}
+    dtype = torch.bfloat16 if cuda else torch.float32
+    modes = ("graph", "eager") if cuda else ("eager",)
+    res = {mode: {"all_reduce": {}, "all_gather": {}, "p2p": {}} for mode in modes}
+    for g, group in groups.items():
+        for size in sizes:
+            buf = torch.zeros(size // dtype.itemsize, dtype=dtype, device=device)
+            gathered = torch.zeros(g * buf.numel(), dtype=dtype, device=device)
+            ops = {"all_reduce": lambda: dist.all_reduce(buf, group=group),
+                   "all_gather": lambda: dist.all_gather_into_tensor(gathered, buf, group=group)}
+            if g == 2:  # one message from rank 0 to rank 1, as the pipeline and the pool send them
+                peer = 1 - rank
+                kind = dist.isend if rank == 0 else dist.irecv
+                ops["p2p"] = lambda: [w.wait() for w in dist.batch_isend_irecv([dist.P2POp(kind, buf, peer, group)])]
+            for op, fn in ops.items():
+                for mode in modes:
+                    if rank < g:
+                        res[mode][op].setdefault(str(g), []).append([size, _time_op(fn, mode == "graph")])
+                    dist.barrier()
+    if rank == 0:
+        Path(path).write_text(json.dumps(res, indent=1))
+    dist.destroy_process_group()
+
+
+def calibrate_nccl(world: int, sizes: list[int], out: Path) -> dict:
+    path = out / "nccl_calibration.json"
+    mp.spawn(_calibrate_rank, args=(world, _free_port(), sizes, str(path)), nprocs=world, join=True)
+    return json.loads(path.read_text())
+
+
+# -- 2. the runs -------------------------------------------------------------------------------------------------
+def strategies(gpus: int, smoke: bool) -> dict:
+    """name -> fapool-bench overrides. FA Pool: every sequence in the pool, spread over all of it, one-level merge
+    (one node: a second level would add a hop and merge nothing)."""
+    pool = ["strategy.pool.threshold=16" if smoke else "strategy.pool.threshold=1024", "strategy.pool.policy=all",
+            "strategy.pool.block_size=16" if smoke else "strategy.pool.block_size=256",
+            "strategy.pool.hierarchical=false", f"strategy.pool.gpus_per_node={gpus}"]
+
+    def fa(tp, size):
+        return [f"strategy.name=fa_pool_b{tp}_p{size}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}",
+                f"strategy.pool.size={size}", f"strategy.pool.max_size={size}", *pool]
+
+    runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"],
+            "tp4": ["strategy=tp4_pp1"], "tp2_pp2": ["strategy=tp2_pp2"],
+            "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
+                        "strategy.micro_batches=4"],
+            "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1)}
+    width = {"reference": 1, "tp2": 2, "fa_pool_b2_p1": 3}
+    return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
+
+
+def points(smoke: bool, gpu_bytes: int) -> list[tuple[int, int]]:
+    """(context, batch): 8K at batch 16, then each context at the batch whose KV fills half of one GPU."""
+    if smoke:
+        return [(48, 4)]
+    token_bytes = 4 * 2 * 4096 * 2  # the paper model: layers x (K, V) x hidden x bf16
+    half = [(n, max(4, int(gpu_bytes * 0.5 / (token_bytes * n)) // 4 * 4 + 4)) for n in (8192, 16384, 32768)]
+    return [(8192, 16)] + half
+
+
+def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int) -> dict:
+    model = ["model=tiny", "hardware=cpu", "hardware.dtype=float32"] if smoke else ["model=paper", "hardware=cuda"]
+    point = [f"workload=len{8192 if smoke else context}", f"workload.prompt_lens=[{context}]",
+             f"workload.batch_size={batch}", f"workload.output_tokens={STEPS}", "workload.warmup_steps=2",
+             "workload.synthetic_kv=true", "check_reference=false"]
+    tag = f"{name}_L{context}_B{batch}"
+    rdir = out / "records" / tag
+    cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={out / 'hydra' / tag}",
+           f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", *model, *overrides, *point]
+    t0 = time.time()
+    with open(out / "logs" / f"{tag}.txt", "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s + 60, check=False)
+    result = rdir / "result.json"
+    rec = json.loads(result.read_text()) if result.exists() else {"status": "failed", "error": "no record"}
+    return {"tag": tag, "name": name, "context": context, "batch": batch, "path": str(result),
+            "wall_s": time.time() - t0, "record": rec}
+
+
+def attach_roofline(run: dict, read_bw: float, comm: dict) -> None:
+    rec = run["record"]
+    if rec.get("status") != "ok":
+        return
+    rec["roofline"] = roofline(to_config(rec["config"]), rec, read_bw, comm)
+    Path(run["path"]).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
+
+
+def table_rows(runs: list[dict]) -> list[dict]:
+    rows = []
+    for r in runs:
+        rec = r["record"]
+        m, roof = rec.get("metrics") or {}, rec.get("roofline") or {}
+        gpus = m.get("num_gpus") or rec.get("config", {}).get("strategy", {}).get("world_size")
+        rows.append({"run": r["name"], "context": r["context"], "batch": r["batch"], "gpus": gpus,
+                     "status": rec.get("status"), "tpot_ms": m.get("mean_tpot_ms"),
+                     "decode_tps_per_gpu": (m["decode_tps"] / gpus) if m.get("decode_tps") else None,
+                     "roofline_ms": roof.get("step_ms"), "ratio": roof.get("ratio"),
+                     "note": (rec.get("error") or "")[:120]})
+    for row in rows:  # the best static strategy at the same point and GPU count
+        static = [o["tpot_ms"] for o in rows if (o["context"], o["batch"], o["gpus"]) == (row["context"], row["batch"], row["gpus"])
+                  and o["tpot_ms"] and not o["run"].startswith("fa_pool")]
+        row["speedup_vs_best_static"] = min(static) / row["tpot_ms"] if static and row["tpot_ms"] else None
+    return rows
+
+
+def main(argv=None):
+    def extra(ap):
+        ap.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all; smoke: 2 CPU ranks)")
+        ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
+        ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
+        ap.add_argument("--points", default="", help="comma-separated CONTEXTxBATCH (default: 8K b16 + half memory)")
+
+    args, out, device, dtype = bench_setup(__doc__, argv, extra)
+    smoke = args.smoke
+    gpus = args.gpus or (2 if smoke or device.type != "cuda" else torch.cuda.device_count())
+    (out / "logs").mkdir(exist_ok=True)
+    res = {"device": device_info(device), "gpus": gpus, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None}
+    reads = []
+    for i in range(gpus if device.type == "cuda" else 1):
+        if device.type == "cuda":
+            torch.cuda.set_device(i)  # timeit's events are the current device's
+        reads.append(limits(torch.device("cuda", i) if device.type == "cuda" else device, dtype, smoke)["read_bytes_per_s"])
+    res["read_bytes_per_s"] = {"per_gpu": reads, "used": min(reads)}
+    res["comm"] = calibrate_nccl(gpus, SMOKE_SIZES if smoke else SIZES, out)
+    comm = res["comm"].get("graph", res["comm"]["eager"])
+    (out / "limits.json").write_text(json.dumps(res, indent=1))
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
+    only = set(filter(None, args.only.split(",")))
+    runs = []
+    chosen = [tuple(map(int, p.split("x"))) for p in args.points.split(",") if p] or points(smoke, gpu_bytes)
+    for context, batch in chosen:
+        for name, overrides in strategies(gpus, smoke).items():
+            if only and name not in only:
+                continue
+            run = run_point(name, overrides, context, batch, smoke, out, args.timeout)
+            attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
+            runs.append(run)
+            rec = run["record"]
+            print(f"{run['tag']}: {rec.get('status')} {rec.get('metrics', {}).get('mean_tpot_ms', '')} ms "
+                  f"ratio {rec.get('roofline', {}).get('ratio', '')} ({run['wall_s']:.0f} s)", flush=True)
+    rows = table_rows(runs)
+    (out / "bench_multi.json").write_text(json.dumps({"limits": res, "rows": rows}, indent=1, default=str))
+    cols = ["run", "context", "batch", "gpus", "status", "tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio",
+            "speedup_vs_best_static", "note"]
+    text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{gpus}, torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
+            f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))
+    (out / "bench_multi.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

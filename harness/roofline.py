@@ -1,0 +1,101 @@
+"""The roofline of a measured decode step: the least time this hardware allows for what each rank must do.
+
+Per rank and decode step:
+    bytes it must read   weights it holds (the embedding table aside: a step reads only its batch's rows) +
+                         the KV of the tokens it holds (mean context over the measured steps)
+    time                 bytes / the read bandwidth measured on this machine, in the same job
+                         + the collectives and messages the rank made per step (counted by the engine), each at
+                           the time NCCL takes for its size inside a CUDA graph, measured in the same job
+The step's roofline is the slowest rank's time: it assumes nothing overlaps within a rank (compute waits for
+its all-reduces) and everything overlaps across ranks (a pipeline's stages, the pool and the base), so it is
+a lower bound for every strategy. TPOT over it says how close a strategy runs to what its hardware allows.
+
+Calibration (`comm`): {"all_reduce" | "all_gather" | "p2p": {group size: [[bytes, seconds per op], ...]}},
+bytes per rank, sorted; harness/bench_multi.py measures it.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+
+import torch
+
+from harness.workload import prompt_lengths
+
+# CommStats keys (model/parallel/) -> the calibrated operation they are
+OP_OF = {"tp_allreduce": "all_reduce", "tp_allgather": "all_gather"}  # everything else is a point-to-point message
+
+
+def op_time(comm: dict, op: str, group: int, nbytes: float) -> float:
+    """Seconds of one `op` of `nbytes` per rank in a group of `group` ranks: log-log interpolation between the
+    calibrated sizes; below the smallest, its time (latency-bound); above the largest, its bandwidth."""
+    table = comm[op].get(str(group)) or comm[op][max(comm[op], key=int)]  # an uncalibrated size: the largest group
+    sizes = [b for b, _ in table]
+    if nbytes <= sizes[0]:
+        return table[0][1]
+    if nbytes >= sizes[-1]:
+        return table[-1][1] * nbytes / sizes[-1]
+    i = bisect.bisect_right(sizes, nbytes)
+    (b0, t0), (b1, t1) = table[i - 1], table[i]
+    f = (math.log(nbytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+    return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+
+
+def context_tokens(cfg) -> tuple[list[int], float]:
+    """(prompt lengths, mean number of new tokens in the cache over the measured decode steps)."""
+    return prompt_lengths(cfg.workload), cfg.workload.output_tokens / 2
+
+
+def kv_tokens_read(cfg, rank: dict) -> float:
+    """Tokens of KV (all heads of one layer = 1) that this rank reads per step, summed over the layers it holds."""
+    s, m = cfg.strategy, cfg.model
+    lens, grown = context_tokens(cfg)
+    if s.kind in ("reference", "static"):
+        return (sum(lens) + grown * len(lens)) * (m.n_layers // s.pp) / s.tp
+    pooled = [n > s.pool.threshold for n in lens] if s.pool.size else [False] * len(lens)
+    if rank["role"] == "base":
+        return sum(n + grown for n, p in zip(lens, pooled) if not p) * m.n_layers / s.tp
+    # a pool rank: the pooled tokens spread over the pool (the mean, which the fullest rank meets or exceeds)
+    return sum(n + grown for n, p in zip(lens, pooled) if p) * m.n_layers / s.pool.size
+
+
+def weight_bytes_read(cfg, rank: dict) -> float:
+    m, s = cfg.model, cfg.strategy
+    elem = torch.finfo(getattr(torch, cfg.hardware.dtype)).bits // 8
+    holds_embedding = rank["role"] in ("reference", "stage0", "base")
+    return rank["weight_bytes"] - (m.vocab_size * m.hidden * elem // s.tp if holds_embedding else 0)
+
+
+def comm_seconds(cfg, rank: dict, comm: dict, steps: int) -> float:
+    """This rank's collectives and messages per decode step at their calibrated in-graph time."""
+    tp = cfg.strategy.tp
+    total = 0.0
+    for key, ops in (rank.get("comm_ops") or {}).items():
+        if not ops:
+            continue
+        op = OP_OF.get(key, "p2p")
+        size = rank["comm_bytes"][key] / ops
+        if op == "all_gather":
+            size /= max(tp - 1, 1)  # CommStats counts the bytes received from the tp - 1 others
+        total += ops / steps * op_time(comm, op, tp if op != "p2p" else 2, size)
+    return total
+
+
+def roofline(cfg, record: dict, read_bytes_per_s: float, comm: dict) -> dict:
+    """The record's roofline (see the module docstring) and its TPOT's ratio to it. cfg: the record's BenchConfig."""
+    m = cfg.model
+    elem = torch.finfo(getattr(torch, cfg.hardware.dtype)).bits // 8
+    token_bytes = 2 * m.hidden * elem  # K and V of one token in one layer, all heads
+    steps = cfg.workload.output_tokens - 1
+    per_rank = []
+    for r in sorted(record["ranks"], key=lambda r: r["rank"]):
+        w, kv = weight_bytes_read(cfg, r), kv_tokens_read(cfg, r) * token_bytes
+        c = comm_seconds(cfg, r, comm, steps)
+        per_rank.append({"rank": r["rank"], "role": r["role"], "weight_bytes": w, "kv_bytes": kv,
+                         "memory_s": (w + kv) / read_bytes_per_s, "comm_s": c, "step_s": (w + kv) / read_bytes_per_s + c})
+    bound = max(per_rank, key=lambda x: x["step_s"])
+    tpot_s = record["metrics"]["mean_tpot_ms"] / 1e3
+    return {"step_ms": bound["step_s"] * 1e3, "bound_rank": bound["rank"], "ratio": tpot_s / bound["step_s"],
+            "read_bytes_per_s": read_bytes_per_s, "per_rank": per_rank,
+            "definition": "max over ranks of (weights + KV read per step) / measured read bandwidth + the rank's "
+                          "collectives and messages per step at their measured in-graph NCCL time"}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every strategy on this machine's GPUs against its roofline (issue #16), in one device call.
+# Usage: bash jobs/multi_gpu_bench.sh OUT_DIR [bench_multi arguments, e.g. --points 8192x16 --only reference,tp4]
+#        SKIP="tests checks" leaves those parts out.
+# Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks/, bench_multi.md, bench_multi.json, limits.json, records/}.
+set -uo pipefail
+OUT=${1:?output directory}; shift
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
+} > "$OUT/versions.txt" 2>&1
+skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
+if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed step against the plain model
+  timeout 150 python3 -m pytest -q -x tests/test_paged_attention.py tests/test_gpu_path.py tests/test_gpu_strategies.py \
+    > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
+fi
+if ! skip checks; then  # teacher-forced reference check over NCCL: paper model, mixed lengths, sharp init
+  CHECK="model=paper hardware=cuda workload=tiny_mixed check_reference=true model.init_std=0.3 launcher.timeout_s=120"
+  POOL="strategy.pool.gpus_per_node=4 strategy.pool.hierarchical=false"
+  for s in "tp2_pp2 strategy=tp2_pp2" "tp1_pp4 strategy=tp1_pp2 strategy.pp=4 strategy.world_size=4 strategy.micro_batches=4" \
+           "tp4 strategy=tp4_pp1" "fa_pool_b2_p2 strategy=fa_pool_b2_p2 $POOL"; do
+    set -- $s; name=$1; shift
+    for dtype in float32 bfloat16; do
+      python3 -m harness.app hydra.mode=RUN $CHECK "$@" hardware.dtype=$dtype results_dir="$OUT/checks/${name}_$dtype" \
+        hydra.run.dir="$OUT/hydra/check_${name}_$dtype" > "$OUT/checks_${name}_$dtype.log" 2>&1 || echo "check $name $dtype failed"
+    done
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+rows = ["| check | status | passed | tokens equal (free-running) | max rel logit error | argmax flips (ref margin) |", "|---|---|---|---|---|---|"]
+for f in sorted(Path(sys.argv[1], "checks").rglob("result.json")):
+    r = json.loads(f.read_text()); c = r.get("reference_check") or {}
+    flips = ", ".join(f"{x['ref_margin']:.3g}" for x in c.get("argmax_flips", []))
+    rows.append(f"| {f.parent.name} | {r['status']} | {c.get('passed')} | {c.get('tokens_equal')} | {c.get('max_rel_logit_error')} | {flips} |")
+Path(sys.argv[1], "checks.md").write_text("\n".join(rows) + "\n"); print("\n".join(rows))
+PY
+fi
+python3 -m harness.bench_multi --out "$OUT" "$@"

@@ -1,0 +1,32 @@
+"""The strategies on CUDA over NCCL (CUDA graphs on, the paged kernel) against the plain model, teacher-forced.
+Runs where there are enough GPUs (the device job jobs/multi_gpu_bench.sh); skipped elsewhere."""
+import pytest
+import torch
+
+from tests.conftest import launch
+
+GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+CASES = [  # name, overrides, GPUs
+    ("reference", ["strategy=reference"], 1),
+    ("tp2", ["strategy=tp2_pp1"], 2),
+    ("tp2_pp2", ["strategy=tp2_pp2"], 4),
+    ("tp2_pp2_gpipe", ["strategy=tp2_pp2", "strategy.schedule=gpipe"], 4),
+    ("fa_pool_b2_p2", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4"], 4),
+]
+
+
+@pytest.mark.parametrize("name,overrides,gpus", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_strategy_on_gpus_matches_the_plain_model(name, overrides, gpus, dtype, tmp_path):
+    if GPUS < gpus:
+        pytest.skip(f"needs {gpus} CUDA GPUs, this machine has {GPUS}")
+    rec = launch([*overrides, "hardware=cuda", f"hardware.dtype={dtype}", "workload=tiny_mixed", "model.init_std=0.3",
+                  "strategy.kv_block=16", "check_reference=true", "launcher.timeout_s=120"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    check = rec["reference_check"]
+    assert check["passed"] and check["numerics_ok"] and check["tokens_consistent"], check
+    if dtype == "float32":
+        assert check["tokens_equal"] and check["max_rel_logit_error"] < 2e-3, check
+    assert rec["passes"]["instrumented_tokens_equal"] in (True, None)
+    if not name.startswith("fa_pool"):
+        assert all(r["cuda_graphs"] for r in rec["ranks"]), "the static decode steps ran eager"

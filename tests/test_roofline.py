@@ -1,0 +1,52 @@
+"""The roofline of a record (harness/roofline.py) on hand-computed cases."""
+import pytest
+
+from harness.roofline import op_time, roofline
+from tests.conftest import cfg_object
+
+COMM = {"all_reduce": {"2": [[1000, 1e-5], [4000, 4e-5]]}, "all_gather": {"2": [[1000, 2e-5], [4000, 2e-5]]},
+        "p2p": {"2": [[1000, 3e-5], [4000, 6e-5]]}}
+
+
+def test_op_time_interpolates_in_log_log_and_extrapolates_by_bandwidth():
+    assert op_time(COMM, "all_reduce", 2, 2000) == pytest.approx(2e-5)  # halfway in log size: halfway in log time
+    assert op_time(COMM, "all_reduce", 2, 10) == pytest.approx(1e-5)  # latency-bound below the table
+    assert op_time(COMM, "all_reduce", 2, 8000) == pytest.approx(8e-5)  # the largest size's bandwidth above it
+    assert op_time(COMM, "all_reduce", 4, 1000) == pytest.approx(1e-5)  # an uncalibrated group: the largest one's
+
+
+def test_roofline_of_a_tp2_record_by_hand():
+    cfg = cfg_object(["strategy=tp2_pp1", "workload=tiny", "workload.batch_size=2", "workload.prompt_lens=[10]",
+                      "workload.output_tokens=5", "hardware.dtype=float32"])
+    m = cfg.model
+    embed = m.vocab_size * m.hidden * 4 // 2
+    ranks = [{"rank": r, "role": "stage0", "weight_bytes": 10**6 + embed,
+              "comm_ops": {"tp_allreduce": 8, "tp_allgather": 4}, "comm_bytes": {"tp_allreduce": 8 * 2000, "tp_allgather": 4 * 1000}}
+             for r in range(2)]
+    rec = {"ranks": ranks, "metrics": {"mean_tpot_ms": 1.0}}
+    roof = roofline(cfg, rec, read_bytes_per_s=1e9, comm=COMM)
+    # KV: 2 sequences x (10 + 5/2) tokens x layers / 2 ranks, each token-layer 2 x hidden x 4 bytes
+    kv = 2 * 12.5 * m.n_layers / 2 * (2 * m.hidden * 4)
+    # per step (4 steps): 2 all-reduces of 2000 B (2e-5 s each), 1 all-gather of 1000 B per rank (2e-5 s)
+    comm = 2 * 2e-5 + 1 * 2e-5
+    step = (10**6 + kv) / 1e9 + comm
+    assert roof["per_rank"][0]["kv_bytes"] == pytest.approx(kv)
+    assert roof["per_rank"][0]["weight_bytes"] == 10**6  # the embedding table is not read whole
+    assert roof["step_ms"] == pytest.approx(step * 1e3)
+    assert roof["ratio"] == pytest.approx(1e-3 / step)
+
+
+def test_roofline_of_an_fa_pool_record_puts_the_kv_on_the_pool():
+    cfg = cfg_object(["strategy=fa_pool_b2_p2", "workload=tiny", "workload.batch_size=4", "workload.prompt_lens=[10,100]",
+                      "workload.output_tokens=3", "hardware.dtype=float32"])  # threshold 32: the 100-token rows pool
+    base = {"role": "base", "weight_bytes": cfg.model.vocab_size * cfg.model.hidden * 4 // 2}  # its embedding slice
+    pool = {"role": "pool", "weight_bytes": 0}
+    rec = {"ranks": [dict(base, rank=0), dict(base, rank=1), dict(pool, rank=2), dict(pool, rank=3)],
+           "metrics": {"mean_tpot_ms": 1.0}}
+    roof = roofline(cfg, rec, read_bytes_per_s=1.0, comm=COMM)
+    token_layer = 2 * cfg.model.hidden * 4
+    short, long = 2 * (10 + 1.5), 2 * (100 + 1.5)
+    layers = cfg.model.n_layers
+    assert roof["per_rank"][0]["kv_bytes"] == pytest.approx(short * layers / 2 * token_layer)  # heads over 2 base ranks
+    assert roof["per_rank"][2]["kv_bytes"] == pytest.approx(long * layers / 2 * token_layer)  # tokens over 2 pool ranks
+    assert roof["bound_rank"] == 2
