@@ -21,6 +21,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,6 +149,19 @@ def points(smoke: bool, gpu_bytes: int) -> list[tuple[int, int]]:
     return [(8192, 16)] + half
 
 
+def chosen_points(spec: str, smoke: bool, gpu_bytes: int) -> list[tuple[int, int, set]]:
+    """--points: CONTEXTxBATCH[:name+name...], BATCH a number or `half` (the batch whose KV fills half a GPU)."""
+    if not spec:
+        return [(c, b, set()) for c, b in points(smoke, gpu_bytes)]
+    half = dict(points(False, gpu_bytes)[1:])
+    out = []
+    for item in spec.split(","):
+        point, _, names = item.partition(":")
+        context, batch = point.split("x")
+        out.append((int(context), half[int(context)] if batch == "half" else int(batch), set(filter(None, names.split("+")))))
+    return out
+
+
 def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int) -> dict:
     model = ["model=tiny", "hardware=cpu", "hardware.dtype=float32"] if smoke else ["model=paper", "hardware=cuda"]
     point = [f"workload=len{8192 if smoke else context}", f"workload.prompt_lens=[{context}]",
@@ -155,8 +169,8 @@ def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int)
              "workload.synthetic_kv=true", "check_reference=false"]
     tag = f"{name}_L{context}_B{batch}"
     rdir = out / "records" / tag
-    cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={out / 'hydra' / tag}",
-           f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", *model, *overrides, *point]
+    cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={tempfile.gettempdir()}/hydra/{tag}",
+           f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", "profile=true", *model, *overrides, *point]
     t0 = time.time()
     with open(out / "logs" / f"{tag}.txt", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s + 60, check=False)
@@ -181,7 +195,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
         m, roof = rec.get("metrics") or {}, rec.get("roofline") or {}
         gpus = m.get("num_gpus") or rec.get("config", {}).get("strategy", {}).get("world_size")
         rows.append({"run": r["name"], "context": r["context"], "batch": r["batch"], "gpus": gpus,
-                     "status": rec.get("status"), "tpot_ms": m.get("mean_tpot_ms"),
+                     "status": rec.get("status"), "tpot_ms": m.get("mean_tpot_ms"), "median_tpot_ms": m.get("median_tpot_ms"),
                      "decode_tps_per_gpu": (m["decode_tps"] / gpus) if m.get("decode_tps") else None,
                      "roofline_ms": roof.get("step_ms"), "ratio": roof.get("ratio"),
                      "note": (rec.get("error") or "")[:120]})
@@ -197,7 +211,8 @@ def main(argv=None):
         ap.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all; smoke: 2 CPU ranks)")
         ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
         ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
-        ap.add_argument("--points", default="", help="comma-separated CONTEXTxBATCH (default: 8K b16 + half memory)")
+        ap.add_argument("--points", default="", help="comma-separated CONTEXTxBATCH[:run+run], BATCH a number or half "
+                                                     "(default: 8K b16, then 8K, 16K, 32K at half memory)")
 
     args, out, device, dtype = bench_setup(__doc__, argv, extra)
     smoke = args.smoke
@@ -216,10 +231,9 @@ def main(argv=None):
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
     only = set(filter(None, args.only.split(",")))
     runs = []
-    chosen = [tuple(map(int, p.split("x"))) for p in args.points.split(",") if p] or points(smoke, gpu_bytes)
-    for context, batch in chosen:
+    for context, batch, names in chosen_points(args.points, smoke, gpu_bytes):
         for name, overrides in strategies(gpus, smoke).items():
-            if only and name not in only:
+            if (only and name not in only) or (names and name not in names):
                 continue
             run = run_point(name, overrides, context, batch, smoke, out, args.timeout)
             attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
@@ -229,13 +243,34 @@ def main(argv=None):
                   f"ratio {rec.get('roofline', {}).get('ratio', '')} ({run['wall_s']:.0f} s)", flush=True)
     rows = table_rows(runs)
     (out / "bench_multi.json").write_text(json.dumps({"limits": res, "rows": rows}, indent=1, default=str))
-    cols = ["run", "context", "batch", "gpus", "status", "tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio",
+    cols = ["run", "context", "batch", "gpus", "status", "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio",
             "speedup_vs_best_static", "note"]
     text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{gpus}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
             f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))
     (out / "bench_multi.md").write_text(text + "\n")
+    (out / "profile.md").write_text(profile_table(runs) + "\n")
     print(text)
+
+
+def profile_table(runs: list[dict]) -> str:
+    """Per run and role (the role's first rank): device time per decode step by kind of kernel, from the
+    profiled generation (prefill included, so attention also holds the synthetic fill's share: none)."""
+    lines = ["# Kernel time per generation by kind (torch.profiler, one profiled generation per run)", "",
+             "| run | role | rank | communication ms | attention ms | gemm ms | other ms | top kernel |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        seen = set()
+        for rank in sorted(r["record"].get("ranks", []), key=lambda x: x["rank"]):
+            prof = rank.get("profile")
+            if not prof or rank["role"] in seen:
+                continue
+            seen.add(rank["role"])
+            d = prof["device_s"]
+            top = prof["top_kernels"][0]["name"] if prof["top_kernels"] else ""
+            lines.append(f"| {r['tag']} | {rank['role']} | {rank['rank']} | {d['communication'] * 1e3:.2f} | "
+                         f"{d['attention'] * 1e3:.2f} | {d['gemm'] * 1e3:.2f} | {d['other'] * 1e3:.2f} | {top} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

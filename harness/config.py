@@ -192,6 +192,7 @@ class BenchConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
     check_reference: bool = False  # also decode on one device and compare (conf/config.yaml: on for CPU + real prefill)
+    profile: bool = False  # one more generation under torch.profiler: each rank's kernel time by kind, in the record
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing

@@ -89,6 +89,28 @@ class StepClock:
         return self.times
 
 
+KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_merge_kernel", "attention", "flash", "fmha")),
+                ("gemm", ("gemm", "gemv", "cutlass", "cublas", "sm90_", "nvjet")))
+
+
+def kernel_summary(prof, top: int = 8) -> dict:
+    """A torch.profiler run's device time by kind of kernel (NCCL = communication, attention, GEMMs, other) and
+    its top kernels. Kernels replayed from CUDA graphs count like launched ones."""
+    kinds, kernels = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}, []
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if not t or str(getattr(ev, "device_type", "")).endswith("CPU"):
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        kinds[kind] += t / 1e6
+        kernels.append((t / 1e6, ev.key[:80], ev.count))
+    kernels.sort(reverse=True)
+    return {"device_s": kinds, "top_kernels": [{"name": n, "device_s": t, "calls": c} for t, n, c in kernels[:top]]}
+
+
 def nvml_utilization() -> float | None:
     """The GPU's utilization in percent as NVML reports it (its own sampling window), if NVML is there."""
     if not torch.cuda.is_available():

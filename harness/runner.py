@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig
-from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics, nvml_utilization
+from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics, kernel_summary, nvml_utilization
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -196,6 +196,13 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     timer.enabled = False
     report.update(phases)
     report["instrumented_tokens_equal"] = None if tokens is None else bool(torch.equal(tokens, instrumented))
+    if cfg.profile and device.type == "cuda":  # the kernel timeline of one more (uninstrumented) generation
+        engine.reset_measurements()
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts) as prof:
+            generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed)
+            torch.cuda.synchronize()
+        report["profile"] = kernel_summary(prof)
     forced_tokens = None
     if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
         check, forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
@@ -238,10 +245,13 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
         breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
         tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,
         reference_check=check, synthetic_kv=w.synthetic_kv,
-        passes={"timed": "step times and TPOT: phase timers off, clock marks at step boundaries only",
+        passes={"timed": "step times and TPOT: phase timers off, CUDA events (CPU: the clock) at step boundaries only, nothing synchronized",
                 "breakdown": "phase fractions and pool utilization: a second generation with the phase timers on "
-                             "(on CUDA each phase boundary synchronizes the device), decode steps only",
+                             "(on CUDA each phase boundary synchronizes the device; CUDA graphs are off in it, so "
+                             "graphed strategies show their eager phases), decode steps only",
                 "reference_check": "a third, teacher-forced generation" if check else None,
+                "profile": "ranks[i].profile: one more generation under torch.profiler (prefill included)"
+                           if cfg.profile and cfg.hardware.device == "cuda" else None,
                 "instrumented_tokens_equal": reports[0].pop("instrumented_tokens_equal", None)},
     )
 

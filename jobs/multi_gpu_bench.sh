@@ -2,7 +2,8 @@
 # Every strategy on this machine's GPUs against its roofline (issue #16), in one device call.
 # Usage: bash jobs/multi_gpu_bench.sh OUT_DIR [bench_multi arguments, e.g. --points 8192x16 --only reference,tp4]
 #        SKIP="tests checks" leaves those parts out.
-# Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks/, bench_multi.md, bench_multi.json, limits.json, records/}.
+# Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks.md, bench_multi.md, bench_multi.json, limits.json, profile.md,
+# records.tgz (records/, checks/ and logs/: every record and log)}: the device tool brings back 8 files.
 set -uo pipefail
 OUT=${1:?output directory}; shift
 mkdir -p "$OUT"
@@ -16,6 +17,7 @@ if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed
     > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
 fi
 if ! skip checks; then  # teacher-forced reference check over NCCL: paper model, mixed lengths, sharp init
+  mkdir -p "$OUT/checks"
   CHECK="model=paper hardware=cuda workload=tiny_mixed check_reference=true model.init_std=0.3 launcher.timeout_s=120"
   POOL="strategy.pool.gpus_per_node=4 strategy.pool.hierarchical=false"
   for s in "tp2_pp2 strategy=tp2_pp2" "tp1_pp4 strategy=tp1_pp2 strategy.pp=4 strategy.world_size=4 strategy.micro_batches=4" \
@@ -23,7 +25,7 @@ if ! skip checks; then  # teacher-forced reference check over NCCL: paper model,
     set -- $s; name=$1; shift
     for dtype in float32 bfloat16; do
       python3 -m harness.app hydra.mode=RUN $CHECK "$@" hardware.dtype=$dtype results_dir="$OUT/checks/${name}_$dtype" \
-        hydra.run.dir="$OUT/hydra/check_${name}_$dtype" > "$OUT/checks_${name}_$dtype.log" 2>&1 || echo "check $name $dtype failed"
+        hydra.run.dir="/tmp/hydra/check_${name}_$dtype" > "$OUT/checks/${name}_$dtype.log" 2>&1 || echo "check $name $dtype failed"
     done
   done
   python3 - "$OUT" <<'PY'
@@ -38,3 +40,4 @@ Path(sys.argv[1], "checks.md").write_text("\n".join(rows) + "\n"); print("\n".jo
 PY
 fi
 python3 -m harness.bench_multi --out "$OUT" "$@"
+cd "$OUT" && tar czf records.tgz $(ls -d records checks logs 2>/dev/null) && rm -rf records checks logs nccl_calibration.json

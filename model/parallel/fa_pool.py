@@ -90,7 +90,8 @@ class PoolAttentionCore:
             received = torch.empty(sum(mp.recv_sizes), heads, dim + 1, dtype=torch.float32, device=q.device)
             works = e.transport.exchange(
                 sends=[(e.tp + p, m, "base_to_pool") for p, m in zip(mp.to_pool, split_rows(msg, mp.send_sizes))],
-                recvs=[(e.tp + p, m, "pool_to_base") for p, m in zip(mp.sources, split_rows(received, mp.recv_sizes))])
+                recvs=[(e.tp + p, m, "pool_to_base") for p, m in zip(mp.sources, split_rows(received, mp.recv_sizes))],
+                recv_group=e.back_group)
         local = torch.cat([out, lse[..., None]], dim=-1)  # [b, H_local, D + 1] fp32
         return PendingPartials(self, works, local, received, mp)
 
@@ -118,6 +119,7 @@ class FAPoolEngine(Engine):
         self.elasticity = []
         self.base_kv = self.pool_kv = None
         base_group = new_groups([list(range(self.tp))], rank)
+        self.back_group = dist.new_group(list(range(world)))  # partials travel back to the base on their own
         if self.is_base:
             model = build_model(model_cfg, dtype, device)
             for layer, block in enumerate(model.blocks):
@@ -308,19 +310,22 @@ class FAPoolEngine(Engine):
             if self.topo.hierarchical:
                 leader = self.topo.leader(self.me)
                 if leader != self.me:
-                    Transport.wait(self.transport.exchange(sends=[(tp + leader, part, "pool_to_pool")]))
+                    Transport.wait(self.transport.exchange(sends=[(tp + leader, part, "pool_to_pool")],
+                                                           send_group=self.back_group))
                     return
                 part = self._merge_node(mp, part)
             rows = part.shape[0]
             packed = part.view(rows, tp, self.local_heads, dim + 1).transpose(0, 1).contiguous()
-            Transport.wait(self.transport.exchange(sends=[(r, packed[r], "pool_to_base") for r in range(tp)]))
+            Transport.wait(self.transport.exchange(sends=[(r, packed[r], "pool_to_base") for r in range(tp)],
+                                                   send_group=self.back_group))
 
     def _merge_node(self, mp, own):
         """Leader: merge the node members' partials (own first) over the rows the node delivers."""
         sizes = mp.contrib_sizes[1:]
         received = torch.empty(sum(sizes), *own.shape[1:], dtype=torch.float32, device=self.device)
         Transport.wait(self.transport.exchange(recvs=[(self.tp + q, m, "pool_from_pool")
-                                                      for q, m in zip(mp.contributors[1:], split_rows(received, sizes))]))
+                                                      for q, m in zip(mp.contributors[1:], split_rows(received, sizes))],
+                                               recv_group=self.back_group))
         dim, rows, n = own.shape[-1] - 1, mp.delivers, len(mp.contributors)
         stacked = own.new_zeros(n * rows, *own.shape[1:])
         stacked[..., dim] = float("-inf")

@@ -74,10 +74,13 @@ class StepPlan:
     def __init__(self, micro: list[MicroPlan], tensors: dict, device):
         names = list(tensors)
         arrays = [np.asarray(tensors[n], np.int64).ravel() for n in names]
-        flat = torch.from_numpy(np.concatenate(arrays) if arrays else np.zeros(0, np.int64))
+        # each array starts on a 16-byte boundary (an even int64 offset): Triton specializes a kernel on its
+        # pointers' alignment, and views at offsets that change from step to step would compile new variants
+        padded = [np.pad(a, (0, len(a) % 2)) for a in arrays]
+        flat = torch.from_numpy(np.concatenate(padded) if padded else np.zeros(0, np.int64))
         if torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        views = torch.split(flat, [len(a) for a in arrays])
+        views = [v[: len(a)] for v, a in zip(torch.split(flat, [len(a) for a in padded]), arrays)]
         self.micro = micro
         self.by_start = {mp.rows.start: mp for mp in micro}
         self.tensors = dict(zip(names, views))

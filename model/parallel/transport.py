@@ -16,15 +16,17 @@ class Transport:
     def __init__(self, stats: CommStats):
         self.stats = stats
 
-    def exchange(self, sends=(), recvs=()) -> list:
-        """sends, recvs: (peer rank, tensor, stats key) triples. Returns the works to wait on.
+    def exchange(self, sends=(), recvs=(), send_group=None, recv_group=None) -> list:
+        """sends, recvs: (peer rank, tensor, stats key) triples, on the given process groups (None: the world).
+        Returns the works to wait on. Both ends of a message name the same group; a group per direction keeps
+        messages going one way from queueing behind those coming back in one NCCL stream.
 
         Sends and receives go out as two batches, never one mixed batch: the peer posts the matching receives
         (sends) in a batch of its own, and NCCL leaves mixed and one-sided groupings of the same messages
         undefined (a mixed group can wait on its own receive before its send progresses; NVIDIA/nccl#1279)."""
         works = []
-        for ops, op in ((sends, dist.isend), (recvs, dist.irecv)):
-            batch = [dist.P2POp(op, t, peer) for peer, t, _ in ops if t.numel()]
+        for ops, op, group in ((sends, dist.isend, send_group), (recvs, dist.irecv, recv_group)):
+            batch = [dist.P2POp(op, t, peer, group) for peer, t, _ in ops if t.numel()]
             for _, t, key in ops:
                 if t.numel():
                     self.stats.add(key, t.nbytes)
