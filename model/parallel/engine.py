@@ -52,6 +52,10 @@ class Engine:
         """Fill the KV cache with random values as if `lens` tokens had been prefilled; first tokens."""
         raise NotImplementedError(f"{type(self).__name__} has no synthetic KV")
 
+    def timer_off(self) -> bool:
+        """No phase timing now: steps may run from CUDA graphs (an instrumented pass runs eager, phase by phase)."""
+        return not getattr(self.timer, "enabled", False)
+
     def reset_measurements(self) -> None:
         """Forget what the warm-up produced: logits, the elasticity log, bytes sent."""
         self.logits = []

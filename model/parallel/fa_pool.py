@@ -29,6 +29,7 @@ Prefill attention runs on the base; the KV of prompts longer than the threshold 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from model.paged_attention import paged_decode
 from model.parallel import fa_pool_plan
 from model.parallel.block_table import BlockTable
 from model.parallel.engine import Engine, micro_batches, param_bytes
+from model.parallel.graphs import EagerProgram, GraphedProgram
 from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
@@ -47,15 +49,29 @@ from model.transformer import Step, build_model, last_token_logits, pad_prompts
 
 
 class PendingPartials:
-    """A micro-batch whose pooled rows are still being attended in the pool; `wait()` merges all partials."""
+    """A micro-batch whose pooled rows attend in the pool: `post()` sends q, k, v there and posts the receives of
+    the partials, `arrive()` waits for them (both eager, every step), `wait()` merges them with the local partial
+    (compute: part of a captured segment)."""
 
-    def __init__(self, core, works, local, received, mp):
-        self.core, self.works, self.local, self.received, self.mp = core, works, local, received, mp
+    def __init__(self, core, local, msg, received, mp):
+        self.core, self.local, self.msg, self.received, self.mp = core, local, msg, received, mp
+        self.works = []
+
+    def post(self):
+        e, mp = self.core.engine, self.mp
+        with self.core.timer("communication"):
+            self.works = e.transport.exchange(
+                sends=[(e.tp + p, m, "base_to_pool") for p, m in zip(mp.to_pool, split_rows(self.msg, mp.send_sizes))],
+                recvs=[(e.tp + p, m, "pool_to_base") for p, m in zip(mp.sources, split_rows(self.received, mp.recv_sizes))],
+                recv_group=e.back_group)
+
+    def arrive(self):
+        with self.core.timer("synchronization"):
+            Transport.wait(self.works)
+        self.works = []
 
     def wait(self) -> torch.Tensor:
         core, mp = self.core, self.mp
-        with core.timer("synchronization"):
-            Transport.wait(self.works)
         with core.timer("communication"):  # the last level of the reduction
             b, dim = mp.rows.stop - mp.rows.start, self.local.shape[-1] - 1
             stacked = self.local.new_zeros((1 + len(mp.sources)) * b, *self.local.shape[1:])
@@ -69,7 +85,7 @@ class PendingPartials:
 
 class PoolAttentionCore:
     """The base's attention core for one layer: short rows attend over the base's paged cache, pooled rows in
-    the pool. Returns the output, or a PendingPartials when some row of the micro-batch is pooled."""
+    the pool. Returns the output, or a PendingPartials (not yet posted) when some row of the micro-batch is pooled."""
 
     def __init__(self, engine: "FAPoolEngine", layer: int):
         self.engine, self.layer = engine, layer
@@ -84,16 +100,11 @@ class PoolAttentionCore:
             out, lse = paged_decode(q1, *e.base_kv.layer(self.layer), e.base_table[mp.rows], mp.t["base_lens"])
         if not mp.pooled:
             return out.to(self.dtype)[:, :, None]
-        with self.timer("communication"):
-            b, heads, dim = q1.shape
-            msg = torch.stack([q1, k1, v1]).view(3 * b, heads, dim).index_select(0, mp.t["send_index"])
-            received = torch.empty(sum(mp.recv_sizes), heads, dim + 1, dtype=torch.float32, device=q.device)
-            works = e.transport.exchange(
-                sends=[(e.tp + p, m, "base_to_pool") for p, m in zip(mp.to_pool, split_rows(msg, mp.send_sizes))],
-                recvs=[(e.tp + p, m, "pool_to_base") for p, m in zip(mp.sources, split_rows(received, mp.recv_sizes))],
-                recv_group=e.back_group)
+        b, heads, dim = q1.shape
+        msg = torch.stack([q1, k1, v1]).view(3 * b, heads, dim).index_select(0, mp.t["send_index"])
+        received = torch.empty(sum(mp.recv_sizes), heads, dim + 1, dtype=torch.float32, device=q.device)
         local = torch.cat([out, lse[..., None]], dim=-1)  # [b, H_local, D + 1] fp32
-        return PendingPartials(self, works, local, received, mp)
+        return PendingPartials(self, local, msg, received, mp)
 
 
 class FAPoolEngine(Engine):
@@ -117,7 +128,8 @@ class FAPoolEngine(Engine):
         self.stats = CommStats()
         self.transport = Transport(self.stats)
         self.elasticity = []
-        self.base_kv = self.pool_kv = None
+        self.base_kv = self.pool_kv = self.x = None
+        self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda"
         base_group = new_groups([list(range(self.tp))], rank)
         self.back_group = dist.new_group(list(range(world)))  # partials travel back to the base on their own
         if self.is_base:
@@ -144,13 +156,35 @@ class FAPoolEngine(Engine):
         self.sched = fa_pool_plan.Scheduler(lens.cpu().numpy(), max_len, self.threshold, self.table, self.topo,
                                             micro_batches(batch, self.micro_batches), self.me, self.device)
         if self.is_base:  # rows only for the sequences that start short, + the trash slot
+            kv = self.base_kv
             self.base_kv = self._storage(self.base_kv, self.sched.trash_slot + 1, self.local_heads)
             self.base_table = torch.as_tensor(self.sched.base_table(), dtype=torch.int32, device=self.device)
+            if self.base_kv is not kv or self.x is None or len(self.x) != batch:  # captured steps point at these
+                self._base_buffers(batch)
+            self.sched.static_plan = self._static_plan
         else:
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
             self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
         self.step_no = 0
         self.peak_blocks, self.kv_seqs, self.logged_version, self.placement = 0, [], -1, {}
+
+    def _base_buffers(self, batch):
+        """The base step's inputs and outputs, where captured steps find them; new ones drop the captured steps."""
+        dev = self.device
+        self.programs, self.seen, self.plan_buffer = {}, set(), None
+        self.x = torch.zeros(batch, 1, self.blocks[0].attn.wqkv.in_features, dtype=self.dtype, device=dev)
+        self.ones = torch.ones(batch, dtype=torch.long, device=dev)
+        self.tokens_in = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.tokens_out = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.logits_out = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=dev)
+
+    def _static_plan(self, n: int) -> torch.Tensor:
+        """The plan's device buffer; growing it moves the plan, so the steps captured so far are dropped."""
+        if self.plan_buffer is None or len(self.plan_buffer) < n:
+            self.plan_buffer = torch.zeros(max(n, 2 * len(self.plan_buffer) if self.plan_buffer is not None else n),
+                                           dtype=torch.long, device=self.device)
+            self.programs = {}
+        return self.plan_buffer
 
     def _storage(self, current, slots, heads):
         if current is not None and current.slots == slots and current.kv.shape[3] == heads:
@@ -271,18 +305,61 @@ class FAPoolEngine(Engine):
         return moved
 
     def _decode_base(self, tokens):
-        step = Step(slice(0, self.batch), self.plan["cache_lens"], torch.ones_like(self.plan["cache_lens"]))
-        x = self.embed(tokens[:, None])  # [B, 1, hidden]
+        """The base's step, written once as a program (model/parallel/graphs.py): eager the first time a plan of
+        this shape (its signature) comes, captured the second time, replayed from then on."""
+        self.tokens_in.copy_(tokens)
+        sig = self.plan.signature
+        program = self.programs.get(sig) if self.timer_off() else None  # the instrumented pass runs eager
+        if program is None and self.use_graphs and self.timer_off() and sig in self.seen:
+            program = self.programs[sig] = self._base_step(GraphedProgram(self.stats)).finish()
+        if program is None:
+            self._base_step(EagerProgram())
+        else:
+            program.replay()
+        self.seen.add(sig)
+        if self.keep_logits:
+            self.logits.append(self.logits_out.clone())
+        return self.tokens_out.clone()
+
+    def _base_step(self, program):
+        """Embedding, each layer's micro-batches (begin: local attention and the message; post; arrive; finish:
+        merge, projection, FFN), LM head. With async_overlap every micro-batch of a layer starts before any
+        finishes, so that pool attention overlaps base work."""
+        x, ones = self.x, self.ones
+        program.seg(lambda: x.copy_(self.embed(self.tokens_in[:, None])))
         for block in self.blocks:
-            started = []
-            for mp in self.plan.micro:
-                rows = mp.rows
-                started.append((rows, block.begin(x[rows], Step(rows, step.cache_lens[rows], step.new_lens[rows]))))
+            pending = {}
+            for m, mp in enumerate(self.plan.micro):
+                step = Step(mp.rows, self.plan["cache_lens"][mp.rows], ones[mp.rows])
+                program.seg(partial(self._begin, block, x, step, pending, m))
+                if mp.pooled:
+                    program.eager(partial(self._post, pending, m))
                 if not self.async_overlap:
-                    x[rows] = block.finish(x[rows], started.pop()[1])
-            for rows, attended in started:
-                x[rows] = block.finish(x[rows], attended)
-        return self._emit(self.head(self.norm(x))[:, 0])
+                    self._finish(program, block, x, mp, pending, m)
+            if self.async_overlap:
+                for m, mp in enumerate(self.plan.micro):
+                    self._finish(program, block, x, mp, pending, m)
+        program.seg(self._head)
+        return program
+
+    @staticmethod
+    def _begin(block, x, step, pending, m):
+        pending[m] = block.begin(x[step.rows], step)
+
+    @staticmethod
+    def _post(pending, m):
+        pending[m].post()
+
+    def _finish(self, program, block, x, mp, pending, m):
+        if mp.pooled:
+            program.eager(lambda: pending[m].arrive())
+        program.seg(lambda: x[mp.rows].copy_(block.finish(x[mp.rows], pending[m])))
+
+    def _head(self):
+        logits = self.head(self.norm(self.x))[:, 0]
+        self.logits_out.copy_(logits)
+        self.tokens_out.copy_(logits.argmax(-1))
+
 
     def _decode_pool(self):
         for layer in range(self.n_layers):
@@ -370,5 +447,6 @@ class FAPoolEngine(Engine):
         block_bytes = storage.block_bytes() if storage is not None else 0
         return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.peak_blocks * block_bytes,
                 "kv_allocated_bytes": storage.nbytes() if storage is not None else 0,
-                "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
+                "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops),
+                "cuda_graphs": bool(getattr(self, "programs", None)), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
                 "blocks_allocated": self.table.allocated, "blocks_freed": self.table.freed}

@@ -71,16 +71,25 @@ class StepPlan:
     """Built by `build()`; `micro[m]` for micro-batch m; `plan[name]` for the step-wide arrays (`cache_lens`
     [B] and the `extra` ones), all views of one device buffer."""
 
-    def __init__(self, micro: list[MicroPlan], tensors: dict, device):
+    def __init__(self, micro: list[MicroPlan], tensors: dict, device, static=None):
+        """static(n) -> an int64 device buffer of at least n elements that outlives the plan (the base's CUDA graphs
+        read their plan there), or None: a fresh buffer per step."""
         names = list(tensors)
         arrays = [np.asarray(tensors[n], np.int64).ravel() for n in names]
         # each array starts on a 16-byte boundary (an even int64 offset): Triton specializes a kernel on its
         # pointers' alignment, and views at offsets that change from step to step would compile new variants
         padded = [np.pad(a, (0, len(a) % 2)) for a in arrays]
         flat = torch.from_numpy(np.concatenate(padded) if padded else np.zeros(0, np.int64))
-        if torch.device(device).type == "cuda":
+        if static is not None:
+            flat = static(len(flat))[: len(flat)].copy_(flat.pin_memory() if flat.device.type == "cpu" and
+                                                       torch.device(device).type == "cuda" else flat, non_blocking=True)
+        elif torch.device(device).type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
         views = [v[: len(a)] for v, a in zip(torch.split(flat, [len(a) for a in padded]), arrays)]
+        # what a captured step depends on besides the values: every array's length and every message's size
+        self.signature = (tuple(len(a) for a in arrays),
+                          tuple((mp.pooled, tuple(mp.to_pool), tuple(mp.send_sizes), tuple(mp.sources),
+                                 tuple(mp.recv_sizes)) for mp in micro))
         self.micro = micro
         self.by_start = {mp.rows.start: mp for mp in micro}
         self.tensors = dict(zip(names, views))
@@ -143,7 +152,7 @@ def build(sched: "Scheduler", extra: dict | None = None) -> StepPlan:
         if me >= 0:
             _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows)
         micro.append(mp)
-    return StepPlan(micro, tensors, sched.device)
+    return StepPlan(micro, tensors, sched.device, sched.static_plan)
 
 
 def _pool_side(mp, m, tensors, table, topo, me, part, tail_rank, tokens_all, total, r0, deliver_rows):
@@ -180,6 +189,7 @@ class Scheduler:
         self.batch = len(self.lens)
         self.in_pool = np.zeros(self.batch, bool)
         self.threshold, self.table, self.topo, self.rows, self.me, self.device = threshold, table, topo, micro_rows, me, device
+        self.static_plan = None  # StepPlan's `static`: set by an engine that replays captured steps
         self.base_blocks = -(-int(min(max_len, threshold)) // table.block_size)  # a base cache row, in blocks
         # a base cache row only for the sequences that start short: one that starts long never comes back
         starts_short = self.lens <= threshold

@@ -25,12 +25,15 @@ Prefill runs eagerly, GPipe-style, with dense causal attention over the prompt.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.distributed as dist
 
 from model.attention import attention
 from model.paged_attention import paged_decode
 from model.parallel.engine import Engine, micro_batches, param_bytes
+from model.parallel.graphs import GraphedProgram
 from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
@@ -199,30 +202,21 @@ class StaticEngine(Engine):
     def _run(self, m: int):
         if self.graphs is None or not self.timer_off():  # the instrumented pass runs eager, phase by phase
             self._stage_decode(m)
-            return
-        graph, sent = self.graphs[m]
-        graph.replay()
-        self.stats.merge(sent)  # the collectives inside the graph, counted as if launched
+        else:
+            self.graphs[m].replay()
 
     def _capture(self, pending):
-        """One graph per micro-batch, sharing one memory pool. Every rank of a TP group captures the same
-        sequence of collectives, which the eager step before has already run once (communicators exist).
-        thread_local: the NCCL watchdog thread may query its events meanwhile."""
+        """One graph per micro-batch (model/parallel/graphs.py). Every rank of a TP group captures the same
+        sequence of collectives, which the eager step before has already run once."""
         for work in pending:
             if work is not None:
                 work.wait()
         torch.cuda.synchronize()
-        self.graphs, pool = [], None
+        self.graphs = []
         for m in range(len(self.rows)):
-            before = self.stats.copy()
-            graph = torch.cuda.CUDAGraph()
-            saved = self.lens.clone()  # capture records the kernels without running them; keep the state anyway
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self._stage_decode(m)
-            self.lens.copy_(saved)
-            pool = graph.pool()
-            self.graphs.append((graph, self.stats.since(before)))
-            self.stats.bytes, self.stats.ops = before.bytes, before.ops  # in place: the modules hold this object
+            program = GraphedProgram(self.stats)
+            program.seg(partial(self._stage_decode, m))
+            self.graphs.append(program.finish())
 
     @torch.no_grad()
     def decode_steps(self, tokens, n_steps, forced=None, before=lambda i: None, after=lambda i, tok: None):
@@ -272,8 +266,6 @@ class StaticEngine(Engine):
             if work is not None:
                 work.wait()
 
-    def timer_off(self) -> bool:
-        return not getattr(self.timer, "enabled", False)
 
     # -- messages ------------------------------------------------------------------------------------------
     def _send(self, t, peer, group, key):
