@@ -9,7 +9,8 @@
 2. The runs, each through `fapool-bench` (its own processes, its failures a failed record): the paper model in
    bf16 with synthetic KV, at 8K b16 and at contexts 8K, 16K, 32K with the batch that fills half of one GPU's
    memory with KV (the reference's, and FA Pool 2+1's pool rank, hold all of it); strategies reference (1 GPU),
-   tp2, tp4, tp2_pp2, tp1_pp4, FA Pool 2+2, 1+3, 2+1 (threshold below the context: every sequence in the pool).
+   tp2, tp4, tp2_pp2, tp1_pp4, FA Pool 2+2, 1+3, 2+1 (threshold below the context: every sequence in the pool; one
+   micro-batch) and FA Pool 2+2 with two micro-batches overlapping pool and base (async_overlap).
 3. Each ok record gets its roofline (harness/roofline.py) written into it; the table (bench_multi.md/json)
    gives TPOT, decode TPS per GPU, TPOT / roofline, and the speed-up over the best static strategy at equal GPUs.
 """
@@ -127,15 +128,17 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "strategy.pool.block_size=16" if smoke else "strategy.pool.block_size=256",
             "strategy.pool.hierarchical=false", f"strategy.pool.gpus_per_node={gpus}"]
 
-    def fa(tp, size):
-        return [f"strategy.name=fa_pool_b{tp}_p{size}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}",
-                f"strategy.pool.size={size}", f"strategy.pool.max_size={size}", *pool]
+    def fa(tp, size, micro_batches=1):  # one micro-batch: the base's share is small, overlap buys less than it costs
+        return [f"strategy.name=fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else ""), "strategy=fa_pool_b2_p2",
+                f"strategy.tp={tp}", f"strategy.pool.size={size}", f"strategy.pool.max_size={size}",
+                f"strategy.micro_batches={micro_batches}", *pool]
 
     runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"],
             "tp4": ["strategy=tp4_pp1"], "tp2_pp2": ["strategy=tp2_pp2"],
             "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
                         "strategy.micro_batches=4"],
-            "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1)}
+            "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
+            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2)}
     width = {"reference": 1, "tp2": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 

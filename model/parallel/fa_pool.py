@@ -128,8 +128,9 @@ class FAPoolEngine(Engine):
         self.stats = CommStats()
         self.transport = Transport(self.stats)
         self.elasticity = []
-        self.base_kv = self.pool_kv = self.x = None
+        self.base_kv = self.pool_kv = self.x = self.base_table = self.table_dev = None
         self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda"
+        self.programs, self.seen, self.plan_buffer = {}, set(), None  # captured steps by plan signature
         base_group = new_groups([list(range(self.tp))], rank)
         self.back_group = dist.new_group(list(range(world)))  # partials travel back to the base on their own
         if self.is_base:
@@ -158,13 +159,22 @@ class FAPoolEngine(Engine):
         if self.is_base:  # rows only for the sequences that start short, + the trash slot
             kv = self.base_kv
             self.base_kv = self._storage(self.base_kv, self.sched.trash_slot + 1, self.local_heads)
-            self.base_table = torch.as_tensor(self.sched.base_table(), dtype=torch.int32, device=self.device)
-            if self.base_kv is not kv or self.x is None or len(self.x) != batch:  # captured steps point at these
-                self._base_buffers(batch)
+            table = torch.as_tensor(self.sched.base_table(), dtype=torch.int32)
+            if self.base_kv is not kv or self.x is None or len(self.x) != batch or self.base_table.shape != table.shape:
+                self._base_buffers(batch)  # captured steps point at these: new ones drop them
+                self.base_table = table.to(self.device)
+            else:
+                self.base_table.copy_(table)  # in place, where the captured steps read it
             self.sched.static_plan = self._static_plan
         else:
+            kv = self.pool_kv
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
-            self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
+            if self.pool_kv is not kv or self.table_dev is None or self.table_dev.shape != (batch, max_blocks):
+                self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
+                self.programs, self.seen, self.plan_buffer = {}, set(), None  # captured steps point at these
+            else:
+                self.table_dev.zero_()  # in place, where the captured steps read it
+            self.sched.static_plan = self._static_plan
         self.step_no = 0
         self.peak_blocks, self.kv_seqs, self.logged_version, self.placement = 0, [], -1, {}
 
@@ -308,18 +318,23 @@ class FAPoolEngine(Engine):
         """The base's step, written once as a program (model/parallel/graphs.py): eager the first time a plan of
         this shape (its signature) comes, captured the second time, replayed from then on."""
         self.tokens_in.copy_(tokens)
-        sig = self.plan.signature
-        program = self.programs.get(sig) if self.timer_off() else None  # the instrumented pass runs eager
-        if program is None and self.use_graphs and self.timer_off() and sig in self.seen:
-            program = self.programs[sig] = self._base_step(GraphedProgram(self.stats)).finish()
-        if program is None:
-            self._base_step(EagerProgram())
-        else:
-            program.replay()
-        self.seen.add(sig)
+        self._run_step(self._base_step)
         if self.keep_logits:
             self.logits.append(self.logits_out.clone())
         return self.tokens_out.clone()
+
+    def _run_step(self, build):
+        """This rank's step from build(program): eager the first time a plan of this shape (its signature) comes,
+        captured the second time, replayed from then on; eager while the phase timers run."""
+        sig = self.plan.signature
+        program = self.programs.get(sig) if self.timer_off() else None
+        if program is None and self.use_graphs and self.timer_off() and sig in self.seen:
+            program = self.programs[sig] = build(GraphedProgram(self.stats)).finish()
+        if program is None:
+            build(EagerProgram())
+        else:
+            program.replay()
+        self.seen.add(sig)
 
     def _base_step(self, program):
         """Embedding, each layer's micro-batches (begin: local attention and the message; post; arrive; finish:
@@ -362,54 +377,73 @@ class FAPoolEngine(Engine):
 
 
     def _decode_pool(self):
+        self._run_step(self._pool_step)
+        return None
+
+    def _pool_step(self, program):
         for layer in range(self.n_layers):
             for mp in self.plan.micro:
                 if mp.serves or mp.delivers:
-                    self._pool_attend(layer, mp)
-        return None
+                    self._pool_unit(program, layer, mp)
+        return program
 
-    def _pool_attend(self, layer, mp):
-        """One layer and micro-batch on a pool rank: receive q and new k, v, attend, deliver the partials."""
+    def _pool_unit(self, program, layer, mp):
+        """One layer and micro-batch on a pool rank: receive q and new k, v (eager), attend (compute), merge the
+        node's partials at a leader (hierarchical), deliver the partials (eager). Buffers the messages land in
+        are allocated here, before any capture, so that a captured step finds them every step."""
         heads, dim, tp = self.n_heads, self.head_dim, self.tp
         n, s = mp.serves, mp.stores
-        part = torch.empty(0, heads, dim + 1, dtype=torch.float32, device=self.device)
+        out = {"part": torch.empty(0, heads, dim + 1, dtype=torch.float32, device=self.device)}
         if n:
-            with self.timer("synchronization"):  # waiting for the base's q (includes the transfer)
-                buf = torch.empty(tp, n + 2 * s, self.local_heads, dim, dtype=self.dtype, device=self.device)
-                Transport.wait(self.transport.exchange(recvs=[(r, buf[r], "from_base") for r in range(tp)]))
-            with self.timer("attention"):
-                x = buf.transpose(0, 1).reshape(n + 2 * s, heads, dim)  # heads back in order
-                self.pool_kv.write_token(layer, mp.t["tail_slot"], mp.t["tail_offset"], x[n : n + s], x[n + s :])
-                table = self.table_dev.index_select(0, mp.t["table_rows"])
-                out, lse = paged_decode(x[:n], *self.pool_kv.layer(layer), table, mp.t["local_lens"])
-                part = torch.cat([out, lse[..., None]], dim=-1)  # [n, H, D + 1] fp32
-        with self.timer("communication"):
-            if self.topo.hierarchical:
-                leader = self.topo.leader(self.me)
-                if leader != self.me:
-                    Transport.wait(self.transport.exchange(sends=[(tp + leader, part, "pool_to_pool")],
-                                                           send_group=self.back_group))
-                    return
-                part = self._merge_node(mp, part)
-            rows = part.shape[0]
-            packed = part.view(rows, tp, self.local_heads, dim + 1).transpose(0, 1).contiguous()
-            Transport.wait(self.transport.exchange(sends=[(r, packed[r], "pool_to_base") for r in range(tp)],
-                                                   send_group=self.back_group))
+            buf = torch.empty(tp, n + 2 * s, self.local_heads, dim, dtype=self.dtype, device=self.device)
+            program.eager(partial(self._receive, [(r, buf[r], "from_base") for r in range(tp)], None))
+            program.seg(partial(self._pool_attention, layer, mp, buf, out))
+        if self.topo.hierarchical:
+            leader = self.topo.leader(self.me)
+            if leader != self.me:
+                program.eager(lambda: self._send([(tp + leader, out["part"], "pool_to_pool")]))
+                return
+            sizes = mp.contrib_sizes[1:]
+            received = torch.empty(sum(sizes), heads, dim + 1, dtype=torch.float32, device=self.device)
+            program.eager(partial(self._receive, [(self.tp + q, m, "pool_from_pool") for q, m in
+                                                  zip(mp.contributors[1:], split_rows(received, sizes))], self.back_group))
+            program.seg(partial(self._merge_node, mp, out, received))
+        program.seg(partial(self._pack, out))
+        program.eager(lambda: self._send([(r, out["packed"][r], "pool_to_base") for r in range(tp)]))
 
-    def _merge_node(self, mp, own):
+    def _receive(self, recvs, group):
+        with self.timer("synchronization"):  # waiting for the peer (includes the transfer)
+            Transport.wait(self.transport.exchange(recvs=recvs, recv_group=group))
+
+    def _send(self, sends):
+        with self.timer("communication"):
+            Transport.wait(self.transport.exchange(sends=sends, send_group=self.back_group))
+
+    def _pool_attention(self, layer, mp, buf, out):
+        n, s = mp.serves, mp.stores
+        with self.timer("attention"):
+            x = buf.transpose(0, 1).reshape(n + 2 * s, self.n_heads, self.head_dim)  # heads back in order
+            self.pool_kv.write_token(layer, mp.t["tail_slot"], mp.t["tail_offset"], x[n : n + s], x[n + s :])
+            table = self.table_dev.index_select(0, mp.t["table_rows"])
+            o, lse = paged_decode(x[:n], *self.pool_kv.layer(layer), table, mp.t["local_lens"])
+            out["part"] = torch.cat([o, lse[..., None]], dim=-1)  # [n, H, D + 1] fp32
+
+    def _merge_node(self, mp, out, received):
         """Leader: merge the node members' partials (own first) over the rows the node delivers."""
-        sizes = mp.contrib_sizes[1:]
-        received = torch.empty(sum(sizes), *own.shape[1:], dtype=torch.float32, device=self.device)
-        Transport.wait(self.transport.exchange(recvs=[(self.tp + q, m, "pool_from_pool")
-                                                      for q, m in zip(mp.contributors[1:], split_rows(received, sizes))],
-                                               recv_group=self.back_group))
-        dim, rows, n = own.shape[-1] - 1, mp.delivers, len(mp.contributors)
-        stacked = own.new_zeros(n * rows, *own.shape[1:])
-        stacked[..., dim] = float("-inf")
-        stacked.index_copy_(0, mp.t["leader_index"], torch.cat([own, received]))
-        stacked = stacked.view(n, rows, *own.shape[1:])
-        out, lse = merge_partials(stacked[..., :dim], stacked[..., dim])
-        return torch.cat([out, lse[..., None]], dim=-1)
+        with self.timer("communication"):  # the first level of the reduction
+            own = out["part"]
+            dim, rows, n = own.shape[-1] - 1, mp.delivers, len(mp.contributors)
+            stacked = own.new_zeros(n * rows, *own.shape[1:])
+            stacked[..., dim] = float("-inf")
+            stacked.index_copy_(0, mp.t["leader_index"], torch.cat([own, received]))
+            stacked = stacked.view(n, rows, *own.shape[1:])
+            o, lse = merge_partials(stacked[..., :dim], stacked[..., dim])
+            out["part"] = torch.cat([o, lse[..., None]], dim=-1)
+
+    def _pack(self, out):
+        """[rows, H, D + 1] -> [tp, rows, H / tp, D + 1]: each base rank's heads contiguous, one message each."""
+        part = out["part"]
+        out["packed"] = part.view(part.shape[0], self.tp, self.local_heads, -1).transpose(0, 1).contiguous()
 
     # -- bookkeeping --------------------------------------------------------------------------------------
     def _log(self, allocated: int, migrated: int):
@@ -448,5 +482,5 @@ class FAPoolEngine(Engine):
         return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.peak_blocks * block_bytes,
                 "kv_allocated_bytes": storage.nbytes() if storage is not None else 0,
                 "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops),
-                "cuda_graphs": bool(getattr(self, "programs", None)), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
+                "cuda_graphs": bool(self.programs), "pool_block_bytes": block_bytes, "kv_seqs": self.kv_seqs,
                 "blocks_allocated": self.table.allocated, "blocks_freed": self.table.freed}
