@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.bench_gpu import bench_setup, device_info, fmt_table, limits
+from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
 from harness.roofline import roofline
 from harness.runner import to_config
 
@@ -67,20 +66,7 @@ def _time_op(fn, graphed: bool, reps: int = 20) -> float:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             run()
         run = graph.replay
-    times = []
-    for _ in range(7):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3 / reps)
-        else:
-            t0 = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times[2:])
+    return timeit(run, reps=5, warmup=2) / reps
 
 
 def _calibrate_rank(rank, world, port, sizes, path):

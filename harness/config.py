@@ -12,6 +12,7 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from harness.memory import check_fits
 from model.config import ModelConfig
 
 STRATEGY_KINDS = ("reference", "static", "fa_pool")
@@ -287,8 +288,6 @@ def validate(cfg: BenchConfig) -> None:
                  f"launcher.tasks_per_node={per_node} exceeds launcher.gpus_per_node={L.gpus_per_node}: one task per GPU; "
                  f"use more nodes")
     if cfg.launcher.kind != "model":  # a projection of a config that cannot fit is recorded as projected oom
-        from harness.perfmodel import check_fits
-
         too_big = check_fits(cfg)
         need(too_big is None, str(too_big))
     if cfg.launcher.kind == "local":  # what running here needs of this machine (Slurm nodes are checked there)

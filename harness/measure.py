@@ -163,6 +163,12 @@ def compute_metrics(ttft_s: float | None, decode_step_s: list[float], input_toke
     }
 
 
+def pool_utilization(attention_s: float, resource_management_s: float, wall_s: float) -> float:
+    """A pool rank's busy fraction: attention and resource-management time over wall time. The one definition for
+    measured records (the instrumented pass's phase times) and projected ones (harness/perfmodel.py)."""
+    return (attention_s + resource_management_s) / wall_s if wall_s > 0 else 0.0
+
+
 def breakdown(phase_s: dict) -> dict:
     """Phase seconds -> fractions of their sum (which sum to 1)."""
     total = sum(phase_s.values())

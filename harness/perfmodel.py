@@ -1,11 +1,9 @@
-"""The performance model: memory per GPU role (this file's first half) and time per decode step (second half)
-for any (model, strategy, workload, hardware), from shapes, bytes and FLOPs. Assumptions are in the README.
-
-Memory is what decides feasibility before anything is launched: weights, KV cache, activations and a
-fixed workspace per rank, by role (`reference`, `stage<i>`, `base`, `pool`).
-"""
+"""The performance model: time per decode step (and prefill) for any (model, strategy, workload, hardware), from
+shapes, bytes and FLOPs against calibrated efficiencies; memory per role lives in harness/memory.py.
+Assumptions are in the README."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -14,98 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.config import BenchConfig
-from harness.measure import PHASES
+from harness.measure import PHASES, pool_utilization
+from harness.roofline import op_time
+from harness.memory import DTYPE_BYTES, check_fits, memory_by_role
 from harness.workload import prompt_lengths
 from model.config import PRESETS, ModelConfig
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-WORKSPACE_BYTES = 1 << 30  # CUDA context, NCCL buffers, allocator slack: 1 GiB per rank (assumed)
-
-
-@dataclass
-class RoleMemory:
-    role: str
-    ranks: int
-    weight_bytes: int
-    kv_bytes: int
-    activation_bytes: int
-    workspace_bytes: int = WORKSPACE_BYTES
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_bytes + self.activation_bytes + self.workspace_bytes
-
-
-def layer_params(m: ModelConfig) -> int:
-    return 2 * m.hidden + 4 * m.hidden * m.hidden + 2 * m.hidden * m.ffn_hidden
-
-
-def context_lengths(cfg: BenchConfig) -> list[int]:
-    """Every sequence's context at the end of the run (prompt + generated tokens)."""
-    return [n + cfg.workload.output_tokens for n in prompt_lengths(cfg.workload)]
-
-
-def _activations(m: ModelConfig, rows: int, tp: int, b: int) -> int:
-    # one micro-batch's hidden states, QKV, FFN inner and fp32 logits (the largest live set of a step)
-    return rows * ((4 * m.hidden + m.ffn_hidden) // tp * b + m.vocab_size // tp * 4)
-
-
-def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
-    m, s = cfg.model, cfg.strategy
-    b = DTYPE_BYTES[cfg.hardware.dtype]
-    ctx = context_lengths(cfg)
-    kv_token = 2 * m.hidden * b  # one token, one layer, all heads
-    embed = m.vocab_size * m.hidden * b  # the embedding; the head has the same size
-    rows = math.ceil(cfg.workload.batch_size / max(s.micro_batches, 1))
-    if s.kind == "reference":
-        return [RoleMemory("reference", 1, m.param_count() * b, sum(ctx) * kv_token * m.n_layers,
-                           _activations(m, cfg.workload.batch_size, 1, b))]
-    if s.kind == "static":
-        layers = m.n_layers // s.pp
-        roles = []
-        for stage in range(s.pp):
-            w = layers * layer_params(m) * b // s.tp + (embed // s.tp if stage == 0 else 0) \
-                + (embed // s.tp + m.hidden * b if stage == s.pp - 1 else 0)
-            roles.append(RoleMemory(f"stage{stage}", s.tp, w, sum(ctx) * kv_token * layers // s.tp,
-                                    _activations(m, rows, s.tp, b)))
-        return roles
-    p = s.pool
-    # the base preallocates a cache row of ceil(min(longest context, threshold) / block) blocks for every
-    # sequence that starts short (model/parallel/fa_pool_plan.py), plus one trash block
-    starts_short = [n for n in prompt_lengths(cfg.workload) if n <= p.threshold or p.size == 0]
-    row_tokens = math.ceil(min(max(ctx), p.threshold if p.size else max(ctx)) / p.block_size) * p.block_size
-    base_kv = (len(starts_short) * row_tokens + p.block_size) * kv_token * m.n_layers // s.tp
-    base = RoleMemory("base", s.tp, m.param_count() * b // s.tp, base_kv, _activations(m, rows, s.tp, b))
-    roles = [base]
-    if p.size:
-        long = [n for n in ctx if n > p.threshold]
-        blocks = sum(math.ceil(n / p.block_size) for n in long)
-        per_rank_blocks = math.ceil(blocks / p.size)  # blocks are spread over the pool ranks
-        kv = per_rank_blocks * p.block_size * kv_token * m.n_layers
-        # the paged kernel reads blocks in place: live buffers are a micro-batch's q, new k/v and fp32 partials
-        act = rows * m.hidden * (3 * b + 2 * 4)
-        roles.append(RoleMemory("pool", p.size, 0, kv, act))
-    return roles
-
-
-def check_fits(cfg: BenchConfig) -> str | None:
-    """None if every role fits in hardware.memory_gb; else a message with the numbers."""
-    cap = cfg.hardware.memory_gb * 1e9
-    if cap <= 0:
-        return None
-    for r in memory_by_role(cfg):
-        if r.total_bytes > cap:
-            return (f"{cfg.strategy.name} x {cfg.workload.name} does not fit on {cfg.hardware.name}: role {r.role} needs "
-                    f"{r.total_bytes / 1e9:.1f} GB per GPU (weights {r.weight_bytes / 1e9:.1f} + KV {r.kv_bytes / 1e9:.1f} + "
-                    f"activations {r.activation_bytes / 1e9:.1f} + workspace {r.workspace_bytes / 1e9:.1f}) > "
-                    f"hardware.memory_gb={cfg.hardware.memory_gb:g}; lower workload.batch_size or the lengths, or add ranks")
-    return None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Time: a decode step (and prefill) per phase, from bytes and FLOPs against calibrated efficiencies.
 # ----------------------------------------------------------------------------------------------------------
-CALIBRATION_SET = Path(__file__).resolve().parent.parent / "results" / "measured" / "h100-x1" / "bench_gpu.json"
+ROOT = Path(__file__).resolve().parent.parent
+CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  # one GPU: GEMMs, merge, floors
+MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
 LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
 
 
@@ -128,6 +46,15 @@ class Calibration:
     layer_fixed_s: float = 20e-6  # norms, rotary, residuals, cache writes per layer (graphed)
     eager_cpu_s_per_layer: float = 0.0  # Python/launch time per layer when not graphed (eager engines)
     merge_s: float = 36e-6  # LSE merge of one micro-batch's partials (graphed)
+    read_bw: float | None = None  # a measured set's read bandwidth (bytes/s); None: datasheet x read_bw_fraction
+    comm: dict | None = None  # NCCL seconds per op on one node, {"graph"|"eager": {op: {group: [[bytes, s]]}}}
+    message_s: float = 0.0  # host cost of one eager exchange on FA Pool's critical path (post, wait)
+    # host time of one eager FA Pool unit (a layer and micro-batch: kernels, collectives, messages) by the base's
+    # TP degree, which decides the unit's collectives; a degree not measured takes the nearest one's
+    eager_unit_s: dict = dataclasses.field(default_factory=dict)
+    plan_s: float = 0.47e-3  # FA Pool's resource management + plan per step on the host, a pool rank at paper scale
+    #                          (results/measured/cpu/plan/: 0.33 ms base, 0.47 ms pool rank, median of 100 steps)
+    calibration_records: tuple = ()  # records a set's calibration was fitted on (not validation)
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):
@@ -163,10 +90,95 @@ class Calibration:
         return cal
 
 
+SET_CALIBRATION = {  # the records of the measured multi-GPU set that calibrate FA Pool's host costs (not validation)
+    "message_s": "call_c/records/fa_pool_b1_p3_L8192_B140",  # captured steps, eager messages on the critical path
+    "eager_unit_s": ("call_a/records/fa_pool_b2_p2_L8192_B16",  # eager steps at a small batch: the host per unit,
+                     "call_a/records/fa_pool_b1_p3_L8192_B16"),  # for a base of 2 ranks and of 1
+}
+
+
+def record_config(rec) -> BenchConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), rec.config))
+
+
+def steady_tpot_s(rec) -> float:
+    """The median decode step: the steady state (a measured mean also holds the first step after prefill)."""
+    return rec.metrics["median_tpot_ms"] / 1e3
+
+
+def with_limits(cal: Calibration, limits: dict) -> Calibration:
+    """cal on the machine of a benchmark call: its measured read bandwidth and NCCL times (limits.json)."""
+    return dataclasses.replace(cal, read_bw=limits["read_bytes_per_s"]["used"], comm=limits["comm"])
+
+
+def set_calibration(items: dict, base: Calibration | None = None) -> Calibration:
+    """A measured set's own calibration, from {record key: (record, its call's limits.json)}; a key is the
+    record's folder relative to the set (`call_c/records/fa_pool_b1_p3_L8192_B140`). The limits (harness/
+    bench_multi.py) give the read bandwidth and NCCL's time per operation, measured in the same job. The 1-GPU
+    reference records give the paged kernel's share of that bandwidth and a floor per layer (least squares of
+    step - GEMMs over KV bytes / bandwidth). Two FA Pool records (SET_CALIBRATION) give the host's cost of an
+    eager message on the critical path and of an eager unit. Every other record validates the model (`check`)."""
+    cal = dataclasses.replace(base or default_calibration(), source=f"{MEASURED_SET.relative_to(ROOT)} (limits.json, "
+                              "reference and calibration records) over the one-GPU benchmark's GEMM terms")
+    refs = [(record_config(r), steady_tpot_s(r), lim) for r, lim in items.values() if r.config["strategy"]["kind"] == "reference"]
+    used = []
+    if refs:  # one unknown, the kernel's bandwidth share (the per-layer floor stays the one-GPU benchmark's):
+        xs, ys = [], []  # step - everything else = KV bytes / (bandwidth x share), least squares through 0
+        for cfg, meas, lim in refs:
+            bare = dataclasses.replace(with_limits(cal, lim), attn_bw_fraction=1e9, attn_fixed_s=0.0)
+            kv = sum(n + cfg.workload.output_tokens // 2 for n in prompt_lengths(cfg.workload)) * 2 * cfg.model.hidden * 2
+            xs.append(cfg.model.n_layers * kv / bare.read_bw)
+            ys.append(meas - predict_step(cfg, bare)["step_s"])
+        cal.attn_bw_fraction = sum(x * x for x in xs) / sum(x * y for x, y in zip(xs, ys))
+        cal.attn_fixed_s = 0.0
+        used += [key for key, (r, _) in items.items() if r.config["strategy"]["kind"] == "reference"]
+    by_name = items
+    if SET_CALIBRATION["message_s"] in by_name:  # the step's one unknown: 2 messages per unit (one micro-batch, flat)
+        rec, lim = by_name[SET_CALIBRATION["message_s"]]
+        cfg = record_config(rec)
+        units = cfg.model.n_layers * max(1, cfg.strategy.micro_batches)
+        cal.message_s = max(0.0, (steady_tpot_s(rec) - predict_step(cfg, with_limits(cal, lim), graphed=True)["step_s"])
+                            / (2 * units))
+        used.append(SET_CALIBRATION["message_s"])
+    cal.eager_unit_s = {}
+    for key in SET_CALIBRATION["eager_unit_s"]:  # host-bound: the step is the plan and its units' host time
+        if key in by_name:
+            cfg = record_config(by_name[key][0])
+            units = cfg.model.n_layers * max(1, cfg.strategy.micro_batches)
+            cal.eager_unit_s[cfg.strategy.tp] = (steady_tpot_s(by_name[key][0]) - cal.plan_s) / units
+            used.append(key)
+    cal.calibration_records = tuple(used)
+    return cal
+
+
+def measured_items(root: str | Path) -> list:
+    """(path, record, its call's limits or None) of every measured GPU record under root."""
+    from harness.collect import find_records
+
+    good, _ = find_records(root)
+    return [(path, rec, _limits_of(path)) for path, rec in good
+            if rec.status == "ok" and rec.env.get("source", "measured") == "measured"
+            and rec.config["hardware"]["device"] == "cuda"]  # CPU/gloo runs measure mechanics, not a GPU
+
+
 @functools.lru_cache(maxsize=None)
 def default_calibration() -> Calibration:
-    """The committed set's calibration, read and fitted once per process."""
-    return Calibration.from_bench()
+    """The committed calibration, fitted once per process: the one-GPU benchmark (GEMMs, merge, eager floors),
+    refined by the multi-GPU set (the paged kernel's bandwidth share, NCCL per operation on one node, FA Pool's
+    message and eager-unit costs). Projections then take their GPU's own bandwidth (hardware preset x the
+    measured fraction of the datasheet) and, on one node, the set's NCCL times (measured on H200 NVLink;
+    groups larger than 4 use the 4-GPU figures), across nodes the link model."""
+    cal = Calibration.from_bench()
+    if not MEASURED_SET.exists():
+        return cal
+    items = {_key(path, MEASURED_SET): (rec, lim) for path, rec, lim in measured_items(MEASURED_SET) if lim is not None}
+    if not items:
+        return cal
+    cal = set_calibration(items, cal)
+    cal.comm = max((lim for _, lim in items.values()), key=lambda lim: lim["read_bytes_per_s"]["used"])["comm"]
+    return cal
 
 
 def _uniform_step_s(cal, m, lim, row, eager):
@@ -233,91 +245,154 @@ class Links:
         return 2 * (n - 1) * self.send_s(nbytes / n, cross_node)
 
 
-def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool = False) -> dict:
-    """Predicted decode step: {'step_s', 'phases': {role: {phase: s}}, 'pool_busy_fraction', 'prefill_s'}."""
+def _collective_s(cal, links, op, group, nbytes, cross_node, graphed=True):
+    """One collective or message of `nbytes` per rank: NCCL's measured time (cal.comm, one node) where there is
+    one, else the link model (latency + bytes / bandwidth; always across nodes: no inter-node measurement)."""
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    if cal.comm and not cross_node:
+        return op_time(cal.comm["graph" if graphed else "eager"], op, group, nbytes)
+    if op == "all_reduce":
+        return links.allreduce_s(nbytes, group, cross_node)
+    if op == "all_gather":
+        return (group - 1) * links.send_s(nbytes, cross_node)
+    return links.send_s(nbytes, cross_node)
+
+
+def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool = False, graphed: bool | None = None) -> dict:
+    """Predicted decode step: {'step_s', 'phases': {role: {phase: s}}, 'pool_busy_fraction', 'prefill_s'}.
+
+    What the engines do (model/parallel/): static strategies replay each micro-batch's stage pass from a CUDA
+    graph (TP collectives inside, at NCCL's in-graph time) and send pipeline messages eagerly; FA Pool replays
+    its compute from graphs too (measured with a one-rank base; a larger base runs eagerly in the engine for
+    now), its messages always eager. `graphed` overrides that (a record says what ran); `eager` models the engines
+    before CUDA graphs and the paged kernel (every step eager, flash attention, phase timers)."""
     cal = cal or default_calibration()
     m, s, w, hw = cfg.model, cfg.strategy, cfg.workload, cfg.hardware
     b = DTYPE_BYTES[hw.dtype]
-    bw = hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12
+    bw = cal.read_bw or (hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12)
     flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
     links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
     ctx = [n + w.output_tokens // 2 for n in prompt_lengths(w)]  # mean context over the run
-    B, M = w.batch_size, max(1, s.micro_batches)
-    gpn = hw.gpus_per_node or 8
-    eager_s = cal.eager_cpu_s_per_layer * m.n_layers if eager else 0.0
-    act = lambda rows: rows * m.hidden * b  # noqa: E731  one hidden state per row
-    phases, pool_busy = {}, None
-
-    def gemm_part(rows, tp):
-        return m.n_layers * (_layer_gemms_s(cal, m, rows, tp, b, bw, flops) + cal.layer_fixed_s) + \
-            _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
-
+    gpn = hw.gpus_per_node if hw.gpus_per_node > 1 else 8
     if s.kind in ("reference", "static"):
-        tp, pp = s.tp, s.pp
-        mb = math.ceil(B / M)
-        layers = m.n_layers // pp
-        cross = tp > gpn
-        # one micro-batch on one stage
-        st_other = layers / m.n_layers * gemm_part(mb, tp)
-        st_attn = layers * _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
-        st_comm = layers * 2 * links.allreduce_s(act(mb), tp, cross) + links.allreduce_s(act(mb), tp, cross)
-        stage = st_other + st_attn + st_comm
-        p2p = links.send_s(act(mb), cross_node=tp * 1 >= gpn) if pp > 1 else 0.0
-        slots = M + pp - 1  # GPipe forward: fill, steady state, drain
-        step = slots * (stage + p2p) + eager_s
-        busy = M * stage
-        ph = dict.fromkeys(PHASES, 0.0)
-        ph.update(attention=M * st_attn, communication=M * (st_comm + p2p),
-                  synchronization=step - busy - M * p2p - eager_s, other=M * st_other + eager_s)
-        phases["reference" if s.kind == "reference" else "stage"] = ph
+        step, phases, pool_busy = _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
     else:
-        p = s.pool
-        thr = p.threshold if p.size > 0 else math.inf
-        short = [n for n in ctx if n <= thr]
-        long = [n for n in ctx if n > thr]
-        cross_base = s.tp > gpn
-        other = gemm_part(B, s.tp)
-        base_attn = m.n_layers * _attn_s(cal, sum(short) * 2 * m.hidden * b / s.tp, bw, eager)
-        base_comm = m.n_layers * 2 * links.allreduce_s(act(B), s.tp, cross_base) + links.allreduce_s(act(B), s.tp, cross_base)
-        pool_attn = pool_comm = merge = 0.0
-        if long:
-            ranks = [max(1, min(p.max_size, p.size, math.ceil(n / p.tokens_per_rank))) if p.policy == "proportional"
-                     else min(p.max_size, p.size) for n in long]
-            # blocks spread round-robin: each pool rank streams its share of the long KV
-            per_rank_kv = sum(n * 2 * m.hidden * b for n in long) / p.size
-            pool_attn = m.n_layers * _attn_s(cal, per_rank_kv, bw, eager)
-            nodes_per_seq = [math.ceil(r / gpn) for r in ranks]
-            sources = nodes_per_seq if p.hierarchical else ranks
-            q_bytes = len(long) * m.hidden * b  # q of every long sequence, to each of its ranks
-            part_bytes = sum(src * (m.hidden * b + m.n_heads * 4) for src in sources)
-            intra = sum(max(0, r - nn) * (m.hidden * b + m.n_heads * 4) for r, nn in zip(ranks, nodes_per_seq)) \
-                if p.hierarchical else 0.0
-            pool_cross = (s.tp + p.size) > gpn
-            per_layer_comm = (links.send_s(q_bytes * max(ranks) / s.tp, pool_cross)
-                              + links.send_s(part_bytes / s.tp, pool_cross)
-                              + (links.send_s(intra / p.size, False) if intra else 0.0))
-            pool_comm = m.n_layers * per_layer_comm
-            merge = m.n_layers * M * cal.merge_s
-        base_busy = other + base_attn + base_comm + merge
-        pool_path = pool_attn + pool_comm
-        if p.async_overlap and M > 1 and long:  # pool work of one micro-batch hides behind base work of others
-            step = max(base_busy, pool_path) + min(base_busy, pool_path) / M
-        else:
-            step = base_busy + pool_path
-        step += eager_s
-        ph = dict.fromkeys(PHASES, 0.0)
-        ph.update(attention=base_attn, communication=base_comm + merge + (pool_comm if long else 0.0),
-                  synchronization=max(0.0, step - base_busy - (pool_comm if long else 0.0) - eager_s),
-                  other=other + eager_s)
-        phases["base"] = ph
-        if p.size:
-            pph = dict.fromkeys(PHASES, 0.0)
-            pph.update(attention=pool_attn, communication=pool_comm, synchronization=max(0.0, step - pool_attn - pool_comm))
-            phases["pool"] = pph
-            pool_busy = pool_attn / step if step > 0 else 0.0
+        step, phases, pool_busy = _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
     prefill = predict_prefill(cfg, cal, bw, flops)
     return {"step_s": step, "phases": phases, "pool_busy_fraction": pool_busy, "prefill_s": prefill,
             "calibration": cal.source}
+
+
+def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
+    """Static TP x PP. A micro-batch's pass through a stage: its layers' GEMMs (weights read again for every
+    micro-batch), attention over its KV shard, per-layer fixed costs and 2 all-reduces per layer, plus the
+    embedding's all-reduce (stage 0) and the LM head with its all-gather (last stage). A step is M passes on
+    the busiest stage, and at least one micro-batch's round trip through every stage and back (pp messages):
+        continuous: max(M * t_stage, round trip)      gpipe: round trip + (M - 1) * t_stage"""
+    m, s = cfg.model, cfg.strategy
+    tp, pp, M = s.tp, s.pp, max(1, s.micro_batches)
+    rows = cfg.workload.batch_size / M
+    layers = m.n_layers // pp
+    cross = tp > gpn
+    graphed = (s.cuda_graphs if graphed is None else graphed) and not eager
+    hidden_bytes = rows * m.hidden * b
+    ar = _collective_s(cal, links, "all_reduce", tp, hidden_bytes, cross, graphed)
+    attn = _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
+    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn + cal.layer_fixed_s + 2 * ar
+    head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops) + \
+        _collective_s(cal, links, "all_gather", tp, rows * m.vocab_size // tp * 4, cross, graphed)
+    stages = [layers * layer + (ar if st == 0 else 0.0) + (head if st == pp - 1 else 0.0) for st in range(pp)]
+    hop = _collective_s(cal, links, "p2p", 2, hidden_bytes, tp * pp > gpn, graphed=False) if pp > 1 else 0.0
+    round_trip = sum(stages) + pp * hop if pp > 1 else stages[0]
+    t_stage = max(stages)
+    if pp == 1:
+        step = M * t_stage
+    elif s.schedule == "gpipe":
+        step = round_trip + (M - 1) * t_stage
+    else:
+        step = max(M * t_stage, round_trip)
+    eager_s = cal.eager_cpu_s_per_layer * m.n_layers if eager else 0.0
+    step += eager_s
+    busy = M * t_stage
+    ph = dict.fromkeys(PHASES, 0.0)
+    comm = M * (layers * 2 * ar + ar + (pp > 1) * hop)
+    ph.update(attention=M * layers * attn, communication=comm, synchronization=max(0.0, step - busy - eager_s),
+              other=max(0.0, busy - M * layers * attn - comm) + eager_s)
+    return step, {"reference" if s.kind == "reference" else "stage": ph}, None
+
+
+def eager_unit_s(cal: Calibration, tp: int) -> float:
+    """Host time of an eager FA Pool unit with a base of `tp` ranks (the nearest calibrated degree)."""
+    if not cal.eager_unit_s:
+        return 0.0
+    return cal.eager_unit_s[min(cal.eager_unit_s, key=lambda t: (abs(t - tp), t))]
+
+
+def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
+    """FA Pool. Per layer and micro-batch (a unit) the base computes QKV and its short rows' attention, sends
+    q, k, v to the pool (one eager message per pool rank), the pool attends over its share of the pooled KV and
+    sends fp32 partials back (a second level first at a node leader when hierarchical), the base merges, projects
+    and runs the FFN (2 all-reduces). A unit's critical path is that chain. With async_overlap and M > 1 a
+    layer's units overlap: the layer costs the busier side's M units plus one chain's messages. Eager steps
+    (a base of more than one rank) also pay the host's time per unit (cal.eager_unit_s): the host issues every
+    kernel and message, so a step cannot be shorter than units x that time."""
+    m, s = cfg.model, cfg.strategy
+    p = s.pool
+    M = max(1, s.micro_batches)
+    rows = cfg.workload.batch_size / M
+    thr = p.threshold if p.size > 0 else math.inf
+    short = [n for n in ctx if n <= thr]
+    long = [n for n in ctx if n > thr]
+    # projected with captured steps (the design; measured with a one-rank base): the engine still runs a
+    # tensor-parallel base eagerly (model/parallel/fa_pool.py says why), which a record's `graphed` states
+    graphed = (s.cuda_graphs if graphed is None else graphed) and not eager
+    cross_base = s.tp > gpn
+    ar = _collective_s(cal, links, "all_reduce", s.tp, rows * m.hidden * b, cross_base, graphed)
+    h, f = m.hidden, m.ffn_hidden
+    pre = _gemm_s(cal, rows, h, 3 * h // s.tp, b, bw, flops) + \
+        _attn_s(cal, sum(short) / M * 2 * h * b / s.tp, bw, eager) + cal.layer_fixed_s / 2
+    post = (_gemm_s(cal, rows, h // s.tp, h, b, bw, flops) + _gemm_s(cal, rows, h, f // s.tp, b, bw, flops)
+            + _gemm_s(cal, rows, f // s.tp, h, b, bw, flops) + 2 * ar + cal.layer_fixed_s / 2)
+    pool_attn = messages = merge = 0.0
+    if long:
+        pool_attn = _attn_s(cal, sum(long) / M * 2 * h * b / p.size, bw, eager)  # one unit's share
+        pool_cross = (s.tp + p.size) > gpn
+        q_msg = len(long) / M * 3 * h * b / s.tp / p.size  # q, k, v of its rows from one base rank to one pool rank
+        part_msg = len(long) / M * (h * 4 + m.n_heads * 4) / s.tp  # fp32 partials + LSE back to one base rank
+        messages = (_collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=False)
+                    + _collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=False) + 2 * cal.message_s)
+        if p.hierarchical and p.size > 1:  # members -> leader first
+            messages += _collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=False) + cal.message_s
+        merge = cal.merge_s
+    base_unit = pre + post + merge
+    if p.async_overlap and M > 1 and long:
+        layer = max(M * base_unit, M * pool_attn) + messages + min(base_unit, pool_attn)
+    else:
+        layer = M * (base_unit + messages + pool_attn)
+    embed = ar
+    head = _gemm_s(cal, cfg.workload.batch_size, h, m.vocab_size // s.tp, b, bw, flops) + \
+        _collective_s(cal, links, "all_gather", s.tp, cfg.workload.batch_size * m.vocab_size // s.tp * 4, cross_base, graphed)
+    step = m.n_layers * layer + embed + head
+    # the host: resource management and the plan every step (overlapping the GPU's work), and when eager every
+    # kernel and message of every unit: a step is never shorter than that
+    host = cal.plan_s + (0.0 if graphed else m.n_layers * M * eager_unit_s(cal, s.tp))
+    step = max(step, host)
+    ph = dict.fromkeys(PHASES, 0.0)
+    base_busy = m.n_layers * M * base_unit + embed + head
+    ph.update(attention=m.n_layers * M * (pre - _gemm_s(cal, rows, h, 3 * h // s.tp, b, bw, flops)),
+              communication=m.n_layers * (M * 2 * ar + messages), synchronization=max(0.0, step - base_busy),
+              other=max(0.0, base_busy - m.n_layers * M * 2 * ar))
+    phases = {"base": ph}
+    pool_busy = None
+    if p.size:
+        pph = dict.fromkeys(PHASES, 0.0)
+        busy = m.n_layers * M * pool_attn
+        pph.update(attention=busy, communication=m.n_layers * messages, resource_management=cal.plan_s,
+                   synchronization=max(0.0, step - busy - cal.plan_s - m.n_layers * messages))
+        phases["pool"] = pph
+        pool_busy = pool_utilization(busy, cal.plan_s, step)
+    return step, phases, pool_busy
 
 
 def predict_prefill(cfg, cal, bw, flops) -> float:
@@ -364,26 +439,58 @@ def project(cfg: BenchConfig, cfg_dict: dict, eager: bool = False):
                      pool_utilization=util, synthetic_kv=False)
 
 
+def _limits_of(path: Path) -> dict | None:
+    """The limits.json of the benchmark call a record belongs to (in a folder above it), if any."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "limits.json").exists():
+            return json.loads((folder / "limits.json").read_text())
+    return None
+
+
+def _key(path: Path, root) -> str:
+    """A record's folder relative to the set: `call_c/records/fa_pool_b1_p3_L8192_B140`."""
+    folder = Path(path).resolve().parent
+    try:
+        return folder.relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return folder.name
+
+
 def check(root: str | Path) -> list[dict]:
-    """Predicted vs measured mean TPOT for every measured ok record under root (eager engines)."""
-    from omegaconf import OmegaConf
-
-    from harness.collect import find_records
-
-    good, _ = find_records(root)
+    """Predicted vs measured TPOT for every measured GPU record under root. Records of a multi-GPU benchmark
+    call (a limits.json above them) are predicted with their set's calibration (`set_calibration`) against the
+    median step; older records (no limits.json: eager engines) with the default calibration, eagerly, against
+    the mean. Rows of calibration records say so and stay out of the error statistics (`summarize`)."""
+    items = measured_items(root)
+    keyed = {_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
+    cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
     rows = []
-    for path, rec in good:
-        if rec.status != "ok" or rec.env.get("source", "measured") != "measured":
-            continue
-        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), rec.config))
-        if cfg.hardware.device != "cuda":
-            continue  # CPU/gloo runs measure the mechanics, not a GPU: nothing to predict
-        pred = predict_step(cfg, eager=True)["step_s"] * 1e3
-        meas = rec.metrics["mean_tpot_ms"]
-        rows.append({"record": str(path.parent.name), "strategy": cfg.strategy.name, "workload": cfg.workload.name,
-                     "batch": cfg.workload.batch_size, "measured_ms": meas, "predicted_ms": pred,
-                     "rel_error": (pred - meas) / meas})
+    for path, rec, lim in items:
+        cfg = record_config(rec)
+        name = _key(path, root)
+        if lim is None:
+            pred, meas, basis = predict_step(cfg, eager=True)["step_s"] * 1e3, rec.metrics["mean_tpot_ms"], "mean (eager engine)"
+        else:
+            graphed = all(r.get("cuda_graphs", False) for r in rec.ranks)  # what ran (older records do not say: eager)
+            pred = predict_step(cfg, with_limits(cal_set, lim), graphed=graphed)["step_s"] * 1e3
+            meas, basis = rec.metrics["median_tpot_ms"], "median" + ("" if graphed else ", eager steps")
+        rows.append({"record": name, "strategy": cfg.strategy.name, "workload": cfg.workload.name,
+                     "batch": cfg.workload.batch_size, "measured_ms": meas, "measured_mean_ms": rec.metrics["mean_tpot_ms"],
+                     "predicted_ms": pred, "rel_error": (pred - meas) / meas, "basis": basis,
+                     "calibration": bool(cal_set) and name in cal_set.calibration_records})
     return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per strategy over the validation rows (calibration rows left out): count, median and max |rel. error|."""
+    out = []
+    group = lambda r: r["strategy"] + (" (eager steps)" if "eager" in r["basis"] else "")  # noqa: E731
+    for name in sorted({group(r) for r in rows}):
+        errs = [abs(r["rel_error"]) for r in rows if group(r) == name and not r["calibration"]]
+        if errs:
+            out.append({"strategy": name, "records": len(errs), "median_abs_error": statistics.median(errs),
+                        "max_abs_error": max(errs)})
+    return out
 
 
 def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
@@ -402,23 +509,33 @@ def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
     return rows
 
 
+def check_table(root: str | Path) -> str:
+    """`check` and `summarize` as markdown."""
+    rows = check(root)
+    lines = ["| record | strategy | measured TPOT ms (basis) | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["strategy"], r["record"])):
+        lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.2f} ({r['basis']}) | {r['predicted_ms']:.2f} | "
+                     f"{r['rel_error']:+.1%} | {'calibration' if r['calibration'] else ''} |")
+    lines += ["", "Per strategy, calibration records left out:", "",
+              "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
+    lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
+              for x in summarize(rows)]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     import argparse
 
     ap = argparse.ArgumentParser(description="predicted vs measured TPOT for the measured records under a directory")
-    ap.add_argument("root", nargs="?", default=str(CALIBRATION_SET.parent))
+    ap.add_argument("root", nargs="?", default=str(MEASURED_SET))
     args = ap.parse_args(argv)
-    print(f"calibration: {default_calibration()}")
-    for title, rows in (("harness records (eager engines)", check(args.root)),
-                        ("graphed steps of the benchmark (calibration set)", check_graphed() if CALIBRATION_SET.exists() else [])):
-        print(f"\n## {title}")
-        if not rows:
-            print("(none)")
-            continue
-        print("| run | measured TPOT ms | predicted ms | rel. error |\n|---|---|---|---|")
+    print(f"calibration: {default_calibration().source}")
+    print(check_table(args.root))
+    if CALIBRATION_SET.exists():
+        rows = check_graphed()
+        print("\n## graphed one-GPU steps of the benchmark (its own calibration set, not a validation)")
         for r in rows:
             print(f"| {r['record']} | {r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | {r['rel_error']:+.1%} |")
-        print(f"median |rel. error| = {statistics.median(abs(r['rel_error']) for r in rows):.1%} over {len(rows)}")
 
 
 if __name__ == "__main__":

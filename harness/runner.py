@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig
-from harness.measure import PhaseTimer, StepClock, breakdown, compute_metrics, kernel_summary, nvml_utilization
+from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, kernel_summary, nvml_utilization,
+                             pool_utilization)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -85,6 +86,7 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     if synthetic:
         lens = torch.tensor([len(p) for p in prompts])
         tok = engine.synthetic_prefill(lens, max_len, seed)
+        settle()  # filling GBs of random KV is no decode work: no step may wait on another rank's fill
     else:
         tok = engine.prefill(prompts, max_len)
     if clock:
@@ -109,6 +111,14 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         phases.update(engine.timer.report())
     engine.finish()
     return torch.stack(out, 1) if engine.has_tokens else None
+
+
+def settle() -> None:
+    """Every rank's queued work done, then all ranks together (outside the measured steps only)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def perturb_weights(engine, fault, rank: int) -> None:
@@ -234,9 +244,9 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
             for p, s in r["phase_s"].items():
                 summed[p] = summed.get(p, 0.0) + s
         phase_fractions[role] = breakdown(summed)
-    for r in roles.get("pool", []):  # busy = attention + resource management work on the pool rank
-        busy = r["phase_s"]["attention"] + r["phase_s"]["resource_management"]
-        utilization[f"rank{r['rank']}"] = busy / r["wall_s"] if r["wall_s"] > 0 else 0.0
+    for r in roles.get("pool", []):
+        utilization[f"rank{r['rank']}"] = pool_utilization(r["phase_s"]["attention"], r["phase_s"]["resource_management"],
+                                                           r["wall_s"])
     check = verdict(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), forced_tokens, tokens)
     return RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict,

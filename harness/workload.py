@@ -1,9 +1,12 @@
 """Prompts from a workload config: fixed lengths cycled over the batch, or lengths sampled from buckets."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from harness.config import WorkloadConfig
+if TYPE_CHECKING:  # only a type: config imports nothing of the harness, and nothing here imports back
+    from harness.config import WorkloadConfig
 
 # The paper's sequence buckets (section 4.5); "32768+" is capped at 2x its lower bound here.
 PAPER_BUCKETS = {"short": (512, 2048), "medium": (2048, 8192), "long": (8192, 32768), "very_long": (32768, 65536)}

@@ -1,5 +1,5 @@
 """The performance model's memory per role, pinned on a hand-computed case (what the engines allocate)."""
-from harness.perfmodel import memory_by_role
+from harness.memory import memory_by_role
 from tests.conftest import cfg_object
 
 
@@ -14,3 +14,75 @@ def test_fa_pool_memory_is_what_the_engine_allocates():
     # pool: 2 x ceil(16016 / 256) = 126 blocks over 32 ranks -> 4 blocks on the fullest rank
     assert roles["pool"].kv_bytes == 4 * 256 * kv_token * 4
     assert roles["pool"].weight_bytes == 0 and roles["pool"].ranks == 32 and roles["base"].ranks == 8
+
+
+# -- time: the decode step on hand-computed cases -------------------------------------------------------------
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from harness.perfmodel import Calibration, predict_step  # noqa: E402
+
+TABLE = {op: {"2": [[1, t], [1 << 40, t]]} for op, t in (("all_reduce", 1e-5), ("all_gather", 2e-5), ("p2p", 5e-5))}
+FLAT = {"graph": TABLE, "eager": TABLE}  # every size takes the same time: a constant per operation
+
+
+def simple_cal(**kw) -> Calibration:
+    """Bytes at 1e12 B/s with no floors, 1e-4 s fixed per layer, NCCL at the constants of TABLE, no host floor."""
+    base = dict(read_bw=1e12, attn_bw_fraction=1.0, attn_fixed_s=0.0, gemm_bw_fraction=1.0, gemm_fixed_s=0.0,
+                layer_fixed_s=1e-4, gemm_flops_fraction=1.0, merge_s=0.0, message_s=0.0, plan_s=0.0, comm=FLAT)
+    return dataclasses.replace(Calibration(), **{**base, **kw})
+
+
+def small(strategy, *extra):
+    return cfg_object([strategy, "model=tiny", "model.n_layers=2", "hardware=h100_80gb", "hardware.dtype=float32",
+                       "workload.batch_size=4", "workload.prompt_lens=[100]", "workload.output_tokens=4", *extra])
+
+
+def test_static_tp2_step_by_hand():
+    cfg = small("strategy=tp2_pp1")  # tiny: hidden 64, FFN 256, vocab 512; fp32; 4 rows, contexts 100 + 4 / 2
+    gemm = lambda k, n: (k * n + 4 * (k + n)) * 4 / 1e12  # noqa: E731  weights + activations read once
+    gemms = gemm(64, 96) + gemm(32, 64) + gemm(64, 128) + gemm(128, 64)  # QKV, out, up, down of a TP2 shard
+    attn = 4 * 102 * 2 * 64 * 4 / 2 / 1e12  # the rank's KV: 4 x 102 tokens, K and V, half the heads
+    layer = gemms + attn + 1e-4 + 2 * 1e-5  # + the per-layer floor + 2 all-reduces
+    step = 2 * layer + 1e-5 + gemm(64, 256) + 2e-5  # + the embedding's all-reduce, the LM head and its all-gather
+    assert predict_step(cfg, simple_cal())["step_s"] == pytest.approx(step, rel=1e-9)
+
+
+def test_pipeline_schedules_by_hand():
+    # bandwidth so high that a stage pass is its layer floor (1e-4 s, one layer per stage; the GEMMs' FLOPs add
+    # 1e-9); a message 5e-5 s
+    cal = simple_cal(read_bw=1e30, comm={"graph": TABLE, "eager": TABLE})
+    cont = predict_step(small("strategy=tp1_pp2", "strategy.micro_batches=2"), cal)["step_s"]
+    gpipe = predict_step(small("strategy=tp1_pp2", "strategy.micro_batches=2", "strategy.schedule=gpipe"), cal)["step_s"]
+    round_trip = 2 * 1e-4 + 2 * 5e-5  # both stages and both messages (forward, tokens back) of one micro-batch
+    assert cont == pytest.approx(max(2 * 1e-4, round_trip), rel=1e-5)  # continuous: the round trip bounds the step
+    assert gpipe == pytest.approx(round_trip + 1e-4, rel=1e-5)  # gpipe: + the second micro-batch behind the first
+
+
+@pytest.mark.parametrize("hierarchical,per_unit", [(False, 2), (True, 3)])
+def test_fa_pool_messages_per_layer_and_micro_batch(hierarchical, per_unit):
+    # every long row pooled; one micro-batch: a unit per layer sends q to the pool and gets partials back, plus a
+    # member -> leader hop when hierarchical; each message costs message_s on the critical path
+    over = ["strategy=fa_pool_b2_p2", "workload.prompt_lens=[100]", "strategy.micro_batches=1",
+            f"strategy.pool.hierarchical={str(hierarchical).lower()}", "strategy.cuda_graphs=true", "strategy.tp=1",
+            "strategy.pool.size=2", "strategy.pool.max_size=2", "strategy.world_size=3"]
+    cfg = small(*over)
+    d = predict_step(cfg, simple_cal(message_s=1e-3))["step_s"] - predict_step(cfg, simple_cal())["step_s"]
+    assert d == pytest.approx(cfg.model.n_layers * per_unit * 1e-3, rel=1e-9)
+
+
+def test_paper_scale_fit():
+    """At batch 1024 and 32K (A100 80 GB) TP8/PP2 cannot hold its KV; FA Pool 8+32 can (README)."""
+    from harness.memory import check_fits
+
+    paper = ["model=paper", "hardware=a100_80gb", "launcher=model", "workload=len32768"]
+    assert "does not fit" in check_fits(cfg_object(["strategy=tp8_pp2", *paper]))
+    assert check_fits(cfg_object(["strategy=fa_pool", *paper])) is None
+
+
+def test_fa_pool_step_is_never_shorter_than_its_host_time():
+    cfg = small("strategy=fa_pool_b2_p2")  # 2 layers, 2 micro-batches: 4 units; a base of 2 ranks
+    assert predict_step(cfg, simple_cal(plan_s=1.0), graphed=True)["step_s"] == pytest.approx(1.0)
+    eager = predict_step(cfg, simple_cal(plan_s=1.0, eager_unit_s={1: 9.0, 2: 0.5}), graphed=False)["step_s"]
+    assert eager == pytest.approx(1.0 + 4 * 0.5)  # the plan, then every unit's kernels and messages

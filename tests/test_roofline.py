@@ -50,3 +50,23 @@ def test_roofline_of_an_fa_pool_record_puts_the_kv_on_the_pool():
     assert roof["per_rank"][0]["kv_bytes"] == pytest.approx(short * layers / 2 * token_layer)  # heads over 2 base ranks
     assert roof["per_rank"][2]["kv_bytes"] == pytest.approx(long * layers / 2 * token_layer)  # tokens over 2 pool ranks
     assert roof["bound_rank"] == 2
+
+
+def test_multi_gpu_benchmark_smoke(tmp_path):
+    """The multi-GPU benchmark's whole path on 2 CPU ranks: NCCL-style calibration (gloo, eager), runs through
+    fapool-bench, a roofline in every ok record, the table."""
+    import json
+
+    from harness import bench_multi
+
+    bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+tp2"])
+    limits = json.loads((tmp_path / "limits.json").read_text())
+    assert set(limits["comm"]["eager"]) == {"all_reduce", "all_gather", "p2p"} and limits["read_bytes_per_s"]["used"] > 0
+    rows = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
+    assert [(r["run"], r["status"]) for r in rows] == [("reference", "ok"), ("tp2", "ok")]
+    for r in rows:
+        rec = json.loads((tmp_path / "records" / f"{r['run']}_L48_B4" / "result.json").read_text())
+        roof = rec["roofline"]
+        assert roof["step_ms"] > 0 and roof["ratio"] == pytest.approx(rec["metrics"]["mean_tpot_ms"] / roof["step_ms"])
+        assert len(roof["per_rank"]) == rec["metrics"]["num_gpus"]
+    assert "| reference | 48 | 4 | 1 | ok |" in (tmp_path / "bench_multi.md").read_text()
