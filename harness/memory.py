@@ -53,17 +53,20 @@ def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
     kv_token = 2 * m.hidden * b  # one token, one layer, all heads
     embed = m.vocab_size * m.hidden * b  # the embedding; the head has the same size
     rows = math.ceil(cfg.workload.batch_size / max(s.micro_batches, 1))
-    if s.kind == "reference":
-        return [RoleMemory("reference", 1, m.param_count() * b, sum(ctx) * kv_token * m.n_layers,
-                           _activations(m, cfg.workload.batch_size, 1, b))]
-    if s.kind == "static":
+    if s.kind in ("reference", "static"):
+        # the engine (model/parallel/static.py, StageKV) gives every sequence room for the longest context,
+        # in whole blocks of kv_block tokens
+        row_tokens = math.ceil(max(ctx) / s.kv_block) * s.kv_block
+        kv = cfg.workload.batch_size * row_tokens * kv_token
+        if s.kind == "reference":
+            return [RoleMemory("reference", 1, m.param_count() * b, kv * m.n_layers,
+                               _activations(m, cfg.workload.batch_size, 1, b))]
         layers = m.n_layers // s.pp
         roles = []
         for stage in range(s.pp):
             w = layers * layer_params(m) * b // s.tp + (embed // s.tp if stage == 0 else 0) \
                 + (embed // s.tp + m.hidden * b if stage == s.pp - 1 else 0)
-            roles.append(RoleMemory(f"stage{stage}", s.tp, w, sum(ctx) * kv_token * layers // s.tp,
-                                    _activations(m, rows, s.tp, b)))
+            roles.append(RoleMemory(f"stage{stage}", s.tp, w, kv * layers // s.tp, _activations(m, rows, s.tp, b)))
         return roles
     p = s.pool
     # the base preallocates a cache row of ceil(min(longest context, threshold) / block) blocks for every

@@ -86,3 +86,22 @@ def test_fa_pool_step_is_never_shorter_than_its_host_time():
     assert predict_step(cfg, simple_cal(plan_s=1.0), graphed=True)["step_s"] == pytest.approx(1.0)
     eager = predict_step(cfg, simple_cal(plan_s=1.0, eager_unit_s={1: 9.0, 2: 0.5}), graphed=False)["step_s"]
     assert eager == pytest.approx(1.0 + 4 * 0.5)  # the plan, then every unit's kernels and messages
+
+
+def test_static_memory_is_what_the_engine_allocates():
+    # TP2 x PP2, fp32, tiny (hidden 64, 2 layers): 4 sequences of 100 and 300 tokens + 4 output tokens; every
+    # sequence gets room for the longest (304) in blocks of 256 tokens: 512 tokens
+    cfg = small("strategy=tp2_pp2", "workload.prompt_lens=[100,300]")
+    kv_token = 2 * 64 * 4  # k and v, all heads, one layer, fp32
+    roles = {r.role: r for r in memory_by_role(cfg)}
+    assert set(roles) == {"stage0", "stage1"} and roles["stage0"].ranks == 2
+    assert roles["stage0"].kv_bytes == 4 * 512 * kv_token * 1 // 2  # one layer per stage, half the heads
+
+
+def test_a_step_of_small_gemms_is_bound_by_flops_when_bandwidth_is_not():
+    # bandwidth unlimited, no floors, no collectives: the step is the GEMMs' FLOPs at the H100 preset's peak
+    cfg = small("strategy=reference", "hardware.peak_tflops=1e-3")  # 1 GFLOP/s, so FLOPs dominate everything
+    cal = simple_cal(read_bw=1e30, layer_fixed_s=0.0)
+    h, f, v = 64, 256, 512
+    flops = 2 * 4 * (2 * (h * 3 * h + h * h + 2 * h * f) + h * v)  # 4 rows: 2 layers of QKV, out, up, down + head
+    assert predict_step(cfg, cal)["step_s"] == pytest.approx(flops / 1e9, rel=1e-6)
