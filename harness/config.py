@@ -76,12 +76,18 @@ class StrategyConfig:
     schedule: str = "continuous"  # pipeline: continuous (step k+1 enters as its tokens return) | gpipe (a bubble per step)
     cuda_graphs: bool = True  # static and reference on CUDA: each micro-batch's stage pass replayed from a CUDA graph
     kv_block: int = 256  # tokens per block of a static rank's KV cache (the paged kernel's unit)
+    prefill_chunk: int = 0  # static and reference: prompt tokens per prefill pass (0: whole prompts); bounds the
+    #                         attention mask at batch x chunk x prompt length instead of batch x prompt length^2
     pool: PoolConfig = field(default_factory=PoolConfig)
 
     def __post_init__(self):
         need(self.kind in STRATEGY_KINDS, f"strategy.kind={self.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
         at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size", "kv_block")
         need(self.schedule in SCHEDULES, f"strategy.schedule={self.schedule!r}: choose {' or '.join(SCHEDULES)}")
+        at_least("strategy", self, 0, "prefill_chunk")
+        need(self.prefill_chunk % self.kv_block == 0,
+             f"strategy.prefill_chunk={self.prefill_chunk} must be a multiple of strategy.kv_block={self.kv_block} "
+             f"(a chunk fills whole KV blocks)")
 
 
 @dataclass
@@ -272,6 +278,9 @@ def validate(cfg: BenchConfig) -> None:
     need(0 <= cfg.fault.rank < s.world_size, f"fault.rank={cfg.fault.rank} is outside 0..{s.world_size - 1}")
     if cfg.fault.kind == "perturb_weight" and s.kind == "fa_pool":
         need(cfg.fault.rank < s.tp, f"fault.rank={cfg.fault.rank} is a pool rank, which holds no weights; pick a base rank 0..{s.tp - 1}")
+    need(not (cfg.attention_backend == "flash_attn" and not w.synthetic_kv),
+         "attention_backend=flash_attn cannot prefill ragged prompts (flash-attn aligns its causal mask to the bottom "
+         "right); use attention_backend=sdpa, or workload.synthetic_kv=true")
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")

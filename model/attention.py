@@ -40,8 +40,9 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         raise BackendUnavailable(f"attention backend {backend!r} is not available on {device}: {hint}; 'math' and 'sdpa' run everywhere")
 
 
-def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device) -> torch.Tensor | None:
-    """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all."""
+def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device, q_offset: int = 0) -> torch.Tensor | None:
+    """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all. Causal: query i
+    sits at position q_offset + i and sees keys j <= q_offset + i (a prefill chunk after q_offset cached tokens)."""
     if kv_lens is None and not causal:
         return None
     key_idx = torch.arange(tk, device=device)
@@ -49,7 +50,7 @@ def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, d
     if kv_lens is not None:
         mask = mask & (key_idx[None, :] < kv_lens[:, None])[:, None, None, :]
     if causal:
-        mask = mask & (key_idx[None, :] <= torch.arange(tq, device=device)[:, None])[None, None]
+        mask = mask & (key_idx[None, :] <= q_offset + torch.arange(tq, device=device)[:, None])[None, None]
     return mask
 
 
@@ -109,15 +110,21 @@ def _flash_attn(q, k, v, kv_lens, causal, scale):
     return out.transpose(1, 2), lse.float()
 
 
-def attention(q, k, v, kv_lens=None, causal=False, backend="math"):
-    """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes."""
+def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0):
+    """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes;
+    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[2] == 0:  # a shard with no keys at all
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
     if backend == "flash_attn":
+        if causal and (kv_lens is not None or q_offset or q.shape[2] != k.shape[2]):
+            # flash-attn aligns its causal mask to the bottom right of each sequence's keys; this module's is
+            # top-left (query i sees keys j <= i), which ragged or chunked prefill needs
+            raise BackendUnavailable("attention backend 'flash_attn' cannot run a ragged or chunked causal prefill "
+                                     "(its causal mask is bottom-right aligned); use 'sdpa' or 'math' for prefill")
         out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
     else:
-        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device)
+        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset)
         if backend == "math":
             return _math(q, k, v, mask, scale)
         out, lse = _sdpa(q, k, v, mask, scale, backend)

@@ -23,6 +23,7 @@ class Step:
     cache_lens: torch.Tensor  # [b] tokens already in the cache per sequence
     new_lens: torch.Tensor  # [b] valid new tokens per sequence (prompt lengths at prefill, 1 at decode)
     prefill: bool = False  # a prompt from an empty cache; said by the caller, never read from the tensors (a sync)
+    start: int = 0  # prefill in chunks: this chunk's first position (every row's; the cache holds the positions before)
 
     def positions(self, t: int) -> torch.Tensor:  # [b, t] absolute positions of the new tokens
         return self.cache_lens[:, None] + torch.arange(t, device=self.cache_lens.device)[None, :]
@@ -137,11 +138,12 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens, step: Step):  # tokens: [b, T] -> logits [b, T, vocab] (float32)
+    def forward(self, tokens, step: Step):  # tokens: [b, T] -> logits after each sequence's last new token [b, vocab]
         x = self.tok_emb(tokens)
         for block in self.blocks:
             x = block(x, step)
-        return self.lm_head(self.norm(x)).float()
+        # the LM head only where a next token is wanted: over a whole prompt it would cost T x vocab per row
+        return self.lm_head(self.norm(last_positions(x, step.new_lens))).float()[:, 0]
 
     def setup_cache(self, batch: int, max_len: int, backend: str = "math"):
         p = next(self.parameters())
@@ -166,9 +168,9 @@ def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transfor
     return model.to(dtype=dtype).eval()
 
 
-def last_token_logits(logits: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
-    """[b, T, V] -> [b, V]: the logits after each sequence's last valid new token."""
-    return logits[torch.arange(logits.shape[0], device=logits.device), new_lens - 1]
+def last_positions(x: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
+    """[b, T, hidden] -> [b, 1, hidden]: the hidden state of each sequence's last valid new token."""
+    return x[torch.arange(x.shape[0], device=x.device), new_lens - 1][:, None]
 
 
 def pad_prompts(prompts: list[torch.Tensor], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,14 +194,14 @@ def generate(model: Transformer, prompts: list[torch.Tensor], n_new: int, backen
     model.setup_cache(batch, int(lens.max()) + n_new, backend)
     rows = slice(0, batch)
     step = Step(rows, torch.zeros_like(lens), lens, prefill=True)
-    logits = last_token_logits(model(tokens, step), lens)
+    logits = model(tokens, step)
     out_tokens, out_logits = [logits.argmax(-1)], [logits]
     if on_step:
         on_step(0)
     cache_lens = lens.clone()
     for i in range(1, n_new):
         step = Step(rows, cache_lens, torch.ones_like(lens))
-        logits = model(out_tokens[-1][:, None], step)[:, 0]
+        logits = model(out_tokens[-1][:, None], step)
         cache_lens = cache_lens + 1
         out_tokens.append(logits.argmax(-1))
         out_logits.append(logits)
@@ -221,5 +223,5 @@ def recompute_logits(model: Transformer, prompts: list[torch.Tensor], generated:
         tokens, lens = pad_prompts(seqs, device)
         model.setup_cache(len(seqs), int(lens.max()), backend)
         step = Step(slice(0, len(seqs)), torch.zeros_like(lens), lens, prefill=True)
-        out.append(last_token_logits(model(tokens, step), lens))
+        out.append(model(tokens, step))
     return torch.stack(out)

@@ -86,3 +86,34 @@ def test_unknown_or_missing_backend_is_refused_by_name():
         check_backend("nope", "cpu")
     with pytest.raises(BackendUnavailable, match="flash_attn"):
         check_backend("flash_attn", "cpu")
+
+
+def test_flash_attn_refuses_a_ragged_or_chunked_causal_prefill():
+    """flash-attn aligns its causal mask bottom-right; this module's contract is top-left (issue #18). Refused before
+    flash-attn is even imported, so the refusal shows on any machine."""
+    import pytest
+    import torch
+
+    from model.attention import BackendUnavailable, attention
+
+    q = k = v = torch.zeros(2, 1, 4, 8)
+    with pytest.raises(BackendUnavailable, match="bottom-right"):
+        attention(q, k, v, kv_lens=torch.tensor([4, 2]), causal=True, backend="flash_attn")
+    with pytest.raises(BackendUnavailable, match="chunked"):
+        attention(q[:, :, :2], k, v, causal=True, backend="flash_attn", q_offset=2)
+
+
+def test_a_chunk_after_cached_keys_sees_them_all_and_itself_causally():
+    """q_offset: the last 3 queries of a 7-token causal prefill, computed as a chunk after 4 cached keys, equal the
+    whole prefill's last 3 rows."""
+    import torch
+
+    from model.attention import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 7, 8, generator=gen) for _ in range(3))
+    lens = torch.tensor([7, 6])
+    whole, _ = attention(q, k, v, kv_lens=lens, causal=True)
+    chunk, _ = attention(q[:, :, 4:], k, v, kv_lens=lens, causal=True, q_offset=4)
+    torch.testing.assert_close(chunk[0], whole[0, :, 4:])
+    torch.testing.assert_close(chunk[1, :, :2], whole[1, :, 4:6])  # the second row's 7th query is padding

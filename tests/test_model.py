@@ -59,3 +59,18 @@ def test_param_count_equals_sum_of_parameter_sizes(name):
 def test_paper_param_count_is_about_one_billion_not_13():
     n = PRESETS["paper"].param_count()
     assert 1.0e9 < n < 1.1e9  # the README states this against the paper's "~13B"
+
+
+def test_prefill_runs_the_lm_head_on_each_prompts_last_position_only():
+    """Over a whole prompt the LM head would cost T x vocab per row (issue #18): it sees one position per row."""
+    import torch
+
+    from model.config import PRESETS
+    from model.transformer import build_model, generate
+
+    model = build_model(PRESETS["tiny"])
+    seen = []
+    model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape)))
+    prompts = [torch.arange(5), torch.arange(9) + 3]
+    generate(model, prompts, 3)
+    assert seen == [(2, 1, model.cfg.hidden)] * 3  # prefill, then 2 decode steps

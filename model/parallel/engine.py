@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import Step, build_model, last_token_logits, pad_prompts
+from model.transformer import Step, build_model, last_positions, pad_prompts
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -87,7 +87,7 @@ class ReferenceEngine(Engine):
         self.model.setup_cache(len(prompts), max_len, self.backend)
         _time_attention(self.model, self.timer)
         self.lens = lens.clone()
-        logits = last_token_logits(self.model(tokens, Step(slice(0, len(prompts)), torch.zeros_like(lens), lens)), lens)
+        logits = self.model(tokens, Step(slice(0, len(prompts)), torch.zeros_like(lens), lens, prefill=True))
         return self._emit(logits)
 
     @torch.no_grad()
@@ -103,7 +103,7 @@ class ReferenceEngine(Engine):
     @torch.no_grad()
     def decode(self, tokens):
         step = Step(slice(0, len(self.lens)), self.lens, torch.ones_like(self.lens))
-        logits = self.model(tokens[:, None], step)[:, 0]
+        logits = self.model(tokens[:, None], step)
         self.lens = self.lens + 1
         return self._emit(logits)
 

@@ -45,7 +45,7 @@ from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
 from model.parallel.transport import Transport, split_rows
-from model.transformer import Step, build_model, last_token_logits, pad_prompts
+from model.transformer import Step, build_model, last_positions, pad_prompts
 
 
 class PendingPartials:
@@ -240,7 +240,7 @@ class FAPoolEngine(Engine):
                     o, _ = attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)
                 x = x + block.attn.project_out(o)
                 x = x + block.ffn(block.ffn_norm(x))
-            out = self._emit(last_token_logits(self.head(self.norm(x)), lens))
+            out = self._emit(self.head(self.norm(last_positions(x, lens)))[:, 0])
         with self.timer("resource_management"):
             stash_row = np.zeros(self.batch, np.int64)
             stash_row[long] = np.arange(len(long))

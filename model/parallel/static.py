@@ -37,7 +37,7 @@ from model.parallel.graphs import GraphedProgram
 from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.transformer import Step, build_model, last_token_logits, pad_prompts
+from model.transformer import Step, build_model, last_positions, pad_prompts
 
 
 class StageKV:
@@ -49,6 +49,17 @@ class StageKV:
         self.blocks_per_seq = -(-max_len // block_size)
         self.kv = PagedKV(layers, batch * self.blocks_per_seq, heads, block_size, head_dim, dtype, device)
         self.table = torch.arange(batch * self.blocks_per_seq, dtype=torch.int32, device=device).view(batch, -1)
+
+    def dense(self, layer: int, rows: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions [0, upto) of `rows`, gathered into [b, heads, upto, head_dim] (a chunk's keys)."""
+        blocks = -(-upto // self.kv.block_size)
+        slots = self.table[rows, :blocks].reshape(-1).long()
+        out = []
+        for cache in self.kv.layer(layer):
+            g = cache.index_select(0, slots)  # [b * blocks, H, bs, D]
+            g = g.view(-1, blocks, *g.shape[1:]).transpose(1, 2).reshape(g.shape[0] // blocks, g.shape[1], -1, g.shape[3])
+            out.append(g[:, :, :upto])
+        return out[0], out[1]
 
     def fits(self, layers, batch, heads, max_len) -> bool:
         return (self.batch, self.max_len, self.kv.kv.shape[0], self.kv.kv.shape[3]) == (batch, max_len, layers, heads)
@@ -68,9 +79,14 @@ class StageAttention:
         c = self.cache
         rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
         with self.timer("attention"):
-            if step.prefill:
-                c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq, c.blocks_per_seq)
-                return attention(q, k, v, kv_lens=step.new_lens, causal=True, backend=self.backend)[0]
+            if step.prefill:  # a whole prompt (start 0) or a chunk of it after `start` cached positions
+                bs, t = c.kv.block_size, k.shape[2]
+                c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq + step.start // bs, -(-t // bs))
+                if step.start == 0:
+                    return attention(q, k, v, kv_lens=step.new_lens, causal=True, backend=self.backend)[0]
+                keys, values = c.dense(self.layer, step.rows, step.start + t)
+                return attention(q, keys, values, kv_lens=step.start + step.new_lens, causal=True, backend=self.backend,
+                                 q_offset=step.start)[0]
             bs = c.kv.block_size
             pos = step.cache_lens
             slots = rows * c.blocks_per_seq + pos // bs
@@ -85,7 +101,7 @@ class StaticEngine(Engine):
         tp, pp = strategy.tp, strategy.pp
         self.tp, self.pp, self.micro_batches = tp, pp, strategy.micro_batches
         self.schedule, self.use_graphs = strategy.schedule, strategy.cuda_graphs and torch.device(device).type == "cuda"
-        self.kv_block = strategy.kv_block
+        self.kv_block, self.prefill_chunk = strategy.kv_block, strategy.prefill_chunk
         self.stage, self.tp_rank = divmod(rank, tp)
         self.first, self.last = self.stage == 0, self.stage == pp - 1
         self.role = f"stage{self.stage}" if tp * pp > 1 else "reference"
@@ -152,35 +168,49 @@ class StaticEngine(Engine):
         return first.to(self.device) if self.has_tokens else None
 
     def _prefill(self, tokens, lens):
-        """The prompts through the pipeline, micro-batch by micro-batch (eager); first tokens where known."""
-        zeros = torch.zeros_like(lens)
-        t, sends, next_tokens, logits_parts = tokens.shape[1], [], [], []
-        for rows in self.rows:
-            step = Step(rows, zeros[rows], lens[rows], prefill=True)
-            if self.first:
-                x = self.embed(tokens[rows])
-            else:
-                x = torch.empty(rows.stop - rows.start, t, self.hidden, dtype=self.dtype, device=self.device)
-                self._recv(x, self.prev_rank, None, "pp_recv")
-            for block in self.blocks:
-                x = block(x, step)
-            if not self.last:
-                sends.append(self._send(x.contiguous(), self.next_rank, None, "pp_send"))
-                continue
-            logits = last_token_logits(self.head(self.norm(x)), step.new_lens)
-            logits_parts.append(logits)
-            next_tokens.append(logits.argmax(-1))
+        """The prompts through the pipeline, chunk by chunk (strategy.prefill_chunk tokens; the whole prompt when 0)
+        and within a chunk micro-batch by micro-batch (eager). A chunk attends over the cached chunks before it, so
+        attention's mask is batch x chunk x prompt length at most. The LM head runs once, on each prompt's last
+        position (kept from the chunk that holds it). Returns the first tokens where this rank knows them."""
+        total = tokens.shape[1]
+        chunk = self.prefill_chunk or total
+        last = torch.zeros(len(lens), 1, self.hidden, dtype=self.dtype, device=self.device) if self.last else None
+        sends = []
+        for start in range(0, total, chunk):
+            t = min(chunk, total - start)
+            new = (lens - start).clamp(0, t)  # each row's prompt tokens in this chunk
+            at = torch.full_like(lens, start)  # positions of the chunk's tokens start here for every row
+            for rows in self.rows:
+                step = Step(rows, at[rows], new[rows], prefill=True, start=start)
+                if self.first:
+                    x = self.embed(tokens[rows, start : start + t])
+                else:
+                    x = torch.empty(rows.stop - rows.start, t, self.hidden, dtype=self.dtype, device=self.device)
+                    self._recv(x, self.prev_rank, None, "pp_recv")
+                for block in self.blocks:
+                    x = block(x, step)
+                if not self.last:
+                    sends.append(self._send(x.contiguous(), self.next_rank, None, "pp_send"))
+                    continue
+                ends_here = ((lens[rows] - 1 - start) >= 0) & ((lens[rows] - 1 - start) < t)  # its last token is here
+                here = last_positions(x, (lens[rows] - start).clamp(1, t))
+                last[rows] = torch.where(ends_here[:, None, None], here, last[rows])
+        next_tokens = []
+        if self.last:
+            logits = self.head(self.norm(last))[:, 0]
+            next_tokens = [logits.argmax(-1)]
+            if self.has_logits and self.keep_logits:
+                self.logits.append(logits)
             if not self.first:
-                sends.append(self._send(next_tokens[-1], self.token_peer, self.token_group, "pp_send"))
-        if self.first and not self.last:
+                sends += [self._send(next_tokens[0][rows], self.token_peer, self.token_group, "pp_send")
+                          for rows in self.rows]
+        elif self.first:
             for rows in self.rows:
                 nxt = torch.empty(rows.stop - rows.start, dtype=torch.long, device=self.device)
                 self._recv(nxt, self.token_peer, self.token_group, "pp_recv")
                 next_tokens.append(nxt)
-        for s in sends:
-            s.wait()
-        if self.has_logits and self.keep_logits:
-            self.logits.append(torch.cat(logits_parts))
+        for work in sends:
+            work.wait()
         return torch.cat(next_tokens) if next_tokens else None
 
     # -- decode --------------------------------------------------------------------------------------------
