@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import torch.multiprocessing as mp
 from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
 from harness.roofline import roofline
 from harness.runner import to_config
+from model.config import PRESETS
 
 KiB = 1024
 SIZES = [4 * KiB * 4**i for i in range(8)]  # 4 KiB .. 64 MiB per rank
@@ -133,7 +133,8 @@ def points(smoke: bool, gpu_bytes: int) -> list[tuple[int, int]]:
     """(context, batch): 8K at batch 16, then each context at the batch whose KV fills half of one GPU."""
     if smoke:
         return [(48, 4)]
-    token_bytes = 4 * 2 * 4096 * 2  # the paper model: layers x (K, V) x hidden x bf16
+    paper = PRESETS["paper"]
+    token_bytes = paper.n_layers * 2 * paper.hidden * 2  # layers x (K, V) x hidden x bf16
     half = [(n, max(4, int(gpu_bytes * 0.5 / (token_bytes * n)) // 4 * 4 + 4)) for n in (8192, 16384, 32768)]
     return [(8192, 16)] + half
 

@@ -41,6 +41,11 @@ def context_lengths(cfg: BenchConfig) -> list[int]:
     return [n + cfg.workload.output_tokens for n in prompt_lengths(cfg.workload)]
 
 
+def mean_context_lengths(cfg: BenchConfig) -> list[int]:
+    """Every sequence's context in the middle of its decode steps (prompt + half the output): the mean a step sees."""
+    return [n + cfg.workload.output_tokens // 2 for n in prompt_lengths(cfg.workload)]
+
+
 def _activations(m: ModelConfig, rows: int, tp: int, b: int) -> int:
     # one micro-batch's hidden states, QKV, FFN inner and fp32 logits (the largest live set of a step)
     return rows * ((4 * m.hidden + m.ffn_hidden) // tp * b + m.vocab_size // tp * 4)

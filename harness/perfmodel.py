@@ -14,9 +14,9 @@ from pathlib import Path
 from harness.config import BenchConfig
 from harness.measure import PHASES, pool_utilization
 from harness.roofline import op_time
-from harness.memory import DTYPE_BYTES, check_fits, memory_by_role
+from harness.memory import DTYPE_BYTES, check_fits, mean_context_lengths, memory_by_role
 from harness.workload import prompt_lengths
-from model.config import PRESETS, ModelConfig
+from model.config import PRESETS
 
 # ----------------------------------------------------------------------------------------------------------
 # Time: a decode step (and prefill) per phase, from bytes and FLOPs against calibrated efficiencies.
@@ -128,7 +128,7 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
         xs, ys = [], []  # step - everything else = KV bytes / (bandwidth x share), least squares through 0
         for cfg, meas, lim in refs:
             bare = dataclasses.replace(with_limits(cal, lim), attn_bw_fraction=1e9, attn_fixed_s=0.0)
-            kv = sum(n + cfg.workload.output_tokens // 2 for n in prompt_lengths(cfg.workload)) * 2 * cfg.model.hidden * 2
+            kv = sum(mean_context_lengths(cfg)) * 2 * cfg.model.hidden * DTYPE_BYTES[cfg.hardware.dtype]
             xs.append(cfg.model.n_layers * kv / bare.read_bw)
             ys.append(meas - predict_step(cfg, bare)["step_s"])
         cal.attn_bw_fraction = sum(x * x for x in xs) / sum(x * y for x, y in zip(xs, ys))
@@ -268,12 +268,12 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
     now), its messages always eager. `graphed` overrides that (a record says what ran); `eager` models the engines
     before CUDA graphs and the paged kernel (every step eager, flash attention, phase timers)."""
     cal = cal or default_calibration()
-    m, s, w, hw = cfg.model, cfg.strategy, cfg.workload, cfg.hardware
+    s, hw = cfg.strategy, cfg.hardware
     b = DTYPE_BYTES[hw.dtype]
     bw = cal.read_bw or (hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12)
     flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
     links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
-    ctx = [n + w.output_tokens // 2 for n in prompt_lengths(w)]  # mean context over the run
+    ctx = mean_context_lengths(cfg)
     gpn = hw.gpus_per_node if hw.gpus_per_node > 1 else 8
     if s.kind in ("reference", "static"):
         step, phases, pool_busy = _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)

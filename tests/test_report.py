@@ -1,10 +1,8 @@
 """Collector, tables, plots and the notebook, on a small results set the test makes itself."""
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nbformat
 import pandas as pd
@@ -74,7 +72,7 @@ def test_speedups_equal_hand_computed_ratios_and_sources_never_mix(results):
 
 def test_every_table_and_plot_is_written_and_not_empty(results, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    r = report(results, out)
+    report(results, out)
     for name in PLOTS:
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name

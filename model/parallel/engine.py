@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from model.transformer import Step, build_model, last_positions, pad_prompts
+from model.transformer import Step, build_model, pad_prompts
 
 
 def param_bytes(module: torch.nn.Module) -> int:

@@ -133,7 +133,7 @@ class FAPoolEngine(Engine):
         # to the pool) hung on 4 H200s (NCCL 2.28.9, not yet diagnosed); base TP1 ran and matched the reference.
         # So FA Pool captures its steps only with tp = 1 and runs eager otherwise (results/measured/h200-x4/).
         self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda" and strategy.tp == 1
-        self.programs, self.seen, self.plan_buffer = {}, set(), None  # captured steps by plan signature
+        self._forget_captured_steps()
         base_group = new_groups([list(range(self.tp))], rank)
         self.back_group = dist.new_group(list(range(world)))  # partials travel back to the base on their own
         if self.is_base:
@@ -174,7 +174,7 @@ class FAPoolEngine(Engine):
             self.pool_kv = self._storage(self.pool_kv, slots, self.n_heads)
             if self.pool_kv is not kv or self.table_dev is None or self.table_dev.shape != (batch, max_blocks):
                 self.table_dev = torch.zeros(batch, max_blocks, dtype=torch.int32, device=self.device)
-                self.programs, self.seen, self.plan_buffer = {}, set(), None  # captured steps point at these
+                self._forget_captured_steps()  # they point at the old table
             else:
                 self.table_dev.zero_()  # in place, where the captured steps read it
             self.sched.static_plan = self._static_plan
@@ -184,12 +184,17 @@ class FAPoolEngine(Engine):
     def _base_buffers(self, batch):
         """The base step's inputs and outputs, where captured steps find them; new ones drop the captured steps."""
         dev = self.device
-        self.programs, self.seen, self.plan_buffer = {}, set(), None
+        self._forget_captured_steps()
         self.x = torch.zeros(batch, 1, self.blocks[0].attn.wqkv.in_features, dtype=self.dtype, device=dev)
         self.ones = torch.ones(batch, dtype=torch.long, device=dev)
         self.tokens_in = torch.zeros(batch, dtype=torch.long, device=dev)
         self.tokens_out = torch.zeros(batch, dtype=torch.long, device=dev)
         self.logits_out = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=dev)
+
+    def _forget_captured_steps(self):
+        """Captured steps by plan signature, the signatures seen once, and the plan buffer they read: all dropped
+        together whenever a buffer they point at is replaced."""
+        self.programs, self.seen, self.plan_buffer = {}, set(), None
 
     def _static_plan(self, n: int) -> torch.Tensor:
         """The plan's device buffer; growing it moves the plan, so the steps captured so far are dropped."""

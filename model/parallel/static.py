@@ -52,14 +52,9 @@ class StageKV:
 
     def dense(self, layer: int, rows: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [0, upto) of `rows`, gathered into [b, heads, upto, head_dim] (a chunk's keys)."""
-        blocks = -(-upto // self.kv.block_size)
-        slots = self.table[rows, :blocks].reshape(-1).long()
-        out = []
-        for cache in self.kv.layer(layer):
-            g = cache.index_select(0, slots)  # [b * blocks, H, bs, D]
-            g = g.view(-1, blocks, *g.shape[1:]).transpose(1, 2).reshape(g.shape[0] // blocks, g.shape[1], -1, g.shape[3])
-            out.append(g[:, :, :upto])
-        return out[0], out[1]
+        slots = self.table[rows, : -(-upto // self.kv.block_size)].long()  # [b, blocks]
+        k, v = (cache[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for cache in self.kv.layer(layer))
+        return k, v  # cache[slots]: [b, blocks, H, block, D] -> [b, H, blocks * block, D]
 
     def fits(self, layers, batch, heads, max_len) -> bool:
         return (self.batch, self.max_len, self.kv.kv.shape[0], self.kv.kv.shape[3]) == (batch, max_len, layers, heads)
