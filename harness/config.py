@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from harness.memory import check_fits
 from model.config import ModelConfig
 
-STRATEGY_KINDS = ("reference", "static", "fa_pool")
+STRATEGY_KINDS = ("reference", "static", "dcp", "fa_pool")
 SCHEDULES = ("continuous", "gpipe")  # the pipeline schedules of model/parallel/static.py
 FAULTS = ("none", "raise", "kill", "hang", "wrong_token", "perturb_weight")
 
@@ -68,8 +68,9 @@ class PoolConfig:
 @dataclass
 class StrategyConfig:
     name: str = "reference"
-    kind: str = "reference"  # reference | static | fa_pool
+    kind: str = "reference"  # reference | static | dcp (static with sharded-KV attention) | fa_pool
     tp: int = 1  # tensor-parallel ranks (the base group's size for fa_pool)
+    kv_shards: int = 1  # dcp: ranks of a TP group that split every sequence's KV (divides tp; 1 = plain TP)
     pp: int = 1  # pipeline stages
     micro_batches: int = 1  # decode micro-batches (pipeline stages or pool/base overlap)
     world_size: int = 1  # declared ranks; must equal tp * pp (+ pool.size)
@@ -82,7 +83,11 @@ class StrategyConfig:
 
     def __post_init__(self):
         need(self.kind in STRATEGY_KINDS, f"strategy.kind={self.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
-        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size", "kv_block")
+        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size", "kv_block", "kv_shards")
+        need(self.tp % self.kv_shards == 0,
+             f"strategy.kv_shards={self.kv_shards} does not divide strategy.tp={self.tp}: KV-shard groups split the TP group")
+        need(self.kv_shards == 1 or self.kind == "dcp",
+             f"strategy.kv_shards={self.kv_shards} applies to strategy.kind=dcp only (got kind={self.kind!r}); set it to 1")
         need(self.schedule in SCHEDULES, f"strategy.schedule={self.schedule!r}: choose {' or '.join(SCHEDULES)}")
         at_least("strategy", self, 0, "prefill_chunk")
         need(self.prefill_chunk % self.kv_block == 0,

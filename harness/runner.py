@@ -51,6 +51,10 @@ def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
         from model.parallel.static import StaticEngine
 
         return StaticEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+    if kind == "dcp":
+        from model.parallel.dcp import DCPEngine
+
+        return DCPEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
     if kind == "fa_pool":
         from model.parallel.fa_pool import FAPoolEngine
 

@@ -40,12 +40,14 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         raise BackendUnavailable(f"attention backend {backend!r} is not available on {device}: {hint}; 'math' and 'sdpa' run everywhere")
 
 
-def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device, q_offset: int = 0) -> torch.Tensor | None:
+def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device, q_offset: int = 0,
+                 key_positions: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all. Causal: query i
-    sits at position q_offset + i and sees keys j <= q_offset + i (a prefill chunk after q_offset cached tokens)."""
+    sits at position q_offset + i and sees keys at positions <= q_offset + i (a prefill chunk after q_offset cached
+    tokens). Key j sits at position j, or key_positions[j] (a KV shard holding every k-th block of a sequence)."""
     if kv_lens is None and not causal:
         return None
-    key_idx = torch.arange(tk, device=device)
+    key_idx = torch.arange(tk, device=device) if key_positions is None else key_positions
     mask = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
     if kv_lens is not None:
         mask = mask & (key_idx[None, :] < kv_lens[:, None])[:, None, None, :]
@@ -110,26 +112,29 @@ def _flash_attn(q, k, v, kv_lens, causal, scale):
     return out.transpose(1, 2), lse.float()
 
 
-def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0):
+def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0,
+              key_positions: torch.Tensor | None = None):
     """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes;
-    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask."""
+    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask; key_positions [Tk]:
+    the keys' positions in their sequence where they are not 0..Tk-1 (kv_lens then bounds positions, not indices)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[2] == 0:  # a shard with no keys at all
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
     if backend == "flash_attn":
-        if causal and (kv_lens is not None or q_offset or q.shape[2] != k.shape[2]):
+        if causal and (kv_lens is not None or q_offset or q.shape[2] != k.shape[2] or key_positions is not None):
             # flash-attn aligns its causal mask to the bottom right of each sequence's keys; this module's is
             # top-left (query i sees keys j <= i), which ragged or chunked prefill needs
             raise BackendUnavailable("attention backend 'flash_attn' cannot run a ragged or chunked causal prefill "
                                      "(its causal mask is bottom-right aligned); use 'sdpa' or 'math' for prefill")
         out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
+        empty = None if kv_lens is None else (kv_lens == 0).view(-1, 1, 1)
     else:
-        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset)
+        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
         if backend == "math":
             return _math(q, k, v, mask, scale)
         out, lse = _sdpa(q, k, v, mask, scale, backend)
-    if kv_lens is not None:  # fused kernels leave rows with no visible key undefined
-        empty = (kv_lens == 0).view(-1, 1, 1)
+        empty = None if mask is None else ~mask.any(-1)  # [B or 1, 1, Tq]
+    if empty is not None:  # fused kernels leave queries with no visible key undefined
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse

@@ -11,6 +11,8 @@ CASES = [  # name, overrides, GPUs
     ("tp2", ["strategy=tp2_pp1"], 2),
     ("tp2_pp2", ["strategy=tp2_pp2"], 4),
     ("tp2_pp2_gpipe", ["strategy=tp2_pp2", "strategy.schedule=gpipe"], 4),
+    ("dcp_t2_k2", ["strategy=dcp_t2_k2", "strategy.prefill_chunk=32"], 2),
+    ("dcp_t4_k2", ["strategy=dcp_t4_k2"], 4),
     ("fa_pool_b1_p1", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=1", "strategy.pool.max_size=1",
                        "strategy.pool.gpus_per_node=2"], 2),
     ("fa_pool_b2_p2", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4"], 4),

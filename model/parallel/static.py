@@ -42,12 +42,14 @@ from model.transformer import Step, build_model, last_positions, pad_prompts
 
 class StageKV:
     """The KV of a stage's layers for `batch` sequences of up to max_len tokens: sequence b's j-th block is slot
-    b * blocks_per_seq + j of one PagedKV, so the block table never changes."""
+    b * blocks_per_seq + j of one PagedKV, so the block table never changes. `spare` slots after those take the
+    writes a rank must make but not keep (a KV shard's token held by another shard: model/parallel/dcp.py)."""
 
-    def __init__(self, layers, batch, heads, max_len, head_dim, block_size, dtype, device):
+    def __init__(self, layers, batch, heads, max_len, head_dim, block_size, dtype, device, spare: int = 0):
         self.batch, self.max_len = batch, max_len
         self.blocks_per_seq = -(-max_len // block_size)
-        self.kv = PagedKV(layers, batch * self.blocks_per_seq, heads, block_size, head_dim, dtype, device)
+        self.spare_slot = batch * self.blocks_per_seq
+        self.kv = PagedKV(layers, batch * self.blocks_per_seq + spare, heads, block_size, head_dim, dtype, device)
         self.table = torch.arange(batch * self.blocks_per_seq, dtype=torch.int32, device=device).view(batch, -1)
 
     def dense(self, layer: int, rows: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,9 +57,6 @@ class StageKV:
         slots = self.table[rows, : -(-upto // self.kv.block_size)].long()  # [b, blocks]
         k, v = (cache[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for cache in self.kv.layer(layer))
         return k, v  # cache[slots]: [b, blocks, H, block, D] -> [b, H, blocks * block, D]
-
-    def fits(self, layers, batch, heads, max_len) -> bool:
-        return (self.batch, self.max_len, self.kv.kv.shape[0], self.kv.kv.shape[3]) == (batch, max_len, layers, heads)
 
 
 class StageAttention:
@@ -128,14 +127,20 @@ class StaticEngine(Engine):
             dist.barrier()  # the world communicator exists before the first point-to-point message
 
     # -- setup: storage and static buffers, allocated once per batch shape ----------------------------------
+    def _new_cache(self, batch: int, max_len: int) -> StageKV:
+        attn = self.blocks[0].attn
+        return StageKV(self.per_stage, batch, attn.n_heads, max_len, attn.head_dim, self.kv_block, self.dtype, self.device)
+
+    def _new_core(self, layer: int):
+        return StageAttention(self.cache, layer, self.backend, self.timer)
+
     def _setup(self, lens: torch.Tensor, max_len: int):
-        batch, heads = len(lens), self.blocks[0].attn.n_heads
-        if self.cache is None or not self.cache.fits(self.per_stage, batch, heads, max_len):
+        batch = len(lens)
+        if self.cache is None or self.cache_shape != (batch, max_len):
             self.cache = self.graphs = None  # free the old storage (and the graphs that point into it) first
-            self.cache = StageKV(self.per_stage, batch, heads, max_len, self.blocks[0].attn.head_dim, self.kv_block,
-                                 self.dtype, self.device)
+            self.cache, self.cache_shape = self._new_cache(batch, max_len), (batch, max_len)
             for layer, block in enumerate(self.blocks):
-                block.attn.core = StageAttention(self.cache, layer, self.backend, self.timer)
+                block.attn.core = self._new_core(layer)
             self.rows = [slice(r.start, r.stop) for r in micro_batches(batch, self.micro_batches)]
             dev = self.device
             self.lens = torch.zeros(batch, dtype=torch.long, device=dev)
