@@ -4,15 +4,16 @@
     python -m harness.bench_multi --smoke --out /tmp/x                     # tiny model, 2 CPU ranks (tests)
 
 1. Limits, measured here: the read bandwidth of every GPU (the slowest counts) and NCCL's time per operation
-   (all-reduce and all-gather over 2 and 4 ranks, a point-to-point message between 2), eager and inside a CUDA
+   (all-reduce, all-gather and all-to-all over 2 and 4 ranks, a point-to-point message between 2), eager and inside a CUDA
    graph, at sizes 4 KiB-64 MiB per rank -> limits.json.
 2. The runs, each through `fapool-bench` (its own processes, its failures a failed record): the paper model in
    bf16 with synthetic KV, at 8K b16 and at contexts 8K, 16K, 32K with the batch that fills half of one GPU's
    memory with KV (the reference's, and FA Pool 2+1's pool rank, hold all of it); strategies reference (1 GPU),
-   tp2, tp4, tp2_pp2, tp1_pp4, FA Pool 2+2, 1+3, 2+1 (threshold below the context: every sequence in the pool; one
-   micro-batch) and FA Pool 2+2 with two micro-batches overlapping pool and base (async_overlap).
+   tp2, tp4, tp2_pp2, tp1_pp4, DCP (TP2 and TP4 with the KV split over 2 or 4 ranks), FA Pool 2+2, 1+3, 2+1
+   (threshold below the context: every sequence in the pool; one micro-batch) and FA Pool 2+2 with two
+   micro-batches overlapping pool and base (async_overlap).
 3. Each ok record gets its roofline (harness/roofline.py) written into it; the table (bench_multi.md/json)
-   gives TPOT, decode TPS per GPU, TPOT / roofline, and the speed-up over the best static strategy at equal GPUs.
+   gives TPOT, decode TPS per GPU, TPOT / roofline, and the speed-up over the best static TP x PP at equal GPUs.
 """
 from __future__ import annotations
 
@@ -79,13 +80,15 @@ def _calibrate_rank(rank, world, port, sizes, path):
     groups = {g: dist.new_group(list(range(g))) for g in (2, 4) if g <= world}
     dtype = torch.bfloat16 if cuda else torch.float32
     modes = ("graph", "eager") if cuda else ("eager",)
-    res = {mode: {"all_reduce": {}, "all_gather": {}, "p2p": {}} for mode in modes}
+    res = {mode: {"all_reduce": {}, "all_gather": {}, "all_to_all": {}, "p2p": {}} for mode in modes}
     for g, group in groups.items():
         for size in sizes:
             buf = torch.zeros(size // dtype.itemsize, dtype=dtype, device=device)
             gathered = torch.zeros(g * buf.numel(), dtype=dtype, device=device)
+            scattered = torch.zeros_like(gathered)  # all-to-all: `size` bytes to and from each peer
             ops = {"all_reduce": lambda: dist.all_reduce(buf, group=group),
-                   "all_gather": lambda: dist.all_gather_into_tensor(gathered, buf, group=group)}
+                   "all_gather": lambda: dist.all_gather_into_tensor(gathered, buf, group=group),
+                   "all_to_all": lambda: dist.all_to_all_single(scattered, gathered, group=group)}
             if g == 2:  # one message from rank 0 to rank 1, as the pipeline and the pool send them
                 peer = 1 - rank
                 kind = dist.isend if rank == 0 else dist.irecv
@@ -123,9 +126,10 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "tp4": ["strategy=tp4_pp1"], "tp2_pp2": ["strategy=tp2_pp2"],
             "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
                         "strategy.micro_batches=4"],
+            "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
             "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
             "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2)}
-    width = {"reference": 1, "tp2": 2, "fa_pool_b2_p1": 3}
+    width = {"reference": 1, "tp2": 2, "dcp_t2_k2": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 
@@ -191,7 +195,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
                      "note": (rec.get("error") or "")[:120]})
     for row in rows:  # the best static strategy at the same point and GPU count
         static = [o["tpot_ms"] for o in rows if (o["context"], o["batch"], o["gpus"]) == (row["context"], row["batch"], row["gpus"])
-                  and o["tpot_ms"] and not o["run"].startswith("fa_pool")]
+                  and o["tpot_ms"] and not o["run"].startswith(("fa_pool", "dcp"))]
         row["speedup_vs_best_static"] = min(static) / row["tpot_ms"] if static and row["tpot_ms"] else None
     return rows
 

@@ -58,11 +58,13 @@ def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
     kv_token = 2 * m.hidden * b  # one token, one layer, all heads
     embed = m.vocab_size * m.hidden * b  # the embedding; the head has the same size
     rows = math.ceil(cfg.workload.batch_size / max(s.micro_batches, 1))
-    if s.kind in ("reference", "static"):
+    if s.kind in ("reference", "static", "dcp"):
         # the engine (model/parallel/static.py, StageKV) gives every sequence room for the longest context,
-        # in whole blocks of kv_block tokens
-        row_tokens = math.ceil(max(ctx) / s.kv_block) * s.kv_block
-        kv = cfg.workload.batch_size * row_tokens * kv_token
+        # in whole blocks of kv_block tokens; a DCP shard (model/parallel/dcp.py) room for its share of the
+        # blocks, k times the heads, and one spare block
+        k = s.kv_shards
+        row_tokens = math.ceil(math.ceil(max(ctx) / s.kv_block) / k) * k * s.kv_block
+        kv = (cfg.workload.batch_size * row_tokens + (k * s.kv_block if s.kind == "dcp" else 0)) * kv_token
         if s.kind == "reference":
             return [RoleMemory("reference", 1, m.param_count() * b, kv * m.n_layers,
                                _activations(m, cfg.workload.batch_size, 1, b))]
@@ -71,7 +73,9 @@ def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
         for stage in range(s.pp):
             w = layers * layer_params(m) * b // s.tp + (embed // s.tp if stage == 0 else 0) \
                 + (embed // s.tp + m.hidden * b if stage == s.pp - 1 else 0)
-            roles.append(RoleMemory(f"stage{stage}", s.tp, w, kv * layers // s.tp, _activations(m, rows, s.tp, b)))
+            # DCP also holds the group's gathered q, k, v and the fp32 partials sent and received
+            act = _activations(m, rows, s.tp, b) + (rows * k * m.hidden // s.tp * (3 * b + 2 * 4) if k > 1 else 0)
+            roles.append(RoleMemory(f"stage{stage}", s.tp, w, kv * layers // s.tp, act))
         return roles
     p = s.pool
     # the base preallocates a cache row of ceil(min(longest context, threshold) / block) blocks for every

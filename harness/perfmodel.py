@@ -254,7 +254,7 @@ def _collective_s(cal, links, op, group, nbytes, cross_node, graphed=True):
         return op_time(cal.comm["graph" if graphed else "eager"], op, group, nbytes)
     if op == "all_reduce":
         return links.allreduce_s(nbytes, group, cross_node)
-    if op == "all_gather":
+    if op in ("all_gather", "all_to_all"):
         return (group - 1) * links.send_s(nbytes, cross_node)
     return links.send_s(nbytes, cross_node)
 
@@ -275,7 +275,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
     links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
     ctx = mean_context_lengths(cfg)
     gpn = hw.gpus_per_node if hw.gpus_per_node > 1 else 8
-    if s.kind in ("reference", "static"):
+    if s.kind in ("reference", "static", "dcp"):
         step, phases, pool_busy = _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
     else:
         step, phases, pool_busy = _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
@@ -299,7 +299,7 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     hidden_bytes = rows * m.hidden * b
     ar = _collective_s(cal, links, "all_reduce", tp, hidden_bytes, cross, graphed)
     attn = _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
-    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn + cal.layer_fixed_s + 2 * ar
+    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn + cal.layer_fixed_s + 2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed)
     head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops) + \
         _collective_s(cal, links, "all_gather", tp, rows * m.vocab_size // tp * 4, cross, graphed)
     stages = [layers * layer + (ar if st == 0 else 0.0) + (head if st == pp - 1 else 0.0) for st in range(pp)]
@@ -316,10 +316,23 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     step += eager_s
     busy = M * t_stage
     ph = dict.fromkeys(PHASES, 0.0)
-    comm = M * (layers * 2 * ar + ar + (pp > 1) * hop)
+    comm = M * (layers * (2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=False)) + ar + (pp > 1) * hop)
     ph.update(attention=M * layers * attn, communication=comm, synchronization=max(0.0, step - busy - eager_s),
               other=max(0.0, busy - M * layers * attn - comm) + eager_s)
     return step, {"reference" if s.kind == "reference" else "stage": ph}, None
+
+
+def _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=True) -> float:
+    """DCP's extra per layer and micro-batch (model/parallel/dcp.py): the all-gather of this rank's q, k, v in its
+    KV-shard group of k, the all-to-all of fp32 partials + LSE (each peer's heads) and the LSE merge. Its attention
+    reads the same bytes as TP's (k x the heads, 1/k of the tokens), so that term is TP's."""
+    k = s.kv_shards if s.kind == "dcp" else 1
+    if k == 1:
+        return 0.0
+    heads_bytes = rows * m.hidden // s.tp  # this rank's heads x head_dim, per element size
+    gather = _collective_s(cal, links, "all_gather", k, heads_bytes * 3 * b, cross, graphed)
+    partials = _collective_s(cal, links, "all_to_all", k, heads_bytes * 4 + rows * m.n_heads // s.tp * 4, cross, graphed)
+    return gather + partials + (cal.merge_s if merge else 0.0)
 
 
 def eager_unit_s(cal: Calibration, tp: int) -> float:

@@ -23,12 +23,16 @@ import torch
 from harness.workload import prompt_lengths
 
 # CommStats keys (model/parallel/) -> the calibrated operation they are
-OP_OF = {"tp_allreduce": "all_reduce", "tp_allgather": "all_gather"}  # everything else is a point-to-point message
+# counted traffic -> calibrated operation; everything else is a point-to-point message
+OP_OF = {"tp_allreduce": "all_reduce", "tp_allgather": "all_gather", "dcp_allgather": "all_gather",
+         "dcp_alltoall": "all_to_all"}
 
 
 def op_time(comm: dict, op: str, group: int, nbytes: float) -> float:
     """Seconds of one `op` of `nbytes` per rank in a group of `group` ranks: log-log interpolation between the
     calibrated sizes; below the smallest, its time (latency-bound); above the largest, its bandwidth."""
+    if op not in comm and op == "all_to_all":  # calibrations before it was measured: the same bytes per peer
+        op = "all_gather"
     table = comm[op].get(str(group)) or comm[op][max(comm[op], key=int)]  # an uncalibrated size: the largest group
     sizes = [b for b, _ in table]
     if nbytes <= sizes[0]:
@@ -50,7 +54,7 @@ def kv_tokens_read(cfg, rank: dict) -> float:
     """Tokens of KV (all heads of one layer = 1) that this rank reads per step, summed over the layers it holds."""
     s, m = cfg.strategy, cfg.model
     lens, grown = context_tokens(cfg)
-    if s.kind in ("reference", "static"):
+    if s.kind in ("reference", "static", "dcp"):  # a DCP rank reads k x the heads for 1/k of the tokens: the same
         return (sum(lens) + grown * len(lens)) * (m.n_layers // s.pp) / s.tp
     pooled = [n > s.pool.threshold for n in lens] if s.pool.size else [False] * len(lens)
     if rank["role"] == "base":
@@ -68,16 +72,17 @@ def weight_bytes_read(cfg, rank: dict) -> float:
 
 def comm_seconds(cfg, rank: dict, comm: dict, steps: int) -> float:
     """This rank's collectives and messages per decode step at their calibrated in-graph time."""
-    tp = cfg.strategy.tp
+    s = cfg.strategy
     total = 0.0
     for key, ops in (rank.get("comm_ops") or {}).items():
         if not ops:
             continue
         op = OP_OF.get(key, "p2p")
+        group = 2 if op == "p2p" else s.kv_shards if key.startswith("dcp_") else s.tp
         size = rank["comm_bytes"][key] / ops
-        if op == "all_gather":
-            size /= max(tp - 1, 1)  # CommStats counts the bytes received from the tp - 1 others
-        total += ops / steps * op_time(comm, op, tp if op != "p2p" else 2, size)
+        if op in ("all_gather", "all_to_all"):
+            size /= max(group - 1, 1)  # CommStats counts the bytes exchanged with the group - 1 others: per peer
+        total += ops / steps * op_time(comm, op, group, size)
     return total
 
 

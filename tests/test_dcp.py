@@ -3,6 +3,8 @@ import pytest
 import torch
 
 from harness.config import ConfigError
+from harness.memory import memory_by_role
+from harness.runner import to_config
 from model.parallel.dcp import shard_length, shard_lengths
 from tests.conftest import cfg_object, launch
 
@@ -42,9 +44,10 @@ def test_dcp_matches_reference(tp, shards, pp, chunk, tmp_path):
     heads = m["n_heads"] // tp * shards  # the KV-shard group's heads
     head_dim = m["hidden"] // m["n_heads"]
     ranks = rec["ranks"]
+    predicted = {r.role: r.kv_bytes for r in memory_by_role(to_config(rec["config"]))}  # the perf model's memory
     assert len(ranks) == tp * pp and sorted(r["kv_shard"] for r in ranks) == sorted(list(range(shards)) * (tp * pp // shards))
     for r in ranks:
-        assert r["kv_bytes"] == layers // pp * 2 * slots * heads * 16 * head_dim * 4
+        assert r["kv_bytes"] == layers // pp * 2 * slots * heads * 16 * head_dim * 4 == predicted[r["role"]]
         # one all-gather of q, k, v and one all-to-all of the partials per layer and forward pass, beside TP's
         # two all-reduces per layer (and the embedding's on stage 0)
         ops = r["comm_ops"]

@@ -49,6 +49,16 @@ def test_static_tp2_step_by_hand():
     assert predict_step(cfg, simple_cal())["step_s"] == pytest.approx(step, rel=1e-9)
 
 
+def test_dcp_step_by_hand():
+    """DCP = TP + per layer one all-gather of q, k, v and one all-to-all of partials in the KV-shard group, and the
+    LSE merge; its attention reads what TP's does."""
+    table = {**TABLE, "all_to_all": {"2": [[1, 3e-5], [1 << 40, 3e-5]]}}
+    cal = simple_cal(merge_s=7e-6, comm={"graph": table, "eager": table})
+    tp = predict_step(small("strategy=tp2_pp1"), cal)["step_s"]
+    dcp = predict_step(small("strategy=dcp_t2_k2"), cal)["step_s"]
+    assert dcp - tp == pytest.approx(2 * (2e-5 + 3e-5 + 7e-6), rel=1e-9)  # 2 layers
+
+
 def test_pipeline_schedules_by_hand():
     # bandwidth so high that a stage pass is its layer floor (1e-4 s, one layer per stage; the GEMMs' FLOPs add
     # 1e-9); a message 5e-5 s

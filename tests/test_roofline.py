@@ -36,6 +36,21 @@ def test_roofline_of_a_tp2_record_by_hand():
     assert roof["ratio"] == pytest.approx(1e-3 / step)
 
 
+def test_roofline_counts_dcp_traffic_per_peer_in_its_kv_shard_group():
+    cfg = cfg_object(["strategy=dcp_t4_k2", "workload=tiny", "workload.batch_size=2", "workload.prompt_lens=[10]",
+                      "workload.output_tokens=5", "hardware.dtype=float32"])
+    comm = {**COMM, "all_to_all": {"2": [[1000, 5e-5], [4000, 5e-5]]}}
+    m = cfg.model
+    # per step (4 steps): 1 all-gather that brought 1000 B from the one peer of the pair, 1 all-to-all that sent
+    # 1000 B to it; with tp = 4 the group is still the KV-shard pair (the 2-rank rows of the tables)
+    rank = {"rank": 0, "role": "stage0", "weight_bytes": m.vocab_size * m.hidden * 4 // 4,
+            "comm_ops": {"dcp_allgather": 4, "dcp_alltoall": 4}, "comm_bytes": {"dcp_allgather": 4000, "dcp_alltoall": 4000}}
+    roof = roofline(cfg, {"ranks": [rank], "metrics": {"mean_tpot_ms": 1.0}}, read_bytes_per_s=1e30, comm=comm)
+    assert roof["step_ms"] == pytest.approx((2e-5 + 5e-5) * 1e3)
+    # a calibration without all-to-all times it as an all-gather of the same bytes per peer
+    assert op_time(COMM, "all_to_all", 2, 1000) == op_time(COMM, "all_gather", 2, 1000)
+
+
 def test_roofline_of_an_fa_pool_record_puts_the_kv_on_the_pool():
     cfg = cfg_object(["strategy=fa_pool_b2_p2", "workload=tiny", "workload.batch_size=4", "workload.prompt_lens=[10,100]",
                       "workload.output_tokens=3", "hardware.dtype=float32"])  # threshold 32: the 100-token rows pool
@@ -59,11 +74,11 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
 
     from harness import bench_multi
 
-    bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+tp2"])
+    bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+tp2+dcp_t2_k2"])
     limits = json.loads((tmp_path / "limits.json").read_text())
-    assert set(limits["comm"]["eager"]) == {"all_reduce", "all_gather", "p2p"} and limits["read_bytes_per_s"]["used"] > 0
+    assert set(limits["comm"]["eager"]) == {"all_reduce", "all_gather", "all_to_all", "p2p"} and limits["read_bytes_per_s"]["used"] > 0
     rows = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
-    assert [(r["run"], r["status"]) for r in rows] == [("reference", "ok"), ("tp2", "ok")]
+    assert [(r["run"], r["status"]) for r in rows] == [("reference", "ok"), ("tp2", "ok"), ("dcp_t2_k2", "ok")]
     for r in rows:
         rec = json.loads((tmp_path / "records" / f"{r['run']}_L48_B4" / "result.json").read_text())
         roof = rec["roofline"]
