@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -58,8 +60,9 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
             status, error = "failed", _rank_errors(out_dir, procs, failed)
             break
         if time.monotonic() > deadline:
+            hung = [r for r, p in enumerate(procs) if p.is_alive()]
             status, error = "timeout", f"run exceeded launcher.timeout_s={timeout_s}s; ranks still running: " + \
-                ", ".join(str(r) for r, p in enumerate(procs) if p.is_alive())
+                ", ".join(map(str, hung)) + _stacks(out_dir, procs, hung)
             break
         time.sleep(0.05)
     for p in procs:  # tear down the others: a rank waiting on a dead peer would hang forever
@@ -75,6 +78,19 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
     if status != "ok":
         record_failure(cfg_dict, status, error, world, device, out_dir)
     return result
+
+
+def _stacks(out_dir: Path, procs, ranks) -> str:
+    """Where the hung ranks are: each writes its Python stacks on SIGUSR1 (harness/runner.rank_main)."""
+    for r in ranks:
+        os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(1.0)
+    parts = []
+    for r in ranks:
+        f = out_dir / f"rank{r}.stack"
+        text = f.read_text().strip() if f.exists() else ""
+        parts.append(f"\n[rank {r} stack]\n{text or '(none written)'}")
+    return "".join(parts)
 
 
 def _rank_errors(out_dir: Path, procs, failed) -> str:

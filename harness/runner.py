@@ -2,6 +2,7 @@
 gather every rank's report to rank 0, and (rank 0) write the record."""
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import logging
 import os
@@ -271,7 +272,10 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
 
 
 def rank_main(cfg_dict, rank, world, init_method, out_dir):
-    """A local process's entry: run, and leave the traceback in out_dir for the launcher on failure."""
+    """A local process's entry: run, and leave the traceback in out_dir for the launcher on failure. On SIGUSR1
+    (the launcher's, at a timeout) it writes every thread's Python stack to out_dir/rank<r>.stack: where it hung."""
+    stack_file = open(Path(out_dir, f"rank{rank}.stack"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
     try:
         run_rank(cfg_dict, rank, world, init_method, out_dir)
     except BaseException:

@@ -30,6 +30,9 @@ def test_injected_fault_ends_as_a_record_within_the_timeout(kind, status, needle
     assert elapsed < TIMEOUT_S + 30, elapsed
     if kind != "hang":
         assert elapsed < TIMEOUT_S, elapsed
+    else:  # the record says where each rank hung: rank 1 in the injected sleep, the others waiting on it
+        assert "[rank 1 stack]" in rec["error"] and "in inject_fault" in rec["error"], rec["error"]
+        assert "[rank 0 stack]" in rec["error"] and "in decode_steps" in rec["error"], rec["error"]
     leftovers = [p for p in Path(tmp_path).iterdir() if p.name.startswith(".result.json")]
     assert leftovers == []  # no temporary half-written record
 
