@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every strategy on this machine's GPUs against its roofline (issue #16), in one device call.
 # Usage: bash jobs/multi_gpu_bench.sh OUT_DIR [bench_multi arguments, e.g. --points 8192x16 --only reference,tp4]
-#        SKIP="tests checks" leaves those parts out.
+#        SKIP="tests checks" leaves those parts out; TESTS="tests/test_x.py ..." narrows the GPU tests.
 # Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks.md, bench_multi.md, bench_multi.json, limits.json, profile.md,
 # records.tgz (records/, checks/ and logs/: every record and log)}: the device tool brings back 8 files.
 set -uo pipefail
@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1
 } > "$OUT/versions.txt" 2>&1
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed step against the plain model
-  timeout 150 python3 -m pytest -q -x tests/test_paged_attention.py tests/test_gpu_path.py tests/test_gpu_strategies.py \
+  timeout 200 python3 -m pytest -q -x ${TESTS:-tests/test_paged_attention.py tests/test_gpu_path.py tests/test_gpu_strategies.py} \
     > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
 fi
 if ! skip checks; then  # teacher-forced reference check over NCCL: paper model, mixed lengths, sharp init
