@@ -3,11 +3,13 @@ gather every rank's report to rank 0, and (rank 0) write the record."""
 from __future__ import annotations
 
 import faulthandler
+import gc
 import hashlib
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from datetime import timedelta
@@ -175,10 +177,36 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=timedelta(seconds=cfg.launcher.timeout_s),
                             device_id=device if backend == "nccl" else None)
+    engine = None
     try:
-        _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
+        engine = _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
     finally:
-        dist.destroy_process_group()
+        if engine is not None:
+            engine.release_graphs()
+            del engine
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if not _destroy_process_group(TEARDOWN_S):
+            # measured and recorded already: leave without the communicators' teardown rather than hang the sweep
+            log.warning("rank %d: destroy_process_group did not finish in %d s; exiting without it", rank, TEARDOWN_S)
+            failed = sys.exc_info()[0] is not None
+            if failed:
+                Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1 if failed else 0)
+
+
+TEARDOWN_S = 30
+
+
+def _destroy_process_group(timeout_s: float) -> bool:
+    """destroy_process_group, bounded: True when it finished within timeout_s."""
+    worker = threading.Thread(target=dist.destroy_process_group, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return not worker.is_alive()
 
 
 def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
@@ -225,11 +253,11 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
             report["reference_check"] = check
     reports = [None] * world
     dist.gather_object(report, reports if rank == 0 else None, dst=0)
-    if rank != 0:
-        return
-    record = build_record(cfg, cfg_dict, reports, clock.times, prompts, tokens, elasticity, world, backend,
-                          forced_tokens)
-    write_record(record, out_dir)
+    if rank == 0:
+        record = build_record(cfg, cfg_dict, reports, clock.times, prompts, tokens, elasticity, world, backend,
+                              forced_tokens)
+        write_record(record, out_dir)
+    return engine
 
 
 def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity, world, backend,

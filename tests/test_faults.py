@@ -70,3 +70,18 @@ def test_sixteen_concurrent_writers_leave_sixteen_whole_records(tmp_path):
     shared = json.loads((tmp_path / "shared" / "result.json").read_text())
     assert shared["config"]["i"] == 19 and len(shared["step_times_ms"]) == 200
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_hanging_process_group_teardown_is_bounded(monkeypatch):
+    """destroy_process_group can hang after CUDA graphs captured NCCL work (pytorch/pytorch#115388); the rank's
+    teardown gives up after its bound instead of hanging the run (harness/runner.py)."""
+    import torch.distributed as dist
+
+    from harness import runner
+
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: time.sleep(5))
+    t0 = time.monotonic()
+    assert runner._destroy_process_group(0.2) is False
+    assert time.monotonic() - t0 < 2
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    assert runner._destroy_process_group(0.2) is True

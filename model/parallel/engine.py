@@ -67,6 +67,10 @@ class Engine:
     def finish(self) -> None:
         """End of generation: free what the sequences held."""
 
+    def release_graphs(self) -> None:
+        """Drop captured CUDA graphs, before the process group goes: destroying NCCL communicators while graphs
+        that captured their collectives are alive can hang (pytorch/pytorch#115388)."""
+
     def report(self) -> dict:
         """What this rank holds and did: role, bytes of weights and KV, bytes sent and received."""
         raise NotImplementedError

@@ -193,6 +193,9 @@ class FAPoolEngine(Engine):
         self.tokens_out = torch.zeros(batch, dtype=torch.long, device=dev)
         self.logits_out = torch.zeros(batch, self.vocab_size, dtype=torch.float32, device=dev)
 
+    def release_graphs(self):
+        self._forget_captured_steps()
+
     def _forget_captured_steps(self):
         """Captured steps by plan signature, the signatures seen once, and the plan buffer they read: all dropped
         together whenever a buffer they point at is replaced."""

@@ -229,6 +229,9 @@ class StaticEngine(Engine):
             self.hidden_out[m].copy_(x)
         self.lens[rows] += 1
 
+    def release_graphs(self):
+        self.graphs = None
+
     def _run(self, m: int):
         if self.graphs is None or not self.timer_off():  # the instrumented pass runs eager, phase by phase
             self._stage_decode(m)
