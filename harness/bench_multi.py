@@ -128,14 +128,9 @@ def strategies(gpus: int, smoke: bool) -> dict:
                         "strategy.micro_batches=4"],
             "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
             "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
-            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2),
-            # named only: FA Pool 2+2 with captured steps, which hung once (a timeout record holds every rank's stack)
-            "fa_pool_b2_p2_graphed": [*fa(2, 2), "strategy.name=fa_pool_b2_p2_graphed", "strategy.pool.capture_tp_base=true"]}
+            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2)}
     width = {"reference": 1, "tp2": 2, "dcp_t2_k2": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
-
-
-NAMED_ONLY = {"fa_pool_b2_p2_graphed"}  # runs only when --only or --points names them
 
 
 def points(smoke: bool, gpu_bytes: int) -> list[tuple[int, int]]:
@@ -232,8 +227,7 @@ def main(argv=None):
     runs = []
     for context, batch, names in chosen_points(args.points, smoke, gpu_bytes):
         for name, overrides in strategies(gpus, smoke).items():
-            if (only and name not in only) or (names and name not in names) or \
-                    (name in NAMED_ONLY and name not in only | names):
+            if (only and name not in only) or (names and name not in names):
                 continue
             run = run_point(name, overrides, context, batch, smoke, out, args.timeout)
             attach_roofline(run, res["read_bytes_per_s"]["used"], comm)

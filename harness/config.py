@@ -54,7 +54,6 @@ class PoolConfig:
     async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
-    capture_tp_base: bool = False  # CUDA graphs with a base of tp > 1 too: off, it hung on 4 H200s (model/parallel/fa_pool.py)
 
     def __post_init__(self):
         g = "strategy.pool"

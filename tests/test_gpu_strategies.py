@@ -32,6 +32,4 @@ def test_strategy_on_gpus_matches_the_plain_model(name, overrides, gpus, dtype, 
     if dtype == "float32":
         assert check["tokens_equal"] and check["max_rel_logit_error"] < 2e-3, check
     assert rec["passes"]["instrumented_tokens_equal"] in (True, None)
-    # FA Pool captures its steps only with a base of one rank (model/parallel/fa_pool.py says why)
-    graphed = name != "fa_pool_b2_p2"
-    assert all(r["cuda_graphs"] == graphed for r in rec["ranks"]), [(r["role"], r["cuda_graphs"]) for r in rec["ranks"]]
+    assert all(r["cuda_graphs"] for r in rec["ranks"]), [(r["role"], r["cuda_graphs"]) for r in rec["ranks"]]

@@ -129,12 +129,9 @@ class FAPoolEngine(Engine):
         self.transport = Transport(self.stats)
         self.elasticity = []
         self.base_kv = self.pool_kv = self.x = self.base_table = self.table_dev = None
-        # Captured steps with a tensor-parallel base (tp > 1: all-reduces replayed from graphs between eager messages
-        # to the pool) hung on 4 H200s (NCCL 2.28.9, not yet diagnosed); base TP1 ran and matched the reference.
-        # So FA Pool captures its steps only with tp = 1 and runs eager otherwise (results/measured/h200-x4/), unless
-        # strategy.pool.capture_tp_base asks for it (to diagnose the hang: a timeout record holds every rank's stack).
-        self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda" and \
-            (strategy.tp == 1 or pool.capture_tp_base)
+        # Captured steps with a tensor-parallel base once "hung" on 4 H200s: they had measured and recorded, and
+        # destroy_process_group hung at teardown (pytorch/pytorch#115388), which the runner now bounds.
+        self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda"
         self._forget_captured_steps()
         base_group = new_groups([list(range(self.tp))], rank)
         self.back_group = dist.new_group(list(range(world)))  # partials travel back to the base on their own
