@@ -16,9 +16,12 @@ if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed
   timeout 200 python3 -m pytest -q -x ${TESTS:-tests/test_paged_attention.py tests/test_gpu_path.py tests/test_gpu_strategies.py} \
     > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
 fi
-if ! skip checks; then  # teacher-forced reference check over NCCL: paper model, mixed lengths, sharp init
+if ! skip checks; then  # teacher-forced reference check over NCCL: paper model, mixed lengths
+  # The default init: at the paper's width, init_std=0.3 amplifies fp32 rounding (any change of summation order,
+  # TP's split GEMMs included) to 0.5-0.7 on logits of ~86, for tp2 as for FA Pool (results/measured/h200-x4/bench/
+  # call_f/diagnosis.md). The sharp-init check runs on the tiny model in tests/test_gpu_strategies.py.
   mkdir -p "$OUT/checks"
-  CHECK="model=paper hardware=cuda workload=tiny_mixed check_reference=true model.init_std=0.3 launcher.timeout_s=120"
+  CHECK="model=paper hardware=cuda workload=tiny_mixed check_reference=true launcher.timeout_s=120"
   POOL="strategy.pool.gpus_per_node=4 strategy.pool.hierarchical=false"
   for s in "tp2_pp2 strategy=tp2_pp2" "tp1_pp4 strategy=tp1_pp2 strategy.pp=4 strategy.world_size=4 strategy.micro_batches=4" \
            "tp4 strategy=tp4_pp1" "fa_pool_b2_p2 strategy=fa_pool_b2_p2 $POOL"; do
