@@ -5,6 +5,7 @@ combinations that are well-typed but cannot run, before anything is launched.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -251,6 +252,24 @@ def check_topology(cfg: BenchConfig) -> None:
              f"strategy.pool.gpus_per_node={pool_node} but hardware.gpus_per_node={hw.gpus_per_node} ({hw.name}): the "
              f"reduction's groups would cross the hardware's nodes; set strategy.pool.gpus_per_node={hw.gpus_per_node} "
              f"(or a divisor of it)")
+
+
+# Keys that configs of earlier versions hold and this one dropped: (path, what it was). Committed records keep them.
+RETIRED_KEYS = [(("strategy", "pool", "capture_tp_base"), "FA Pool capture with a TP base, a diagnostic switch "
+                 "(894ce9d-fafcee2); captured steps are the default for every base since")]
+
+
+def from_dict(cfg_dict: dict) -> BenchConfig:
+    """The typed config of a run's config as a record or a launcher holds it (retired keys dropped)."""
+    cfg_dict = copy.deepcopy(dict(cfg_dict))  # the caller's config is left as it was
+    for path, _ in RETIRED_KEYS:
+        *parents, leaf = path
+        node = cfg_dict
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg_dict))
 
 
 def load(cfg) -> BenchConfig:

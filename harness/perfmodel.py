@@ -11,7 +11,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.config import BenchConfig
+from harness.config import BenchConfig, from_dict
 from harness.measure import PHASES, pool_utilization
 from harness.roofline import op_time
 from harness.memory import DTYPE_BYTES, check_fits, mean_context_lengths, memory_by_role
@@ -98,9 +98,7 @@ SET_CALIBRATION = {  # the records of the measured multi-GPU set that calibrate 
 
 
 def record_config(rec) -> BenchConfig:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), rec.config))
+    return from_dict(rec.config)
 
 
 def steady_tpot_s(rec) -> float:

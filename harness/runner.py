@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
-from harness.config import BenchConfig
+from harness.config import BenchConfig, from_dict
 from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, kernel_summary, nvml_utilization,
                              pool_utilization)
 from harness.record import RunRecord, environment, run_id, write_record
@@ -31,7 +30,7 @@ log = logging.getLogger("fapool.runner")
 
 
 def to_config(cfg_dict: dict) -> BenchConfig:
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg_dict))
+    return from_dict(cfg_dict)
 
 
 def pick_device(cfg: BenchConfig, local_rank: int) -> torch.device:

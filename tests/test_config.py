@@ -39,3 +39,17 @@ def test_unknown_group_option_is_refused():
     with pytest.raises(ConfigCompositionException) as ei:
         compose_cfg(["strategy=tp3_pp7"])
     assert "tp3_pp7" in _error_text(ei)
+
+
+def test_a_record_config_with_a_retired_key_still_loads():
+    """Committed records of earlier versions keep keys this version dropped (harness/config.RETIRED_KEYS)."""
+    from omegaconf import OmegaConf
+
+    from harness.config import RETIRED_KEYS, from_dict
+    from tests.conftest import compose_cfg
+
+    cfg_dict = OmegaConf.to_container(compose_cfg(["strategy=fa_pool_b2_p2"]), resolve=True)
+    cfg_dict["strategy"]["pool"]["capture_tp_base"] = True
+    assert ("strategy", "pool", "capture_tp_base") in [path for path, _ in RETIRED_KEYS]
+    assert from_dict(cfg_dict).strategy.pool.size == 2
+    assert cfg_dict["strategy"]["pool"]["capture_tp_base"] is True  # the caller's dict is left as it was

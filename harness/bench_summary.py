@@ -1,0 +1,69 @@
+"""One table from several calls of the multi-GPU benchmark (harness/bench_multi.py) on one machine kind.
+
+    python -m harness.bench_summary results/measured/h200-x4/bench first_call call_a call_c ...
+
+Calls are named oldest first. A row is (run, context, batch, captured or eager): the newest call that has it
+gives it, so a rerun replaces what it reran and an eager run stays beside a captured one. `graphs` comes from
+the record (any rank replaying CUDA graphs), `n/a` where a call's records were not brought back (any later
+call's row of the point replaces such a row). The speed-up is
+over the fastest static TP x PP row of the same point and GPU count. Writes DIR/summary.md.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from harness.bench_gpu import fmt_table
+
+COLUMNS = ["context", "batch", "gpus", "run", "graphs", "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms",
+           "ratio", "median_ratio", "speedup_vs_best_static", "call"]
+
+
+def _graphs(call_dir: Path, row: dict) -> str:
+    rec = call_dir / "records" / f"{row['run']}_L{row['context']}_B{row['batch']}" / "result.json"
+    if not rec.exists():
+        return "n/a"
+    ranks = json.loads(rec.read_text()).get("ranks") or []
+    return "yes" if any(r.get("cuda_graphs") for r in ranks) else "no (eager)"
+
+
+def is_static(run: str) -> bool:
+    return not run.startswith(("fa_pool", "dcp"))
+
+
+def summarize(set_dir: Path, calls: list[str]) -> list[dict]:
+    rows = {}
+    for call in calls:
+        call_dir = set_dir / call
+        for row in json.loads((call_dir / "bench_multi.json").read_text())["rows"]:
+            if row.get("status") != "ok":
+                continue
+            graphs = _graphs(call_dir, row)
+            if graphs != "n/a":  # a rerun whose record says how it ran replaces one whose record is missing
+                rows.pop((row["run"], row["context"], row["batch"], None), None)
+            median = row.get("median_tpot_ms")
+            eager = None if graphs == "n/a" else graphs.startswith("no")
+            rows[(row["run"], row["context"], row["batch"], eager)] = {
+                **row, "graphs": graphs, "call": call,
+                "median_ratio": median / row["roofline_ms"] if median and row.get("roofline_ms") else None}
+    out = sorted(rows.values(), key=lambda r: (r["context"], r["batch"], r["gpus"], r["run"], r["graphs"]))
+    for r in out:
+        static = [o["tpot_ms"] for o in out if is_static(o["run"]) and
+                  (o["context"], o["batch"], o["gpus"]) == (r["context"], r["batch"], r["gpus"])]
+        r["speedup_vs_best_static"] = min(static) / r["tpot_ms"] if static else None
+    return out
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        sys.exit("usage: python -m harness.bench_summary SET_DIR CALL [CALL ...] (oldest first)")
+    set_dir = Path(argv[0])
+    rows = summarize(set_dir, argv[1:])
+    (set_dir / "summary.md").write_text(fmt_table(rows, COLUMNS))
+    print(f"{len(rows)} rows -> {set_dir / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()
