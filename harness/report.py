@@ -116,20 +116,23 @@ def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = 
 
 
 def static_vs_fapool(df: pd.DataFrame, fa_pool: str | None = None) -> pd.DataFrame:
-    """Every static strategy against FA Pool, per source and length: TPOT and TPS ratios."""
+    """Every static TP x PP and DCP strategy (the `static` column; `family` says which) against FA Pool, per source
+    and length: TPOT and TPS ratios."""
     d = ok_runs(df)
     fa = pick(d, fa_pool or "fa_pool", "fa_pool") if not d.empty else None
     if not fa:
         return pd.DataFrame()
-    m = _mean_by(d[d["kind"].isin(["static", "fa_pool"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
+    m = _mean_by(d[d["kind"].isin(["static", "dcp", "fa_pool"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
     split = ["config." + c for c in m.attrs["split_by"]]
-    statics = set(d.loc[d["kind"] == "static", "strategy"])
+    family = dict(zip(d["strategy"], d["kind"]))
+    statics = {s for s, k in family.items() if k in ("static", "dcp")}
     s, f = m[m["strategy"].isin(statics)], m[m["strategy"] == fa]
     t = pd.merge(s, f, on=["source", "seq_len"] + _shared(split), suffixes=("_s", "_f"))
     if t.empty:
         return pd.DataFrame()
     out = pd.DataFrame({"source": t["source"], "seq_len": t["seq_len"], **{c.removeprefix("config."): t[c] for c in _shared(split)},
-                        "static": t["strategy_s"], "static_gpus": t["metrics.num_gpus_s"], "fa_pool": fa,
+                        "static": t["strategy_s"], "family": t["strategy_s"].map(family),
+                        "static_gpus": t["metrics.num_gpus_s"], "fa_pool": fa,
                         "fa_pool_gpus": t["metrics.num_gpus_f"], "static_tpot_ms": t["metrics.mean_tpot_ms_s"],
                         "fa_pool_tpot_ms": t["metrics.mean_tpot_ms_f"],
                         "tpot_speedup": t["metrics.mean_tpot_ms_s"] / t["metrics.mean_tpot_ms_f"],

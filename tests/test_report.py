@@ -33,7 +33,8 @@ def _rec(strategy, kind, length, tpot, tps, gpus, source=None, status="ok"):
 def results(tmp_path):
     runs = [("tp8_pp2", "static", 8192, 245.0, 33.0, 16), ("fa_pool", "fa_pool", 8192, 100.0, 80.0, 40),
             ("tp16_pp2", "static", 8192, 200.0, 40.0, 32), ("tp8_pp2", "static", 512, 45.0, 22.0, 16),
-            ("fa_pool", "fa_pool", 512, 50.0, 20.0, 40), ("fa_pool_iso16", "fa_pool", 8192, 150.0, 50.0, 16)]
+            ("fa_pool", "fa_pool", 512, 50.0, 20.0, 40), ("fa_pool_iso16", "fa_pool", 8192, 150.0, 50.0, 16),
+            ("dcp_t8_k8_pp2", "dcp", 8192, 125.0, 66.0, 16)]
     for i, r in enumerate(runs):
         write_record(_rec(*r), tmp_path / f"run{i}")
     write_record(_rec("fa_pool", "fa_pool", 8192, 10.0, 800.0, 40, source="projected"), tmp_path / "proj")
@@ -50,7 +51,7 @@ def results(tmp_path):
 
 def test_collector_loads_good_rows_and_lists_bad_ones(results):
     df, bad = collect(results)
-    assert len(df) == 9 and set(df["status"]) == {"ok", "failed"}
+    assert len(df) == 10 and set(df["status"]) == {"ok", "failed"}
     reasons = {p.parent.name: why for p, why in bad}
     assert set(reasons) == {"trunc", "future", "empty"}
     assert "JSONDecodeError" in reasons["trunc"] and "schema_version 99" in reasons["future"]
@@ -68,6 +69,10 @@ def test_speedups_equal_hand_computed_ratios_and_sources_never_mix(results):
     sv = static_vs_fapool(df).set_index(["source", "static", "seq_len"])
     assert sv.loc[("measured", "tp16_pp2", 8192), "tpot_speedup"] == pytest.approx(200 / 100)
     assert ("projected", "tp16_pp2", 8192) not in sv.index
+    # DCP is a baseline family beside static TP x PP
+    assert sv.loc[("measured", "dcp_t8_k8_pp2", 8192), "tpot_speedup"] == pytest.approx(125 / 100)
+    assert sv.loc[("measured", "dcp_t8_k8_pp2", 8192), "family"] == "dcp"
+    assert sv.loc[("measured", "tp16_pp2", 8192), "family"] == "static"
 
 
 def test_every_table_and_plot_is_written_and_not_empty(results, tmp_path_factory):
@@ -79,7 +84,7 @@ def test_every_table_and_plot_is_written_and_not_empty(results, tmp_path_factory
     for name in ("paper_layout", "static_vs_fapool", "iso_gpu", "memory", "breakdown"):
         assert (out / f"{name}.md").read_text().count("|") > 10, name
         assert "tabular" in (out / f"{name}.tex").read_text()
-    assert len(pd.read_parquet(out / "results.parquet")) == 9
+    assert len(pd.read_parquet(out / "results.parquet")) == 10
     assert "trunc" in (out / "skipped.txt").read_text()
 
 
@@ -102,7 +107,7 @@ def test_notebook_is_paired_and_executes(results, tmp_path):
     finally:
         del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
     outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
-    assert "9 records" in outputs and "image/png" in outputs
+    assert "10 records" in outputs and "image/png" in outputs
 
 
 def test_fapool_report_command_on_a_real_sweep(tmp_path):
