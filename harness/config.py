@@ -78,7 +78,7 @@ class StrategyConfig:
     schedule: str = "continuous"  # pipeline: continuous (step k+1 enters as its tokens return) | gpipe (a bubble per step)
     cuda_graphs: bool = True  # static and reference on CUDA: each micro-batch's stage pass replayed from a CUDA graph
     kv_block: int = 256  # tokens per block of a static rank's KV cache (the paged kernel's unit)
-    prefill_chunk: int = 0  # static and reference: prompt tokens per prefill pass (0: whole prompts); bounds the
+    prefill_chunk: int = 0  # prompt tokens per prefill pass (0: whole prompts), whole KV blocks; bounds the
     #                         attention mask at batch x chunk x prompt length instead of batch x prompt length^2
     pool: PoolConfig = field(default_factory=PoolConfig)
 
@@ -91,8 +91,9 @@ class StrategyConfig:
              f"strategy.kv_shards={self.kv_shards} applies to strategy.kind=dcp only (got kind={self.kind!r}); set it to 1")
         need(self.schedule in SCHEDULES, f"strategy.schedule={self.schedule!r}: choose {' or '.join(SCHEDULES)}")
         at_least("strategy", self, 0, "prefill_chunk")
-        need(self.prefill_chunk % self.kv_block == 0,
-             f"strategy.prefill_chunk={self.prefill_chunk} must be a multiple of strategy.kv_block={self.kv_block} "
+        unit = ("strategy.pool.block_size", self.pool.block_size) if self.kind == "fa_pool" else ("strategy.kv_block", self.kv_block)
+        need(self.prefill_chunk % unit[1] == 0,
+             f"strategy.prefill_chunk={self.prefill_chunk} must be a multiple of {unit[0]}={unit[1]} "
              f"(a chunk fills whole KV blocks)")
 
 

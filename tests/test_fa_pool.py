@@ -163,3 +163,39 @@ def test_block_table_spreads_a_batch_placed_at_once():
         bt.grow(pooled, np.full(1024, 16384 + 1 + _))
     bt.check()
     assert bt.held.max() / bt.held.mean() < 1.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pool,chunk,hierarchical", [(2, 2, 16, True), (1, 3, 24, False), (2, 2, 0, False)])
+def test_prefill_writes_long_prompts_straight_into_pool_blocks(tp, pool, chunk, hierarchical, tmp_path):
+    """Prompts of 12-80 tokens, threshold 32, blocks of 8: the long prompts' K/V goes from the base to the pool
+    chunk by chunk (nothing migrates after the prefill), and a long row's chunk attends over the pool's earlier
+    chunks; logits and tokens are the plain model's (sharp init)."""
+    lens, layers, heads, dim, bs = [12, 80, 28, 48], 2, 4, 16, 8
+    rec = launch(["strategy=fa_pool_b2_p4", f"strategy.tp={tp}", f"strategy.pool.size={pool}",
+                  f"strategy.pool.max_size={pool}", f"strategy.world_size={tp + pool}", "strategy.pool.gpus_per_node=2",
+                  f"strategy.pool.hierarchical={str(hierarchical).lower()}", f"strategy.prefill_chunk={chunk}",
+                  "model.init_std=0.3", "workload=tiny_mixed", "check_reference=true"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    check = rec["reference_check"]
+    assert check["passed"] and check["tokens_equal"] and check["max_rel_logit_error"] < 1e-4, check
+    prefill = rec["elasticity"][0]
+    assert prefill["step"] == 0 and prefill["blocks_migrated"] == 0  # placed in the pool, not moved there
+    # what one base rank sends the pool per generation: every block of the long prompts once (K and V, its heads),
+    # and for each chunk after the first the long rows' queries to every pool rank
+    long = [n for n in lens if n > 32]
+    hl, padded = heads // tp, -(-max(lens) // bs) * bs
+    step = chunk or padded
+    kv = layers * 2 * sum(-(-n // bs) * bs for n in long) * hl * dim * 4
+    q = layers * pool * sum(len(long) * min(step, padded - s) for s in range(step, padded, step)) * hl * dim * 4
+    for r in base_ranks(rec):  # the bytes of the measured generation
+        assert r["comm_bytes"]["prefill_to_pool"] == kv + q
+
+
+def test_fa_pool_prefill_chunk_is_whole_pool_blocks():
+    from harness.config import ConfigError
+    from tests.conftest import cfg_object
+
+    with pytest.raises(ConfigError, match="multiple of strategy.pool.block_size=8"):
+        cfg_object(["strategy=fa_pool_b2_p4", "strategy.prefill_chunk=12"])
+    assert cfg_object(["strategy=fa_pool_b2_p4", "strategy.prefill_chunk=16"]).strategy.prefill_chunk == 16

@@ -24,7 +24,10 @@ Per decode step:
      merges its own partial and all delivered ones in one vectorized call.
   4. with async_overlap, the base starts every micro-batch of a layer (QKV, local attention, messages) before
      it finishes any (merge, output projection, FFN), so that pool attention overlaps base work.
-Prefill attention runs on the base; the KV of prompts longer than the threshold then moves to the pool.
+Prefill (`prefill`): prompts longer than the threshold are placed in the pool first; the base runs the prompts
+chunk by chunk (strategy.prefill_chunk) and sends each chunk's K/V of their blocks straight to the pool ranks
+that hold them, layer by layer; a long row's chunk attends over itself on the base and over the earlier chunks
+in the pool (partials merged by LSE). The base never holds a long prompt's KV; nothing migrates after prefill.
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ class FAPoolEngine(Engine):
         self.has_tokens, self.has_logits = self.is_base, rank == 0
         self.n_layers, self.n_heads, self.head_dim = model_cfg.n_layers, model_cfg.n_heads, model_cfg.head_dim
         self.local_heads = self.n_heads // self.tp
-        self.vocab_size = model_cfg.vocab_size
+        self.vocab_size, self.hidden = model_cfg.vocab_size, model_cfg.hidden
+        self.prefill_chunk = strategy.prefill_chunk
         self.threshold = pool.threshold if pool.size > 0 else math.inf  # no pool: everything stays on the base
         self.block_size, self.micro_batches = pool.block_size, strategy.micro_batches
         self.async_overlap, self.kv_memory_fraction = pool.async_overlap, pool.kv_memory_fraction
@@ -226,39 +230,119 @@ class FAPoolEngine(Engine):
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, prompts, max_len):
+        """Prompts chunk by chunk (strategy.prefill_chunk tokens, whole pool blocks; the whole prompt when 0).
+        Long prompts are placed in the pool first, and each chunk's K/V of their blocks goes straight to the
+        pool rank that holds the block, layer by layer: the base never holds a long prompt's KV. A long row's
+        chunk attends locally over the chunk (causal) and in the pool over the chunks before it, merged by LSE;
+        a short row's chunk attends over the base cache. The LM head runs on each prompt's last position."""
         tokens, lens = pad_prompts(prompts, self.device)
         self._reset(lens, max_len)
         long = self.sched.long_now()
-        out, stash = None, None
-        if self.is_base:
-            step = Step(slice(0, self.batch), torch.zeros_like(lens), lens, prefill=True)
-            t = tokens.shape[1]
-            stash_blocks = -(-t // self.block_size)
-            stash = PagedKV(self.n_layers, len(long) * stash_blocks, self.local_heads, self.block_size,
-                            self.head_dim, self.dtype, self.device)
-            long_rows = torch.as_tensor(long, device=self.device)
-            short_rows = torch.as_tensor(np.nonzero(self.sched.base_row >= 0)[0], device=self.device)  # row order
-            x = self.embed(tokens)
+        placed = self.sched.admit(long)  # (seq, block, rank, local index) of every block of the long prompts
+        self._upload_own_table()
+        total, bs = tokens.shape[1], self.block_size
+        chunk = self.prefill_chunk or -(-total // bs) * bs
+        lens_np = lens.cpu().numpy()
+        last = torch.zeros(self.batch, 1, self.hidden, dtype=self.dtype, device=self.device) if self.is_base else None
+        for start in range(0, total, chunk):
+            t = min(chunk, total - start)
+            plan = fa_pool_plan.PrefillChunk(self.sched, self.table_dev, placed, long, lens_np, start, t,
+                                             self.pool_size, self.me, self.device)
+            if not self.is_base:
+                for layer in range(self.n_layers):
+                    self._pool_prefill(layer, plan)
+                continue
+            step = Step(slice(0, self.batch), torch.full_like(lens, start), (lens - start).clamp(0, t), prefill=True,
+                        start=start)
+            x = self.embed(tokens[:, start : start + t])
             for layer, block in enumerate(self.blocks):
                 q, k, v = block.attn.qkv(block.attn_norm(x), step)
-                with self.timer("attention"):
-                    self._store_prompt(self.base_kv, layer, k, v, short_rows, self.sched.base_blocks)
-                    self._store_prompt(stash, layer, k, v, long_rows, stash_blocks)
-                    o, _ = attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)
-                x = x + block.attn.project_out(o)
+                x = x + block.attn.project_out(self._base_prefill(layer, q, k, v, step, plan))
                 x = x + block.ffn(block.ffn_norm(x))
-            out = self._emit(self.head(self.norm(last_positions(x, lens)))[:, 0])
-        with self.timer("resource_management"):
-            stash_row = np.zeros(self.batch, np.int64)
-            stash_row[long] = np.arange(len(long))
-            moved = self._migrate(long, stash, lambda s, j: stash_row[s] * -(-int(tokens.shape[1]) // self.block_size) + j)
-        self._log(self.table.allocated, moved)
+            ends_here = ((lens - 1 - start) >= 0) & ((lens - 1 - start) < t)  # the prompt's last token is here
+            last = torch.where(ends_here[:, None, None], last_positions(x, (lens - start).clamp(1, t)), last)
+        out = self._emit(self.head(self.norm(last))[:, 0]) if self.is_base else None
+        self._log(self.table.allocated, 0)
         return out
 
-    def _store_prompt(self, kv: PagedKV, layer, k, v, rows, n_blocks):
-        """Prompt K/V [B, h, T, D] of `rows`: the i-th row's into blocks i*n_blocks + j (as many tokens as fit)."""
-        if len(rows):
-            kv.write_prompt(layer, k[rows], v[rows], torch.arange(len(rows), device=k.device) * n_blocks, n_blocks)
+    def _base_prefill(self, layer, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk):
+        """One layer's attention over a chunk on a base rank: [B, h, t, D] for this rank's heads."""
+        out = torch.zeros_like(q)
+        if len(plan.short):
+            rows = plan.short_dev
+            with self.timer("attention"):
+                out.index_copy_(0, rows, self._short_prefill(layer, q[rows], k[rows], v[rows], step, plan))
+        if not len(plan.long):
+            return out
+        rows, t = plan.long_dev, q.shape[2]
+        ql, kl, vl = q[rows], k[rows], v[rows]
+        n, heads, _, dim = ql.shape
+        q_rows = ql.transpose(1, 2).reshape(n * t, heads, dim) if plan.start else ql[:0, :, 0]
+        sends, recvs = [], []
+        for p in range(self.pool_size):
+            # the chunk's blocks that p holds, each [block, h, D] rows: k's, then v's
+            kv = [x.transpose(1, 2)[plan.pool_li[p], plan.pool_cb[p]].transpose(1, 2).reshape(-1, heads, dim)
+                  for x in plan.blocked(kl, vl)]  # [n, h, blocks, bs, D] -> [m, h, bs, D] -> [m * bs, h, D]
+            msg = torch.cat([q_rows, *kv])
+            sends.append((self.tp + p, msg, "prefill_to_pool"))
+        parts = torch.empty(self.pool_size, n * t if plan.start else 0, heads, dim + 1, dtype=torch.float32,
+                            device=q.device)
+        recvs = [(self.tp + p, parts[p], "prefill_partials") for p in range(self.pool_size)]
+        with self.timer("communication"):
+            works = self.transport.exchange(sends, recvs, recv_group=self.back_group)
+        with self.timer("attention"):  # the chunk itself, causal, while the pool attends over the chunks before
+            local, lse = attention(ql, kl, vl, kv_lens=plan.long_new, causal=True, backend=self.backend)
+        with self.timer("synchronization"):
+            Transport.wait(works)
+        if not plan.start:  # the first chunk: nothing before it in the pool
+            out.index_copy_(0, rows, local)
+            return out
+        with self.timer("communication"):
+            pool = parts.view(self.pool_size, n, t, heads, dim + 1).transpose(2, 3)  # [P, n, h, t, D + 1]
+            outs = torch.cat([local.float()[None], pool[..., :dim]])
+            lses = torch.cat([lse[None], pool[..., dim]])
+            out.index_copy_(0, rows, merge_partials(outs, lses)[0].to(q.dtype))
+        return out
+
+    def _short_prefill(self, layer, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk):
+        """Short rows: the chunk's blocks into their base cache rows, attention over every cached position."""
+        bs, kv = self.block_size, self.base_kv
+        first = plan.start // bs
+        room = self.sched.base_blocks - first  # a short prompt never reaches past its row
+        if room <= 0:
+            return torch.zeros_like(q)
+        n_blocks = min(-(-q.shape[2] // bs), room)
+        row_slots = plan.short_base_row * self.sched.base_blocks
+        kv.write_prompt(layer, k, v, row_slots + first, n_blocks)
+        upto = min(plan.start + q.shape[2], self.sched.base_blocks * bs)
+        slots = row_slots[:, None] + torch.arange(-(-upto // bs), device=q.device)
+        keys, values = (c[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for c in kv.layer(layer))
+        return attention(q, keys, values, kv_lens=plan.short_lens, causal=True, backend=self.backend,
+                         q_offset=plan.start)[0]
+
+    def _pool_prefill(self, layer, plan: fa_pool_plan.PrefillChunk):
+        """One layer of a chunk on a pool rank: store this rank's blocks of it; attend the long rows' queries over
+        this rank's blocks before the chunk; send each base rank its heads' partials."""
+        n, t, bs = len(plan.long), plan.t, self.block_size
+        if not n:
+            return
+        m = len(plan.pool_li[self.me])
+        q_rows = n * t if plan.start else 0
+        buf = torch.empty(self.tp, q_rows + 2 * m * bs, self.local_heads, self.head_dim, dtype=self.dtype,
+                          device=self.device)
+        self._receive([(r, buf[r], "prefill_from_base") for r in range(self.tp)], None)
+        with self.timer("attention"):
+            x = buf.transpose(0, 1).reshape(-1, self.n_heads, self.head_dim)  # heads back in order
+            if m:
+                for i, part in enumerate((x[q_rows : q_rows + m * bs], x[q_rows + m * bs :])):  # k, then v
+                    blocks = part.view(m, bs, self.n_heads, self.head_dim).transpose(1, 2)
+                    self.pool_kv.kv[layer, i].index_copy_(0, plan.my_slots, blocks)
+            if not q_rows:
+                return
+            o, lse = paged_decode(x[:q_rows], *self.pool_kv.layer(layer), plan.my_table, plan.my_lens)
+            part = torch.cat([o, lse[..., None]], dim=-1)  # [n * t, H, D + 1] fp32
+        packed = part.view(q_rows, self.tp, self.local_heads, -1).transpose(0, 1).contiguous()
+        self._send([(r, packed[r], "prefill_partials") for r in range(self.tp)])
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from model.parallel.block_table import BlockTable
 
@@ -232,3 +233,50 @@ class Scheduler:
 
     def advance(self) -> None:
         self.lens += 1
+
+
+class PrefillChunk:
+    """What every rank needs for one prefill chunk of t tokens at `start` (a multiple of the block size), from
+    the block table after the long prompts were placed (identical on every rank; numpy, then one upload each):
+    - short rows (they start at or below the threshold): their base cache rows and lengths;
+    - long rows: their new tokens in the chunk, and per pool rank p the chunk's blocks that p holds, as (long
+      row index, block index within the chunk) in (sequence, block) order: what a base rank sends to p;
+    - on pool rank `me`: the slots of its blocks of the chunk (same order), and for the long rows' queries
+      (row-major: long row, then position in the chunk) its block-table rows and its tokens before the chunk."""
+
+    def __init__(self, sched: Scheduler, table_dev, placed: np.ndarray, long: np.ndarray, lens: np.ndarray,
+                 start: int, t: int, pool_size: int, me: int, device):
+        bs = sched.table.block_size
+        self.start, self.t, self.block = start, t, bs
+        self.long = long
+        self.short = np.nonzero(sched.base_row >= 0)[0]
+        dev = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)  # noqa: E731
+        self.long_dev, self.short_dev = dev(long), dev(self.short)
+        self.short_base_row = dev(sched.base_row[self.short])
+        self.short_lens = dev(lens[self.short])
+        self.long_new = dev(np.clip(lens[long] - start, 0, t))
+        first, n_blocks = start // bs, -(-t // bs)
+        self.chunk_blocks = n_blocks
+        in_chunk = placed[(placed[:, 1] >= first) & (placed[:, 1] < first + n_blocks)]
+        in_chunk = in_chunk[np.lexsort((in_chunk[:, 1], in_chunk[:, 0]))]  # by sequence, then block
+        long_index = np.full(len(lens), -1, np.int64)
+        long_index[long] = np.arange(len(long))
+        self.pool_li, self.pool_cb = [], []
+        for p in range(pool_size):
+            mine = in_chunk[in_chunk[:, 2] == p]
+            self.pool_li.append(dev(long_index[mine[:, 0]]))
+            self.pool_cb.append(dev(mine[:, 1] - first))
+        if me >= 0:
+            mine = in_chunk[in_chunk[:, 2] == me]
+            self.my_slots = dev(sched.table.table[mine[:, 0], mine[:, 3]])
+            held = placed[placed[:, 2] == me]  # this rank's tokens of each long row before the chunk
+            before = np.minimum(start, lens[held[:, 0]]) - held[:, 1] * bs
+            tokens = np.zeros(len(lens), np.int64)
+            np.add.at(tokens, held[:, 0], np.clip(before, 0, bs))
+            self.my_table = table_dev.index_select(0, self.long_dev).repeat_interleave(t, dim=0)
+            self.my_lens = dev(np.repeat(tokens[long], t)).to(torch.int32)
+
+    def blocked(self, *xs: torch.Tensor):
+        """[n, h, t, D] -> [n, h, chunk blocks, block, D] (zero-padded to whole blocks)."""
+        n, bs = self.chunk_blocks, self.block
+        return [F.pad(x, (0, 0, 0, n * bs - x.shape[2])).view(*x.shape[:2], n, bs, x.shape[3]) for x in xs]
