@@ -76,12 +76,15 @@ def _aligned_bias(mask, dtype, heads):
     return bias.expand(b, heads, tq, tk)
 
 
-def _sdpa(q, k, v, mask, scale, backend):
+def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
+    """is_causal (with no mask): the kernels' own causal masking, top-left; only for Tq == Tk, where top-left and
+    bottom-right agree."""
     if mask is not None and mask.shape[0] == 1:
         mask = mask.expand(q.shape[0], -1, -1, -1)
     if q.device.type == "cpu":
         bias = None if mask is None else _aligned_bias(mask, q.dtype, 1).contiguous()
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=is_causal,
+                                                                             attn_mask=bias, scale=scale)
         return out, lse.float()
     if backend == "sdpa":
         # Eager steps change the KV length every step; cuDNN builds a new plan per shape (~10 ms of CPU
@@ -91,12 +94,12 @@ def _sdpa(q, k, v, mask, scale, backend):
     if backend == "sdpa_flash":
         if mask is not None:
             raise BackendUnavailable("sdpa_flash takes no mask: use equal kv lengths, or 'sdpa' / 'sdpa_efficient'")
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=is_causal, scale=scale)[:2]
     else:
         bias = None if mask is None else _aligned_bias(mask, q.dtype, q.shape[1])
         op = (torch.ops.aten._scaled_dot_product_cudnn_attention if backend == "sdpa_cudnn"
               else torch.ops.aten._scaled_dot_product_efficient_attention)
-        out, lse = op(q, k, v, bias, True, scale=scale)[:2]
+        out, lse = op(q, k, v, bias, True, is_causal=is_causal, scale=scale)[:2]
     # kernels differ in the LSE's shape: [B, H, Tq], [B, H, Tq, 1] (cuDNN) or Tq padded (efficient)
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
 
@@ -129,10 +132,13 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
         empty = None if kv_lens is None else (kv_lens == 0).view(-1, 1, 1)
     else:
-        mask = visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
+        # a whole prompt of equal lengths: the kernel's own causal masking, no mask tensor (T^2) at all
+        square = causal and kv_lens is None and key_positions is None and not q_offset and q.shape[2] == k.shape[2]
+        mask = None if square and backend != "math" else \
+            visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
         if backend == "math":
             return _math(q, k, v, mask, scale)
-        out, lse = _sdpa(q, k, v, mask, scale, backend)
+        out, lse = _sdpa(q, k, v, mask, scale, backend, is_causal=square)
         empty = None if mask is None else ~mask.any(-1)  # [B or 1, 1, Tq]
     if empty is not None:  # fused kernels leave queries with no visible key undefined
         lse = lse.masked_fill(empty, float("-inf"))

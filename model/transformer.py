@@ -24,6 +24,7 @@ class Step:
     new_lens: torch.Tensor  # [b] valid new tokens per sequence (prompt lengths at prefill, 1 at decode)
     prefill: bool = False  # a prompt from an empty cache; said by the caller, never read from the tensors (a sync)
     start: int = 0  # prefill in chunks: this chunk's first position (every row's; the cache holds the positions before)
+    full: bool = False  # prefill: every row's new tokens fill the chunk (known on the host), so no length mask
 
     def positions(self, t: int) -> torch.Tensor:  # [b, t] absolute positions of the new tokens
         return self.cache_lens[:, None] + torch.arange(t, device=self.cache_lens.device)[None, :]

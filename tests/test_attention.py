@@ -117,3 +117,20 @@ def test_a_chunk_after_cached_keys_sees_them_all_and_itself_causally():
     chunk, _ = attention(q[:, :, 4:], k, v, kv_lens=lens, causal=True, q_offset=4)
     torch.testing.assert_close(chunk[0], whole[0, :, 4:])
     torch.testing.assert_close(chunk[1, :, :2], whole[1, :, 4:6])  # the second row's 7th query is padding
+
+
+def test_square_causal_prefill_builds_no_mask_and_matches_the_masked_path(monkeypatch):
+    """Equal-length prompts from an empty cache: the kernel's own causal masking (no T x T mask tensor), the
+    same output and LSE as with the lengths' mask."""
+    import model.attention as attn
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16) * 3 for _ in range(3))
+    masked = attn.attention(q, k, v, kv_lens=torch.tensor([24, 24]), causal=True, backend="sdpa")
+    built = []
+    real = attn.visible_mask
+    monkeypatch.setattr(attn, "visible_mask", lambda *a, **kw: built.append(a[:2]) or real(*a, **kw))
+    fast = attn.attention(q, k, v, causal=True, backend="sdpa")
+    assert built == []
+    torch.testing.assert_close(fast[0], masked[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1], masked[1], rtol=1e-5, atol=1e-5)

@@ -77,7 +77,8 @@ class StageAttention:
                 bs, t = c.kv.block_size, k.shape[2]
                 c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq + step.start // bs, -(-t // bs))
                 if step.start == 0:
-                    return attention(q, k, v, kv_lens=step.new_lens, causal=True, backend=self.backend)[0]
+                    lens = None if step.full else step.new_lens
+                    return attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)[0]
                 keys, values = c.dense(self.layer, step.rows, step.start + t)
                 return attention(q, keys, values, kv_lens=step.start + step.new_lens, causal=True, backend=self.backend,
                                  q_offset=step.start)[0]
@@ -158,7 +159,7 @@ class StaticEngine(Engine):
     def prefill(self, prompts, max_len):
         tokens, lens = pad_prompts(prompts, self.device)
         self._setup(lens, max_len)
-        return self._prefill(tokens, lens)
+        return self._prefill(tokens, lens, min(len(p) for p in prompts))
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):
@@ -167,7 +168,7 @@ class StaticEngine(Engine):
         first = torch.randint(0, self.vocab_size, (len(lens),), generator=torch.Generator().manual_seed(seed))
         return first.to(self.device) if self.has_tokens else None
 
-    def _prefill(self, tokens, lens):
+    def _prefill(self, tokens, lens, shortest: int):
         """The prompts through the pipeline, chunk by chunk (strategy.prefill_chunk tokens; the whole prompt when 0)
         and within a chunk micro-batch by micro-batch (eager). A chunk attends over the cached chunks before it, so
         attention's mask is batch x chunk x prompt length at most. The LM head runs once, on each prompt's last
@@ -181,7 +182,7 @@ class StaticEngine(Engine):
             new = (lens - start).clamp(0, t)  # each row's prompt tokens in this chunk
             at = torch.full_like(lens, start)  # positions of the chunk's tokens start here for every row
             for rows in self.rows:
-                step = Step(rows, at[rows], new[rows], prefill=True, start=start)
+                step = Step(rows, at[rows], new[rows], prefill=True, start=start, full=shortest >= start + t)
                 if self.first:
                     x = self.embed(tokens[rows, start : start + t])
                 else:
