@@ -12,6 +12,8 @@ Prints and writes (bench_gpu.json, bench_gpu.md, profile.txt):
   3. LSE merge of P partials as a fraction of the attention it merges
   4. projection and FFN GEMMs at the shard shapes of TP 1..16 (these calibrate harness/perfmodel.py)
   5. a torch.profiler summary of one eager decode step
+  6. the harness's eager engine step
+  7. prefill (the static engine, whole prompts and in chunks) over its FLOP roofline: FLOPs / GEMM peak
 Each number is a median of timed repetitions (CUDA events on GPU, perf_counter on CPU).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import argparse
 import json
 import math
 import platform
+import socket
 import statistics
 import time
 from pathlib import Path
@@ -125,6 +128,60 @@ def weight_read_bytes(model, batch: int) -> int:
 def step_flops(cfg, batch: int, context: int) -> int:
     dense = cfg.n_layers * (4 * cfg.hidden**2 + 2 * cfg.hidden * cfg.ffn_hidden) + cfg.vocab_size * cfg.hidden
     return 2 * batch * dense + 4 * batch * (context + 1) * cfg.hidden * cfg.n_layers
+
+
+def prefill_flops(cfg, batch: int, length: int) -> int:
+    """FLOPs of prefilling `batch` prompts of `length` tokens: every token through the QKV, output and FFN GEMMs,
+    causal attention (q k^T and p v over the keys at or before each query: 4 h (i + 1) for query i), and the LM
+    head on each prompt's last position only."""
+    h, layers = cfg.hidden, cfg.n_layers
+    dense = 2 * batch * length * layers * (4 * h * h + 2 * h * cfg.ffn_hidden)
+    causal = 2 * batch * layers * h * length * (length + 1)
+    return dense + causal + 2 * batch * h * cfg.vocab_size
+
+
+def prefills(cfg, device, dtype, lim, points, kv_block: int) -> list[dict]:
+    """The harness's own prefill (the static engine with tp = pp = 1: the `reference` strategy) of `batch` equal
+    prompts of `length` tokens, whole (chunk 0) or in chunks, against its FLOP roofline: prefill FLOPs over the
+    bf16 GEMM peak measured in the same run. Peak memory shows what chunking bounds."""
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:  # the engine makes its (one-rank) process groups
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                rank=0, world_size=1)
+    try:
+        return [_prefill_point(cfg, device, dtype, lim, kv_block, *point) for point in points]
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _prefill_point(cfg, device, dtype, lim, kv_block: int, length: int, batch: int, chunk: int) -> dict:
+    from harness.config import StrategyConfig
+    from harness.measure import PhaseTimer
+    from model.parallel.static import StaticEngine
+
+    strategy = StrategyConfig(name="reference", kind="reference", kv_block=kv_block, prefill_chunk=chunk)
+    engine = StaticEngine(cfg, strategy, 0, 1, device, dtype, "sdpa", PhaseTimer(device))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (length,), generator=gen) for _ in range(batch)]
+    engine.prefill(prompts, length + 16)  # the cache and the kernels, once
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(lambda: engine.prefill(prompts, length + 16), reps=3, warmup=1)
+    flops = prefill_flops(cfg, batch, length)
+    roof = flops / lim["gemm_flops_per_s"]
+    row = {"length": length, "batch": batch, "chunk": chunk or length, "prefill_ms": t * 1e3, "roofline_ms": roof * 1e3,
+           "ratio_to_roofline": t / roof, "tflops": flops / t / 1e12,
+           "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None}
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def decode_steps(model, device, lim, points, backend, graph: bool) -> list[dict]:
@@ -264,7 +321,7 @@ def bench_setup(doc: str, argv, extra) -> tuple:
 
 def main(argv=None):
     args, out, device, dtype = bench_setup(__doc__, argv, lambda ap: ap.add_argument(
-        "--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine"))
+        "--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine,prefill"))
     skip = set(filter(None, args.skip.split(",")))
     cfg = PRESETS["tiny" if args.smoke else "paper"]
     if args.smoke:
@@ -313,6 +370,13 @@ def main(argv=None):
                                                           (4096, 8), (8192, 16), (2048, 32), (32768, 4), (1024, 64)]
         res["engine_steps"] = engine_steps(cfg, device, dtype, points, "sdpa", out)
         md.append("## 6. the harness's eager engine step (attention_backend=sdpa)\n" + fmt_table(res["engine_steps"], ["context", "batch", "backend", "engine_step_ms"]))
+        print(md[-1], flush=True)
+    if "prefill" not in skip:
+        points = [(64, 2, 0), (64, 2, 32)] if args.smoke else [
+            (8192, 8, 0), (8192, 8, 2048), (16384, 4, 0), (16384, 4, 4096), (32768, 2, 0), (32768, 2, 4096)]
+        res["prefill"] = prefills(cfg, device, dtype, lim, points, 16 if args.smoke else 256)
+        md.append("## 7. prefill over its FLOP roofline (FLOPs / bf16 GEMM peak)\n" + fmt_table(
+            res["prefill"], ["length", "batch", "chunk", "prefill_ms", "roofline_ms", "ratio_to_roofline", "tflops", "peak_gb"]))
         print(md[-1], flush=True)
     (out / "bench_gpu.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "bench_gpu.md").write_text("\n".join(md))

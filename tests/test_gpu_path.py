@@ -40,9 +40,22 @@ def test_graphed_step_matches_the_plain_model(device, dtype, backend, graph):
 
 def test_benchmark_smoke_writes_every_section(tmp_path):
     res = bench_gpu.main(["--smoke", "--out", str(tmp_path)])
-    for key in ("limits", "attention_shards", "decode_steps", "merge", "gemms", "profile"):
+    for key in ("limits", "attention_shards", "decode_steps", "merge", "gemms", "profile", "prefill"):
         assert res[key], key
+    assert [(r["length"], r["chunk"]) for r in res["prefill"]] == [(64, 64), (64, 32)]
+    assert all(r["ratio_to_roofline"] > 0 for r in res["prefill"])
     assert all("error" not in r for r in res["decode_steps"])
     assert all(r["ratio_to_read_bw"] > 0 for r in res["attention_shards"])
     assert json.loads((tmp_path / "bench_gpu.json").read_text())["model"] == "tiny"
     assert (tmp_path / "profile.txt").stat().st_size > 0
+
+
+def test_prefill_flops_by_hand():
+    """Tiny model (hidden 64, FFN 256, 2 layers, vocab 512), 3 prompts of 5 tokens."""
+    from model.config import PRESETS
+
+    cfg = PRESETS["tiny"]
+    dense = 2 * 3 * 5 * 2 * (4 * 64 * 64 + 2 * 64 * 256)  # QKV + out (4 h^2) and up + down (2 h F) per token, layer
+    causal = 3 * 2 * sum(4 * 64 * (i + 1) for i in range(5))  # q k^T and p v over keys 0..i
+    head = 2 * 3 * 64 * 512  # the LM head on the last position only
+    assert bench_gpu.prefill_flops(cfg, 3, 5) == dense + causal + head
