@@ -12,6 +12,8 @@
    tp2, tp4, tp2_pp2, tp1_pp4, DCP (TP2 and TP4 with the KV split over 2 or 4 ranks), FA Pool 2+2, 1+3, 2+1
    (threshold below the context: every sequence in the pool; one micro-batch) and FA Pool 2+2 with two
    micro-batches overlapping pool and base (async_overlap).
+   `--prefill-chunk N` runs the same points with a real prefill in chunks of N tokens instead of synthetic KV
+   (TTFT and the paper's TPS in the records and the table; records tagged `_prefill`).
 3. Each ok record gets its roofline (harness/roofline.py) written into it; the table (bench_multi.md/json)
    gives TPOT, decode TPS per GPU, TPOT / roofline, and the speed-up over the best static TP x PP at equal GPUs.
 """
@@ -156,12 +158,19 @@ def chosen_points(spec: str, smoke: bool, gpu_bytes: int) -> list[tuple[int, int
     return out
 
 
-def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int) -> dict:
+def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int, prefill_chunk: int = 0) -> dict:
+    """One fapool-bench run. prefill_chunk = 0: synthetic KV (decode only); > 0: a real prefill in chunks of that
+    many tokens (TTFT and the paper's TPS in the record; tag suffix `_prefill`)."""
     model = ["model=tiny", "hardware=cpu", "hardware.dtype=float32"] if smoke else ["model=paper", "hardware=cuda"]
     point = [f"workload=len{8192 if smoke else context}", f"workload.prompt_lens=[{context}]",
              f"workload.batch_size={batch}", f"workload.output_tokens={STEPS}", "workload.warmup_steps=2",
-             "workload.synthetic_kv=true", "check_reference=false"]
-    tag = f"{name}_L{context}_B{batch}"
+             "check_reference=false"]
+    if prefill_chunk:
+        point += ["workload.synthetic_kv=false", f"strategy.prefill_chunk={prefill_chunk}",
+                  *(["strategy.kv_block=16"] if smoke else [])]
+    else:
+        point.append("workload.synthetic_kv=true")
+    tag = f"{name}_L{context}_B{batch}" + ("_prefill" if prefill_chunk else "")
     rdir = out / "records" / tag
     cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={tempfile.gettempdir()}/hydra/{tag}",
            f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", "profile=true", *model, *overrides, *point]
@@ -188,8 +197,9 @@ def table_rows(runs: list[dict]) -> list[dict]:
         rec = r["record"]
         m, roof = rec.get("metrics") or {}, rec.get("roofline") or {}
         gpus = m.get("num_gpus") or rec.get("config", {}).get("strategy", {}).get("world_size")
-        rows.append({"run": r["name"], "context": r["context"], "batch": r["batch"], "gpus": gpus,
-                     "status": rec.get("status"), "tpot_ms": m.get("mean_tpot_ms"), "median_tpot_ms": m.get("median_tpot_ms"),
+        rows.append({"run": r["name"], "tag": r["tag"], "context": r["context"], "batch": r["batch"], "gpus": gpus,
+                     "status": rec.get("status"), "ttft_ms": m.get("ttft_ms"), "tps_per_gpu": m.get("tps_per_gpu"),
+                     "tpot_ms": m.get("mean_tpot_ms"), "median_tpot_ms": m.get("median_tpot_ms"),
                      "decode_tps_per_gpu": (m["decode_tps"] / gpus) if m.get("decode_tps") else None,
                      "roofline_ms": roof.get("step_ms"), "ratio": roof.get("ratio"),
                      "note": (rec.get("error") or "")[:120]})
@@ -207,6 +217,8 @@ def main(argv=None):
         ap.add_argument("--timeout", type=int, default=240, help="seconds per run")
         ap.add_argument("--points", default="", help="comma-separated CONTEXTxBATCH[:run+run], BATCH a number or half "
                                                      "(default: 8K b16, then 8K, 16K, 32K at half memory)")
+        ap.add_argument("--prefill-chunk", type=int, default=0, help="0: synthetic KV (decode only); N: a real "
+                        "prefill in chunks of N tokens (whole KV blocks), with TTFT and TPS")
 
     args, out, device, dtype = bench_setup(__doc__, argv, extra)
     smoke = args.smoke
@@ -229,7 +241,7 @@ def main(argv=None):
         for name, overrides in strategies(gpus, smoke).items():
             if (only and name not in only) or (names and name not in names):
                 continue
-            run = run_point(name, overrides, context, batch, smoke, out, args.timeout)
+            run = run_point(name, overrides, context, batch, smoke, out, args.timeout, args.prefill_chunk)
             attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
             runs.append(run)
             rec = run["record"]
@@ -237,8 +249,8 @@ def main(argv=None):
                   f"ratio {rec.get('roofline', {}).get('ratio', '')} ({run['wall_s']:.0f} s)", flush=True)
     rows = table_rows(runs)
     (out / "bench_multi.json").write_text(json.dumps({"limits": res, "rows": rows}, indent=1, default=str))
-    cols = ["run", "context", "batch", "gpus", "status", "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio",
-            "speedup_vs_best_static", "note"]
+    cols = ["run", "context", "batch", "gpus", "status", *(["ttft_ms", "tps_per_gpu"] if args.prefill_chunk else []),
+            "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio", "speedup_vs_best_static", "note"]
     text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{gpus}, torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
             f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))

@@ -21,7 +21,7 @@ COLUMNS = ["context", "batch", "gpus", "run", "graphs", "tpot_ms", "median_tpot_
 
 
 def _graphs(call_dir: Path, row: dict) -> str:
-    rec = call_dir / "records" / f"{row['run']}_L{row['context']}_B{row['batch']}" / "result.json"
+    rec = call_dir / "records" / row.get("tag", f"{row['run']}_L{row['context']}_B{row['batch']}") / "result.json"
     if not rec.exists():
         return "n/a"
     ranks = json.loads(rec.read_text()).get("ranks") or []

@@ -85,3 +85,21 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
         assert roof["step_ms"] > 0 and roof["ratio"] == pytest.approx(rec["metrics"]["mean_tpot_ms"] / roof["step_ms"])
         assert len(roof["per_rank"]) == rec["metrics"]["num_gpus"]
     assert "| reference | 48 | 4 | 1 | ok |" in (tmp_path / "bench_multi.md").read_text()
+
+
+def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path):
+    """--prefill-chunk: the same runs with a real, chunked prefill instead of synthetic KV: TTFT and the paper's
+    TPS in the table."""
+    import json
+
+    from harness import bench_multi
+
+    bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+dcp_t2_k2", "--prefill-chunk", "16"])
+    rows = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
+    assert [(r["run"], r["status"], r["tag"]) for r in rows] == [("reference", "ok", "reference_L48_B4_prefill"),
+                                                                  ("dcp_t2_k2", "ok", "dcp_t2_k2_L48_B4_prefill")]
+    for r in rows:
+        assert r["ttft_ms"] > 0 and r["tps_per_gpu"] > 0
+        rec = json.loads((tmp_path / "records" / r["tag"] / "result.json").read_text())
+        assert rec["config"]["workload"]["synthetic_kv"] is False and rec["config"]["strategy"]["prefill_chunk"] == 16
+    assert "ttft_ms" in (tmp_path / "bench_multi.md").read_text()
