@@ -278,7 +278,7 @@ class FAPoolEngine(Engine):
         ql, kl, vl = q[rows], k[rows], v[rows]
         n, heads, _, dim = ql.shape
         q_rows = ql.transpose(1, 2).reshape(n * t, heads, dim) if plan.start else ql[:0, :, 0]
-        sends, recvs = [], []
+        sends = []
         for p in range(self.pool_size):
             # the chunk's blocks that p holds, each [block, h, D] rows: k's, then v's
             kv = [x.transpose(1, 2)[plan.pool_li[p], plan.pool_cb[p]].transpose(1, 2).reshape(-1, heads, dim)
