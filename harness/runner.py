@@ -215,7 +215,8 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     timer = PhaseTimer(device, enabled=False)  # off while steps are timed: its synchronizations would serialize
     engine = build_engine(cfg, rank, world, device, timer)
     perturb_weights(engine, cfg.fault, rank)
-    if w.warmup_steps > 0:  # warm caches, allocator and communicators; not timed
+    warmups = engine.warmup_generations if w.warmup_steps > 0 else 0
+    for _ in range(warmups):  # warm caches, allocator, communicators and captured steps; not timed
         generate(engine, prompts, w.warmup_steps + 1, max_len, w.synthetic_kv, w.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -223,7 +224,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     clock = StepClock(device) if rank == 0 else None
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
-    report["rank"] = rank
+    report["rank"], report["warmup_generations"] = rank, warmups
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         report["nvml_utilization_pct"] = nvml_utilization()
@@ -287,7 +288,8 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
         breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
         tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,
         reference_check=check, synthetic_kv=w.synthetic_kv,
-        passes={"timed": "step times and TPOT: phase timers off, CUDA events (CPU: the clock) at step boundaries only, nothing synchronized",
+        passes={"warmup": f"{reports[0]['warmup_generations']} untimed generation(s) of {w.warmup_steps} decode steps before",
+                "timed": "step times and TPOT: phase timers off, CUDA events (CPU: the clock) at step boundaries only, nothing synchronized",
                 "breakdown": "phase fractions and pool utilization: a second generation with the phase timers on "
                              "(on CUDA each phase boundary synchronizes the device; CUDA graphs are off in it, so "
                              "graphed strategies show their eager phases), decode steps only",

@@ -33,3 +33,5 @@ def test_strategy_on_gpus_matches_the_plain_model(name, overrides, gpus, dtype, 
         assert check["tokens_equal"] and check["max_rel_logit_error"] < 2e-3, check
     assert rec["passes"]["instrumented_tokens_equal"] in (True, None)
     assert all(r["cuda_graphs"] for r in rec["ranks"]), [(r["role"], r["cuda_graphs"]) for r in rec["ranks"]]
+    # FA Pool captures per plan shape at its second sight: two warm-up generations, so the measured one replays
+    assert all(r["warmup_generations"] == (2 if name.startswith("fa_pool") else 1) for r in rec["ranks"])

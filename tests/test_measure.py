@@ -135,5 +135,8 @@ def test_the_timed_and_the_instrumented_generation_decode_the_same_tokens(strate
     assert rec["status"] == "ok", rec["error"]
     assert rec["passes"]["instrumented_tokens_equal"] is True
     assert "phase timers off" in rec["passes"]["timed"] and "decode steps only" in rec["passes"]["breakdown"]
+    # one untimed generation before the measured one (two only where steps are captured per plan shape: FA Pool on CUDA)
+    assert rec["passes"]["warmup"].startswith(f"1 untimed generation(s) of {rec['config']['workload']['warmup_steps']}")
+    assert all(r["warmup_generations"] == 1 for r in rec["ranks"])
     for fractions in rec["breakdown"].values():  # the breakdown comes from the instrumented pass
         assert sum(fractions.values()) == pytest.approx(1.0) and fractions["other"] < 1.0

@@ -67,6 +67,11 @@ class Engine:
     def finish(self) -> None:
         """End of generation: free what the sequences held."""
 
+    @property
+    def warmup_generations(self) -> int:
+        """Untimed generations the runner runs before the measured one (each of workload.warmup_steps decode steps)."""
+        return 1
+
     def release_graphs(self) -> None:
         """Drop captured CUDA graphs, before the process group goes: destroying NCCL communicators while graphs
         that captured their collectives are alive can hang (pytorch/pytorch#115388)."""
