@@ -290,8 +290,9 @@ def validate(cfg: BenchConfig) -> None:
     need(m.ffn_hidden % s.tp == 0, f"model.ffn_hidden={m.ffn_hidden} is not divisible by strategy.tp={s.tp}")
     need(m.vocab_size % s.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by strategy.tp={s.tp}")
     need(m.n_layers % s.pp == 0, f"model.n_layers={m.n_layers} is not divisible by strategy.pp={s.pp}")
-    need(w.batch_size % s.micro_batches == 0,
-         f"workload.batch_size={w.batch_size} is not divisible by strategy.micro_batches={s.micro_batches}")
+    need(s.micro_batches <= w.batch_size,
+         f"strategy.micro_batches={s.micro_batches} exceeds workload.batch_size={w.batch_size}: a micro-batch would be "
+         f"empty; set strategy.micro_batches <= {w.batch_size}")
     if s.kind == "reference":
         need(s.tp == 1 and s.pp == 1, f"strategy.kind=reference runs on one device; got tp={s.tp}, pp={s.pp}")
     pool_ranks = s.pool.size if s.kind == "fa_pool" else 0
