@@ -69,7 +69,10 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=L.max_requeues)
     params = dict(slurm_partition=L.partition, nodes=nodes, tasks_per_node=per_node, cpus_per_task=L.cpus_per_task,
                   timeout_min=L.time_min, slurm_setup=list(L.setup),
-                  name=f"fapool-{cfg.strategy.name}-{cfg.workload.name}")
+                  name=f"fapool-{cfg.strategy.name}-{cfg.workload.name}",
+                  # a task that exits with an error ends the job's other tasks, which would otherwise wait for it in
+                  # a rendezvous or a collective until their timeout (seen: one rank's port in use at startup)
+                  slurm_srun_args=["--kill-on-bad-exit=1"])
     if cfg.hardware.device == "cuda":
         params["gpus_per_node"] = per_node
     if L.mem_gb:

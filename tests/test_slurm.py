@@ -39,6 +39,8 @@ def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path
     assert all(r["env"]["slurm_job_id"] for r in records)  # written inside a Slurm task
     assert len({r["env"]["slurm_job_id"] for r in records}) == 4  # one job per point, all queued at once
     assert "fa_pool_b2_p2" in proc.stdout and "report:" in proc.stdout
+    scripts = list(Path(tmp_path).rglob("*_submission.sh"))
+    assert len(scripts) == 4 and all("--kill-on-bad-exit=1" in s.read_text() for s in scripts)  # one bad task ends the job
 
 
 def _job_state(job_id):
