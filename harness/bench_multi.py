@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
+from harness.config import from_dict
 from harness.roofline import roofline
-from harness.runner import to_config
 from model.config import PRESETS
 
 KiB = 1024
@@ -193,7 +193,7 @@ def attach_roofline(run: dict, read_bw: float, comm: dict) -> None:
     rec = run["record"]
     if rec.get("status") != "ok":
         return
-    rec["roofline"] = roofline(to_config(rec["config"]), rec, read_bw, comm)
+    rec["roofline"] = roofline(from_dict(rec["config"]), rec, read_bw, comm)
     Path(run["path"]).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
 
 

@@ -29,10 +29,6 @@ from harness.workload import make_prompts
 log = logging.getLogger("fapool.runner")
 
 
-def to_config(cfg_dict: dict) -> BenchConfig:
-    return from_dict(cfg_dict)
-
-
 def pick_device(cfg: BenchConfig, local_rank: int) -> torch.device:
     if cfg.hardware.device == "cuda":
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -167,7 +163,7 @@ def reference_check(cfg: BenchConfig, engine, prompts, max_len: int, device, ran
 
 def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: str, local_rank: int | None = None):
     """Entry of one rank (a local process or a Slurm task). Rank 0 writes result.json into out_dir."""
-    cfg = to_config(cfg_dict)
+    cfg = from_dict(cfg_dict)
     torch.manual_seed(0)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
     device = pick_device(cfg, rank if local_rank is None else local_rank)

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-from harness.config import ConfigError
+from harness.config import ConfigError, from_dict
 from harness.memory import memory_by_role
-from harness.runner import to_config
 from model.parallel.dcp import shard_length, shard_lengths
 from tests.conftest import cfg_object, launch
 
@@ -44,7 +43,7 @@ def test_dcp_matches_reference(tp, shards, pp, chunk, tmp_path):
     heads = m["n_heads"] // tp * shards  # the KV-shard group's heads
     head_dim = m["hidden"] // m["n_heads"]
     ranks = rec["ranks"]
-    predicted = {r.role: r.kv_bytes for r in memory_by_role(to_config(rec["config"]))}  # the perf model's memory
+    predicted = {r.role: r.kv_bytes for r in memory_by_role(from_dict(rec["config"]))}  # the perf model's memory
     assert len(ranks) == tp * pp and sorted(r["kv_shard"] for r in ranks) == sorted(list(range(shards)) * (tp * pp // shards))
     for r in ranks:
         assert r["kv_bytes"] == layers // pp * 2 * slots * heads * 16 * head_dim * 4 == predicted[r["role"]]
