@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from model.attention import attention, merge_partials
 from model.paged_attention import paged_decode
+from model.parallel.paged_kv import to_blocks
 from model.parallel.static import StageKV, StaticEngine
 from model.parallel.tp import new_groups
 from model.transformer import Step
@@ -93,13 +93,12 @@ class ShardedAttention:
         """A chunk of t tokens at positions step.start + i (step.start a multiple of the block): store this shard's
         blocks of it, then attend over every cached key of the shard, masked by the keys' global positions."""
         c, bs, n = self.cache, self.cache.kv.block_size, self.shards
-        b, heads, t, d = k.shape
+        t = k.shape[2]
         first_block = step.start // bs
         chunk_blocks = -(-t // bs)
         own = (self.shard - first_block) % n  # the chunk's first block on this shard, then every n-th
         if own < chunk_blocks:
-            kb, vb = (F.pad(x, (0, 0, 0, chunk_blocks * bs - t)).view(b, heads, chunk_blocks, bs, d)[:, :, own::n]
-                      .flatten(2, 3) for x in (k, v))
+            kb, vb = (to_blocks(x, bs)[:, :, own::n].flatten(2, 3) for x in (k, v))
             rows = torch.arange(step.rows.start, step.rows.stop, device=k.device)
             c.kv.write_prompt(self.layer, kb, vb, rows * c.blocks_per_seq + (first_block + own) // n, kb.shape[2] // bs)
         upto = shard_length(step.start + t, self.shard, n, bs)

@@ -323,8 +323,7 @@ class FAPoolEngine(Engine):
         row_slots = plan.short_base_row * self.sched.base_blocks
         kv.write_prompt(layer, k, v, row_slots + first, n_blocks)
         upto = min(plan.start + q.shape[2], self.sched.base_blocks * bs)
-        slots = row_slots[:, None] + torch.arange(-(-upto // bs), device=q.device)
-        keys, values = (c[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for c in kv.layer(layer))
+        keys, values = kv.dense(layer, row_slots[:, None] + torch.arange(-(-upto // bs), device=q.device), upto)
         return attention(q, keys, values, kv_lens=plan.short_lens, causal=True, backend=self.backend,
                          q_offset=plan.start)[0]
 

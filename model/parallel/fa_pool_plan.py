@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.parallel.block_table import BlockTable
+from model.parallel.paged_kv import to_blocks
 
 
 @dataclass
@@ -256,7 +256,6 @@ class PrefillChunk:
         self.short_lens = dev(lens[self.short])
         self.long_new = dev(np.clip(lens[long] - start, 0, t))
         first, n_blocks = start // bs, -(-t // bs)
-        self.chunk_blocks = n_blocks
         in_chunk = placed[(placed[:, 1] >= first) & (placed[:, 1] < first + n_blocks)]
         in_chunk = in_chunk[np.lexsort((in_chunk[:, 1], in_chunk[:, 0]))]  # by sequence, then block
         long_index = np.full(len(lens), -1, np.int64)
@@ -278,5 +277,4 @@ class PrefillChunk:
 
     def blocked(self, *xs: torch.Tensor):
         """[n, h, t, D] -> [n, h, chunk blocks, block, D] (zero-padded to whole blocks)."""
-        n, bs = self.chunk_blocks, self.block
-        return [F.pad(x, (0, 0, 0, n * bs - x.shape[2])).view(*x.shape[:2], n, bs, x.shape[3]) for x in xs]
+        return [to_blocks(x, self.block) for x in xs]

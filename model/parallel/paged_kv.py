@@ -8,6 +8,15 @@ the pool) and in are each one indexed kernel, whatever the number of sequences o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def to_blocks(x: torch.Tensor, block: int, n_blocks: int | None = None) -> torch.Tensor:
+    """[b, h, T, D] -> [b, h, n_blocks, block, D]: token t in block t // block, zero-padded (or cut) to n_blocks
+    whole blocks (default: as many as T needs)."""
+    b, h, t, d = x.shape
+    n = -(-t // block) if n_blocks is None else n_blocks
+    return F.pad(x[:, :, : n * block], (0, 0, 0, n * block - min(t, n * block))).view(b, h, n, block, d)
 
 
 class PagedKV:
@@ -38,15 +47,16 @@ class PagedKV:
     def write_prompt(self, layer: int, k: torch.Tensor, v: torch.Tensor, first_slots: torch.Tensor, n_blocks: int):
         """Prompt K/V [b, heads, T, head_dim]: row i's tokens into slots first_slots[i] + j for j < n_blocks (as
         many tokens as fit), one indexed copy per tensor whatever b and n_blocks are."""
-        b, heads, t, dim = k.shape
-        bs = self.block_size
-        take = min(t, n_blocks * bs)
+        b, heads, _, dim = k.shape
         slots = (first_slots[:, None] + torch.arange(n_blocks, device=k.device)).reshape(-1)
         for i, src in enumerate((k, v)):
-            padded = src.new_zeros(b, heads, n_blocks * bs, dim)
-            padded[:, :, :take] = src[:, :, :take]
-            blocks = padded.view(b, heads, n_blocks, bs, dim).transpose(1, 2).reshape(b * n_blocks, heads, bs, dim)
+            blocks = to_blocks(src, self.block_size, n_blocks).transpose(1, 2).reshape(b * n_blocks, heads, -1, dim)
             self.kv[layer, i].index_copy_(0, slots, blocks)
+
+    def dense(self, layer: int, slots: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `upto` tokens held in blocks `slots` [b, blocks] (in order), gathered into
+        [b, heads, upto, head_dim]: the keys a prefill chunk attends over."""
+        return tuple(cache[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for cache in self.layer(layer))
 
     def read_blocks(self, slots: torch.Tensor) -> torch.Tensor:
         """[layers, 2, n, heads, block, head_dim]: the blocks at `slots`, all layers (what a migration sends)."""

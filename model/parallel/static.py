@@ -54,9 +54,7 @@ class StageKV:
 
     def dense(self, layer: int, rows: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions [0, upto) of `rows`, gathered into [b, heads, upto, head_dim] (a chunk's keys)."""
-        slots = self.table[rows, : -(-upto // self.kv.block_size)].long()  # [b, blocks]
-        k, v = (cache[slots].transpose(1, 2).flatten(2, 3)[:, :, :upto] for cache in self.kv.layer(layer))
-        return k, v  # cache[slots]: [b, blocks, H, block, D] -> [b, H, blocks * block, D]
+        return self.kv.dense(layer, self.table[rows, : -(-upto // self.kv.block_size)].long(), upto)
 
 
 class StageAttention:
