@@ -174,6 +174,14 @@ def last_positions(x: torch.Tensor, new_lens: torch.Tensor) -> torch.Tensor:
     return x[torch.arange(x.shape[0], device=x.device), new_lens - 1][:, None]
 
 
+def keep_prompt_ends(last: torch.Tensor, x: torch.Tensor, lens: torch.Tensor, start: int) -> torch.Tensor:
+    """Prefill in chunks: `last` [b, 1, hidden] with the hidden state of each prompt (lens [b]) whose last token
+    falls in this chunk (x [b, t, hidden], its first position `start`) put in; the other rows kept."""
+    t = x.shape[1]
+    ends_here = ((lens - 1 - start) >= 0) & ((lens - 1 - start) < t)
+    return torch.where(ends_here[:, None, None], last_positions(x, (lens - start).clamp(1, t)), last)
+
+
 def pad_prompts(prompts: list[torch.Tensor], device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
     lens = torch.tensor([len(p) for p in prompts], device=device)
     tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)

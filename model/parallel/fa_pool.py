@@ -48,7 +48,7 @@ from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
 from model.parallel.transport import Transport, split_rows
-from model.transformer import Step, build_model, last_positions, pad_prompts
+from model.transformer import Step, build_model, keep_prompt_ends, pad_prompts
 
 
 class PendingPartials:
@@ -267,8 +267,7 @@ class FAPoolEngine(Engine):
                 q, k, v = block.attn.qkv(block.attn_norm(x), step)
                 x = x + block.attn.project_out(self._base_prefill(layer, q, k, v, step, plan))
                 x = x + block.ffn(block.ffn_norm(x))
-            ends_here = ((lens - 1 - start) >= 0) & ((lens - 1 - start) < t)  # the prompt's last token is here
-            last = torch.where(ends_here[:, None, None], last_positions(x, (lens - start).clamp(1, t)), last)
+            last = keep_prompt_ends(last, x, lens, start)
         out = self._emit(self.head(self.norm(last))[:, 0]) if self.is_base else None
         self._log(self.table.allocated, 0)
         return out

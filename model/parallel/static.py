@@ -37,7 +37,7 @@ from model.parallel.graphs import GraphedProgram
 from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.transformer import Step, build_model, last_positions, pad_prompts
+from model.transformer import Step, build_model, keep_prompt_ends, pad_prompts
 
 
 class StageKV:
@@ -191,9 +191,7 @@ class StaticEngine(Engine):
                 if not self.last:
                     sends.append(self._send(x.contiguous(), self.next_rank, None, "pp_send"))
                     continue
-                ends_here = ((lens[rows] - 1 - start) >= 0) & ((lens[rows] - 1 - start) < t)  # its last token is here
-                here = last_positions(x, (lens[rows] - start).clamp(1, t))
-                last[rows] = torch.where(ends_here[:, None, None], here, last[rows])
+                last[rows] = keep_prompt_ends(last[rows], x, lens[rows], start)
         next_tokens = []
         if self.last:
             logits = self.head(self.norm(last))[:, 0]
