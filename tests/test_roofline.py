@@ -102,4 +102,5 @@ def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path):
         assert r["ttft_ms"] > 0 and r["tps_per_gpu"] > 0
         rec = json.loads((tmp_path / "records" / r["tag"] / "result.json").read_text())
         assert rec["config"]["workload"]["synthetic_kv"] is False and rec["config"]["strategy"]["prefill_chunk"] == 16
+        assert rec["config"]["profile"] is False  # the kernel profile is the decode runs'
     assert "ttft_ms" in (tmp_path / "bench_multi.md").read_text()
