@@ -90,7 +90,12 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
         # Eager steps change the KV length every step; cuDNN builds a new plan per shape (~10 ms of CPU
         # each, measured on H100), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the
         # CUDA-graphed step in model/gpu_decode.py does). See results/measured/h100-x1/.
-        backend = "sdpa_flash" if mask is None else "sdpa_efficient"
+        # flash takes half precision only; the mem-efficient kernel also fp32
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        backend = "sdpa_flash" if mask is None and half else "sdpa_efficient"
+        if is_causal and half:
+            # a whole prompt (one shape per generation, so one plan): cuDNN's Hopper kernel MEASURE
+            backend = "sdpa_cudnn"
     if backend == "sdpa_flash":
         if mask is not None:
             raise BackendUnavailable("sdpa_flash takes no mask: use equal kv lengths, or 'sdpa' / 'sdpa_efficient'")
@@ -102,6 +107,15 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
         out, lse = op(q, k, v, bias, True, is_causal=is_causal, scale=scale)[:2]
     # kernels differ in the LSE's shape: [B, H, Tq], [B, H, Tq, 1] (cuDNN) or Tq padded (efficient)
     return out, lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]].float()
+
+
+def _flash_tail(q, k, v, scale):
+    """Causal attention of the last Tq of Tk positions (a prefill chunk after Tk - Tq cached keys, every row full):
+    flash's causal mask is aligned bottom-right, which is exactly that, so no mask tensor and no masked kernel
+    (the mem-efficient kernel with a mask took 3x flash's time on H200, results/measured/h200-x4/prefill/)."""
+    out, lse = torch.ops.aten._flash_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
+                                                       None, q.shape[2], k.shape[2], 0.0, True, False, scale=scale)[:2]
+    return out.transpose(1, 2), lse.float()
 
 
 def _flash_attn(q, k, v, kv_lens, causal, scale):
@@ -134,6 +148,9 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
     else:
         # a whole prompt of equal lengths: the kernel's own causal masking, no mask tensor (T^2) at all
         square = causal and kv_lens is None and key_positions is None and not q_offset and q.shape[2] == k.shape[2]
+        if (causal and kv_lens is None and key_positions is None and q_offset and q_offset + q.shape[2] == k.shape[2]
+                and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backend in ("sdpa", "sdpa_flash")):
+            return _flash_tail(q, k, v, scale)
         mask = None if square and backend != "math" else \
             visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
         if backend == "math":

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import rope_kernel
 from model.attention import attention
 from model.config import ModelConfig
 
@@ -36,9 +37,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+    def forward(self, x):  # one fused kernel on CUDA, statistics in fp32 (six passes over x written out took
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # 7% of an 8K prefill on H200)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -47,8 +47,15 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     freqs = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = positions.float()[:, None, :, None] * freqs  # [B, 1, T, half]
     cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.float()[..., :half], x.float()[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    if rope_kernel.available(x):  # the same math in one pass over x
+        return rope_kernel.rope(x, cos[:, 0], sin[:, 0])
+    # in fp32 (x times an fp32 factor promotes), each half written straight into the output: no fp32 copy of x
+    # and no concatenation (6% of an 8K prefill on H200)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty_like(x)
+    out[..., :half] = x1 * cos - x2 * sin
+    out[..., half:] = x1 * sin + x2 * cos
+    return out
 
 
 class LocalKV:

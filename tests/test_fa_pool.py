@@ -192,6 +192,19 @@ def test_prefill_writes_long_prompts_straight_into_pool_blocks(tp, pool, chunk, 
         assert r["comm_bytes"]["prefill_to_pool"] == kv + q
 
 
+@pytest.mark.parametrize("tp,pool", [(2, 2), (1, 3)])
+def test_prefill_of_equal_prompts_in_chunks_matches_the_reference(tp, pool, tmp_path):
+    """Four prompts of 64 tokens, all long, in chunks of 16: every chunk full, so the base attends with no length
+    mask and each pool rank over its equal share of the earlier chunks with none either (the benchmark's case)."""
+    rec = launch(["strategy=fa_pool_b2_p4", f"strategy.tp={tp}", f"strategy.pool.size={pool}",
+                  f"strategy.pool.max_size={pool}", f"strategy.world_size={tp + pool}", "strategy.pool.gpus_per_node=4",
+                  "strategy.pool.hierarchical=false", "strategy.prefill_chunk=16", "model.init_std=0.3",
+                  "workload=tiny_mixed", "workload.prompt_lens=[64]", "check_reference=true"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    check = rec["reference_check"]
+    assert check["passed"] and check["tokens_equal"] and check["max_rel_logit_error"] < 1e-4, check
+
+
 def test_fa_pool_prefill_chunk_is_whole_pool_blocks():
     from harness.config import ConfigError
     from tests.conftest import cfg_object

@@ -59,3 +59,46 @@ def test_prefill_flops_by_hand():
     causal = 3 * 2 * sum(4 * 64 * (i + 1) for i in range(5))  # q k^T and p v over keys 0..i
     head = 2 * 3 * 64 * 512  # the LM head on the last position only
     assert bench_gpu.prefill_flops(cfg, 3, 5) == dense + causal + head
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_full_chunk_after_cached_keys_takes_flash_and_equals_the_masked_math(dtype, monkeypatch):
+    """A prefill chunk of 96 queries after 160 cached keys, every row full: the flash path (bottom-right causal,
+    no mask) gives the out and LSE the math path gives with its explicit mask, and it runs with no mask built."""
+    from model import attention as A
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, t, 128, device="cuda", generator=gen).to(dtype) for t in (96, 256, 256))
+    want_out, want_lse = A.attention(q.float(), k.float(), v.float(), causal=True, backend="math", q_offset=160)
+    monkeypatch.setattr(A, "visible_mask", lambda *a, **kw: pytest.fail("a mask was built"))
+    out, lse = A.attention(q, k, v, causal=True, backend="sdpa", q_offset=160)
+    assert (out.float() - want_out).abs().max().item() < 2e-2
+    assert (lse - want_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_whole_prompt_attention_and_rotary_kernel_equal_the_math(dtype):
+    """The CUDA prefill path: a whole causal prompt (cuDNN for half precision, no mask) gives the math path's out
+    and LSE; the Triton rotary kernel gives the torch form's result on a permuted (strided) view."""
+    import model.transformer as T
+    from model import attention as A, rope_kernel
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 200, 128, device="cuda", generator=gen).to(dtype) for _ in range(3))
+    want_out, want_lse = A.attention(q.float(), k.float(), v.float(), causal=True, backend="math")
+    out, lse = A.attention(q, k, v, causal=True, backend="sdpa")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert (out.float() - want_out).abs().max().item() < tol and (lse - want_lse).abs().max().item() < tol
+    x = torch.randn(3, 50, 3, 6, 128, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, D]
+    pos = torch.randint(0, 30000, (3, 50), device="cuda", generator=gen)
+    assert rope_kernel.available(x)
+    got = T.apply_rope(x, pos, 10000.0)
+    rope_kernel.triton, saved = None, rope_kernel.triton  # the torch form
+    try:
+        want = T.apply_rope(x, pos, 10000.0)
+    finally:
+        rope_kernel.triton = saved
+    ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # the kernel may fuse a multiply-add: one rounding apart
+    assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp_min(1)).all()

@@ -24,6 +24,10 @@ CASES = [  # name, overrides, GPUs
     ("fa_pool_b1_p3_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=3",
                                       "strategy.pool.max_size=3", "strategy.pool.gpus_per_node=4",
                                       "strategy.pool.hierarchical=false", "strategy.prefill_chunk=32"], 4),
+    ("fa_pool_b1_p3_prefill_equal_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=3",
+                                            "strategy.pool.max_size=3", "strategy.pool.gpus_per_node=4",
+                                            "strategy.pool.hierarchical=false", "strategy.prefill_chunk=16",
+                                            "workload.prompt_lens=[64]"], 4),
     ("fa_pool_b2_p2_prefill_equal_prompts", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4",
                                      "workload.prompt_lens=[64]"], 4),
 ]

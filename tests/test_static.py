@@ -50,14 +50,14 @@ def test_static_matches_reference(tp, pp, schedule, tmp_path):
     assert sum(r["weight_bytes"] for r in ranks) == 4 * (m.param_count() + (tp - 1) * (2 * m.n_layers + 1) * m.hidden)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
-def test_chunked_prefill_matches_the_reference(tp, pp, tmp_path):
-    """Prompts of 12-80 tokens prefilled 16 at a time (5 chunks for the longest): the same logits and tokens as
-    the plain model's whole-prompt prefill, teacher-forced and free-running."""
+@pytest.mark.parametrize("tp,pp,prompts", [(1, 1, "ragged"), (2, 2, "ragged"), (1, 1, "equal"), (2, 2, "equal")])
+def test_chunked_prefill_matches_the_reference(tp, pp, prompts, tmp_path):
+    """Prompts of 12-80 tokens (ragged) or all of 48 (equal: every chunk full, no length mask) prefilled 16 at a
+    time: the same logits and tokens as the plain model's whole-prompt prefill, teacher-forced and free-running."""
     rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy.kind=static", f"strategy.tp={tp}", f"strategy.pp={pp}",
                   f"strategy.world_size={tp * pp}", f"strategy.micro_batches={pp}", "model.n_layers=4",
                   "strategy.kv_block=16", "strategy.prefill_chunk=16", "model.init_std=0.3", "workload=tiny_mixed",
-                  "check_reference=true"], tmp_path)
+                  *(["workload.prompt_lens=[48]"] if prompts == "equal" else []), "check_reference=true"], tmp_path)
     assert rec["status"] == "ok", rec["error"]
     check = rec["reference_check"]
     assert check["passed"] and check["tokens_equal"] and check["max_rel_logit_error"] < 1e-4

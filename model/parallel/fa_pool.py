@@ -345,8 +345,12 @@ class FAPoolEngine(Engine):
                     self.pool_kv.kv[layer, i].index_copy_(0, plan.my_slots, blocks)
             if not q_rows:
                 return
-            o, lse = paged_decode(x[:q_rows], *self.pool_kv.layer(layer), plan.my_table, plan.my_lens)
-            part = torch.cat([o, lse[..., None]], dim=-1)  # [n * t, H, D + 1] fp32
+            # dense attention over this rank's blocks of each row, gathered once per chunk and layer (the decode
+            # kernel, one query per row, would read a row's blocks once for each of the chunk's t queries)
+            q = x[:q_rows].view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
+            keys, values = self.pool_kv.dense(layer, plan.my_blocks, plan.my_upto)
+            o, lse = attention(q, keys, values, kv_lens=plan.my_kv_lens, backend=self.backend)
+            part = torch.cat([o.float(), lse[..., None]], dim=-1).transpose(1, 2).reshape(q_rows, self.n_heads, -1)
         packed = part.view(q_rows, self.tp, self.local_heads, -1).transpose(0, 1).contiguous()
         self._send([(r, packed[r], "prefill_partials") for r in range(self.tp)])
 

@@ -241,8 +241,8 @@ class PrefillChunk:
     - short rows (they start at or below the threshold): their base cache rows and lengths;
     - long rows: their new tokens in the chunk, and per pool rank p the chunk's blocks that p holds, as (long
       row index, block index within the chunk) in (sequence, block) order: what a base rank sends to p;
-    - on pool rank `me`: the slots of its blocks of the chunk (same order), and for the long rows' queries
-      (row-major: long row, then position in the chunk) its block-table rows and its tokens before the chunk."""
+    - on pool rank `me`: the slots of its blocks of the chunk (same order), and per long row its block-table row
+      and its tokens before the chunk (the keys the row's queries see on `me`)."""
 
     def __init__(self, sched: Scheduler, table_dev, placed: np.ndarray, long: np.ndarray, lens: np.ndarray,
                  start: int, t: int, pool_size: int, me: int, device):
@@ -254,7 +254,8 @@ class PrefillChunk:
         self.long_dev, self.short_dev = dev(long), dev(self.short)
         self.short_base_row = dev(sched.base_row[self.short])
         self.short_lens = dev(lens[self.short])
-        self.long_new = dev(np.clip(lens[long] - start, 0, t))
+        new = np.clip(lens[long] - start, 0, t)
+        self.long_new = None if (new == t).all() else dev(new)  # None: every long row fills the chunk, no mask
         first, n_blocks = start // bs, -(-t // bs)
         in_chunk = placed[(placed[:, 1] >= first) & (placed[:, 1] < first + n_blocks)]
         in_chunk = in_chunk[np.lexsort((in_chunk[:, 1], in_chunk[:, 0]))]  # by sequence, then block
@@ -272,8 +273,11 @@ class PrefillChunk:
             before = np.minimum(start, lens[held[:, 0]]) - held[:, 1] * bs
             tokens = np.zeros(len(lens), np.int64)
             np.add.at(tokens, held[:, 0], np.clip(before, 0, bs))
-            self.my_table = table_dev.index_select(0, self.long_dev).repeat_interleave(t, dim=0)
-            self.my_lens = dev(np.repeat(tokens[long], t)).to(torch.int32)
+            # every one of them is before the chunk, so visible to all its queries: dense keys, no causal mask
+            held_long = tokens[long]
+            self.my_upto = int(held_long.max()) if len(long) else 0
+            self.my_blocks = table_dev.index_select(0, self.long_dev)[:, : -(-self.my_upto // bs)].long()
+            self.my_kv_lens = None if (held_long == self.my_upto).all() else dev(held_long)
 
     def blocked(self, *xs: torch.Tensor):
         """[n, h, t, D] -> [n, h, chunk blocks, block, D] (zero-padded to whole blocks)."""

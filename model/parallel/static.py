@@ -74,12 +74,12 @@ class StageAttention:
             if step.prefill:  # a whole prompt (start 0) or a chunk of it after `start` cached positions
                 bs, t = c.kv.block_size, k.shape[2]
                 c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq + step.start // bs, -(-t // bs))
+                lens = None if step.full else step.new_lens  # every row fills the chunk: no length mask
                 if step.start == 0:
-                    lens = None if step.full else step.new_lens
                     return attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)[0]
                 keys, values = c.dense(self.layer, step.rows, step.start + t)
-                return attention(q, keys, values, kv_lens=step.start + step.new_lens, causal=True, backend=self.backend,
-                                 q_offset=step.start)[0]
+                return attention(q, keys, values, kv_lens=None if lens is None else step.start + lens, causal=True,
+                                 backend=self.backend, q_offset=step.start)[0]
             bs = c.kv.block_size
             pos = step.cache_lens
             slots = rows * c.blocks_per_seq + pos // bs
