@@ -24,8 +24,8 @@ if triton is not None:
     @triton.jit
     def _rope(x_ptr, out_ptr, cos_ptr, sin_ptr, heads, tokens, sxb, sxh, sxt, sob, soh, sot,
               BLOCK_H: tl.constexpr, HALF: tl.constexpr):
-        row = tl.program_id(0)  # one token (b, t): every head of it
-        b, t = row // tokens, row % tokens
+        row = tl.program_id(0).to(tl.int64)  # one token (b, t): every head of it; 64-bit offsets (a prefill
+        b, t = row // tokens, row % tokens  # chunk of 140 x 2048 tokens spans more than 2^31 elements)
         h = tl.arange(0, BLOCK_H)[:, None]
         i = tl.arange(0, HALF)[None, :]
         keep = h < heads

@@ -16,20 +16,20 @@ CASES = [  # name, overrides, GPUs
     ("fa_pool_b1_p1", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=1", "strategy.pool.max_size=1",
                        "strategy.pool.gpus_per_node=2"], 2),
     ("fa_pool_b2_p2", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4"], 4),
-    # real prefill on the GPU path: chunks through the stages, and FA Pool's long prompts straight into pool blocks
-    # (the paged kernel with a chunk's rows per sequence); equal prompts take the no-mask causal path
-    ("tp2_pp2_prefill_chunks", ["strategy=tp2_pp2", "strategy.prefill_chunk=32"], 4),
+    # real prefill on the GPU path (attention_backend=sdpa, as the benchmark runs it): chunks through the stages,
+    # FA Pool's long prompts straight into pool blocks; equal prompts take the no-mask causal paths
+    ("tp2_pp2_prefill_chunks", ["strategy=tp2_pp2", "strategy.prefill_chunk=32", "attention_backend=sdpa"], 4),
     ("fa_pool_b2_p2_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4",
-                                      "strategy.prefill_chunk=16"], 4),
+                                      "strategy.prefill_chunk=16", "attention_backend=sdpa"], 4),
     ("fa_pool_b1_p3_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=3",
                                       "strategy.pool.max_size=3", "strategy.pool.gpus_per_node=4",
-                                      "strategy.pool.hierarchical=false", "strategy.prefill_chunk=32"], 4),
-    ("fa_pool_b1_p3_prefill_equal_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=3",
+                                      "strategy.pool.hierarchical=false", "strategy.prefill_chunk=32", "attention_backend=sdpa"], 4),
+    ("fa_pool_b1_p3_equal_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=3",
                                             "strategy.pool.max_size=3", "strategy.pool.gpus_per_node=4",
                                             "strategy.pool.hierarchical=false", "strategy.prefill_chunk=16",
-                                            "workload.prompt_lens=[64]"], 4),
+                                            "workload.prompt_lens=[64]", "attention_backend=sdpa"], 4),
     ("fa_pool_b2_p2_prefill_equal_prompts", ["strategy=fa_pool_b2_p2", "strategy.pool.gpus_per_node=4",
-                                     "workload.prompt_lens=[64]"], 4),
+                                     "workload.prompt_lens=[64]", "attention_backend=sdpa"], 4),
 ]
 
 
