@@ -231,8 +231,12 @@ def main(argv=None):
                                                      "(default: 8K b16, then 8K, 16K, 32K at half memory)")
         ap.add_argument("--prefill-chunk", type=int, default=0, help="0: synthetic KV (decode only); N: a real "
                         "prefill in chunks of N tokens (whole KV blocks), with TTFT and TPS")
+        ap.add_argument("--rebuild", action="store_true", help="measure nothing: the tables again from OUT's "
+                        "records/ and limits.json (e.g. after a call ran out of time before writing them)")
 
     args, out, device, dtype = bench_setup(__doc__, argv, extra)
+    if args.rebuild:
+        return rebuild(out)
     smoke = args.smoke
     gpus = args.gpus or (2 if smoke or device.type != "cuda" else torch.cuda.device_count())
     (out / "logs").mkdir(exist_ok=True)
@@ -259,16 +263,38 @@ def main(argv=None):
             rec = run["record"]
             print(f"{run['tag']}: {rec.get('status')} {rec.get('metrics', {}).get('mean_tpot_ms', '')} ms "
                   f"ratio {rec.get('roofline', {}).get('ratio', '')} ({run['wall_s']:.0f} s)", flush=True)
+    write_tables(out, res, runs, prefill=bool(args.prefill_chunk))
+
+
+def write_tables(out: Path, res: dict, runs: list[dict], prefill: bool) -> None:
     rows = table_rows(runs)
     (out / "bench_multi.json").write_text(json.dumps({"limits": res, "rows": rows}, indent=1, default=str))
-    cols = ["run", "context", "batch", "gpus", "status", *(["ttft_ms", "tps_per_gpu"] if args.prefill_chunk else []),
+    cols = ["run", "context", "batch", "gpus", "status", *(["ttft_ms", "tps_per_gpu"] if prefill else []),
             "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio", "speedup_vs_best_static", "note"]
-    text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{gpus}, torch {torch.__version__}, "
-            f"CUDA {torch.version.cuda}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
+    env = next((r["record"].get("env") for r in runs if r["record"].get("env")), {}) or {}
+    text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{res['gpus']}, torch "
+            f"{env.get('torch', torch.__version__)}, CUDA {res['device'].get('cuda')}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
             f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))
     (out / "bench_multi.md").write_text(text + "\n")
     (out / "profile.md").write_text(profile_table(runs) + "\n")
     print(text)
+
+
+def rebuild(out: Path) -> None:
+    """The tables from OUT/records/*/result.json and OUT/limits.json, rooflines attached again."""
+    res = json.loads((out / "limits.json").read_text())
+    comm = res["comm"].get("graph", res["comm"]["eager"])
+    runs = []
+    for path in sorted((out / "records").glob("*/result.json")):
+        rec = json.loads(path.read_text())
+        w = (rec.get("config") or {}).get("workload") or {}
+        run = {"tag": path.parent.name, "name": path.parent.name.split("_L")[0], "context": max(w["prompt_lens"]),
+               "batch": w["batch_size"], "path": str(path), "wall_s": None, "record": rec}
+        attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
+        runs.append(run)
+    runs.sort(key=lambda r: (r["context"], r["batch"], list(strategies(4, False)).index(r["name"])
+                             if r["name"] in strategies(4, False) else 99))
+    write_tables(out, res, runs, prefill=any(not r["record"].get("synthetic_kv", True) for r in runs))
 
 
 def profile_table(runs: list[dict]) -> str:

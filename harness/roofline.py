@@ -71,15 +71,18 @@ def weight_bytes_read(cfg, rank: dict) -> float:
 
 
 def comm_seconds(cfg, rank: dict, comm: dict, steps: int) -> float:
-    """This rank's collectives and messages per decode step at their calibrated in-graph time."""
+    """This rank's collectives and messages per decode step at their calibrated in-graph time (the counts less
+    the prefill's, which a record with a real prefill holds apart)."""
     s = cfg.strategy
     total = 0.0
+    prefill_ops, prefill_bytes = rank.get("comm_ops_prefill") or {}, rank.get("comm_bytes_prefill") or {}
     for key, ops in (rank.get("comm_ops") or {}).items():
+        ops -= prefill_ops.get(key, 0)
         if not ops:
             continue
         op = OP_OF.get(key, "p2p")
         group = 2 if op == "p2p" else s.kv_shards if key.startswith("dcp_") else s.tp
-        size = rank["comm_bytes"][key] / ops
+        size = (rank["comm_bytes"][key] - prefill_bytes.get(key, 0)) / ops
         if op in ("all_gather", "all_to_all"):
             size /= max(group - 1, 1)  # CommStats counts the bytes exchanged with the group - 1 others: per peer
         total += ops / steps * op_time(comm, op, group, size)
@@ -88,6 +91,10 @@ def comm_seconds(cfg, rank: dict, comm: dict, steps: int) -> float:
 
 def roofline(cfg, record: dict, read_bytes_per_s: float, comm: dict) -> dict:
     """The record's roofline (see the module docstring) and its TPOT's ratio to it. cfg: the record's BenchConfig."""
+    if not record.get("synthetic_kv", True) and any("comm_ops_prefill" not in r and any((r.get("comm_ops") or {}).values())
+                                                    for r in record["ranks"]):
+        # its counts mix the prefill's collectives in (records from before they were held apart): no decode roofline
+        return {"step_ms": None, "ratio": None, "definition": "none: the record's message counts include its prefill"}
     m = cfg.model
     elem = torch.finfo(getattr(torch, cfg.hardware.dtype)).bits // 8
     token_bytes = 2 * m.hidden * elem  # K and V of one token in one layer, all heads

@@ -91,6 +91,7 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         settle()  # filling GBs of random KV is no decode work: no step may wait on another rank's fill
     else:
         tok = engine.prefill(prompts, max_len)
+    engine.mark_prefill()
     if clock:
         clock.mark()
     if phases is not None:
@@ -220,6 +221,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     clock = StepClock(device) if rank == 0 else None
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
+    report["comm_bytes_prefill"], report["comm_ops_prefill"] = engine.prefill_comm["bytes"], engine.prefill_comm["ops"]
     report["rank"], report["warmup_generations"] = rank, warmups
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"

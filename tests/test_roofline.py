@@ -104,3 +104,20 @@ def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path):
         assert rec["config"]["workload"]["synthetic_kv"] is False and rec["config"]["strategy"]["prefill_chunk"] == 16
         assert rec["config"]["profile"] is False  # the kernel profile is the decode runs'
     assert "ttft_ms" in (tmp_path / "bench_multi.md").read_text()
+    (tmp_path / "bench_multi.md").unlink()  # a call cut off before its tables: --rebuild writes them from the records
+    bench_multi.main(["--out", str(tmp_path), "--rebuild"])
+    again = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
+    assert [(r["run"], r["tag"], r["ttft_ms"], r["ratio"]) for r in again] == [(r["run"], r["tag"], r["ttft_ms"], r["ratio"]) for r in rows]
+    assert "ttft_ms" in (tmp_path / "bench_multi.md").read_text()
+    # the decode roofline leaves the prefill's messages out: the same as the synthetic-KV run's of the point
+    from harness.config import from_dict
+
+    bench_multi.main(["--smoke", "--out", str(tmp_path / "synthetic"), "--points", "48x4:dcp_t2_k2"])
+    real, synthetic = (json.loads((d / "records" / tag / "result.json").read_text()) for d, tag in
+                       ((tmp_path, "dcp_t2_k2_L48_B4_prefill"), (tmp_path / "synthetic", "dcp_t2_k2_L48_B4")))
+    assert all(r["comm_ops_prefill"]["dcp_alltoall"] > 0 for r in real["ranks"])
+    assert real["ranks"][0]["comm_ops"]["dcp_alltoall"] > synthetic["ranks"][0]["comm_ops"]["dcp_alltoall"]
+    step = [roofline(from_dict(r["config"]), r, 1e9, COMM)["step_ms"] for r in (real, synthetic)]
+    assert step[0] == pytest.approx(step[1])
+    del real["ranks"][0]["comm_ops_prefill"]  # a record from before the counts were held apart: no roofline
+    assert roofline(from_dict(real["config"]), real, 1e9, COMM)["ratio"] is None

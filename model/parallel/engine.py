@@ -66,6 +66,12 @@ class Engine:
         if hasattr(self, "stats"):
             self.stats.bytes, self.stats.ops = {}, {}
 
+    def mark_prefill(self) -> None:
+        """A generation's prefill ends here: what was sent so far is the prefill's (a decode roofline counts the
+        rest)."""
+        stats = getattr(self, "stats", None)
+        self.prefill_comm = {"bytes": dict(stats.bytes), "ops": dict(stats.ops)} if stats else {"bytes": {}, "ops": {}}
+
     def finish(self) -> None:
         """End of generation: free what the sequences held."""
 
