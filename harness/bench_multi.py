@@ -292,8 +292,8 @@ def rebuild(out: Path) -> None:
                "batch": w["batch_size"], "path": str(path), "wall_s": None, "record": rec}
         attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
         runs.append(run)
-    runs.sort(key=lambda r: (r["context"], r["batch"], list(strategies(4, False)).index(r["name"])
-                             if r["name"] in strategies(4, False) else 99))
+    order = list(strategies(4, False))  # the order the job runs them in
+    runs.sort(key=lambda r: (r["context"], r["batch"], order.index(r["name"]) if r["name"] in order else len(order)))
     write_tables(out, res, runs, prefill=any(not r["record"].get("synthetic_kv", True) for r in runs))
 
 
