@@ -307,6 +307,14 @@ def validate(cfg: BenchConfig) -> None:
     need(not (cfg.attention_backend == "flash_attn" and not w.synthetic_kv),
          "attention_backend=flash_attn cannot prefill ragged prompts (flash-attn aligns its causal mask to the bottom "
          "right); use attention_backend=sdpa, or workload.synthetic_kv=true")
+    if cfg.hardware.device == "cuda" and cfg.attention_backend == "math" and not w.synthetic_kv and cfg.launcher.kind != "model":
+        longest = max([hi for _, hi in w.buckets] or list(w.prompt_lens))
+        rows = -(-w.batch_size // s.micro_batches)
+        scores_gib = rows * (m.n_heads // s.tp) * min(s.prefill_chunk or longest, longest) * longest * 4 / 2**30
+        need(scores_gib <= 4,
+             f"attention_backend=math on cuda builds fp32 attention scores of {scores_gib:.0f} GiB for one prefill "
+             f"chunk ({rows} rows x {m.n_heads // s.tp} heads x chunk x {longest} keys); use attention_backend=sdpa "
+             f"(fused kernels; decode steps run the paged kernel either way), or a smaller strategy.prefill_chunk")
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")
