@@ -2,8 +2,8 @@
 
     python -m harness.bench_summary results/measured/h200-x4/bench first_call call_a call_c ...
 
-Calls are named oldest first. A row is (run, context, batch, captured or eager): the newest call that has it
-gives it, so a rerun replaces what it reran and an eager run stays beside a captured one. `graphs` comes from
+Calls are named oldest first. A row is (run, context, batch, captured or eager, synthetic KV or a real
+prefill): the newest call that has it gives it, so a rerun replaces what it reran and an eager run stays beside a captured one. `graphs` comes from
 the record (any rank replaying CUDA graphs), `n/a` where a call's records were not brought back (any later
 call's row of the point replaces such a row). The speed-up is
 over the fastest static TP x PP row of the same point and GPU count. Writes DIR/summary.md.
@@ -40,17 +40,18 @@ def summarize(set_dir: Path, calls: list[str]) -> list[dict]:
             if row.get("status") != "ok":
                 continue
             graphs = _graphs(call_dir, row)
+            kv = "real prefill" if row.get("tag", "").endswith("_prefill") else "synthetic"  # a point apart
             if graphs != "n/a":  # a rerun whose record says how it ran replaces one whose record is missing
-                rows.pop((row["run"], row["context"], row["batch"], None), None)
+                rows.pop((row["run"], row["context"], row["batch"], None, kv), None)
             median = row.get("median_tpot_ms")
             eager = None if graphs == "n/a" else graphs.startswith("no")
-            rows[(row["run"], row["context"], row["batch"], eager)] = {
-                **row, "graphs": graphs, "call": call,
+            rows[(row["run"], row["context"], row["batch"], eager, kv)] = {
+                **row, "graphs": graphs, "call": call, "kv": kv,
                 "median_ratio": median / row["roofline_ms"] if median and row.get("roofline_ms") else None}
-    out = sorted(rows.values(), key=lambda r: (r["context"], r["batch"], r["gpus"], r["run"], r["graphs"]))
+    out = sorted(rows.values(), key=lambda r: (r["kv"], r["context"], r["batch"], r["gpus"], r["run"], r["graphs"]))
     for r in out:
         static = [o["tpot_ms"] for o in out if is_static(o["run"]) and
-                  (o["context"], o["batch"], o["gpus"]) == (r["context"], r["batch"], r["gpus"])]
+                  (o["context"], o["batch"], o["gpus"], o["kv"]) == (r["context"], r["batch"], r["gpus"], r["kv"])]
         r["speedup_vs_best_static"] = min(static) / r["tpot_ms"] if static else None
     return out
 
@@ -61,7 +62,8 @@ def main(argv=None):
         sys.exit("usage: python -m harness.bench_summary SET_DIR CALL [CALL ...] (oldest first)")
     set_dir = Path(argv[0])
     rows = summarize(set_dir, argv[1:])
-    (set_dir / "summary.md").write_text(fmt_table(rows, COLUMNS))
+    prefill = any(r["kv"] == "real prefill" for r in rows)  # then which rows had one, and their TTFT
+    (set_dir / "summary.md").write_text(fmt_table(rows, ["kv", *COLUMNS[:5], "ttft_ms", *COLUMNS[5:]] if prefill else COLUMNS))
     print(f"{len(rows)} rows -> {set_dir / 'summary.md'}")
 
 

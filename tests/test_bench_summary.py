@@ -34,3 +34,16 @@ def test_newer_calls_replace_rows_and_eager_stays_beside_captured(tmp_path):
     # over the fastest static TP x PP of the point (tp4's 1.5 ms); DCP and FA Pool are not static
     assert out[("dcp_t4_k4", "yes")]["speedup_vs_best_static"] == pytest.approx(1.5)
     assert out[("fa_pool_b2_p2", "yes")]["speedup_vs_best_static"] == pytest.approx(0.5)
+
+
+def test_a_real_prefill_row_is_a_point_of_its_own(tmp_path):
+    """A call with a real prefill (tags ending `_prefill`) neither replaces the synthetic-KV rows of its point nor
+    counts as their static baseline."""
+    _call(tmp_path, "decode", [row("tp4", 2.0)], [True])
+    prefill = [{**row("tp4", 1.0), "tag": "tp4_L8192_B16_prefill", "ttft_ms": 180.0},
+               {**row("fa_pool_b1_p3", 4.0), "tag": "fa_pool_b1_p3_L8192_B16_prefill", "ttft_ms": 690.0}]
+    _call(tmp_path, "prefill", prefill, [None, None])
+    out = {(r["run"], r["kv"]): r for r in summarize(tmp_path, ["decode", "prefill"])}
+    assert set(out) == {("tp4", "synthetic"), ("tp4", "real prefill"), ("fa_pool_b1_p3", "real prefill")}
+    assert out[("tp4", "synthetic")]["tpot_ms"] == 2.0 and out[("tp4", "real prefill")]["ttft_ms"] == 180.0
+    assert out[("fa_pool_b1_p3", "real prefill")]["speedup_vs_best_static"] == pytest.approx(0.25)  # over 1.0
