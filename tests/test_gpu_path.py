@@ -93,11 +93,12 @@ def test_whole_prompt_attention_and_rotary_kernel_equal_the_math(dtype):
     assert (out.float() - want_out).abs().max().item() < tol and (lse - want_lse).abs().max().item() < tol
     x = torch.randn(3, 50, 3, 6, 128, device="cuda", generator=gen).to(dtype).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, D]
     pos = torch.randint(0, 30000, (3, 50), device="cuda", generator=gen)
+    cos, sin = T.rope_tables(pos, 64, 10000.0)
     assert rope_kernel.available(x)
-    got = T.apply_rope(x, pos, 10000.0)
+    got = T.apply_rope(x, cos, sin)
     rope_kernel.triton, saved = None, rope_kernel.triton  # the torch form
     try:
-        want = T.apply_rope(x, pos, 10000.0)
+        want = T.apply_rope(x, cos, sin)
     finally:
         rope_kernel.triton = saved
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # the kernel may fuse a multiply-add: one rounding apart
