@@ -76,6 +76,10 @@ def _aligned_bias(mask, dtype, heads):
     return bias.expand(b, heads, tq, tk)
 
 
+def _half(q) -> bool:
+    return q.dtype in (torch.float16, torch.bfloat16)
+
+
 def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
     """is_causal (with no mask): the kernels' own causal masking, top-left; only for Tq == Tk, where top-left and
     bottom-right agree."""
@@ -91,9 +95,8 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
         # each, measured on H100), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the
         # CUDA-graphed step in model/gpu_decode.py does). See results/measured/h100-x1/.
         # flash takes half precision only; the mem-efficient kernel also fp32
-        half = q.dtype in (torch.float16, torch.bfloat16)
-        backend = "sdpa_flash" if mask is None and half else "sdpa_efficient"
-        if is_causal and half:
+        backend = "sdpa_flash" if mask is None and _half(q) else "sdpa_efficient"
+        if is_causal and _half(q):
             # a whole prompt (one shape per generation, so one plan): cuDNN's Hopper kernel ran causal prefill
             # attention at 580-640 TFLOP/s where flash ran 340-350 (8K-32K, H200: results/measured/h200-x1/prefill/)
             backend = "sdpa_cudnn"
@@ -147,10 +150,11 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
         empty = None if kv_lens is None else (kv_lens == 0).view(-1, 1, 1)
     else:
+        by_position = causal and kv_lens is None and key_positions is None  # what a query sees: its position alone
         # a whole prompt of equal lengths: the kernel's own causal masking, no mask tensor (T^2) at all
-        square = causal and kv_lens is None and key_positions is None and not q_offset and q.shape[2] == k.shape[2]
-        if (causal and kv_lens is None and key_positions is None and q_offset and q_offset + q.shape[2] == k.shape[2]
-                and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and backend in ("sdpa", "sdpa_flash")):
+        square = by_position and not q_offset and q.shape[2] == k.shape[2]
+        tail = by_position and q_offset and q_offset + q.shape[2] == k.shape[2]  # a full chunk after cached keys
+        if tail and q.is_cuda and _half(q) and backend in ("sdpa", "sdpa_flash"):
             return _flash_tail(q, k, v, scale)
         mask = None if square and backend != "math" else \
             visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
