@@ -9,7 +9,8 @@
 2. The runs, each through `fapool-bench` (its own processes, its failures a failed record): the paper model in
    bf16 with synthetic KV, at 8K b16 and at contexts 8K, 16K, 32K with the batch that fills half of one GPU's
    memory with KV (the reference's, and FA Pool 2+1's pool rank, hold all of it); strategies reference (1 GPU),
-   tp2, tp4, tp2_pp2, tp1_pp4, DCP (TP2 and TP4 with the KV split over 2 or 4 ranks), FA Pool 2+2, 1+3, 2+1
+   tp2, tp1_pp2, tp4, tp2_pp2, tp1_pp4 (each pipeline also with twice the micro-batches), DCP (TP2 and TP4 with the
+   KV split over 2 or 4 ranks), FA Pool 1+1, 2+2, 1+3, 2+1
    (threshold below the context: every sequence in the pool; one micro-batch) and FA Pool 2+2 with two
    micro-batches overlapping pool and base (async_overlap).
    `--prefill-chunk N` runs the same points with a real prefill in chunks of N tokens instead of synthetic KV
@@ -124,7 +125,8 @@ def strategies(gpus: int, smoke: bool) -> dict:
                 f"strategy.tp={tp}", f"strategy.pool.size={size}", f"strategy.pool.max_size={size}",
                 f"strategy.micro_batches={micro_batches}", *pool]
 
-    runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"],
+    runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"], "tp1_pp2": ["strategy=tp1_pp2"],
+            "tp1_pp2_mb4": ["strategy=tp1_pp2", "strategy.name=tp1_pp2_mb4", "strategy.micro_batches=4"],
             "tp4": ["strategy=tp4_pp1"], "tp2_pp2": ["strategy=tp2_pp2"],
             "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
                         "strategy.micro_batches=4"],
@@ -135,9 +137,9 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "tp1_pp4_mb8": ["strategy=tp1_pp2", "strategy.name=tp1_pp4_mb8", "strategy.pp=4", "strategy.world_size=4",
                             "strategy.micro_batches=8"],
             "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
-            "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
+            "fa_pool_b1_p1": fa(1, 1), "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
             "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2)}
-    width = {"reference": 1, "tp2": 2, "dcp_t2_k2": 2, "fa_pool_b2_p1": 3}
+    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2, "fa_pool_b1_p1": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 
@@ -164,7 +166,8 @@ def chosen_points(spec: str, smoke: bool, gpu_bytes: int) -> list[tuple[int, int
     return out
 
 
-def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int, prefill_chunk: int = 0) -> dict:
+def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int, prefill_chunk: int = 0,
+              trace: bool = False) -> dict:
     """One fapool-bench run. prefill_chunk = 0: synthetic KV (decode only); > 0: a real prefill in chunks of that
     many tokens (TTFT and the paper's TPS in the record; tag suffix `_prefill`)."""
     # sdpa: the fused kernels for prefill (decode steps run the paged kernel whatever the backend); math's fp32
@@ -183,9 +186,9 @@ def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int,
     rdir = out / "records" / tag
     cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={tempfile.gettempdir()}/hydra/{tag}",
            f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", *model, *overrides, *point,
-           # the kernel profile is of decode steps (the synthetic-KV runs); with a real prefill it would be one more
-           # whole prefill per run, and the profile would be mostly prefill
-           f"profile={'false' if prefill_chunk else 'true'}"]
+           # the profiled pass times decode steps only, but with a real prefill it would cost one more whole prefill
+           # per run: profiled where the KV is synthetic
+           f"profile={'false' if prefill_chunk else 'true'}", f"profile_trace={str(trace and not prefill_chunk).lower()}"]
     t0 = time.time()
     with open(out / "logs" / f"{tag}.txt", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s + 60, check=False)
@@ -231,6 +234,7 @@ def main(argv=None):
                                                      "(default: 8K b16, then 8K, 16K, 32K at half memory)")
         ap.add_argument("--prefill-chunk", type=int, default=0, help="0: synthetic KV (decode only); N: a real "
                         "prefill in chunks of N tokens (whole KV blocks), with TTFT and TPS")
+        ap.add_argument("--trace", action="store_true", help="also each profiled run's Chrome traces (records/<run>/traces/)")
         ap.add_argument("--rebuild", action="store_true", help="measure nothing: the tables again from OUT's "
                         "records/ and limits.json (e.g. after a call ran out of time before writing them)")
 
@@ -257,7 +261,7 @@ def main(argv=None):
         for name, overrides in strategies(gpus, smoke).items():
             if (only and name not in only) or (names and name not in names):
                 continue
-            run = run_point(name, overrides, context, batch, smoke, out, args.timeout, args.prefill_chunk)
+            run = run_point(name, overrides, context, batch, smoke, out, args.timeout, args.prefill_chunk, args.trace)
             attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
             runs.append(run)
             rec = run["record"]
@@ -298,11 +302,15 @@ def rebuild(out: Path) -> None:
 
 
 def profile_table(runs: list[dict]) -> str:
-    """Per run and role (the role's first rank): device time per decode step by kind of kernel, from the
-    profiled generation (prefill included, so attention also holds the synthetic fill's share: none)."""
-    lines = ["# Kernel time per generation by kind (torch.profiler, one profiled generation per run)", "",
-             "| run | role | rank | communication ms | attention ms | gemm ms | other ms | top kernel |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Per run and role (the role's first rank): device time per decode step by kind of kernel, and where the
+    step's wall time went on that GPU (harness/measure.timeline_summary), from the profiled decode steps."""
+    lines = ["# Device time per decode step (torch.profiler over the decode steps of one more generation per run)", "",
+             "kernels by kind (NCCL includes a receive spinning on its peer); then the step's window on this GPU: "
+             "compute = the union of non-NCCL work, NCCL only = transfers or waits with no compute beside them, "
+             "idle = nothing issued.", "",
+             "| run | role | rank | NCCL ms | attention ms | gemm ms | other ms | window ms | compute ms | NCCL only ms "
+             "| idle ms | compute share | top kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         seen = set()
         for rank in sorted(r["record"].get("ranks", []), key=lambda x: x["rank"]):
@@ -310,10 +318,15 @@ def profile_table(runs: list[dict]) -> str:
             if not prof or rank["role"] in seen:
                 continue
             seen.add(rank["role"])
-            d = prof["device_s"]
-            top = prof["top_kernels"][0]["name"] if prof["top_kernels"] else ""
-            lines.append(f"| {r['tag']} | {rank['role']} | {rank['rank']} | {d['communication'] * 1e3:.2f} | "
-                         f"{d['attention'] * 1e3:.2f} | {d['gemm'] * 1e3:.2f} | {d['other'] * 1e3:.2f} | {top} |")
+            tl = prof.get("timeline") or {}
+            steps = tl.get("steps") or 1  # older records: the whole profiled generation, prefill included
+            d = {k: f"{v * 1e3 / steps:.3f}" for k, v in prof["device_s"].items()}
+            t = {k: f"{tl[k]:.3f}" if tl.get(k) is not None else "" for k in ("window_ms", "compute_ms", "nccl_only_ms",
+                                                                                   "idle_ms", "compute_share")}
+            top = prof["top_kernels"][0]["name"][:40] if prof["top_kernels"] else ""
+            lines.append(f"| {r['tag']} | {rank['role']} | {rank['rank']} | {d['communication']} | {d['attention']} | "
+                         f"{d['gemm']} | {d['other']} | {t['window_ms']} | {t['compute_ms']} | {t['nccl_only_ms']} | "
+                         f"{t['idle_ms']} | {t['compute_share']} | {top} |")
     return "\n".join(lines)
 
 

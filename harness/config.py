@@ -206,7 +206,8 @@ class BenchConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
     check_reference: bool = False  # also decode on one device and compare (conf/config.yaml: on for CPU + real prefill)
-    profile: bool = False  # one more generation under torch.profiler: each rank's kernel time by kind, in the record
+    profile: bool = False  # one more generation, its decode steps under torch.profiler: kernel time by kind and GPU idle time per rank
+    profile_trace: bool = False  # with profile: also each rank's Chrome trace (<results dir>/traces/rank<r>.json.gz, Perfetto)
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
@@ -315,6 +316,8 @@ def validate(cfg: BenchConfig) -> None:
              f"attention_backend=math on cuda builds fp32 attention scores of {scores_gib:.0f} GiB for one prefill "
              f"chunk ({rows} rows x {m.n_heads // s.tp} heads x chunk x {longest} keys); use attention_backend=sdpa "
              f"(fused kernels; decode steps run the paged kernel either way), or a smaller strategy.prefill_chunk")
+    need(not cfg.profile_trace or cfg.profile,
+         "profile_trace=true writes the trace of the profiled pass, which profile=false leaves out: set profile=true")
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")

@@ -111,6 +111,45 @@ def kernel_summary(prof, top: int = 8) -> dict:
     return {"device_s": kinds, "top_kernels": [{"name": n, "device_s": t, "calls": c} for t, n, c in kernels[:top]]}
 
 
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) spans."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(spans):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def timeline_summary(spans: list[tuple[float, float, bool]], steps: int) -> dict:
+    """Where a rank's GPU time went in a profiled window of `steps` decode steps, per step in ms.
+    spans: (start_us, end_us, is_nccl) of each device activity (kernel, copy, fill).
+        window     first activity's start to last activity's end
+        compute    the union of the non-NCCL activity: the work the step exists for
+        nccl_only  NCCL kernels running while no compute does (transfers, and a receive spinning on its peer)
+        idle       nothing on the GPU at all: the host had not issued the next work yet
+    compute / window is the share of the step the GPU did useful work; the rest is what overlap could win."""
+    if not spans or steps <= 0:
+        return {}
+    window = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
+    compute = union_us([(s, e) for s, e, nccl in spans if not nccl])
+    busy = union_us([(s, e) for s, e, _ in spans])
+    per_step = lambda us: us / steps / 1e3
+    return {"steps": steps, "window_ms": per_step(window), "compute_ms": per_step(compute),
+            "nccl_only_ms": per_step(busy - compute), "idle_ms": per_step(window - busy),
+            "compute_share": compute / window if window else None}
+
+
+def device_spans(prof) -> list[tuple[float, float, bool]]:
+    """(start_us, end_us, is_nccl) of every device activity a torch.profiler run saw (graph replays included)."""
+    spans = []
+    for ev in prof.events():
+        if not str(getattr(ev, "device_type", "")).endswith("CUDA"):
+            continue
+        spans.append((ev.time_range.start, ev.time_range.end, "nccl" in ev.name.lower()))
+    return spans
+
+
 def nvml_utilization() -> float | None:
     """The GPU's utilization in percent as NVML reports it (its own sampling window), if NVML is there."""
     if not torch.cuda.is_available():

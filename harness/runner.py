@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
-from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, kernel_summary, nvml_utilization,
-                             pool_utilization)
+from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, device_spans, kernel_summary,
+                             nvml_utilization, pool_utilization, timeline_summary)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -78,11 +78,13 @@ def wrong_token(fault, rank: int, step: int) -> bool:
 
 
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
-             fault=None, rank: int = 0, forced: torch.Tensor | None = None, phases: dict | None = None):
+             fault=None, rank: int = 0, forced: torch.Tensor | None = None, phases: dict | None = None,
+             profiler=None):
     """Prefill (or synthetic KV), then n_out - 1 decode steps under the engine's schedule. Returns tokens
     [B, n_out] where known. forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1].
     phases: filled with the engine timer's report of the decode steps alone (reset after prefill, read
-    before teardown)."""
+    before teardown). profiler: a torch.profiler run started after the prefill and stopped after the last decode
+    step (the GPU drained at both ends), so that its timeline holds decode steps only."""
     if clock:
         clock.start()
     if synthetic:
@@ -96,6 +98,9 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
         clock.mark()
     if phases is not None:
         engine.timer.reset()
+    if profiler is not None:
+        torch.cuda.synchronize()
+        profiler.start()
     out = [tok]
     progress = tqdm(total=n_out - 1, desc="decode", unit="step", leave=False,  # rank 0, on a terminal only
                     disable=clock is None or not sys.stderr.isatty())
@@ -108,6 +113,9 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
 
     engine.decode_steps(tok, n_out - 1, forced=forced, before=lambda i: inject_fault(fault, rank, i), after=after)
     progress.close()
+    if profiler is not None:
+        torch.cuda.synchronize()
+        profiler.stop()
     if clock:
         clock.stop()
     if phases is not None:
@@ -239,11 +247,13 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     report["instrumented_tokens_equal"] = None if tokens is None else bool(torch.equal(tokens, instrumented))
     if cfg.profile and device.type == "cuda":  # the kernel timeline of one more (uninstrumented) generation
         engine.reset_measurements()
-        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        with torch.profiler.profile(activities=acts) as prof:
-            generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed)
-            torch.cuda.synchronize()
-        report["profile"] = kernel_summary(prof)
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+        generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof)
+        report["profile"] = kernel_summary(prof) | {"timeline": timeline_summary(device_spans(prof), w.output_tokens - 1)}
+        if cfg.profile_trace:
+            traces = Path(out_dir, "traces")
+            traces.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(traces / f"rank{rank}.json.gz"))
     forced_tokens = None
     if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
         check, forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
@@ -292,7 +302,7 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
                              "(on CUDA each phase boundary synchronizes the device; CUDA graphs are off in it, so "
                              "graphed strategies show their eager phases), decode steps only",
                 "reference_check": "a third, teacher-forced generation" if check else None,
-                "profile": "ranks[i].profile: one more generation under torch.profiler (prefill included)"
+                "profile": "ranks[i].profile: the decode steps of one more generation under torch.profiler"
                            if cfg.profile and cfg.hardware.device == "cuda" else None,
                 "instrumented_tokens_equal": reports[0].pop("instrumented_tokens_equal", None)},
     )

@@ -49,3 +49,17 @@ def test_strategy_on_gpus_matches_the_plain_model(name, overrides, gpus, dtype, 
     assert all(r["cuda_graphs"] for r in rec["ranks"]), [(r["role"], r["cuda_graphs"]) for r in rec["ranks"]]
     # FA Pool captures per plan shape at its second sight: two warm-up generations, so the measured one replays
     assert all(r["warmup_generations"] == (2 if name.startswith("fa_pool") else 1) for r in rec["ranks"])
+
+
+def test_profiled_pass_times_decode_steps_only_and_writes_a_trace(tmp_path):
+    if GPUS < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, this machine has {GPUS}")
+    rec = launch(["strategy=tp1_pp2", "hardware=cuda", "workload=tiny_mixed", "strategy.kv_block=16", "profile=true",
+                  "profile_trace=true", "launcher.timeout_s=120"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    steps = rec["config"]["workload"]["output_tokens"] - 1
+    for rank in rec["ranks"]:
+        tl = rank["profile"]["timeline"]
+        assert tl["steps"] == steps and 0 < tl["compute_ms"] <= tl["window_ms"], tl
+        assert tl["idle_ms"] >= 0 and tl["nccl_only_ms"] >= 0, tl
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["rank0.json.gz", "rank1.json.gz"]

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from harness.config import WorkloadConfig
-from harness.measure import PHASES, PhaseTimer, breakdown, compute_metrics, percentile
+from harness.measure import PHASES, PhaseTimer, breakdown, compute_metrics, percentile, timeline_summary, union_us
 from harness.record import RunRecord, read_record, run_id, write_record
 from harness.workload import prompt_lengths
 from tests.conftest import launch
@@ -140,3 +140,21 @@ def test_the_timed_and_the_instrumented_generation_decode_the_same_tokens(strate
     assert all(r["warmup_generations"] == 1 for r in rec["ranks"])
     for fractions in rec["breakdown"].values():  # the breakdown comes from the instrumented pass
         assert sum(fractions.values()) == pytest.approx(1.0) and fractions["other"] < 1.0
+
+
+def test_union_of_spans_counts_overlaps_once():
+    assert union_us([(0, 10), (5, 15), (20, 30), (21, 22)]) == 25
+    assert union_us([]) == 0
+
+
+def test_timeline_splits_a_step_into_compute_nccl_alone_and_idle():
+    # two steps over 0..100 us: compute 0-30 and 50-70, an NCCL kernel 25-45 (15 us of it alone), nothing 45-50
+    # and 70-100 except a copy 90-100
+    spans = [(0, 30, False), (25, 45, True), (50, 70, False), (90, 100, False)]
+    t = timeline_summary(spans, steps=2)
+    assert t["window_ms"] == pytest.approx(0.050)
+    assert t["compute_ms"] == pytest.approx(0.030)
+    assert t["nccl_only_ms"] == pytest.approx(0.0075)
+    assert t["idle_ms"] == pytest.approx(0.0125)
+    assert t["compute_share"] == pytest.approx(0.6)
+    assert timeline_summary([], 3) == {}

@@ -59,6 +59,7 @@ REFUSED = [
     ("math_attention_for_a_long_gpu_prefill", ["hardware=cuda", "model=paper", "workload.prompt_lens=[8192]",
                                                "workload.batch_size=16", "strategy.prefill_chunk=2048"],
      ["attention_backend=math", "32 GiB", "attention_backend=sdpa"]),
+    ("trace_without_profile", ["profile_trace=true"], ["profile_trace=true", "profile=true"]),
     ("check_reference_with_synthetic_kv", ["check_reference=true", "workload.synthetic_kv=true"],
      ["check_reference=true", "workload.synthetic_kv=true"]),
     ("pool_nodes_unlike_job_nodes", ["launcher=slurm_a100", "hardware=a100_80gb", "model=paper", "strategy=fa_pool",
