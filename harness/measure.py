@@ -140,14 +140,14 @@ def timeline_summary(spans: list[tuple[float, float, bool]], steps: int) -> dict
             "compute_share": compute / window if window else None}
 
 
-def device_spans(prof) -> list[tuple[float, float, bool]]:
-    """(start_us, end_us, is_nccl) of every device activity a torch.profiler run saw (graph replays included)."""
-    spans = []
-    for ev in prof.events():
-        if not str(getattr(ev, "device_type", "")).endswith("CUDA"):
-            continue
-        spans.append((ev.time_range.start, ev.time_range.end, "nccl" in ev.name.lower()))
-    return spans
+def device_spans(prof, after_range: str | None = None) -> list[tuple[float, float, bool]]:
+    """(start_us, end_us, is_nccl) of every device activity a torch.profiler run saw (graph replays included);
+    with after_range, only those that start after the host range of that name began (host and device share
+    the profiler's clock)."""
+    events = prof.events()
+    begin = min((ev.time_range.start for ev in events if ev.name == after_range), default=float("-inf"))
+    return [(ev.time_range.start, ev.time_range.end, "nccl" in ev.name.lower()) for ev in events
+            if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.time_range.start >= begin]
 
 
 def nvml_utilization() -> float | None:

@@ -2,6 +2,7 @@
 gather every rank's report to rank 0, and (rank 0) write the record."""
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import gc
 import hashlib
@@ -27,6 +28,7 @@ from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
 log = logging.getLogger("fapool.runner")
+DECODE_RANGE = "decode_steps"  # the profiler range around a profiled generation's decode steps
 
 
 def pick_device(cfg: BenchConfig, local_rank: int) -> torch.device:
@@ -84,7 +86,8 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     [B, n_out] where known. forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1].
     phases: filled with the engine timer's report of the decode steps alone (reset after prefill, read
     before teardown). profiler: a torch.profiler run started after the prefill and stopped after the last decode
-    step (the GPU drained at both ends), so that its timeline holds decode steps only."""
+    step (the GPU drained, and the ranks met, before: a rank whose profiler starts late must not show up as its
+    peers' wait); its timeline counts the device work issued inside the `decode_steps` range."""
     if clock:
         clock.start()
     if synthetic:
@@ -101,6 +104,7 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     if profiler is not None:
         torch.cuda.synchronize()
         profiler.start()
+        settle()
     out = [tok]
     progress = tqdm(total=n_out - 1, desc="decode", unit="step", leave=False,  # rank 0, on a terminal only
                     disable=clock is None or not sys.stderr.isatty())
@@ -111,7 +115,8 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
             clock.mark()
         progress.update()
 
-    engine.decode_steps(tok, n_out - 1, forced=forced, before=lambda i: inject_fault(fault, rank, i), after=after)
+    with torch.profiler.record_function(DECODE_RANGE) if profiler is not None else contextlib.nullcontext():
+        engine.decode_steps(tok, n_out - 1, forced=forced, before=lambda i: inject_fault(fault, rank, i), after=after)
     progress.close()
     if profiler is not None:
         torch.cuda.synchronize()
@@ -249,7 +254,8 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
         engine.reset_measurements()
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
         generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof)
-        report["profile"] = kernel_summary(prof) | {"timeline": timeline_summary(device_spans(prof), w.output_tokens - 1)}
+        spans = device_spans(prof, after_range=DECODE_RANGE)
+        report["profile"] = kernel_summary(prof) | {"timeline": timeline_summary(spans, w.output_tokens - 1)}
         if cfg.profile_trace:
             traces = Path(out_dir, "traces")
             traces.mkdir(parents=True, exist_ok=True)

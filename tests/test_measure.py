@@ -158,3 +158,16 @@ def test_timeline_splits_a_step_into_compute_nccl_alone_and_idle():
     assert t["idle_ms"] == pytest.approx(0.0125)
     assert t["compute_share"] == pytest.approx(0.6)
     assert timeline_summary([], 3) == {}
+
+
+def test_device_spans_keep_the_device_work_issued_after_the_named_range():
+    from types import SimpleNamespace as NS
+
+    from harness.measure import device_spans
+
+    ev = lambda name, start, end, dev: NS(name=name, time_range=NS(start=start, end=end), device_type=f"DeviceType.{dev}")
+    prof = NS(events=lambda: [ev("ncclDevKernel_AllReduce", 0, 50, "CUDA"),  # the barrier before the steps
+                              ev("decode_steps", 60, 90, "CPU"), ev("_split_kernel", 70, 80, "CUDA"),
+                              ev("ncclDevKernel_SendRecv", 80, 95, "CUDA"), ev("aten::mm", 65, 66, "CPU")])
+    assert device_spans(prof, after_range="decode_steps") == [(70, 80, False), (80, 95, True)]
+    assert len(device_spans(prof)) == 3
