@@ -8,6 +8,10 @@ is stored in blocks at shuffled slots (as a pool holds them after many allocatio
 achieved KV bytes/s is divided by the read bandwidth measured in the same run (a sum over 2 GiB), and put
 beside dense cuDNN SDPA over the same bytes in contiguous [B, H, L, D] tensors. `--sweep` also times other
 splits, tiles and warp counts, to tune the defaults. Writes paged.json and paged.md.
+
+`--splits` instead times every power-of-two split count at the shapes engines give the kernel, rows x heads of
+a micro-batch or a TP shard (split_shapes), and the splits `choose_splits` picks against the best of them.
+Writes splits.json and splits.md.
 """
 from __future__ import annotations
 
@@ -85,9 +89,50 @@ def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: 
     return rows
 
 
+def split_shapes(smoke: bool) -> list[tuple[int, int, int]]:
+    """(context, heads, rows): the micro-batches of half-memory batches (32K x 36, 16K x 72, 8K x 140 in 1-8
+    micro-batches) and of 8K x 16, over the heads of TP1, TP2 and TP4 shards."""
+    if smoke:
+        return [(64, 2, 3), (128, 4, 2)]
+    return ([(32768, h, r) for h in (16, 32) for r in (4, 5, 9, 18, 36)] +
+            [(16384, h, r) for h in (16, 32) for r in (9, 18, 36, 72)] +
+            [(8192, h, r) for h in (8, 16, 32) for r in (4, 8, 16, 18, 35, 70)])
+
+
+def split_points(device, dtype, read_bw, shapes, block: int) -> list[dict]:
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    rows = []
+    for context, heads, n in shapes:
+        blocks = -(-context // block)
+        gen = torch.Generator(device=device).manual_seed(0)
+        k = torch.randn(n * blocks, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+        v = torch.randn_like(k)
+        table = torch.arange(n * blocks, device=device, dtype=torch.int32).view(n, blocks)
+        q = torch.randn(n, heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+        lens = torch.full((n,), context, dtype=torch.int32, device=device)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        ratio = {}
+        for splits in (1, 2, 4, 8, 16, 32):
+            if context // splits >= block:
+                t = timeit(lambda: paged_decode(q, k, v, table, lens, splits=splits), reps=30, warmup=5)
+                ratio[splits] = kv_bytes / t / read_bw
+        chosen, best = choose_splits(n, heads, context, sms), max(ratio, key=ratio.get)
+        rows.append({"context": context, "heads": heads, "rows": n, "programs_unsplit": n * heads,
+                     "chosen_splits": chosen, "chosen_ratio_to_read_bw": ratio.get(chosen), "best_splits": best,
+                     "best_ratio_to_read_bw": ratio[best], "chosen_over_best": ratio.get(chosen, 0) / ratio[best],
+                     "unsplit_ratio_to_read_bw": ratio[1], "by_splits": ratio})
+        del q, k, v
+    return rows
+
+
 def main(argv=None):
-    args, out, device, dtype = bench_setup(__doc__, argv, lambda ap: ap.add_argument(
-        "--sweep", action="store_true", help="also time other splits, tiles and warps"))
+    def extra(ap):
+        ap.add_argument("--sweep", action="store_true", help="also time other splits, tiles and warps")
+        ap.add_argument("--splits", action="store_true", help="only the split counts at engine shapes (splits.md)")
+
+    args, out, device, dtype = bench_setup(__doc__, argv, extra)
+    if args.splits:
+        return splits_main(args, out, device, dtype)
     contexts, blocks, total = ([64, 128], [16, 64], 1 << 20) if args.smoke else ([8192, 16384, 32768], [16, 64, 256], 2 << 30)
     res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
     res["limits"] = lim = limits(device, dtype, args.smoke)
@@ -111,6 +156,23 @@ def main(argv=None):
     print(text, flush=True)
     (out / "paged.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "paged.md").write_text(text)
+    return res
+
+
+def splits_main(args, out, device, dtype) -> dict:
+    res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
+    res["limits"] = lim = limits(device, dtype, args.smoke)
+    res["points"] = rows = split_points(device, dtype, lim["read_bytes_per_s"], split_shapes(args.smoke),
+                                        16 if args.smoke else 256)
+    cols = ["context", "heads", "rows", "programs_unsplit", "unsplit_ratio_to_read_bw", "chosen_splits",
+            "chosen_ratio_to_read_bw", "best_splits", "best_ratio_to_read_bw", "chosen_over_best"]
+    text = (f"# Paged decode attention: splits at engine shapes on {res['device'].get('device_name')}\n\n"
+            f"versions: {json.dumps(res['device'])}\n\nread bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s; "
+            f"blocks of {16 if args.smoke else 256} tokens; chosen = model/paged_attention.choose_splits\n\n"
+            + fmt_table(rows, cols))
+    print(text, flush=True)
+    (out / "splits.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "splits.md").write_text(text + "\n")
     return res
 
 

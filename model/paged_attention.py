@@ -29,13 +29,15 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs run the refere
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Defaults from the sweep of harness/bench_paged.py on H200 (results/measured/h200-x1/paged/paged.md): at
-# 16K and 32K, 64-token tiles, 4 warps and ~4 programs per SM (one long loop each) read at 0.95-0.98 of the
-# read bandwidth at every block size, where more programs or larger tiles lose up to 20%.
+# Defaults from the sweeps of harness/bench_paged.py on H200 (results/measured/h200-x1/paged/): 64-token tiles and
+# 4 warps read at 0.95-0.98 of the read bandwidth at 16K and 32K, where larger tiles lose up to 20% (paged.md);
+# splits give each SM at least 8 programs (splits.md: a pipeline's or TP shard's micro-batch of 288 rows x heads
+# read at 0.78-0.90 unsplit, at 0.96-1.0 in 4 splits).
 TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
 WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
+PROGRAMS_PER_SM = 8
 
 
 def paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens):
@@ -74,11 +76,14 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
-    """Splits of each row's tokens: about 4 programs per SM (a small batch of long rows still fills the GPU, a
-    large batch needs no split), none shorter than MIN_SPLIT_TOKENS. A power of two, for the merge kernel."""
-    want = max(1, 4 * sm_count // max(1, rows * heads))
-    most = max(1, max_tokens // MIN_SPLIT_TOKENS)
-    return 1 << (min(want, most).bit_length() - 1)
+    """Splits of each row's tokens: the fewest that give every SM PROGRAMS_PER_SM programs (a small batch of long
+    rows still fills the GPU with its tail short, a large batch needs no split), none shorter than
+    MIN_SPLIT_TOKENS. A power of two, for the merge kernel."""
+    most = 1 << (max(1, max_tokens // MIN_SPLIT_TOKENS).bit_length() - 1)
+    splits = 1
+    while splits < most and rows * heads * splits < PROGRAMS_PER_SM * sm_count:
+        splits *= 2
+    return splits
 
 
 if triton is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from model.attention import attention
-from model.paged_attention import paged_decode, paged_decode_reference, triton_available
+from model.paged_attention import choose_splits, paged_decode, paged_decode_reference, triton_available
 
 CUDA = torch.cuda.is_available()
 
@@ -108,3 +108,23 @@ def test_triton_kernel_fp32_is_exact():
     out, lse = paged_decode(q, k, v, table, lens)
     ref_out, ref_lse = paged_decode_reference(q, k, v, table, lens)
     assert (out - ref_out).abs().max() < 1e-4 and (lse[1:] - ref_lse[1:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("rows,heads,tokens,expected", [
+    (18, 16, 32768, 4),  # a micro-batch of 18 rows on a TP2 shard: 288 programs, 1152 after 4 splits (>= 8 x 132)
+    (36, 32, 32768, 1),  # 1152 programs already
+    (9, 32, 32768, 4),
+    (4, 8, 8192, 16),  # 8K tokens allow at most 16 splits of 512
+    (1, 1, 600, 1),  # too short to split
+])
+def test_splits_give_every_sm_eight_programs_within_the_shortest_split(rows, heads, tokens, expected):
+    splits = choose_splits(rows, heads, tokens, sm_count=132)
+    assert splits == expected and splits & (splits - 1) == 0
+
+
+def test_split_sweep_smoke(tmp_path):
+    from harness import bench_paged
+
+    res = bench_paged.main(["--smoke", "--splits", "--out", str(tmp_path)])
+    assert len(res["points"]) == 2 and all(p["by_splits"] and p["chosen_splits"] in p["by_splits"] for p in res["points"])
+    assert "chosen_over_best" in (tmp_path / "splits.md").read_text()
