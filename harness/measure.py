@@ -93,21 +93,31 @@ KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_
                 ("gemm", ("gemm", "gemv", "cutlass", "cublas", "sm90_", "nvjet")))
 
 
-def kernel_summary(prof, top: int = 8) -> dict:
-    """A torch.profiler run's device time by kind of kernel (NCCL = communication, attention, GEMMs, other) and
-    its top kernels. Kernels replayed from CUDA graphs count like launched ones."""
-    kinds, kernels = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}, []
-    for ev in prof.key_averages():
-        t = getattr(ev, "self_device_time_total", None)
-        if t is None:
-            t = getattr(ev, "self_cuda_time_total", 0.0)
-        if not t or str(getattr(ev, "device_type", "")).endswith("CPU"):
-            continue
-        name = ev.key.lower()
-        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
-        kinds[kind] += t / 1e6
-        kernels.append((t / 1e6, ev.key[:80], ev.count))
-    kernels.sort(reverse=True)
+def device_events(prof, after_range: str | None = None) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of every device activity (kernel, copy, fill; graph replays included) that a
+    torch.profiler run saw; with after_range, only those that started after the host range of that name began
+    (host and device share the profiler's clock), and not that range's own device-side annotation."""
+    events = prof.events()
+    begin = min((ev.time_range.start for ev in events if ev.name == after_range), default=float("-inf"))
+    return [(ev.name, ev.time_range.start, ev.time_range.end) for ev in events
+            if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.name != after_range
+            and ev.time_range.start >= begin]
+
+
+def is_nccl(name: str) -> bool:
+    return "nccl" in name.lower()
+
+
+def kernel_summary(events: list[tuple[str, float, float]], top: int = 8) -> dict:
+    """Device time by kind of kernel (NCCL = communication, attention, GEMMs, other) and the top kernels, in
+    seconds, of device_events' list."""
+    kinds, by_name = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}, {}
+    for name, start, end in events:
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name.lower() for m in marks)), "other")
+        kinds[kind] += (end - start) / 1e6
+        total, calls = by_name.get(name, (0.0, 0))
+        by_name[name] = (total + (end - start) / 1e6, calls + 1)
+    kernels = sorted(((t, n[:80], c) for n, (t, c) in by_name.items()), reverse=True)
     return {"device_s": kinds, "top_kernels": [{"name": n, "device_s": t, "calls": c} for t, n, c in kernels[:top]]}
 
 
@@ -121,33 +131,23 @@ def union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
-def timeline_summary(spans: list[tuple[float, float, bool]], steps: int) -> dict:
+def timeline_summary(events: list[tuple[str, float, float]], steps: int) -> dict:
     """Where a rank's GPU time went in a profiled window of `steps` decode steps, per step in ms.
-    spans: (start_us, end_us, is_nccl) of each device activity (kernel, copy, fill).
+    events: device_events' (name, start_us, end_us).
         window     first activity's start to last activity's end
         compute    the union of the non-NCCL activity: the work the step exists for
         nccl_only  NCCL kernels running while no compute does (transfers, and a receive spinning on its peer)
         idle       nothing on the GPU at all: the host had not issued the next work yet
     compute / window is the share of the step the GPU did useful work; the rest is what overlap could win."""
-    if not spans or steps <= 0:
+    if not events or steps <= 0:
         return {}
-    window = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
-    compute = union_us([(s, e) for s, e, nccl in spans if not nccl])
-    busy = union_us([(s, e) for s, e, _ in spans])
+    window = max(e for _, _, e in events) - min(s for _, s, _ in events)
+    compute = union_us([(s, e) for name, s, e in events if not is_nccl(name)])
+    busy = union_us([(s, e) for _, s, e in events])
     per_step = lambda us: us / steps / 1e3
     return {"steps": steps, "window_ms": per_step(window), "compute_ms": per_step(compute),
             "nccl_only_ms": per_step(busy - compute), "idle_ms": per_step(window - busy),
             "compute_share": compute / window if window else None}
-
-
-def device_spans(prof, after_range: str | None = None) -> list[tuple[float, float, bool]]:
-    """(start_us, end_us, is_nccl) of every device activity a torch.profiler run saw (graph replays included);
-    with after_range, only those that start after the host range of that name began (host and device share
-    the profiler's clock)."""
-    events = prof.events()
-    begin = min((ev.time_range.start for ev in events if ev.name == after_range), default=float("-inf"))
-    return [(ev.time_range.start, ev.time_range.end, "nccl" in ev.name.lower()) for ev in events
-            if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.time_range.start >= begin]
 
 
 def nvml_utilization() -> float | None:

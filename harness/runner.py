@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
-from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, device_spans, kernel_summary,
+from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, device_events, kernel_summary,
                              nvml_utilization, pool_utilization, timeline_summary)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
@@ -254,8 +254,8 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
         engine.reset_measurements()
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
         generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof)
-        spans = device_spans(prof, after_range=DECODE_RANGE)
-        report["profile"] = kernel_summary(prof) | {"timeline": timeline_summary(spans, w.output_tokens - 1)}
+        events = device_events(prof, after_range=DECODE_RANGE)
+        report["profile"] = kernel_summary(events) | {"timeline": timeline_summary(events, w.output_tokens - 1)}
         if cfg.profile_trace:
             traces = Path(out_dir, "traces")
             traces.mkdir(parents=True, exist_ok=True)

@@ -62,4 +62,7 @@ def test_profiled_pass_times_decode_steps_only_and_writes_a_trace(tmp_path):
         tl = rank["profile"]["timeline"]
         assert tl["steps"] == steps and 0 < tl["compute_ms"] <= tl["window_ms"], tl
         assert tl["idle_ms"] >= 0 and tl["nccl_only_ms"] >= 0, tl
+        prof = rank["profile"]
+        assert prof["device_s"]["communication"] > 0  # the stages' messages, every decode step
+        assert all(k["name"] != "decode_steps" for k in prof["top_kernels"])  # the range's annotation is no kernel
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["rank0.json.gz", "rank1.json.gz"]

@@ -150,8 +150,8 @@ def test_union_of_spans_counts_overlaps_once():
 def test_timeline_splits_a_step_into_compute_nccl_alone_and_idle():
     # two steps over 0..100 us: compute 0-30 and 50-70, an NCCL kernel 25-45 (15 us of it alone), nothing 45-50
     # and 70-100 except a copy 90-100
-    spans = [(0, 30, False), (25, 45, True), (50, 70, False), (90, 100, False)]
-    t = timeline_summary(spans, steps=2)
+    events = [("_split_kernel", 0, 30), ("ncclDevKernel_SendRecv", 25, 45), ("nvjet_gemm", 50, 70), ("Memcpy DtoD", 90, 100)]
+    t = timeline_summary(events, steps=2)
     assert t["window_ms"] == pytest.approx(0.050)
     assert t["compute_ms"] == pytest.approx(0.030)
     assert t["nccl_only_ms"] == pytest.approx(0.0075)
@@ -160,14 +160,19 @@ def test_timeline_splits_a_step_into_compute_nccl_alone_and_idle():
     assert timeline_summary([], 3) == {}
 
 
-def test_device_spans_keep_the_device_work_issued_after_the_named_range():
+def test_device_events_keep_the_work_issued_after_the_named_range_and_sum_by_kind():
     from types import SimpleNamespace as NS
 
-    from harness.measure import device_spans
+    from harness.measure import device_events, kernel_summary
 
     ev = lambda name, start, end, dev: NS(name=name, time_range=NS(start=start, end=end), device_type=f"DeviceType.{dev}")
     prof = NS(events=lambda: [ev("ncclDevKernel_AllReduce", 0, 50, "CUDA"),  # the barrier before the steps
-                              ev("decode_steps", 60, 90, "CPU"), ev("_split_kernel", 70, 80, "CUDA"),
-                              ev("ncclDevKernel_SendRecv", 80, 95, "CUDA"), ev("aten::mm", 65, 66, "CPU")])
-    assert device_spans(prof, after_range="decode_steps") == [(70, 80, False), (80, 95, True)]
-    assert len(device_spans(prof)) == 3
+                              ev("decode_steps", 60, 90, "CPU"), ev("decode_steps", 60, 99, "CUDA"),  # its annotation
+                              ev("_split_kernel", 70, 80, "CUDA"), ev("ncclDevKernel_SendRecv", 80, 95, "CUDA"),
+                              ev("aten::mm", 65, 66, "CPU")])
+    events = device_events(prof, after_range="decode_steps")
+    assert events == [("_split_kernel", 70, 80), ("ncclDevKernel_SendRecv", 80, 95)]
+    summary = kernel_summary(events)
+    assert summary["device_s"] == {"communication": 15e-6, "attention": 10e-6, "gemm": 0.0, "other": 0.0}
+    assert summary["top_kernels"][0] == {"name": "ncclDevKernel_SendRecv", "device_s": 15e-6, "calls": 1}
+    assert len(device_events(prof)) == 4
