@@ -34,6 +34,7 @@ import torch.multiprocessing as mp
 
 from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
 from harness.config import from_dict
+from harness.measure import DECODE_RANGE, kernel_summary, timeline_summary, trace_events
 from harness.roofline import roofline
 from model.config import PRESETS
 
@@ -285,13 +286,19 @@ def write_tables(out: Path, res: dict, runs: list[dict], prefill: bool) -> None:
 
 
 def rebuild(out: Path) -> None:
-    """The tables from OUT/records/*/result.json and OUT/limits.json, rooflines attached again."""
+    """The tables from OUT/records/*/result.json and OUT/limits.json, rooflines attached again, and each rank's
+    profile summarized again from its trace where the run kept one (records/<run>/traces/)."""
     res = json.loads((out / "limits.json").read_text())
     comm = res["comm"].get("graph", res["comm"]["eager"])
     runs = []
     for path in sorted((out / "records").glob("*/result.json")):
         rec = json.loads(path.read_text())
         w = (rec.get("config") or {}).get("workload") or {}
+        for rank in rec.get("ranks") or []:  # summarize kept traces again (with the code of now)
+            trace = path.parent / "traces" / f"rank{rank['rank']}.json.gz"
+            if trace.exists():
+                events = trace_events(trace, DECODE_RANGE)
+                rank["profile"] = kernel_summary(events) | {"timeline": timeline_summary(events, w["output_tokens"] - 1)}
         run = {"tag": path.parent.name, "name": path.parent.name.split("_L")[0], "context": max(w["prompt_lens"]),
                "batch": w["batch_size"], "path": str(path), "wall_s": None, "record": rec}
         attach_roofline(run, res["read_bytes_per_s"]["used"], comm)

@@ -1,6 +1,8 @@
 """How a run is measured: phase timers per rank, step timing, and the metrics computed from them."""
 from __future__ import annotations
 
+import gzip
+import json
 import statistics
 import time
 from collections import defaultdict
@@ -93,15 +95,29 @@ KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_
                 ("gemm", ("gemm", "gemv", "cutlass", "cublas", "sm90_", "nvjet")))
 
 
+DECODE_RANGE = "decode_steps"  # the profiler range around a profiled generation's decode steps
+
+
 def device_events(prof, after_range: str | None = None) -> list[tuple[str, float, float]]:
     """(name, start_us, end_us) of every device activity (kernel, copy, fill; graph replays included) that a
     torch.profiler run saw; with after_range, only those that started after the host range of that name began
-    (host and device share the profiler's clock), and not that range's own device-side annotation."""
+    (host and device share the profiler's clock). Annotations are no activity: record_function ranges and
+    torch's own `nccl:send 0->1` ranges have device-side twins that span whole kernels and waits."""
     events = prof.events()
     begin = min((ev.time_range.start for ev in events if ev.name == after_range), default=float("-inf"))
     return [(ev.name, ev.time_range.start, ev.time_range.end) for ev in events
-            if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.name != after_range
-            and ev.time_range.start >= begin]
+            if str(getattr(ev, "device_type", "")).endswith("CUDA") and not getattr(ev, "is_user_annotation", False)
+            and ev.name != after_range and ev.time_range.start >= begin]
+
+
+def trace_events(path, after_range: str | None = None) -> list[tuple[str, float, float]]:
+    """device_events of a Chrome trace that torch.profiler wrote (profile_trace=true), to summarize it again."""
+    with gzip.open(path, "rt") if str(path).endswith(".gz") else open(path) as f:
+        events = json.load(f)["traceEvents"]
+    begin = min((e["ts"] for e in events if e.get("cat") == "user_annotation" and e.get("name") == after_range),
+                default=float("-inf"))
+    return sorted(((e["name"], e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e["ts"] >= begin), key=lambda e: e[1])
 
 
 def is_nccl(name: str) -> bool:

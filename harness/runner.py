@@ -22,13 +22,12 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
-from harness.measure import (PhaseTimer, StepClock, breakdown, compute_metrics, device_events, kernel_summary,
+from harness.measure import (DECODE_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics, device_events, kernel_summary,
                              nvml_utilization, pool_utilization, timeline_summary)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
 log = logging.getLogger("fapool.runner")
-DECODE_RANGE = "decode_steps"  # the profiler range around a profiled generation's decode steps
 
 
 def pick_device(cfg: BenchConfig, local_rank: int) -> torch.device:

@@ -165,10 +165,12 @@ def test_device_events_keep_the_work_issued_after_the_named_range_and_sum_by_kin
 
     from harness.measure import device_events, kernel_summary
 
-    ev = lambda name, start, end, dev: NS(name=name, time_range=NS(start=start, end=end), device_type=f"DeviceType.{dev}")
+    ev = lambda name, start, end, dev, note=False: NS(name=name, time_range=NS(start=start, end=end),
+                                                      device_type=f"DeviceType.{dev}", is_user_annotation=note)
     prof = NS(events=lambda: [ev("ncclDevKernel_AllReduce", 0, 50, "CUDA"),  # the barrier before the steps
                               ev("decode_steps", 60, 90, "CPU"), ev("decode_steps", 60, 99, "CUDA"),  # its annotation
                               ev("_split_kernel", 70, 80, "CUDA"), ev("ncclDevKernel_SendRecv", 80, 95, "CUDA"),
+                              ev("nccl:send 0->1", 75, 99, "CUDA", note=True),  # torch's range around the send
                               ev("aten::mm", 65, 66, "CPU")])
     events = device_events(prof, after_range="decode_steps")
     assert events == [("_split_kernel", 70, 80), ("ncclDevKernel_SendRecv", 80, 95)]
@@ -176,3 +178,22 @@ def test_device_events_keep_the_work_issued_after_the_named_range_and_sum_by_kin
     assert summary["device_s"] == {"communication": 15e-6, "attention": 10e-6, "gemm": 0.0, "other": 0.0}
     assert summary["top_kernels"][0] == {"name": "ncclDevKernel_SendRecv", "device_s": 15e-6, "calls": 1}
     assert len(device_events(prof)) == 4
+
+
+def test_a_kept_trace_gives_the_same_device_events(tmp_path):
+    import gzip
+    import json
+
+    from harness.measure import trace_events
+
+    events = [{"cat": "kernel", "name": "ncclDevKernel_AllReduce", "ts": 0, "dur": 50},
+              {"cat": "user_annotation", "name": "decode_steps", "ts": 60, "dur": 30},
+              {"cat": "gpu_user_annotation", "name": "decode_steps", "ts": 60, "dur": 39},
+              {"cat": "kernel", "name": "_split_kernel", "ts": 70, "dur": 10},
+              {"cat": "gpu_user_annotation", "name": "nccl:send 0->1", "ts": 75, "dur": 24},
+              {"cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 80, "dur": 15},
+              {"cat": "cpu_op", "name": "aten::mm", "ts": 65, "dur": 1}]
+    path = tmp_path / "rank0.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert trace_events(path, "decode_steps") == [("_split_kernel", 70, 80), ("Memcpy DtoD", 80, 95)]
