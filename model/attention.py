@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from model import merge_kernel
+
 BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash_attn")
 
 
@@ -96,8 +98,8 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
         # CUDA-graphed step in model/gpu_decode.py does). See results/measured/h100-x1/.
         # flash takes half precision only; the mem-efficient kernel also fp32
         backend = "sdpa_flash" if mask is None and _half(q) else "sdpa_efficient"
-        if is_causal and _half(q):
-            # a whole prompt (one shape per generation, so one plan): cuDNN's Hopper kernel ran causal prefill
+        if backend == "sdpa_flash" and q.shape[2] > 1:
+            # prefill (a few shapes per generation, so a few plans): cuDNN's Hopper kernel ran causal prefill
             # attention at 580-640 TFLOP/s where flash ran 340-350 (8K-32K, H200: results/measured/h200-x1/prefill/)
             backend = "sdpa_cudnn"
     if backend == "sdpa_flash":
@@ -120,6 +122,18 @@ def _flash_tail(q, k, v, scale):
     out, lse = torch.ops.aten._flash_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
                                                        None, q.shape[2], k.shape[2], 0.0, True, False, scale=scale)[:2]
     return out.transpose(1, 2), lse.float()
+
+
+def _prefix_and_own(q, k, v, scale, backend):
+    """The same as _flash_tail, from two unmasked kernels: the chunk over the cached keys before it (nothing
+    hidden) and over itself (causal, square), merged by LSE. On CUDA both run cuDNN, which takes no bottom-right
+    mask but runs ~1.7x flash's rate on Hopper."""
+    start = k.shape[2] - q.shape[2]  # views, no copies: cuDNN takes the strides (same result and speed, H200)
+    before = _sdpa(q, k[:, :, :start], v[:, :, :start], None, scale, backend)
+    own = _sdpa(q, k[:, :, start:], v[:, :, start:], None, scale, backend, is_causal=True)
+    if merge_kernel.available(before[0], own[0]):
+        return merge_kernel.merge_two(*before, *own)
+    return merge_partials([before[0], own[0]], [before[1], own[1]])
 
 
 def _flash_attn(q, k, v, kv_lens, causal, scale):
@@ -154,8 +168,10 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         # a whole prompt of equal lengths: the kernel's own causal masking, no mask tensor (T^2) at all
         square = by_position and not q_offset and q.shape[2] == k.shape[2]
         tail = by_position and q_offset and q_offset + q.shape[2] == k.shape[2]  # a full chunk after cached keys
-        if tail and q.is_cuda and _half(q) and backend in ("sdpa", "sdpa_flash"):
+        if tail and q.is_cuda and _half(q) and backend == "sdpa_flash":
             return _flash_tail(q, k, v, scale)
+        if tail and q.is_cuda and _half(q) and backend in ("sdpa", "sdpa_cudnn"):
+            return _prefix_and_own(q, k, v, scale, backend)
         mask = None if square and backend != "math" else \
             visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
         if backend == "math":

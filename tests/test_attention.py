@@ -134,3 +134,17 @@ def test_square_causal_prefill_builds_no_mask_and_matches_the_masked_path(monkey
     assert built == []
     torch.testing.assert_close(fast[0], masked[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1], masked[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_chunk_after_cached_keys_as_two_unmasked_parts_equals_the_masked_math():
+    """The CUDA tail path's arithmetic, on the CPU kernels: the chunk over the keys before it (no mask) and over
+    itself (causal, square), merged by LSE, is causal attention of the chunk at its offset."""
+    import math as m
+
+    from model import attention as A
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, t, 16, generator=gen) for t in (24, 64, 64))
+    want_out, want_lse = A.attention(q, k, v, causal=True, backend="math", q_offset=40)
+    out, lse = A._prefix_and_own(q, k, v, 1 / m.sqrt(16), "sdpa")
+    assert torch.allclose(out, want_out, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)

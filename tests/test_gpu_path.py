@@ -63,18 +63,33 @@ def test_prefill_flops_by_hand():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_a_full_chunk_after_cached_keys_takes_flash_and_equals_the_masked_math(dtype, monkeypatch):
-    """A prefill chunk of 96 queries after 160 cached keys, every row full: the flash path (bottom-right causal,
-    no mask) gives the out and LSE the math path gives with its explicit mask, and it runs with no mask built."""
+@pytest.mark.parametrize("backend", ["sdpa", "sdpa_flash"])
+def test_a_full_chunk_after_cached_keys_takes_no_mask_and_equals_the_masked_math(dtype, backend, monkeypatch):
+    """A prefill chunk of 96 queries after 160 cached keys, every row full: cuDNN over the keys before and over
+    the chunk merged by LSE (`sdpa`), or flash's bottom-right causal mask (`sdpa_flash`), gives the out and LSE
+    the math path gives with its explicit mask, and runs with no mask built."""
     from model import attention as A
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, 4, t, 128, device="cuda", generator=gen).to(dtype) for t in (96, 256, 256))
     want_out, want_lse = A.attention(q.float(), k.float(), v.float(), causal=True, backend="math", q_offset=160)
     monkeypatch.setattr(A, "visible_mask", lambda *a, **kw: pytest.fail("a mask was built"))
-    out, lse = A.attention(q, k, v, causal=True, backend="sdpa", q_offset=160)
+    out, lse = A.attention(q, k, v, causal=True, backend=backend, q_offset=160)
     assert (out.float() - want_out).abs().max().item() < 2e-2
     assert (lse - want_lse).abs().max().item() < 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_queries_over_keys_before_them_take_cudnn_and_equal_the_math():
+    """A pool rank's prefill: a chunk's queries over its blocks of the row, all before the chunk (no mask, not
+    causal, Tq != Tk): cuDNN's out and LSE equal the math path's."""
+    from model import attention as A
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(3, 4, t, 128, device="cuda", generator=gen).to(torch.bfloat16) for t in (64, 320, 320))
+    want_out, want_lse = A.attention(q.float(), k.float(), v.float(), backend="math")
+    out, lse = A.attention(q, k, v, backend="sdpa")
+    assert (out.float() - want_out).abs().max().item() < 2e-2 and (lse - want_lse).abs().max().item() < 1e-2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -103,3 +118,25 @@ def test_whole_prompt_attention_and_rotary_kernel_equal_the_math(dtype):
         rope_kernel.triton = saved
     ulp = 2 ** -7 if dtype == torch.bfloat16 else 1e-6  # the kernel may fuse a multiply-add: one rounding apart
     assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp_min(1)).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_merge_of_two_partials_equals_merge_partials(dtype):
+    """The Triton merge on strided partials (as cuDNN returns them), with rows where one or both partials saw no
+    key, and a token count that is no multiple of its block, against the stacked torch merge."""
+    from model import merge_kernel
+    from model.attention import merge_partials
+
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    a, b = (torch.randn(3, 37, 5, 64, device="cuda", generator=gen).to(dtype).transpose(1, 2) for _ in range(2))
+    la, lb = (torch.randn(3, 5, 37, device="cuda", generator=gen) * 4 for _ in range(2))
+    la[0, :, :3], lb[1, :, 5:9] = float("-inf"), float("-inf")
+    la[2, 1, 7] = lb[2, 1, 7] = float("-inf")  # no key on either side
+    assert merge_kernel.available(a, b)
+    out, lse = merge_kernel.merge_two(a, la, b, lb)
+    want_out, want_lse = merge_partials([a, b], [la, lb])
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    assert (out.float() - want_out.float()).abs().max().item() < tol
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse)) and torch.allclose(lse, want_lse, atol=1e-5)
+    assert out[2, 1, 7].abs().max().item() == 0

@@ -1,8 +1,9 @@
 """The 1-GPU prefill probes of this folder's README, run from the repository root on one GPU:
-    python results/measured/h200-x1/prefill/scripts/probes.py variants|profile|attention
+    python results/measured/h200-x1/prefill/scripts/probes.py variants|profile|attention|tail|tail_parts
 `variants` patches functions as they were at 19bfe73 (each change alone, then together); `profile` lists the
 top kernels of the reference prefill (whole and in chunks of 2048) at 8 x 8K with the code checked out;
-`attention` times causal attention alone on the flash, cuDNN and mem-efficient kernels."""
+`attention` times causal attention alone on the flash, cuDNN and mem-efficient kernels; `tail` a chunk after cached
+keys on flash's bottom-right kernel and on cuDNN in two parts."""
 import json, os, socket, sys
 import torch, torch.nn.functional as F
 import torch.distributed as dist
@@ -52,6 +53,52 @@ def attention():
                 print(f"causal attention b{b} T{t} {name}: {s * 1e3:.2f} ms, {flops / s / 1e12:.0f} TFLOP/s", flush=True)
             except Exception as e:
                 print(name, "failed", repr(e)[:200])
+
+
+def tail():
+    """A full chunk of 2048 queries after `start` cached keys (a 32K prompt's late chunks): flash's bottom-right
+    causal kernel against cuDNN over the keys before plus cuDNN causal over the chunk, merged by LSE."""
+    from model import attention as A
+    for b, start in ((8, 6144), (2, 14336), (2, 30720)):
+        q = torch.randn(b, 32, 2048, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 32, start + 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        flops = 4 * b * 32 * 128 * 2048 * (start + 1024.5)
+        for backend in ("sdpa_flash", "sdpa"):
+            s = timeit(lambda: A.attention(q, k, v, causal=True, backend=backend, q_offset=start), reps=5, warmup=2)
+            print(f"chunk 2048 after {start} b{b} {backend}: {s * 1e3:.2f} ms, {flops / s / 1e12:.0f} TFLOP/s", flush=True)
+
+
+def tail_parts():
+    """The parts of a chunk's cuDNN tail: cuDNN and flash over the keys before the chunk, cuDNN causal over the
+    chunk, copies of the key views, the stacked merge and the fused one; and whether cuDNN takes key views."""
+    from model import attention as A, merge_kernel
+    cud = torch.ops.aten._scaled_dot_product_cudnn_attention
+    for b, start, chunk in ((8, 6144, 2048), (2, 14336, 2048), (2, 28672, 4096)):
+        q = torch.randn(b, 32, chunk, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, 32, start + chunk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        kp, vp = k[:, :, :start].contiguous(), v[:, :, :start].contiguous()
+        ko, vo = k[:, :, start:].contiguous(), v[:, :, start:].contiguous()
+        fl_pre = 4 * b * 32 * 128 * chunk * start; fl_own = 4 * b * 32 * 128 * chunk * (chunk + 1) / 2
+        r = {}
+        r["prefix_cudnn"] = timeit(lambda: cud(q, kp, vp, None, True, is_causal=False), reps=5, warmup=2)
+        r["prefix_flash"] = timeit(lambda: torch.ops.aten._scaled_dot_product_flash_attention(q, kp, vp, is_causal=False), reps=5, warmup=2)
+        r["own_cudnn"] = timeit(lambda: cud(q, ko, vo, None, True, is_causal=True), reps=5, warmup=2)
+        r["copies"] = timeit(lambda: (k[:, :, :start].contiguous(), v[:, :, :start].contiguous()), reps=5, warmup=2)
+        o1, l1 = cud(q, kp, vp, None, True, is_causal=False)[:2]; o2, l2 = cud(q, ko, vo, None, True, is_causal=True)[:2]
+        l1 = l1.reshape(b, 32, -1)[..., :chunk].float(); l2 = l2.reshape(b, 32, -1)[..., :chunk].float()
+        r["merge"] = timeit(lambda: A.merge_partials([o1, o2], [l1, l2]), reps=5, warmup=2)
+        r["whole_tail_sdpa"] = timeit(lambda: A.attention(q, k, v, causal=True, backend="sdpa", q_offset=start), reps=5, warmup=2)
+        try:
+            cud(q, k[:, :, :start], v[:, :, :start], None, True, is_causal=False); torch.cuda.synchronize(); r["view_ok"] = 1
+            r["prefix_cudnn_view"] = timeit(lambda: cud(q, k[:, :, :start], v[:, :, :start], None, True, is_causal=False), reps=5, warmup=2)
+            ov = cud(q, k[:, :, :start], v[:, :, :start], None, True, is_causal=False)[0]
+            r["view_err"] = (ov.float() - o1.float()).abs().max().item() * 1e-3
+        except Exception as e:
+            print("view refused:", repr(e)[:300])
+        print(f"b{b} start{start} chunk{chunk}: " + ", ".join(f"{n} {t*1e3:.3f} ms" for n, t in r.items())
+              + f" | prefix cudnn {fl_pre / r['prefix_cudnn'] / 1e12:.0f} TF, flash {fl_pre / r['prefix_flash'] / 1e12:.0f} TF, own {fl_own / r['own_cudnn'] / 1e12:.0f} TF", flush=True)
+        r2 = timeit(lambda: merge_kernel.merge_two(o1, l1, o2, l2), reps=5, warmup=2)
+        print(f"   fused merge {r2 * 1e3:.3f} ms", flush=True)
 
 
 def variants():
@@ -145,4 +192,4 @@ def variants():
 
 
 if __name__ == "__main__":
-    {"variants": variants, "profile": profile, "attention": attention}[sys.argv[1]]()
+    {"variants": variants, "profile": profile, "attention": attention, "tail": tail, "tail_parts": tail_parts}[sys.argv[1]]()
