@@ -199,6 +199,12 @@ def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int,
             "wall_s": time.time() - t0, "record": rec}
 
 
+def roofline_comm(limits: dict) -> dict:
+    """The NCCL calibration a roofline uses: in-graph times (every strategy captures its collectives), eager where
+    the machine could not capture (CPU smoke runs)."""
+    return limits["comm"].get("graph", limits["comm"]["eager"])
+
+
 def attach_roofline(run: dict, read_bw: float, comm: dict) -> None:
     rec = run["record"]
     if rec.get("status") != "ok":
@@ -253,7 +259,7 @@ def main(argv=None):
         reads.append(limits(torch.device("cuda", i) if device.type == "cuda" else device, dtype, smoke)["read_bytes_per_s"])
     res["read_bytes_per_s"] = {"per_gpu": reads, "used": min(reads)}
     res["comm"] = calibrate_nccl(gpus, SMOKE_SIZES if smoke else SIZES, out)
-    comm = res["comm"].get("graph", res["comm"]["eager"])
+    comm = roofline_comm(res)
     (out / "limits.json").write_text(json.dumps(res, indent=1))
     gpu_bytes = torch.cuda.get_device_properties(0).total_memory if device.type == "cuda" else 0
     only = set(filter(None, args.only.split(",")))
@@ -289,7 +295,7 @@ def rebuild(out: Path) -> None:
     """The tables from OUT/records/*/result.json and OUT/limits.json, rooflines attached again, and each rank's
     profile summarized again from its trace where the run kept one (records/<run>/traces/)."""
     res = json.loads((out / "limits.json").read_text())
-    comm = res["comm"].get("graph", res["comm"]["eager"])
+    comm = roofline_comm(res)
     runs = []
     for path in sorted((out / "records").glob("*/result.json")):
         rec = json.loads(path.read_text())
