@@ -120,8 +120,9 @@ def trace_events(path, after_range: str | None = None) -> list[tuple[str, float,
                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e["ts"] >= begin), key=lambda e: e[1])
 
 
-def is_nccl(name: str) -> bool:
-    return "nccl" in name.lower()
+def kernel_kind(name: str) -> str:
+    """communication (NCCL), attention, gemm or other, by the kernel's name."""
+    return next((k for k, marks in KERNEL_KINDS if any(m in name.lower() for m in marks)), "other")
 
 
 def kernel_summary(events: list[tuple[str, float, float]], top: int = 8) -> dict:
@@ -129,8 +130,7 @@ def kernel_summary(events: list[tuple[str, float, float]], top: int = 8) -> dict
     seconds, of device_events' list."""
     kinds, by_name = {k: 0.0 for k, _ in KERNEL_KINDS} | {"other": 0.0}, {}
     for name, start, end in events:
-        kind = next((k for k, marks in KERNEL_KINDS if any(m in name.lower() for m in marks)), "other")
-        kinds[kind] += (end - start) / 1e6
+        kinds[kernel_kind(name)] += (end - start) / 1e6
         total, calls = by_name.get(name, (0.0, 0))
         by_name[name] = (total + (end - start) / 1e6, calls + 1)
     kernels = sorted(((t, n[:80], c) for n, (t, c) in by_name.items()), reverse=True)
@@ -158,7 +158,7 @@ def timeline_summary(events: list[tuple[str, float, float]], steps: int) -> dict
     if not events or steps <= 0:
         return {}
     window = max(e for _, _, e in events) - min(s for _, s, _ in events)
-    compute = union_us([(s, e) for name, s, e in events if not is_nccl(name)])
+    compute = union_us([(s, e) for name, s, e in events if kernel_kind(name) != "communication"])
     busy = union_us([(s, e) for _, s, e in events])
     per_step = lambda us: us / steps / 1e3
     return {"steps": steps, "window_ms": per_step(window), "compute_ms": per_step(compute),
