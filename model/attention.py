@@ -131,9 +131,7 @@ def _prefix_and_own(q, k, v, scale, backend):
     start = k.shape[2] - q.shape[2]  # views, no copies: cuDNN takes the strides (same result and speed, H200)
     before = _sdpa(q, k[:, :, :start], v[:, :, :start], None, scale, backend)
     own = _sdpa(q, k[:, :, start:], v[:, :, start:], None, scale, backend, is_causal=True)
-    if merge_kernel.available(before[0], own[0]):
-        return merge_kernel.merge_two(*before, *own)
-    return merge_partials([before[0], own[0]], [before[1], own[1]])
+    return merge_pair(before, own)
 
 
 def _flash_attn(q, k, v, kv_lens, causal, scale):
@@ -182,6 +180,14 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse
+
+
+def merge_pair(a: tuple, b: tuple) -> tuple:
+    """merge_partials of two (out [B, H, T, D], lse [B, H, T]) partials; on CUDA one fused kernel
+    (model/merge_kernel.py)."""
+    if merge_kernel.available(a[0], b[0]):
+        return merge_kernel.merge_two(*a, *b)
+    return merge_partials([a[0], b[0]], [a[1], b[1]])
 
 
 def merge_partials(outs, lses):

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.attention import attention, merge_partials
+from model.attention import attention, merge_pair, merge_partials
 from model.paged_attention import paged_decode
 from model.parallel.paged_kv import to_blocks
 from model.parallel.static import StageKV, StaticEngine
@@ -91,7 +91,9 @@ class ShardedAttention:
 
     def _prefill(self, q, k, v, step: Step):
         """A chunk of t tokens at positions step.start + i (step.start a multiple of the block): store this shard's
-        blocks of it, then attend over every cached key of the shard, masked by the keys' global positions."""
+        blocks of it, then attend over every cached key of the shard. The shard's keys before the chunk are visible
+        to every query (no mask: the fused unmasked kernel); its keys inside the chunk are masked by their global
+        positions; the two partials merge by LSE."""
         c, bs, n = self.cache, self.cache.kv.block_size, self.shards
         t = k.shape[2]
         first_block = step.start // bs
@@ -101,12 +103,15 @@ class ShardedAttention:
             kb, vb = (to_blocks(x, bs)[:, :, own::n].flatten(2, 3) for x in (k, v))
             rows = torch.arange(step.rows.start, step.rows.stop, device=k.device)
             c.kv.write_prompt(self.layer, kb, vb, rows * c.blocks_per_seq + (first_block + own) // n, kb.shape[2] // bs)
-        upto = shard_length(step.start + t, self.shard, n, bs)
+        before, upto = shard_length(step.start, self.shard, n, bs), shard_length(step.start + t, self.shard, n, bs)
         keys, values = c.dense(self.layer, step.rows, upto) if upto else (k[:, :, :0], v[:, :, :0])
-        local = torch.arange(upto, device=k.device)
+        local = torch.arange(before, upto, device=k.device)
         positions = (local // bs * n + self.shard) * bs + local % bs
-        out, lse = attention(q, keys, values, kv_lens=step.start + step.new_lens, causal=True, backend=self.backend,
-                             q_offset=step.start, key_positions=positions)
+        out, lse = attention(q, keys[:, :, before:], values[:, :, before:], kv_lens=step.start + step.new_lens,
+                             causal=True, backend=self.backend, q_offset=step.start, key_positions=positions)
+        if before:
+            prior = attention(q, keys[:, :, :before], values[:, :, :before], backend=self.backend)
+            out, lse = merge_pair(prior, (out, lse))
         return out.float(), lse
 
     # -- each rank's heads back from every shard: one all-to-all, merged by LSE ---------------------------------
