@@ -80,7 +80,8 @@ def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
 def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
     t0 = time.monotonic()
     proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
-                             "fault.kind=none,hang", "fault.rank=1", "launcher.timeout_s=45"], tmp_path, timeout=400)
+                             # 75 s: the healthy run takes ~20 s, but on a loaded 2-core machine one ran past 45
+                             "fault.kind=none,hang", "fault.rank=1", "launcher.timeout_s=75"], tmp_path, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     by_fault = {r["config"]["fault"]["kind"]: r for r in records}
     assert by_fault["none"]["status"] == "ok"
