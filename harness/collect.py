@@ -46,6 +46,21 @@ def mean_prompt_length(workload: dict) -> float | None:
     return int(mean) if mean is not None and float(mean).is_integer() else mean
 
 
+TIMELINE_FIELDS = ("window_ms", "compute_ms", "nccl_only_ms", "idle_ms", "compute_share")
+
+
+def role_timelines(ranks: list[dict]) -> dict:
+    """{role: {field: mean over the role's ranks}} of the profiled pass's step timeline (profile=true on a GPU;
+    harness/measure.timeline_summary): where a decode step goes on each kind of GPU."""
+    by_role = {}
+    for r in ranks:
+        timeline = (r.get("profile") or {}).get("timeline")
+        if timeline:
+            by_role.setdefault(r.get("role"), []).append(timeline)
+    return {role: {f: sum(t[f] for t in ts) / len(ts) for f in TIMELINE_FIELDS if all(t.get(f) is not None for t in ts)}
+            for role, ts in by_role.items()}
+
+
 def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
     rows = []
     for path, rec in records:
@@ -55,6 +70,7 @@ def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
         _flatten("metrics", rec.metrics, row)
         _flatten("breakdown", rec.breakdown, row)
         _flatten("memory", rec.memory, row)
+        _flatten("timeline", role_timelines(rec.ranks), row)
         if rec.reference_check:
             _flatten("reference_check", rec.reference_check, row)
         util = list(rec.pool_utilization.values())

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.collect import collect  # noqa: E402
+from harness.collect import TIMELINE_FIELDS, collect  # noqa: E402
 from harness.measure import PHASES  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
@@ -178,17 +178,28 @@ def memory_table(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
+def _per_role_table(df: pd.DataFrame, section: str, fields, missing=None) -> pd.DataFrame:
+    """One row per run kind and role: the mean of `<section>.<role>.<field>` over like runs."""
     rows = [{"source": r["source"], "strategy": r["strategy"], "seq_len": r["seq_len"], **split, "role": role,
-             **{p: r.get(f"breakdown.{role}.{p}", 0.0) for p in PHASES}}
-            for r, role, split in _role_rows(df, "breakdown")]
+             **{f: r.get(f"{section}.{role}.{f}", missing) for f in fields}}
+            for r, role, split in _role_rows(df, section)]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    split = [c for c in out.columns if c not in ("source", "strategy", "seq_len", "role", *PHASES)]
+    split = [c for c in out.columns if c not in ("source", "strategy", "seq_len", "role", *fields)]
     out = out.groupby(["source", "strategy", "seq_len", *split, "role"], dropna=False).mean().reset_index()
     out.attrs["split_by"] = split
     return out
+
+
+def breakdown_table(df: pd.DataFrame) -> pd.DataFrame:
+    """The phase timers' fractions of each role's time (the instrumented pass)."""
+    return _per_role_table(df, "breakdown", PHASES, missing=0.0)
+
+
+def timeline_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Where a decode step goes on each role's GPU, ms per step (the profiled pass: runs with profile=true)."""
+    return _per_role_table(df, "timeline", TIMELINE_FIELDS)
 
 
 def swept(df: pd.DataFrame, field: str) -> pd.DataFrame:
@@ -423,6 +434,8 @@ def report(root: str | Path, out: str | Path | None = None, baseline: str | None
         "iso_gpu": (iso_gpu(df), "Equal GPU counts: per-GPU metrics"),
         "memory": (memory_table(df), "Peak memory per GPU role (GB)"),
         "breakdown": (breakdown_table(df), "Overhead breakdown per role (fractions of the role's time)"),
+        "timeline": (timeline_table(df), "Where a decode step goes per GPU role, from the profiled pass (ms per "
+                                         "step: compute = non-NCCL kernels, NCCL alone, idle)"),
         "pool_scaling": (swept(df, "config.strategy.pool.size"), "FA Pool by pool size"),
         "threshold_sweep": (swept(df, "config.strategy.pool.threshold"), "FA Pool by threshold"),
     }

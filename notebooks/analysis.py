@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -67,6 +69,8 @@ display(Image(OUT / "pareto.png"))
 # %%
 display(Markdown((OUT / "breakdown.md").read_text()))
 display(Image(OUT / "breakdown.png"))
+# runs with profile=true on a GPU: each role's decode step split into compute, NCCL alone and idle
+display(Markdown((OUT / "timeline.md").read_text()))
 display(Markdown((OUT / "memory.md").read_text()))
 display(Image(OUT / "memory.png"))
 

@@ -17,7 +17,7 @@ from tests.conftest import ROOT, run_cli
 PLOTS = ["tpot_vs_length", "tps", "speedup", "pool_scaling", "threshold_sweep", "breakdown", "memory", "pareto", "elasticity"]
 
 
-def _rec(strategy, kind, length, tpot, tps, gpus, source=None, status="ok"):
+def _rec(strategy, kind, length, tpot, tps, gpus, source=None, status="ok", ranks=()):
     cfg = {"strategy": {"name": strategy, "kind": kind, "pool": {"size": 2, "threshold": 32}},
            "workload": {"name": f"len{length}", "prompt_lens": [length], "buckets": []}}
     env = {"source": source} if source else {}
@@ -26,7 +26,8 @@ def _rec(strategy, kind, length, tpot, tps, gpus, source=None, status="ok"):
     return RunRecord(run_id=f"{strategy}{length}{source}", status=status, config=cfg, env=env, metrics=metrics,
                      breakdown={"base": {"attention": 0.5, "communication": 0.2, "synchronization": 0.1,
                                          "resource_management": 0.05, "other": 0.15}} if status == "ok" else {},
-                     memory={"base": {"peak_bytes_max": 2e9, "source": "test"}} if status == "ok" else {})
+                     memory={"base": {"peak_bytes_max": 2e9, "source": "test"}} if status == "ok" else {},
+                     ranks=list(ranks))
 
 
 @pytest.fixture
@@ -35,6 +36,13 @@ def results(tmp_path):
             ("tp16_pp2", "static", 8192, 200.0, 40.0, 32), ("tp8_pp2", "static", 512, 45.0, 22.0, 16),
             ("fa_pool", "fa_pool", 512, 50.0, 20.0, 40), ("fa_pool_iso16", "fa_pool", 8192, 150.0, 50.0, 16),
             ("dcp_t8_k8_pp2", "dcp", 8192, 125.0, 66.0, 16)]
+    timeline = lambda compute, idle: {"profile": {"timeline": {"window_ms": 10.0, "compute_ms": compute, "nccl_only_ms":
+                                                               10.0 - compute - idle, "idle_ms": idle,
+                                                               "compute_share": compute / 10.0}}}
+    # a profiled pipeline: two ranks of stage 0 and one of stage 1 (a role's ranks are averaged)
+    write_record(_rec("tp2_pp2", "static", 32768, 10.0, 90.0, 4, ranks=[
+        {"role": "stage0", **timeline(9.0, 0.2)}, {"role": "stage0", **timeline(8.0, 0.4)},
+        {"role": "stage1", **timeline(9.5, 0.1)}, {"role": "stage1"}]), tmp_path / "profiled")
     for i, r in enumerate(runs):
         write_record(_rec(*r), tmp_path / f"run{i}")
     write_record(_rec("fa_pool", "fa_pool", 8192, 10.0, 800.0, 40, source="projected"), tmp_path / "proj")
@@ -51,7 +59,7 @@ def results(tmp_path):
 
 def test_collector_loads_good_rows_and_lists_bad_ones(results):
     df, bad = collect(results)
-    assert len(df) == 10 and set(df["status"]) == {"ok", "failed"}
+    assert len(df) == 11 and set(df["status"]) == {"ok", "failed"}
     reasons = {p.parent.name: why for p, why in bad}
     assert set(reasons) == {"trunc", "future", "empty"}
     assert "JSONDecodeError" in reasons["trunc"] and "schema_version 99" in reasons["future"]
@@ -81,11 +89,20 @@ def test_every_table_and_plot_is_written_and_not_empty(results, tmp_path_factory
     for name in PLOTS:
         for ext in ("png", "pdf"):
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
-    for name in ("paper_layout", "static_vs_fapool", "iso_gpu", "memory", "breakdown"):
+    for name in ("paper_layout", "static_vs_fapool", "iso_gpu", "memory", "breakdown", "timeline"):
         assert (out / f"{name}.md").read_text().count("|") > 10, name
         assert "tabular" in (out / f"{name}.tex").read_text()
-    assert len(pd.read_parquet(out / "results.parquet")) == 10
+    assert len(pd.read_parquet(out / "results.parquet")) == 11
     assert "trunc" in (out / "skipped.txt").read_text()
+
+
+def test_the_profiled_timeline_per_role_is_the_mean_of_its_ranks(results):
+    from harness.report import timeline_table
+
+    t = timeline_table(collect(results)[0]).set_index("role")
+    assert list(t.index) == ["stage0", "stage1"]  # only the profiled run has rows
+    assert t.loc["stage0", "compute_ms"] == pytest.approx(8.5) and t.loc["stage0", "idle_ms"] == pytest.approx(0.3)
+    assert t.loc["stage1", "nccl_only_ms"] == pytest.approx(0.4)
 
 
 def test_claims_cite_their_sections():
@@ -107,7 +124,7 @@ def test_notebook_is_paired_and_executes(results, tmp_path):
     finally:
         del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
     outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
-    assert "10 records" in outputs and "image/png" in outputs
+    assert "11 records" in outputs and "image/png" in outputs and "Where a decode step goes" in outputs
 
 
 def test_fapool_report_command_on_a_real_sweep(tmp_path):
