@@ -40,15 +40,17 @@ def versions() -> dict:
     return info
 
 
-def paged_layout(batch, context, block, dtype, device, seed=0):
-    """q [B, H, D]; K/V blocks at shuffled slots; block table [B, blocks]; lengths all = context."""
+def paged_layout(batch, context, block, dtype, device, seed=0, heads=HEADS, shuffled=True):
+    """q [B, H, D]; K/V blocks at shuffled slots (as a pool holds them; shuffled=False: in order, as a static
+    rank's StageKV does); block table [B, blocks]; lengths all = context."""
     gen = torch.Generator(device=device).manual_seed(seed)
     n_blocks = -(-context // block)
     slots = batch * n_blocks
-    k = torch.randn(slots, HEADS, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
-    v = torch.randn(slots, HEADS, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
-    table = torch.randperm(slots, device=device, generator=gen).view(batch, n_blocks).to(torch.int32)
-    q = torch.randn(batch, HEADS, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    k = torch.randn(slots, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(slots, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    order = torch.randperm(slots, device=device, generator=gen) if shuffled else torch.arange(slots, device=device)
+    table = order.view(batch, n_blocks).to(torch.int32)
+    q = torch.randn(batch, heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     return q, k, v, table, lens
 
@@ -103,13 +105,7 @@ def split_points(device, dtype, read_bw, shapes, block: int) -> list[dict]:
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     rows = []
     for context, heads, n in shapes:
-        blocks = -(-context // block)
-        gen = torch.Generator(device=device).manual_seed(0)
-        k = torch.randn(n * blocks, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
-        v = torch.randn_like(k)
-        table = torch.arange(n * blocks, device=device, dtype=torch.int32).view(n, blocks)
-        q = torch.randn(n, heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
-        lens = torch.full((n,), context, dtype=torch.int32, device=device)
+        q, k, v, table, lens = paged_layout(n, context, block, dtype, device, heads=heads, shuffled=False)
         kv_bytes = 2 * k.numel() * k.element_size()
         ratio = {}
         for splits in (1, 2, 4, 8, 16, 32):
