@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
 from harness.config import from_dict
-from harness.measure import DECODE_RANGE, kernel_summary, timeline_summary, trace_events
+from harness.measure import DECODE_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
 from harness.roofline import roofline
 from model.config import PRESETS
 
@@ -304,7 +304,7 @@ def rebuild(out: Path) -> None:
             trace = path.parent / "traces" / f"rank{rank['rank']}.json.gz"
             if trace.exists():
                 events = trace_events(trace, DECODE_RANGE)
-                rank["profile"] = kernel_summary(events) | {"timeline": timeline_summary(events, w["output_tokens"] - 1)}
+                rank["profile"] = profile_summary(events, w["output_tokens"] - 1)
         run = {"tag": path.parent.name, "name": path.parent.name.split("_L")[0], "context": max(w["prompt_lens"]),
                "batch": w["batch_size"], "path": str(path), "wall_s": None, "record": rec}
         attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
@@ -334,8 +334,7 @@ def profile_table(runs: list[dict]) -> str:
             tl = prof.get("timeline") or {}
             steps = tl.get("steps") or 1  # older records: the whole profiled generation, prefill included
             d = {k: f"{v * 1e3 / steps:.3f}" for k, v in prof["device_s"].items()}
-            t = {k: f"{tl[k]:.3f}" if tl.get(k) is not None else "" for k in ("window_ms", "compute_ms", "nccl_only_ms",
-                                                                                   "idle_ms", "compute_share")}
+            t = {k: f"{tl[k]:.3f}" if tl.get(k) is not None else "" for k in TIMELINE_FIELDS}
             top = prof["top_kernels"][0]["name"][:40] if prof["top_kernels"] else ""
             lines.append(f"| {r['tag']} | {rank['role']} | {rank['rank']} | {d['communication']} | {d['attention']} | "
                          f"{d['gemm']} | {d['other']} | {t['window_ms']} | {t['compute_ms']} | {t['nccl_only_ms']} | "

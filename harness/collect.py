@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.measure import TIMELINE_FIELDS
 from harness.record import RunRecord
 
 
@@ -44,9 +45,6 @@ def mean_prompt_length(workload: dict) -> float | None:
         lens = workload.get("prompt_lens") or []
         mean = sum(lens) / len(lens) if lens else None
     return int(mean) if mean is not None and float(mean).is_integer() else mean
-
-
-TIMELINE_FIELDS = ("window_ms", "compute_ms", "nccl_only_ms", "idle_ms", "compute_share")
 
 
 def role_timelines(ranks: list[dict]) -> dict:

@@ -147,6 +147,9 @@ def union_us(spans: list[tuple[float, float]]) -> float:
     return total
 
 
+TIMELINE_FIELDS = ("window_ms", "compute_ms", "nccl_only_ms", "idle_ms", "compute_share")  # timeline_summary's
+
+
 def timeline_summary(events: list[tuple[str, float, float]], steps: int) -> dict:
     """Where a rank's GPU time went in a profiled window of `steps` decode steps, per step in ms.
     events: device_events' (name, start_us, end_us).
@@ -164,6 +167,11 @@ def timeline_summary(events: list[tuple[str, float, float]], steps: int) -> dict
     return {"steps": steps, "window_ms": per_step(window), "compute_ms": per_step(compute),
             "nccl_only_ms": per_step(busy - compute), "idle_ms": per_step(window - busy),
             "compute_share": compute / window if window else None}
+
+
+def profile_summary(events: list[tuple[str, float, float]], steps: int) -> dict:
+    """A rank's `profile` in the record: kernel time by kind and the step timeline, from its decode events."""
+    return kernel_summary(events) | {"timeline": timeline_summary(events, steps)}
 
 
 def nvml_utilization() -> float | None:

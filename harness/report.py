@@ -20,8 +20,8 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness.collect import TIMELINE_FIELDS, collect  # noqa: E402
-from harness.measure import PHASES  # noqa: E402
+from harness.collect import collect  # noqa: E402
+from harness.measure import PHASES, TIMELINE_FIELDS  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
 KEY = ["source", "strategy", "seq_len"]

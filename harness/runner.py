@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
-from harness.measure import (DECODE_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics, device_events, kernel_summary,
-                             nvml_utilization, pool_utilization, timeline_summary)
+from harness.measure import (DECODE_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics, device_events,
+                             nvml_utilization, pool_utilization, profile_summary)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -254,7 +254,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
         generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof)
         events = device_events(prof, after_range=DECODE_RANGE)
-        report["profile"] = kernel_summary(events) | {"timeline": timeline_summary(events, w.output_tokens - 1)}
+        report["profile"] = profile_summary(events, w.output_tokens - 1)
         if cfg.profile_trace:
             traces = Path(out_dir, "traces")
             traces.mkdir(parents=True, exist_ok=True)
