@@ -41,8 +41,9 @@ def versions() -> dict:
 
 
 def paged_layout(batch, context, block, dtype, device, seed=0, heads=HEADS, shuffled=True):
-    """q [B, H, D]; K/V blocks at shuffled slots (as a pool holds them; shuffled=False: in order, as a static
-    rank's StageKV does); block table [B, blocks]; lengths all = context."""
+    """q [B, H, D]; K/V blocks at shuffled slots (as a pool holds them; shuffled=False: in order); block table
+    [B, blocks]; lengths all = context. (A static rank's StageKV holds each head's blocks of a sequence in one span,
+    read by the same kernel through strided views: model/parallel/static.py.)"""
     gen = torch.Generator(device=device).manual_seed(seed)
     n_blocks = -(-context // block)
     slots = batch * n_blocks

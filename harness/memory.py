@@ -61,10 +61,10 @@ def memory_by_role(cfg: BenchConfig) -> list[RoleMemory]:
     if s.kind in ("reference", "static", "dcp"):
         # the engine (model/parallel/static.py, StageKV) gives every sequence room for the longest context,
         # in whole blocks of kv_block tokens; a DCP shard (model/parallel/dcp.py) room for its share of the
-        # blocks, k times the heads, and one spare block
+        # blocks, k times the heads, and one spare block per sequence
         k = s.kv_shards
         row_tokens = math.ceil(math.ceil(max(ctx) / s.kv_block) / k) * k * s.kv_block
-        kv = (cfg.workload.batch_size * row_tokens + (k * s.kv_block if s.kind == "dcp" else 0)) * kv_token
+        kv = cfg.workload.batch_size * (row_tokens + (k * s.kv_block if s.kind == "dcp" else 0)) * kv_token
         if s.kind == "reference":
             return [RoleMemory("reference", 1, m.param_count() * b, kv * m.n_layers,
                                _activations(m, cfg.workload.batch_size, 1, b))]

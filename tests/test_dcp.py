@@ -39,7 +39,7 @@ def test_dcp_matches_reference(tp, shards, pp, chunk, tmp_path):
     w, m = rec["config"]["workload"], rec["config"]["model"]
     blocks = -(-(max(w["prompt_lens"]) + w["output_tokens"]) // 16)
     local_len = -(-blocks // shards) * 16  # a shard's blocks of the longest sequence
-    slots = w["batch_size"] * local_len // 16 + 1  # and the spare slot
+    slots = w["batch_size"] * (local_len // 16 + 1)  # and a spare block per sequence
     heads = m["n_heads"] // tp * shards  # the KV-shard group's heads
     head_dim = m["hidden"] // m["n_heads"]
     ranks = rec["ranks"]

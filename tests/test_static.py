@@ -110,3 +110,37 @@ def test_uneven_micro_batches_match_the_reference(strategy, world, tmp_path):
     assert rec["status"] == "ok", rec["error"]
     check = rec["reference_check"]
     assert check["passed"] and check["tokens_equal"] and check["max_rel_logit_error"] < 1e-4, check
+
+
+def test_stage_kv_chunk_keys_are_views_and_the_paged_view_reads_the_same_memory():
+    """A chunk's cached keys are views of the cache (no gather, no copy); the paged kernel's strided view, through
+    the block table, addresses exactly the dense positions; the DCP spare block sits outside every table entry."""
+    import torch
+
+    from model.paged_attention import paged_decode_reference
+    from model.parallel.static import StageKV
+
+    batch, heads, max_len, dim, block = 3, 2, 40, 4, 8  # 40 tokens: 5 blocks a row, + 1 spare
+    cache = StageKV(2, batch, heads, max_len, dim, block, torch.float32, "cpu", spare=True)
+    cache.fill_random(torch.Generator().manual_seed(0))
+    keys, values = cache.dense(1, slice(1, 3), 21)
+    assert keys.shape == (2, heads, 21, dim) and keys.data_ptr() == cache.kv[1, 0, 1].data_ptr()
+    assert keys.untyped_storage().data_ptr() == cache.kv.untyped_storage().data_ptr()
+    k_paged, v_paged = cache.paged[1]
+    pos = torch.arange(max_len)
+    for b in range(batch):
+        for h in range(heads):
+            slots = cache.table[b, pos // block].long()
+            assert torch.equal(k_paged[slots, h, pos % block], cache.kv[1, 0, b, h, :max_len])
+            assert torch.equal(v_paged[slots, h, pos % block], cache.kv[1, 1, b, h, :max_len])
+    # writes land where dense reads them; a spare write changes nothing a row's attention reads
+    cache.write_token(1, torch.tensor([0, 2]), torch.tensor([5, 33]), torch.ones(2, heads, dim), torch.ones(2, heads, dim))
+    assert torch.equal(cache.dense(1, slice(0, 1), 6)[0][0, :, 5], torch.ones(heads, dim))
+    q, lens = torch.randn(batch, heads, dim), torch.tensor([max_len] * batch, dtype=torch.int32)
+    before = paged_decode_reference(q, k_paged, v_paged, cache.table, lens)
+    cache.write_token(1, torch.arange(batch), torch.full((batch,), cache.spare_position), torch.zeros(batch, heads, dim),
+                      torch.zeros(batch, heads, dim))
+    after = paged_decode_reference(q, k_paged, v_paged, cache.table, lens)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    cache.write_chunk(0, slice(0, 2), 16, torch.full((2, heads, 8, dim), 2.0), torch.full((2, heads, 8, dim), 3.0))
+    assert (cache.dense(0, slice(0, 2), 24)[1][:, :, 16:] == 3.0).all()

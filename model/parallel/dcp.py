@@ -6,7 +6,7 @@ Weights are sliced over all t ranks exactly as in static TP (model/parallel/stat
   1/k of every sequence's tokens: round-robin by KV blocks, global block g on shard g % k as its local block
   g // k. A shard's tokens are a dense prefix of its own cache, so decode is the paged kernel over local lengths.
 - per layer, each rank all-gathers its heads' q, k, v within the KV-shard group (one collective), the shard that
-  owns the new token's block stores it (the others write into a spare slot), and every rank computes the partial
+  owns the new token's block stores it (the others write into a spare block), and every rank computes the partial
   attention of the group's heads over its tokens: out in fp32 and its log-sum-exp.
 - one all-to-all in the group sends each rank the partials of its own heads from the k shards, merged by LSE;
   the output projection and the FFN then run as in TP.
@@ -55,7 +55,7 @@ class ShardedAttention:
         self.group, self.backend, self.timer, self.stats = group, backend, timer, stats
 
     def nbytes(self) -> int:
-        return self.cache.kv.kv[self.layer].nbytes
+        return self.cache.layer_bytes(self.layer)
 
     def __call__(self, q, k, v, step: Step):  # q, k, v: [b, h, T, D], this rank's h heads
         heads = q.shape[1]
@@ -78,15 +78,14 @@ class ShardedAttention:
 
     # -- partial attention over this shard's tokens ------------------------------------------------------------
     def _decode(self, q, k, v, step: Step):
-        c, bs = self.cache, self.cache.kv.block_size
+        c, bs = self.cache, self.cache.block_size
         rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
         pos = step.cache_lens  # the new token's global position
         block = pos // bs
-        local = block // self.shards * bs + pos % bs
-        slots = torch.where(block % self.shards == self.shard, rows * c.blocks_per_seq + local // bs, c.spare_slot)
-        c.kv.write_token(self.layer, slots, local % bs, k[:, :, 0], v[:, :, 0])
+        local = torch.where(block % self.shards == self.shard, block // self.shards * bs + pos % bs, c.spare_position)
+        c.write_token(self.layer, rows, local, k[:, :, 0], v[:, :, 0])
         lens = shard_lengths(pos + 1, self.shard, self.shards, bs).to(torch.int32)
-        out, lse = paged_decode(q[:, :, 0], *c.kv.layer(self.layer), c.table[step.rows], lens)
+        out, lse = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], lens)
         return out[:, :, None], lse[:, :, None]  # fp32
 
     def _prefill(self, q, k, v, step: Step):
@@ -94,15 +93,14 @@ class ShardedAttention:
         blocks of it, then attend over every cached key of the shard. The shard's keys before the chunk are visible
         to every query (no mask: the fused unmasked kernel); its keys inside the chunk are masked by their global
         positions; the two partials merge by LSE."""
-        c, bs, n = self.cache, self.cache.kv.block_size, self.shards
+        c, bs, n = self.cache, self.cache.block_size, self.shards
         t = k.shape[2]
         first_block = step.start // bs
         chunk_blocks = -(-t // bs)
         own = (self.shard - first_block) % n  # the chunk's first block on this shard, then every n-th
         if own < chunk_blocks:
             kb, vb = (to_blocks(x, bs)[:, :, own::n].flatten(2, 3) for x in (k, v))
-            rows = torch.arange(step.rows.start, step.rows.stop, device=k.device)
-            c.kv.write_prompt(self.layer, kb, vb, rows * c.blocks_per_seq + (first_block + own) // n, kb.shape[2] // bs)
+            c.write_chunk(self.layer, step.rows, (first_block + own) // n * bs, kb, vb)
         before, upto = shard_length(step.start, self.shard, n, bs), shard_length(step.start + t, self.shard, n, bs)
         keys, values = c.dense(self.layer, step.rows, upto) if upto else (k[:, :, :0], v[:, :, :0])
         local = torch.arange(before, upto, device=k.device)
@@ -143,7 +141,7 @@ class DCPEngine(StaticEngine):
         blocks = -(-max_len // self.kv_block)
         local_len = -(-blocks // self.shards) * self.kv_block  # this shard's blocks of the longest sequence
         return StageKV(self.per_stage, batch, attn.n_heads * self.shards, local_len, attn.head_dim, self.kv_block,
-                       self.dtype, self.device, spare=1)
+                       self.dtype, self.device, spare=True)
 
     def _new_core(self, layer: int):
         return ShardedAttention(self.cache, layer, self.shard, self.shards, self.shard_group, self.backend,

@@ -5,9 +5,10 @@ sliced over its TP group; stage 0 also holds the vocab-parallel embedding, the l
 vocab-parallel LM head. The 1-GPU reference engine is this engine with tp = pp = 1.
 
 The parts:
-- `StageKV`: the stage's KV cache, preallocated once per batch shape, dense per sequence but stored in blocks
-  so that decode attention is the paged kernel (model/paged_attention.py) over a fixed block table, with the
-  lengths in a device tensor: a decode step has the same shapes every step, so it can be captured.
+- `StageKV`: the stage's KV cache, preallocated once per batch shape, dense per sequence and head, so that a
+  prefill chunk attends over views of it, and read by decode as blocks: the paged kernel
+  (model/paged_attention.py) over a fixed block table, with the lengths in a device tensor: a decode step has
+  the same shapes every step, so it can be captured.
 - `StaticEngine._stage_decode`: one micro-batch through this stage's layers, from and into static buffers
   (input tokens or hidden state, output hidden state or tokens and logits), lengths advanced on the device.
   On CUDA each micro-batch's pass is captured in a CUDA graph (its TP all-reduces and the LM head's
@@ -34,27 +35,56 @@ from model.attention import attention
 from model.paged_attention import paged_decode
 from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
-from model.parallel.paged_kv import PagedKV
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
 from model.transformer import Step, build_model, keep_prompt_ends, pad_prompts
 
 
 class StageKV:
-    """The KV of a stage's layers for `batch` sequences of up to max_len tokens: sequence b's j-th block is slot
-    b * blocks_per_seq + j of one PagedKV, so the block table never changes. `spare` slots after those take the
-    writes a rank must make but not keep (a KV shard's token held by another shard: model/parallel/dcp.py)."""
+    """The KV of a stage's layers for `batch` sequences of up to max_len tokens, one dense span per sequence and head:
+        kv: [layers, 2 (k, v), batch, heads, span, head_dim]
+    A prefill chunk's keys are a view of it (no gather, no copy: cuDNN takes the strides), and decode's paged
+    kernel reads the same memory through a fixed block table: block j of sequence b, head h starts
+    ((b * heads + h) * span_blocks + j) blocks into the layer, so the kernel's [slots, heads, block, head_dim] is
+    a strided view (slot stride one block, head stride one span) and the table entry of (b, j) is
+    b * heads * span_blocks + j. `spare`: one more block per sequence, never read, for the writes a rank must make
+    but not keep (a KV shard's token held by another shard: model/parallel/dcp.py)."""
 
-    def __init__(self, layers, batch, heads, max_len, head_dim, block_size, dtype, device, spare: int = 0):
-        self.batch, self.max_len = batch, max_len
+    def __init__(self, layers, batch, heads, max_len, head_dim, block_size, dtype, device, spare: bool = False):
+        self.batch, self.max_len, self.block_size = batch, max_len, block_size
         self.blocks_per_seq = -(-max_len // block_size)
-        self.spare_slot = batch * self.blocks_per_seq
-        self.kv = PagedKV(layers, batch * self.blocks_per_seq + spare, heads, block_size, head_dim, dtype, device)
-        self.table = torch.arange(batch * self.blocks_per_seq, dtype=torch.int32, device=device).view(batch, -1)
+        span_blocks = self.blocks_per_seq + int(spare)
+        self.spare_position = self.blocks_per_seq * block_size  # inside the spare block, where it exists
+        self.kv = torch.zeros(layers, 2, batch, heads, span_blocks * block_size, head_dim, dtype=dtype, device=device)
+        first = torch.arange(batch, device=device)[:, None] * heads * span_blocks
+        self.table = (first + torch.arange(self.blocks_per_seq, device=device)).to(torch.int32)  # [batch, blocks]
+        size = ((batch - 1) * heads + 1) * span_blocks, heads, block_size, head_dim  # the last slot ends the layer
+        stride = block_size * head_dim, span_blocks * block_size * head_dim, head_dim, 1
+        self.paged = [tuple(x.as_strided(size, stride) for x in layer) for layer in self.kv]  # per layer (k, v)
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes
+
+    def layer_bytes(self, layer: int) -> int:
+        return self.kv[layer].nbytes
 
     def dense(self, layer: int, rows: slice, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions [0, upto) of `rows`, gathered into [b, heads, upto, head_dim] (a chunk's keys)."""
-        return self.kv.dense(layer, self.table[rows, : -(-upto // self.kv.block_size)].long(), upto)
+        """K and V of positions [0, upto) of `rows`, [b, heads, upto, head_dim] views (a chunk's keys)."""
+        return self.kv[layer, 0, rows, :, :upto], self.kv[layer, 1, rows, :, :upto]
+
+    def write_chunk(self, layer: int, rows: slice, start: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v [b, heads, t, head_dim] to positions [start, start + t) of `rows`: one copy each."""
+        self.kv[layer, 0, rows, :, start: start + k.shape[2]] = k
+        self.kv[layer, 1, rows, :, start: start + v.shape[2]] = v
+
+    def write_token(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """k, v [n, heads, head_dim] to (rows[i], positions[i]): one indexed kernel each, whatever n is."""
+        for cache, x in zip(self.kv[layer], (k, v)):
+            cache.transpose(1, 2).index_put_((rows, positions), x)  # [batch, span, heads, D] view
+
+    def fill_random(self, gen: torch.Generator):
+        """Random K/V everywhere (synthetic KV workloads), in place."""
+        self.kv.normal_(generator=gen)
 
 
 class StageAttention:
@@ -65,26 +95,23 @@ class StageAttention:
         self.cache, self.layer, self.backend, self.timer = cache, layer, backend, timer
 
     def nbytes(self) -> int:
-        return self.cache.kv.kv[self.layer].nbytes
+        return self.cache.layer_bytes(self.layer)
 
     def __call__(self, q, k, v, step: Step):  # q, k, v: [b, H, T, D]
         c = self.cache
-        rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
         with self.timer("attention"):
             if step.prefill:  # a whole prompt (start 0) or a chunk of it after `start` cached positions
-                bs, t = c.kv.block_size, k.shape[2]
-                c.kv.write_prompt(self.layer, k, v, rows * c.blocks_per_seq + step.start // bs, -(-t // bs))
+                c.write_chunk(self.layer, step.rows, step.start, k, v)
                 lens = None if step.full else step.new_lens  # every row fills the chunk: no length mask
                 if step.start == 0:
                     return attention(q, k, v, kv_lens=lens, causal=True, backend=self.backend)[0]
-                keys, values = c.dense(self.layer, step.rows, step.start + t)
+                keys, values = c.dense(self.layer, step.rows, step.start + k.shape[2])
                 return attention(q, keys, values, kv_lens=None if lens is None else step.start + lens, causal=True,
                                  backend=self.backend, q_offset=step.start)[0]
-            bs = c.kv.block_size
+            rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
             pos = step.cache_lens
-            slots = rows * c.blocks_per_seq + pos // bs
-            c.kv.write_token(self.layer, slots, pos % bs, k[:, :, 0], v[:, :, 0])
-            out, _ = paged_decode(q[:, :, 0], *c.kv.layer(self.layer), c.table[step.rows], (pos + 1).to(torch.int32))
+            c.write_token(self.layer, rows, pos, k[:, :, 0], v[:, :, 0])
+            out, _ = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], (pos + 1).to(torch.int32))
             return out.to(q.dtype)[:, :, None]
 
 
@@ -162,7 +189,7 @@ class StaticEngine(Engine):
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):
         self._setup(lens.to(self.device), max_len)
-        self.cache.kv.fill_random(torch.Generator(device=self.device).manual_seed(seed))
+        self.cache.fill_random(torch.Generator(device=self.device).manual_seed(seed))
         first = torch.randint(0, self.vocab_size, (len(lens),), generator=torch.Generator().manual_seed(seed))
         return first.to(self.device) if self.has_tokens else None
 
@@ -308,6 +335,6 @@ class StaticEngine(Engine):
         self.stats.add(key, t.nbytes)
 
     def report(self):
-        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.cache.kv.nbytes(),
+        return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.cache.nbytes(),
                 "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops), "tp_rank": self.tp_rank, "stage": self.stage,
                 "cuda_graphs": self.graphs is not None, "schedule": self.schedule if self.pp > 1 else None}
