@@ -139,8 +139,9 @@ def strategies(gpus: int, smoke: bool) -> dict:
                             "strategy.micro_batches=8"],
             "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
             "fa_pool_b1_p1": fa(1, 1), "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
-            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2)}
-    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2, "fa_pool_b1_p1": 2, "fa_pool_b2_p1": 3}
+            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2), "fa_pool_b1_p1_mb2": fa(1, 1, micro_batches=2)}
+    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2, "fa_pool_b1_p1": 2,
+             "fa_pool_b1_p1_mb2": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 
