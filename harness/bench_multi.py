@@ -121,10 +121,12 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "strategy.pool.block_size=16" if smoke else "strategy.pool.block_size=256",
             "strategy.pool.hierarchical=false", f"strategy.pool.gpus_per_node={gpus}"]
 
-    def fa(tp, size, micro_batches=1):  # one micro-batch: the base's share is small, overlap buys less than it costs
-        return [f"strategy.name=fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else ""), "strategy=fa_pool_b2_p2",
-                f"strategy.tp={tp}", f"strategy.pool.size={size}", f"strategy.pool.max_size={size}",
-                f"strategy.micro_batches={micro_batches}", *pool]
+    def fa(tp, size, micro_batches=1, wavefront=False):  # one micro-batch: the base's share is small, and
+        # micro-batches overlapped layer by layer take turns with the pool (h200-x2/bench/call_g)
+        name = f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
+        return [f"strategy.name={name}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}", f"strategy.pool.size={size}",
+                f"strategy.pool.max_size={size}", f"strategy.micro_batches={micro_batches}",
+                f"strategy.pool.wavefront={str(wavefront).lower()}", *pool]
 
     runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"], "tp1_pp2": ["strategy=tp1_pp2"],
             "tp1_pp2_mb4": ["strategy=tp1_pp2", "strategy.name=tp1_pp2_mb4", "strategy.micro_batches=4"],
@@ -139,9 +141,13 @@ def strategies(gpus: int, smoke: bool) -> dict:
                             "strategy.micro_batches=8"],
             "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
             "fa_pool_b1_p1": fa(1, 1), "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
-            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2), "fa_pool_b1_p1_mb2": fa(1, 1, micro_batches=2)}
+            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2), "fa_pool_b1_p1_mb2": fa(1, 1, micro_batches=2),
+            # the next layer's micro-batch enters the pool while the base finishes this layer (not yet measured)
+            "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
+            "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
+            "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True)}
     width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2, "fa_pool_b1_p1": 2,
-             "fa_pool_b1_p1_mb2": 2, "fa_pool_b2_p1": 3}
+             "fa_pool_b1_p1_mb2": 2, "fa_pool_b1_p1_mb2_wavefront": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 

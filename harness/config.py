@@ -53,6 +53,9 @@ class PoolConfig:
     tokens_per_rank: int = 4096  # the proportional policy's tokens per pool rank
     hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
     async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
+    # with async_overlap: micro-batch m of layer l + 1 starts when m of layer l finished, not after all of layer l
+    # (the pool never waits for a whole layer of base work); CPU-tested, not yet measured on GPUs
+    wavefront: bool = False
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
 
@@ -63,6 +66,8 @@ class PoolConfig:
         above(g, self, 0, "threshold", "block_size", "tokens_per_rank")
         need(self.size <= self.max_size, f"strategy.pool.size={self.size} exceeds strategy.pool.max_size={self.max_size}")
         need(self.policy in ("proportional", "all"), f"strategy.pool.policy={self.policy!r}: choose proportional or all")
+        need(self.async_overlap or not self.wavefront,
+             "strategy.pool.wavefront=true needs strategy.pool.async_overlap=true (it orders the overlapped units)")
         need(0 < self.kv_memory_fraction <= 1, f"strategy.pool.kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
 
 

@@ -345,7 +345,9 @@ def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     q, k, v to the pool (one eager message per pool rank), the pool attends over its share of the pooled KV and
     sends fp32 partials back (a second level first at a node leader when hierarchical), the base merges, projects
     and runs the FFN (2 all-reduces). A unit's critical path is that chain. With async_overlap and M > 1 a
-    layer's units overlap: the layer costs the busier side's M units plus one chain's messages. Eager steps
+    layer's units overlap: the layer costs the busier side's M units plus one chain's messages; with wavefront
+    the next layer's units start while this one finishes, so a layer costs the busier side's M units or one
+    micro-batch's whole chain, whichever is longer (not yet checked against a GPU measurement). Eager steps
     (a base of more than one rank) also pay the host's time per unit (cal.eager_unit_s): the host issues every
     kernel and message, so a step cannot be shorter than units x that time."""
     m, s = cfg.model, cfg.strategy
@@ -377,7 +379,11 @@ def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
             messages += _collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=False) + cal.message_s
         merge = cal.merge_s
     base_unit = pre + post + merge
-    if p.async_overlap and M > 1 and long:
+    if p.async_overlap and p.wavefront and M > 1 and long:
+        # a micro-batch's own chain (base unit, messages, pool unit) is the shortest cycle per layer; the M
+        # micro-batches in flight keep the base and the pool busy otherwise
+        layer = max(M * base_unit, M * pool_attn, base_unit + messages + pool_attn)
+    elif p.async_overlap and M > 1 and long:
         layer = max(M * base_unit, M * pool_attn) + messages + min(base_unit, pool_attn)
     else:
         layer = M * (base_unit + messages + pool_attn)

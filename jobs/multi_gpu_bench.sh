@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every strategy on this machine's GPUs against its roofline (issue #16), in one device call.
 # Usage: bash jobs/multi_gpu_bench.sh OUT_DIR [bench_multi arguments, e.g. --points 8192x16 --only reference,tp4]
-#        SKIP="tests checks" leaves those parts out; TESTS="tests/test_x.py ..." narrows the GPU tests.
+#        SKIP="tests checks" leaves those parts out; TESTS="tests/test_x.py ..." narrows the GPU tests (split at
+#        spaces), TESTS_K="not fa_pool and not profiled" selects among them (pytest -k, spaces kept).
 # Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks.md, bench_multi.md, bench_multi.json, limits.json, profile.md,
 # records.tgz (records/, checks/ and logs/: every record and log)}: the device tool brings back 8 files.
 set -uo pipefail
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed step against the plain model
   timeout 200 python3 -m pytest -q -x ${TESTS:-tests/test_paged_attention.py tests/test_gpu_path.py tests/test_gpu_strategies.py} \
-    > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
+    ${TESTS_K:+-k "$TESTS_K"} > "$OUT/gpu_tests.txt" 2>&1 || echo "GPU tests failed (see gpu_tests.txt)"
 fi
 GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
 if ! skip checks && (( GPUS < 4 )); then echo "checks skipped: they need 4 GPUs, this machine has $GPUS"

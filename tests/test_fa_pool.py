@@ -12,10 +12,12 @@ MIXED = [24, 40, 17, 30]  # 40 is long from the start; 30 crosses the threshold 
 HEAD_DIM, N_HEADS, LAYERS, TP = 16, 4, 2, 2
 
 
-def fa_run(tmp_path, lens, pool=4, hierarchical=True, async_overlap=True, policy="proportional", mb=2, block=8):
+def fa_run(tmp_path, lens, pool=4, hierarchical=True, async_overlap=True, policy="proportional", mb=2, block=8,
+           wavefront=False):
     return launch(["strategy=fa_pool_b2_p4", f"strategy.pool.size={pool}", f"strategy.world_size={TP + pool}",
                    f"strategy.pool.hierarchical={str(hierarchical).lower()}",
                    f"strategy.pool.async_overlap={str(async_overlap).lower()}", f"strategy.pool.policy={policy}",
+                   f"strategy.pool.wavefront={str(wavefront).lower()}",
                    f"strategy.micro_batches={mb}", f"strategy.pool.block_size={block}",
                    f"workload.prompt_lens=[{','.join(map(str, lens))}]", "workload.output_tokens=9",
                    "workload.warmup_steps=1", "check_reference=true"], tmp_path)
@@ -45,6 +47,8 @@ CASES = {
     "long_flat_async_pool3": dict(lens=LONG, pool=3, hierarchical=False),
     "mixed_pool1": dict(lens=MIXED, pool=1),
     "mixed_pool2_one_microbatch": dict(lens=MIXED, pool=2, mb=1),
+    # the next layer's micro-batch starts before this layer's others finish; 3 micro-batches of 4 rows: 2, 1, 1
+    "mixed_hier_wavefront_mb3": dict(lens=MIXED, wavefront=True, mb=3),
 }
 
 
@@ -215,3 +219,24 @@ def test_fa_pool_prefill_chunk_is_whole_pool_blocks():
     with pytest.raises(ConfigError, match="multiple of strategy.pool.block_size=8"):
         cfg_object(["strategy=fa_pool_b2_p4", "strategy.prefill_chunk=12"])
     assert cfg_object(["strategy=fa_pool_b2_p4", "strategy.prefill_chunk=16"]).strategy.prefill_chunk == 16
+
+
+@pytest.mark.parametrize("async_overlap,wavefront", [(False, False), (True, False), (True, True)])
+def test_base_unit_order_keeps_the_message_order_and_each_micro_batch_in_sequence(async_overlap, wavefront):
+    from model.parallel.fa_pool_plan import base_unit_order
+
+    layers, micro = 3, 3
+    order = base_unit_order(layers, micro, async_overlap, wavefront)
+    assert sorted(order) == sorted((k, layer, m) for k in ("begin", "finish") for layer in range(layers) for m in range(micro))
+    begins = [(layer, m) for kind, layer, m in order if kind == "begin"]
+    assert begins == sorted(begins)  # the order the pool serves (and every rank posts) the messages in
+    at = {event: i for i, event in enumerate(order)}
+    for layer in range(layers):
+        for m in range(micro):
+            assert at["begin", layer, m] < at["finish", layer, m]
+            if layer + 1 < layers:
+                assert at["finish", layer, m] < at["begin", layer + 1, m]  # a micro-batch's layers in sequence
+    # what each schedule overlaps: the next layer's first micro-batch starts before this layer's last one
+    # finishes only in the wavefront; every micro-batch of a layer starts before the first finishes when async
+    assert (at["begin", 1, 0] < at["finish", 0, micro - 1]) == wavefront
+    assert (at["begin", 0, micro - 1] < at["finish", 0, 0]) == async_overlap

@@ -115,3 +115,19 @@ def test_a_step_of_small_gemms_is_bound_by_flops_when_bandwidth_is_not():
     h, f, v = 64, 256, 512
     flops = 2 * 4 * (2 * (h * 3 * h + h * h + 2 * h * f) + h * v)  # 4 rows: 2 layers of QKV, out, up, down + head
     assert predict_step(cfg, cal)["step_s"] == pytest.approx(flops / 1e9, rel=1e-6)
+
+
+def test_fa_pool_wavefront_pays_a_micro_batch_chain_per_layer_not_the_layer_barrier():
+    # two micro-batches, every row pooled, graphed: with message_s dominating, a unit's chain is base + 2 messages
+    # + pool; the layer-wise overlap pays M busier units plus one chain's messages and the lesser unit per layer,
+    # the wavefront only the longest of M busier units and one micro-batch's chain
+    over = ["strategy=fa_pool_b2_p2", "workload.prompt_lens=[100]", "strategy.micro_batches=2", "strategy.tp=1",
+            "strategy.pool.hierarchical=false", "strategy.cuda_graphs=true", "strategy.pool.size=2",
+            "strategy.pool.max_size=2", "strategy.world_size=3"]
+    cal = simple_cal(message_s=1e-3)
+    layered = predict_step(small(*over), cal)["step_s"]
+    wave = predict_step(small(*over, "strategy.pool.wavefront=true"), cal)["step_s"]
+    slower = predict_step(small(*over, "strategy.pool.wavefront=true"), simple_cal(message_s=2e-3))["step_s"]
+    assert wave < layered
+    # messages dominate: the chain (two messages) sets each layer, so 1 ms more per message costs 2 ms per layer
+    assert slower - wave == pytest.approx(small(*over).model.n_layers * 2e-3, rel=1e-6)

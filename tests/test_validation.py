@@ -53,6 +53,8 @@ REFUSED = [
     ("init_std_nan", ["model.init_std=nan"], ["model.init_std=nan", "> 0"]),
     ("kv_fraction_above_one", ["strategy=fa_pool_b2_p2", "strategy.pool.kv_memory_fraction=1.5"],
      ["strategy.pool.kv_memory_fraction=1.5", "(0, 1]"]),
+    ("wavefront_without_overlap", ["strategy=fa_pool_b2_p2", "strategy.pool.async_overlap=false",
+                                   "strategy.pool.wavefront=true"], ["strategy.pool.wavefront=true", "async_overlap=true"]),
     ("prefill_chunk_not_whole_blocks", ["strategy.prefill_chunk=100"], ["strategy.prefill_chunk=100", "strategy.kv_block=256"]),
     ("flash_attn_with_real_prefill", ["launcher=model", "hardware=a100_80gb", "attention_backend=flash_attn"],
      ["attention_backend=flash_attn", "bottom", "workload.synthetic_kv=true"]),

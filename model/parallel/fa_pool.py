@@ -23,7 +23,8 @@ Per decode step:
      merged by their LSE: hierarchical = at a leader per node, then at the base; flat = at the base. The base
      merges its own partial and all delivered ones in one vectorized call.
   4. with async_overlap, the base starts every micro-batch of a layer (QKV, local attention, messages) before
-     it finishes any (merge, output projection, FFN), so that pool attention overlaps base work.
+     it finishes any (merge, output projection, FFN), so that pool attention overlaps base work; with wavefront
+     too, micro-batch m of the next layer starts as soon as m of this one finished (fa_pool_plan.base_unit_order).
 Prefill (`prefill`): prompts longer than the threshold are placed in the pool first; the base runs the prompts
 chunk by chunk (strategy.prefill_chunk) and sends each chunk's K/V of their blocks straight to the pool ranks
 that hold them, layer by layer; a long row's chunk attends over itself on the base and over the earlier chunks
@@ -125,7 +126,8 @@ class FAPoolEngine(Engine):
         self.prefill_chunk = strategy.prefill_chunk
         self.threshold = pool.threshold if pool.size > 0 else math.inf  # no pool: everything stays on the base
         self.block_size, self.micro_batches = pool.block_size, strategy.micro_batches
-        self.async_overlap, self.kv_memory_fraction = pool.async_overlap, pool.kv_memory_fraction
+        self.async_overlap, self.wavefront, self.kv_memory_fraction = pool.async_overlap, pool.wavefront, \
+            pool.kv_memory_fraction
         self.topo = fa_pool_plan.Topology(self.tp, pool.size, pool.gpus_per_node, pool.hierarchical)
         self.table_args = (pool.size, pool.max_size, pool.block_size, pool.policy, pool.tokens_per_rank)
         self.device, self.dtype, self.backend = device, dtype, backend
@@ -441,23 +443,22 @@ class FAPoolEngine(Engine):
         self.seen.add(sig)
 
     def _base_step(self, program):
-        """Embedding, each layer's micro-batches (begin: local attention and the message; post; arrive; finish:
-        merge, projection, FFN), LM head. With async_overlap every micro-batch of a layer starts before any
-        finishes, so that pool attention overlaps base work."""
+        """Embedding, the layers' micro-batches (begin: local attention and the message; post; arrive; finish:
+        merge, projection, FFN) in the order fa_pool_plan.base_unit_order gives (async_overlap, wavefront: how
+        pool attention overlaps base work), LM head."""
         x, ones = self.x, self.ones
         program.seg(lambda: x.copy_(self.embed(self.tokens_in[:, None])))
-        for block in self.blocks:
-            pending = {}
-            for m, mp in enumerate(self.plan.micro):
-                step = Step(mp.rows, self.plan["cache_lens"][mp.rows], ones[mp.rows])
-                program.seg(partial(self._begin, block, x, step, pending, m))
-                if mp.pooled:
-                    program.eager(partial(self._post, pending, m))
-                if not self.async_overlap:
-                    self._finish(program, block, x, mp, pending, m)
-            if self.async_overlap:
-                for m, mp in enumerate(self.plan.micro):
-                    self._finish(program, block, x, mp, pending, m)
+        pending = {}  # micro-batch -> its unit in flight (one layer at a time per micro-batch)
+        for kind, layer, m in fa_pool_plan.base_unit_order(len(self.blocks), len(self.plan.micro), self.async_overlap,
+                                                          self.wavefront):
+            block, mp = self.blocks[layer], self.plan.micro[m]
+            if kind == "finish":
+                self._finish(program, block, x, mp, pending, m)
+                continue
+            step = Step(mp.rows, self.plan["cache_lens"][mp.rows], ones[mp.rows])
+            program.seg(partial(self._begin, block, x, step, pending, m))
+            if mp.pooled:
+                program.eager(partial(self._post, pending, m))
         program.seg(self._head)
         return program
 

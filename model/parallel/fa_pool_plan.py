@@ -24,6 +24,27 @@ from model.parallel.block_table import BlockTable
 from model.parallel.paged_kv import to_blocks
 
 
+def base_unit_order(layers: int, micro: int, async_overlap: bool, wavefront: bool) -> list[tuple[str, int, int]]:
+    """The base's step as ("begin" | "finish", layer, micro-batch) events. begin: QKV, local attention and the
+    message to the pool; finish: the partials' merge, projection and FFN. The begins always come in (layer,
+    micro-batch) order, the order the pool serves them in, so every rank posts its messages in the same order.
+    - not async_overlap: each unit finishes before the next begins;
+    - async_overlap: every micro-batch of a layer begins before any finishes;
+    - wavefront (with async_overlap): micro-batch m of layer l + 1 begins as soon as m of layer l finished, so
+      the pool has the next layer's micro-batch to attend while the base finishes the others."""
+    if not async_overlap:
+        return [(kind, layer, m) for layer in range(layers) for m in range(micro) for kind in ("begin", "finish")]
+    if not wavefront:
+        return [(kind, layer, m) for layer in range(layers) for kind in ("begin", "finish") for m in range(micro)]
+    order = [("begin", 0, m) for m in range(micro)]
+    for layer in range(layers):
+        for m in range(micro):
+            order.append(("finish", layer, m))
+            if layer + 1 < layers:
+                order.append(("begin", layer + 1, m))
+    return order
+
+
 @dataclass
 class Topology:
     """Who is who: base ranks 0..tp-1, pool rank p is global rank tp + p; nodes of gpus_per_node ranks."""
