@@ -52,6 +52,21 @@ from model.parallel.transport import Transport, split_rows
 from model.transformer import Step, build_model, keep_prompt_ends, pad_prompts
 
 
+def merge_scattered(parts, index, groups: int, rows: int, first=None) -> tuple:
+    """merge_partials of partials packed as [n, H, D + 1] (out, then LSE): row i of `parts` is row index[i] of
+    `groups` stacked groups of `rows` rows; `first` (if given) fills the first group. Rows nobody fills weigh
+    nothing (LSE -inf). Returns (out [rows, H, D] fp32, lse [rows, H]): a fixed handful of kernels."""
+    like = parts if first is None else first
+    dim = like.shape[-1] - 1
+    stacked = like.new_zeros(groups * rows, *like.shape[1:])
+    stacked[..., dim] = float("-inf")
+    if first is not None:
+        stacked[:rows] = first
+    stacked.index_copy_(0, index, parts)
+    stacked = stacked.view(groups, rows, *like.shape[1:])
+    return merge_partials(stacked[..., :dim], stacked[..., dim])
+
+
 class PendingPartials:
     """A micro-batch whose pooled rows attend in the pool: `post()` sends q, k, v there and posts the receives of
     the partials, `arrive()` waits for them (both eager, every step), `wait()` merges them with the local partial
@@ -77,14 +92,10 @@ class PendingPartials:
     def wait(self) -> torch.Tensor:
         core, mp = self.core, self.mp
         with core.timer("communication"):  # the last level of the reduction
-            b, dim = mp.rows.stop - mp.rows.start, self.local.shape[-1] - 1
-            stacked = self.local.new_zeros((1 + len(mp.sources)) * b, *self.local.shape[1:])
-            stacked[..., dim] = float("-inf")
-            stacked[:b] = self.local
-            stacked.index_copy_(0, mp.t["merge_index"], self.received)
-            stacked = stacked.view(1 + len(mp.sources), b, *self.local.shape[1:])
-            out, _ = merge_partials(stacked[..., :dim], stacked[..., dim])
+            b = mp.rows.stop - mp.rows.start
+            out, _ = merge_scattered(self.received, mp.t["merge_index"], 1 + len(mp.sources), b, first=self.local)
         return out.to(core.dtype)[:, :, None]  # [b, H_local, 1, D]
+
 
 
 class PoolAttentionCore:
@@ -536,13 +547,8 @@ class FAPoolEngine(Engine):
     def _merge_node(self, mp, out, received):
         """Leader: merge the node members' partials (own first) over the rows the node delivers."""
         with self.timer("communication"):  # the first level of the reduction
-            own = out["part"]
-            dim, rows, n = own.shape[-1] - 1, mp.delivers, len(mp.contributors)
-            stacked = own.new_zeros(n * rows, *own.shape[1:])
-            stacked[..., dim] = float("-inf")
-            stacked.index_copy_(0, mp.t["leader_index"], torch.cat([own, received]))
-            stacked = stacked.view(n, rows, *own.shape[1:])
-            o, lse = merge_partials(stacked[..., :dim], stacked[..., dim])
+            o, lse = merge_scattered(torch.cat([out["part"], received]), mp.t["leader_index"], len(mp.contributors),
+                                     mp.delivers)
             out["part"] = torch.cat([o, lse[..., None]], dim=-1)
 
     def _pack(self, out):

@@ -1,7 +1,8 @@
 """The 1-GPU prefill probes of this folder's README, run from the repository root on one GPU:
-    python results/measured/h200-x1/prefill/scripts/probes.py variants|profile|attention|tail|tail_parts
-`variants` patches functions as they were at 19bfe73 (each change alone, then together); `profile` lists the
-top kernels of the reference prefill (whole and in chunks of 2048) at 8 x 8K with the code checked out;
+    python results/measured/h200-x1/prefill/scripts/probes.py variants|profile|attention|tail|tail_parts|layout_ab
+`variants` patches functions as they were at 19bfe73 (each change alone, then together); `profile [LENGTH BATCH
+CHUNK...]` gives the wall time and top kernels of the reference prefill (default: whole and in chunks of 2048 at
+8 x 8K) with the code checked out; `layout_ab` times the paged kernel over the static cache's old and new layouts;
 `attention` times causal attention alone on the flash, cuDNN and mem-efficient kernels; `tail` a chunk after cached
 keys on flash's bottom-right kernel and on cuDNN in two parts."""
 import json, os, socket, sys
@@ -24,20 +25,53 @@ dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, w
 cfg = PRESETS["paper"]
 
 
-def profile():
-    for chunk in (0, 2048):
+def profile(length=8192, batch=8, *chunks):
+    """profile [LENGTH BATCH CHUNK...]: wall time and top kernels of the reference prefill (chunk 0: whole)."""
+    length, batch = int(length), int(batch)
+    for chunk in map(int, chunks or (0, 2048)):
         st = StrategyConfig(name="reference", kind="reference", kv_block=256, prefill_chunk=chunk)
         e = StaticEngine(cfg, st, 0, 1, dev, torch.bfloat16, "sdpa", PhaseTimer(dev))
-        prompts = [torch.randint(0, cfg.vocab_size, (8192,)) for _ in range(8)]
-        e.prefill(prompts, 8208); torch.cuda.synchronize()
+        prompts = [torch.randint(0, cfg.vocab_size, (length,)) for _ in range(batch)]
+        e.prefill(prompts, length + 16); torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); e.prefill(prompts, length + 16); b.record(); torch.cuda.synchronize()
+        print(f"== chunk {chunk}: wall {a.elapsed_time(b):.1f} ms")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            e.prefill(prompts, 8208); torch.cuda.synchronize()
+            e.prefill(prompts, length + 16); torch.cuda.synchronize()
         evs = sorted(prof.key_averages(), key=lambda x: -x.self_device_time_total)
         total = sum(x.self_device_time_total for x in evs)
         print(f"== chunk {chunk}: {total / 1e3:.1f} ms of kernels")
         for x in evs[:28]:
             print(f"{x.self_device_time_total / 1e3:8.2f} ms {x.count:5d}  {x.key[:110]}")
         del e
+        torch.cuda.empty_cache()
+
+
+def layout_ab():
+    """The paged kernel over the two static layouts, alternating: a sequence's blocks slot-major (PagedKV, the
+    layout before) and StageKV's one span per sequence and head (strided views). Median of CUDA-graph replays."""
+    from harness.bench_multi import _time_op
+    from model.paged_attention import paged_decode
+    from model.parallel.paged_kv import PagedKV
+
+    dt, H, D, BS = torch.bfloat16, 32, 128, 256
+    for L, B in [(32768, 36), (16384, 72), (8192, 140), (8192, 16)]:
+        old = PagedKV(1, B * (L // BS), H, BS, D, dt, dev)
+        old.kv.normal_()
+        old_table = torch.arange(B * (L // BS), dtype=torch.int32, device=dev).view(B, -1)
+        new = S.StageKV(1, B, H, L, D, BS, dt, dev)
+        new.kv.normal_()
+        q = torch.randn(B, H, D, device=dev, dtype=dt)
+        lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+        kv_bytes = 2 * B * L * H * D * 2
+        res = {"old": [], "new": []}
+        for _ in range(3):
+            res["old"].append(_time_op(lambda: paged_decode(q, *old.layer(0), old_table, lens), graphed=True))
+            res["new"].append(_time_op(lambda: paged_decode(q, *new.paged[0], new.table, lens), graphed=True))
+        line = " ".join(f"{k} " + "/".join(f"{t * 1e3:.3f}" for t in v) + f" ms ({kv_bytes / min(v) / 1e12:.2f} TB/s)"
+                        for k, v in res.items())
+        print(f"{L}x{B}: {line}  new/old {min(res['new']) / min(res['old']):.3f}", flush=True)
+        del old, new
         torch.cuda.empty_cache()
 
 
@@ -192,4 +226,5 @@ def variants():
 
 
 if __name__ == "__main__":
-    {"variants": variants, "profile": profile, "attention": attention, "tail": tail, "tail_parts": tail_parts}[sys.argv[1]]()
+    {"variants": variants, "profile": profile, "attention": attention, "tail": tail, "tail_parts": tail_parts,
+     "layout_ab": layout_ab}[sys.argv[1]](*sys.argv[2:])
