@@ -224,6 +224,17 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
+
+def _log_axes(ax, xlabel: str, ylabel: str, title: str, xbase: int = 10):
+    """Both axes logarithmic, labelled, with a legend."""
+    ax.set_xscale("log", base=xbase)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
 def _empty(ax, what: str):
     ax.text(0.5, 0.5, f"no {what} in these results", ha="center", va="center", transform=ax.transAxes)
     ax.set_axis_off()
@@ -253,12 +264,8 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
         for strat, marker in (("tp8_pp2", "x"), ("fa_pool", "+")):
             c = claims[(claims["metric"] == "mean_tpot_ms") & (claims["strategy"] == strat)]
             ax.scatter(c["seq_len"], c["value"], marker=marker, s=80, color="k", label=f"paper claim: {strat}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length (prompt tokens, log scale)")
-        ax.set_ylabel("mean TPOT (ms, log scale)")
-        ax.set_title("TPOT vs sequence length (claims: A100 paper setup)")
-        ax.legend(fontsize=7)
+        _log_axes(ax, "sequence length (prompt tokens, log scale)", "mean TPOT (ms, log scale)",
+                  "TPOT vs sequence length (claims: A100 paper setup)", xbase=2)
     files += _save(fig, out, "tpot_vs_length")
 
     # TPS and decode TPS per GPU
@@ -366,12 +373,8 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
         for (source, strategy), g in means.groupby(["source", "strategy"]):
             ax.scatter(g["decode_tps_per_gpu"], g["metrics.mean_tpot_ms"], label=f"{strategy} ({source})",
                        marker="o" if source == "measured" else "s")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("decode tokens/s per GPU (log; right is better)")
-        ax.set_ylabel("mean TPOT (ms, log; down is better)")
-        ax.set_title("Pareto: latency vs per-GPU throughput")
-        ax.legend(fontsize=7)
+        _log_axes(ax, "decode tokens/s per GPU (log; right is better)", "mean TPOT (ms, log; down is better)",
+                  "Pareto: latency vs per-GPU throughput")
     files += _save(fig, out, "pareto")
 
     fig, ax = plt.subplots(figsize=(7, 4))
