@@ -224,7 +224,6 @@ def _save(fig, out: Path, name: str) -> list[Path]:
     return paths
 
 
-
 def _log_axes(ax, xlabel: str, ylabel: str, title: str, xbase: int = 10):
     """Both axes logarithmic, labelled, with a legend."""
     ax.set_xscale("log", base=xbase)
