@@ -227,7 +227,8 @@ def test_base_unit_order_keeps_the_message_order_and_each_micro_batch_in_sequenc
 
     layers, micro = 3, 3
     order = base_unit_order(layers, micro, async_overlap, wavefront)
-    assert sorted(order) == sorted((k, layer, m) for k in ("begin", "finish") for layer in range(layers) for m in range(micro))
+    every = [(kind, layer, m) for kind in ("begin", "finish") for layer in range(layers) for m in range(micro)]
+    assert sorted(order) == sorted(every)
     begins = [(layer, m) for kind, layer, m in order if kind == "begin"]
     assert begins == sorted(begins)  # the order the pool serves (and every rank posts) the messages in
     at = {event: i for i, event in enumerate(order)}

@@ -134,12 +134,13 @@ def test_stage_kv_chunk_keys_are_views_and_the_paged_view_reads_the_same_memory(
             assert torch.equal(k_paged[slots, h, pos % block], cache.kv[1, 0, b, h, :max_len])
             assert torch.equal(v_paged[slots, h, pos % block], cache.kv[1, 1, b, h, :max_len])
     # writes land where dense reads them; a spare write changes nothing a row's attention reads
-    cache.write_token(1, torch.tensor([0, 2]), torch.tensor([5, 33]), torch.ones(2, heads, dim), torch.ones(2, heads, dim))
+    ones = torch.ones(2, heads, dim)
+    cache.write_token(1, torch.tensor([0, 2]), torch.tensor([5, 33]), ones, ones)
     assert torch.equal(cache.dense(1, slice(0, 1), 6)[0][0, :, 5], torch.ones(heads, dim))
     q, lens = torch.randn(batch, heads, dim), torch.tensor([max_len] * batch, dtype=torch.int32)
     before = paged_decode_reference(q, k_paged, v_paged, cache.table, lens)
-    cache.write_token(1, torch.arange(batch), torch.full((batch,), cache.spare_position), torch.zeros(batch, heads, dim),
-                      torch.zeros(batch, heads, dim))
+    zeros = torch.zeros(batch, heads, dim)
+    cache.write_token(1, torch.arange(batch), torch.full((batch,), cache.spare_position), zeros, zeros)
     after = paged_decode_reference(q, k_paged, v_paged, cache.table, lens)
     assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
     cache.write_chunk(0, slice(0, 2), 16, torch.full((2, heads, 8, dim), 2.0), torch.full((2, heads, 8, dim), 3.0))

@@ -97,7 +97,6 @@ class PendingPartials:
         return out.to(core.dtype)[:, :, None]  # [b, H_local, 1, D]
 
 
-
 class PoolAttentionCore:
     """The base's attention core for one layer: short rows attend over the base's paged cache, pooled rows in
     the pool. Returns the output, or a PendingPartials (not yet posted) when some row of the micro-batch is pooled."""
