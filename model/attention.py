@@ -42,14 +42,14 @@ def check_backend(backend: str, device: torch.device | str) -> None:
         raise BackendUnavailable(f"attention backend {backend!r} is not available on {device}: {hint}; 'math' and 'sdpa' run everywhere")
 
 
-def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device, q_offset: int = 0,
-                 key_positions: torch.Tensor | None = None) -> torch.Tensor | None:
+def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device,
+                 q_offset: int = 0) -> torch.Tensor | None:
     """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all. Causal: query i
     sits at position q_offset + i and sees keys at positions <= q_offset + i (a prefill chunk after q_offset cached
-    tokens). Key j sits at position j, or key_positions[j] (a KV shard holding every k-th block of a sequence)."""
+    tokens). Key j sits at position j."""
     if kv_lens is None and not causal:
         return None
-    key_idx = torch.arange(tk, device=device) if key_positions is None else key_positions
+    key_idx = torch.arange(tk, device=device)
     mask = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
     if kv_lens is not None:
         mask = mask & (key_idx[None, :] < kv_lens[:, None])[:, None, None, :]
@@ -145,16 +145,14 @@ def _flash_attn(q, k, v, kv_lens, causal, scale):
     return out.transpose(1, 2), lse.float()
 
 
-def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0,
-              key_positions: torch.Tensor | None = None):
+def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0):
     """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes;
-    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask; key_positions [Tk]:
-    the keys' positions in their sequence where they are not 0..Tk-1 (kv_lens then bounds positions, not indices)."""
+    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[2] == 0:  # a shard with no keys at all
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
     if backend == "flash_attn":
-        if causal and (kv_lens is not None or q_offset or q.shape[2] != k.shape[2] or key_positions is not None):
+        if causal and (kv_lens is not None or q_offset or q.shape[2] != k.shape[2]):
             # flash-attn aligns its causal mask to the bottom right of each sequence's keys; this module's is
             # top-left (query i sees keys j <= i), which ragged or chunked prefill needs
             raise BackendUnavailable("attention backend 'flash_attn' cannot run a ragged or chunked causal prefill "
@@ -162,7 +160,7 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         out, lse = _flash_attn(q, k, v, kv_lens, causal, scale)
         empty = None if kv_lens is None else (kv_lens == 0).view(-1, 1, 1)
     else:
-        by_position = causal and kv_lens is None and key_positions is None  # what a query sees: its position alone
+        by_position = causal and kv_lens is None  # what a query sees: its position alone
         # a whole prompt of equal lengths: the kernel's own causal masking, no mask tensor (T^2) at all
         square = by_position and not q_offset and q.shape[2] == k.shape[2]
         tail = by_position and q_offset and q_offset + q.shape[2] == k.shape[2]  # a full chunk after cached keys
@@ -171,7 +169,7 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         if tail and q.is_cuda and _half(q) and backend in ("sdpa", "sdpa_cudnn"):
             return _prefix_and_own(q, k, v, scale, backend)
         mask = None if square and backend != "math" else \
-            visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset, key_positions)
+            visible_mask(q.shape[2], k.shape[2], kv_lens, causal, q.device, q_offset)
         if backend == "math":
             return _math(q, k, v, mask, scale)
         out, lse = _sdpa(q, k, v, mask, scale, backend, is_causal=square)

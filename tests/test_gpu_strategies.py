@@ -19,7 +19,7 @@ CASES = [  # name, overrides, GPUs
     # real prefill on the GPU path (attention_backend=sdpa, as the benchmark runs it): chunks through the stages,
     # FA Pool's long prompts straight into pool blocks; equal prompts take the no-mask causal paths
     ("tp2_prefill_chunks", ["strategy=tp2_pp1", "strategy.prefill_chunk=32", "attention_backend=sdpa"], 2),
-    # DCP's chunk: the shard's keys before it unmasked (cuDNN in half precision), its own keys by position mask
+    # DCP's chunk: the shard's keys before it unmasked (cuDNN in half precision), the chunk's keys on one shard
     ("dcp_t2_k2_prefill_chunks", ["strategy=dcp_t2_k2", "strategy.prefill_chunk=32", "attention_backend=sdpa"], 2),
     ("fa_pool_b1_p1_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=1",
                                       "strategy.pool.max_size=1", "strategy.pool.gpus_per_node=2",

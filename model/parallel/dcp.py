@@ -17,7 +17,8 @@ KV per rank equals TP's and the gather and all-to-all are extra traffic: DCP pay
 heads than the TP degree (GQA, MLA), which would otherwise be replicated. What it measures here is that cost.
 
 Prefill runs the same way, chunk by chunk (strategy.prefill_chunk): a chunk's partial attention on each shard
-covers the shard's cached blocks and its blocks of the chunk, masked by the keys' global positions.
+covers the shard's cached blocks before the chunk (no mask), and on one shard of the group the chunk's own keys
+(causal over the chunk, which the gather gives every rank whole).
 The decode step, collectives included, is captured in CUDA graphs by the static engine's machinery.
 """
 from __future__ import annotations
@@ -90,9 +91,10 @@ class ShardedAttention:
 
     def _prefill(self, q, k, v, step: Step):
         """A chunk of t tokens at positions step.start + i (step.start a multiple of the block): store this shard's
-        blocks of it, then attend over every cached key of the shard. The shard's keys before the chunk are visible
-        to every query (no mask: the fused unmasked kernel); its keys inside the chunk are masked by their global
-        positions; the two partials merge by LSE."""
+        blocks of it, then the partial attention over a disjoint share of the keys: this shard's cached keys
+        before the chunk (visible to every query: the fused unmasked kernel), and on one shard of the group, the
+        chunk's own keys (every rank has them all after the gather: square causal, no mask when every row fills
+        the chunk). The shard that takes the chunk moves from chunk to chunk; the partials merge by LSE."""
         c, bs, n = self.cache, self.cache.block_size, self.shards
         t = k.shape[2]
         first_block = step.start // bs
@@ -101,15 +103,17 @@ class ShardedAttention:
         if own < chunk_blocks:
             kb, vb = (to_blocks(x, bs)[:, :, own::n].flatten(2, 3) for x in (k, v))
             c.write_chunk(self.layer, step.rows, (first_block + own) // n * bs, kb, vb)
-        before, upto = shard_length(step.start, self.shard, n, bs), shard_length(step.start + t, self.shard, n, bs)
-        keys, values = c.dense(self.layer, step.rows, upto) if upto else (k[:, :, :0], v[:, :, :0])
-        local = torch.arange(before, upto, device=k.device)
-        positions = (local // bs * n + self.shard) * bs + local % bs
-        out, lse = attention(q, keys[:, :, before:], values[:, :, before:], kv_lens=step.start + step.new_lens,
-                             causal=True, backend=self.backend, q_offset=step.start, key_positions=positions)
+        before = shard_length(step.start, self.shard, n, bs)
+        partials = []
         if before:
-            prior = attention(q, keys[:, :, :before], values[:, :, :before], backend=self.backend)
-            out, lse = merge_pair(prior, (out, lse))
+            keys, values = c.dense(self.layer, step.rows, before)
+            partials.append(attention(q, keys, values, backend=self.backend))
+        if (step.start // t) % n == self.shard:  # every rank of the group knows start and t: one agrees
+            partials.append(attention(q, k, v, kv_lens=None if step.full else step.new_lens, causal=True,
+                                      backend=self.backend))
+        if not partials:  # neither: no key of this chunk's queries here
+            return torch.zeros_like(q, dtype=torch.float32), torch.full(q.shape[:3], float("-inf"), device=q.device)
+        out, lse = partials[0] if len(partials) == 1 else merge_pair(*partials)
         return out.float(), lse
 
     # -- each rank's heads back from every shard: one all-to-all, merged by LSE ---------------------------------
