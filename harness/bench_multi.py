@@ -121,9 +121,12 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "strategy.pool.block_size=16" if smoke else "strategy.pool.block_size=256",
             "strategy.pool.hierarchical=false", f"strategy.pool.gpus_per_node={gpus}"]
 
+    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2}  # GPUs; the rest 4 or FA Pool's
+
     def fa(tp, size, micro_batches=1, wavefront=False):  # one micro-batch: the base's share is small, and
         # micro-batches overlapped layer by layer take turns with the pool (h200-x2/bench/call_g)
         name = f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
+        width[name] = tp + size
         return [f"strategy.name={name}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}", f"strategy.pool.size={size}",
                 f"strategy.pool.max_size={size}", f"strategy.micro_batches={micro_batches}",
                 f"strategy.pool.wavefront={str(wavefront).lower()}", *pool]
@@ -146,8 +149,6 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
             "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
             "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True)}
-    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2, "fa_pool_b1_p1": 2,
-             "fa_pool_b1_p1_mb2": 2, "fa_pool_b1_p1_mb2_wavefront": 2, "fa_pool_b2_p1": 3}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 
