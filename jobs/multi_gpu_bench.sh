@@ -3,6 +3,8 @@
 # Usage: bash jobs/multi_gpu_bench.sh OUT_DIR [bench_multi arguments, e.g. --points 8192x16 --only reference,tp4]
 #        SKIP="tests checks" leaves those parts out; TESTS="tests/test_x.py ..." narrows the GPU tests (split at
 #        spaces), TESTS_K="not fa_pool and not profiled" selects among them (pytest -k, spaces kept).
+#        BENCH_LIMIT=S stops the runs after S seconds and writes the tables from the records made by then, so that
+#        a call cut by the device's time limit still brings its records back (tarred below).
 # Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks.md, bench_multi.md, bench_multi.json, limits.json, profile.md,
 # records.tgz (records/, checks/ and logs/: every record and log)}: the device tool brings back 8 files.
 set -uo pipefail
@@ -46,5 +48,6 @@ for f in sorted(Path(sys.argv[1], "checks").rglob("result.json")):
 Path(sys.argv[1], "checks.md").write_text("\n".join(rows) + "\n"); print("\n".join(rows))
 PY
 fi
-python3 -m harness.bench_multi --out "$OUT" "${BENCH_ARGS[@]}"
+timeout "${BENCH_LIMIT:-0}" python3 -m harness.bench_multi --out "$OUT" "${BENCH_ARGS[@]}" ||
+  { echo "bench_multi stopped (rc $?): tables from the records made so far"; python3 -m harness.bench_multi --out "$OUT" --rebuild; }
 cd "$OUT" && tar czf records.tgz $(ls -d records checks logs 2>/dev/null) && rm -rf records checks logs nccl_calibration.json
