@@ -123,13 +123,15 @@ def strategies(gpus: int, smoke: bool) -> dict:
 
     width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2}  # GPUs; the rest 4 or FA Pool's
 
-    def fa(tp, size, micro_batches=1, wavefront=False):  # one micro-batch: the base's share is small, and
-        # micro-batches overlapped layer by layer take turns with the pool (h200-x2/bench/call_g)
-        name = f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
+    def fa(tp, size, micro_batches=1, wavefront=False, prefill_groups=1):  # one micro-batch: the base's share is
+        # small, and micro-batches overlapped layer by layer take turns with the pool (h200-x2/bench/call_g)
+        name = (f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
+                + (f"_pmb{prefill_groups}" if prefill_groups > 1 else ""))
         width[name] = tp + size
         return [f"strategy.name={name}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}", f"strategy.pool.size={size}",
                 f"strategy.pool.max_size={size}", f"strategy.micro_batches={micro_batches}",
-                f"strategy.pool.wavefront={str(wavefront).lower()}", *pool]
+                f"strategy.pool.wavefront={str(wavefront).lower()}",
+                f"strategy.pool.prefill_micro_batches={prefill_groups}", *pool]
 
     runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"], "tp1_pp2": ["strategy=tp1_pp2"],
             "tp1_pp2_mb4": ["strategy=tp1_pp2", "strategy.name=tp1_pp2_mb4", "strategy.micro_batches=4"],
@@ -148,7 +150,10 @@ def strategies(gpus: int, smoke: bool) -> dict:
             # the next layer's micro-batch enters the pool while the base finishes this layer (not yet measured)
             "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
             "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
-            "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True)}
+            "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True),
+            # the prefill's rows in 2 groups: the pool attends one while the base runs the other's dense layers
+            **{f"fa_pool_b{tp}_p{size}_pmb2": fa(tp, size, prefill_groups=2) for tp, size in
+               ((1, 1), (2, 2), (1, 3), (2, 1))}}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 

@@ -56,13 +56,16 @@ class PoolConfig:
     # with async_overlap: micro-batch m of layer l + 1 starts when m of layer l finished, not after all of layer l
     # (the pool never waits for a whole layer of base work); CPU-tested, not yet measured on GPUs
     wavefront: bool = False
+    # the prefill's rows in this many consecutive groups, taken through each chunk's layers in wavefront order:
+    # the pool attends one group's layer while the base runs another's dense work (1: one group, no overlap)
+    prefill_micro_batches: int = 1
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
 
     def __post_init__(self):
         g = "strategy.pool"
         at_least(g, self, 0, "size")
-        at_least(g, self, 1, "max_size", "gpus_per_node")
+        at_least(g, self, 1, "max_size", "gpus_per_node", "prefill_micro_batches")
         above(g, self, 0, "threshold", "block_size", "tokens_per_rank")
         need(self.size <= self.max_size, f"strategy.pool.size={self.size} exceeds strategy.pool.max_size={self.max_size}")
         need(self.policy in ("proportional", "all"), f"strategy.pool.policy={self.policy!r}: choose proportional or all")
@@ -299,6 +302,9 @@ def validate(cfg: BenchConfig) -> None:
     need(s.micro_batches <= w.batch_size,
          f"strategy.micro_batches={s.micro_batches} exceeds workload.batch_size={w.batch_size}: a micro-batch would be "
          f"empty; set strategy.micro_batches <= {w.batch_size}")
+    need(s.kind != "fa_pool" or s.pool.prefill_micro_batches <= w.batch_size,
+         f"strategy.pool.prefill_micro_batches={s.pool.prefill_micro_batches} exceeds workload.batch_size="
+         f"{w.batch_size}: a group of the prefill would be empty; set it <= {w.batch_size}")
     if s.kind == "reference":
         need(s.tp == 1 and s.pp == 1, f"strategy.kind=reference runs on one device; got tp={s.tp}, pp={s.pp}")
     pool_ranks = s.pool.size if s.kind == "fa_pool" else 0

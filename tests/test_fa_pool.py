@@ -172,16 +172,21 @@ def test_block_table_spreads_a_batch_placed_at_once():
 @pytest.mark.slow
 # (1, 3, 16): two blocks a chunk over three pool ranks, so before a chunk a rank holds different numbers of the
 # long rows' tokens, and each row's key length on that rank matters (dropping it fails this case alone)
-@pytest.mark.parametrize("tp,pool,chunk,hierarchical", [(2, 2, 16, True), (1, 3, 24, False), (1, 3, 16, False),
-                                                        (2, 2, 0, False)])
-def test_prefill_writes_long_prompts_straight_into_pool_blocks(tp, pool, chunk, hierarchical, tmp_path):
+# groups of the prefill (the last number): 2 = rows {12, 80} and {28, 48}, one long row each; 3 = {12, 80}, {28},
+# {48}, so one group has no long row and sends the pool nothing
+@pytest.mark.parametrize("tp,pool,chunk,hierarchical,groups", [(2, 2, 16, True, 1), (1, 3, 24, False, 1),
+                                                               (1, 3, 16, False, 1), (2, 2, 0, False, 1),
+                                                               (2, 2, 16, True, 2), (1, 3, 16, False, 3)])
+def test_prefill_writes_long_prompts_straight_into_pool_blocks(tp, pool, chunk, hierarchical, groups, tmp_path):
     """Prompts of 12-80 tokens, threshold 32, blocks of 8: the long prompts' K/V goes from the base to the pool
     chunk by chunk (nothing migrates after the prefill), and a long row's chunk attends over the pool's earlier
-    chunks; logits and tokens are the plain model's (sharp init)."""
+    chunks; logits and tokens are the plain model's (sharp init), whatever the groups of rows the prefill takes
+    through the layers in wavefront order."""
     lens, layers, heads, dim, bs = [12, 80, 28, 48], 2, 4, 16, 8
     rec = launch(["strategy=fa_pool_b2_p4", f"strategy.tp={tp}", f"strategy.pool.size={pool}",
                   f"strategy.pool.max_size={pool}", f"strategy.world_size={tp + pool}", "strategy.pool.gpus_per_node=2",
                   f"strategy.pool.hierarchical={str(hierarchical).lower()}", f"strategy.prefill_chunk={chunk}",
+                  f"strategy.pool.prefill_micro_batches={groups}",
                   "model.init_std=0.3", "workload=tiny_mixed", "check_reference=true"], tmp_path)
     assert rec["status"] == "ok", rec["error"]
     check = rec["reference_check"]

@@ -136,6 +136,7 @@ class FAPoolEngine(Engine):
         self.prefill_chunk = strategy.prefill_chunk
         self.threshold = pool.threshold if pool.size > 0 else math.inf  # no pool: everything stays on the base
         self.block_size, self.micro_batches = pool.block_size, strategy.micro_batches
+        self.prefill_micro_batches = pool.prefill_micro_batches
         self.async_overlap, self.wavefront, self.kv_memory_fraction = pool.async_overlap, pool.wavefront, \
             pool.kv_memory_fraction
         self.topo = fa_pool_plan.Topology(self.tp, pool.size, pool.gpus_per_node, pool.hierarchical)
@@ -252,9 +253,10 @@ class FAPoolEngine(Engine):
     def prefill(self, prompts, max_len):
         """Prompts chunk by chunk (strategy.prefill_chunk tokens, whole pool blocks; the whole prompt when 0).
         Long prompts are placed in the pool first, and each chunk's K/V of their blocks goes straight to the
-        pool rank that holds the block, layer by layer: the base never holds a long prompt's KV. A long row's
-        chunk attends locally over the chunk (causal) and in the pool over the chunks before it, merged by LSE;
-        a short row's chunk attends over the base cache. The LM head runs on each prompt's last position."""
+        pool rank that holds them, layer by layer: the base never holds a long prompt's KV. A long row's chunk
+        attends locally over the chunk (causal) and in the pool over the chunks before it, merged by LSE; a
+        short row's chunk attends over the base cache. The rows go in strategy.pool.prefill_micro_batches groups
+        (see _base_prefill_chunk). The LM head runs on each prompt's last position."""
         tokens, lens = pad_prompts(prompts, self.device)
         self._reset(lens, max_len)
         long = self.sched.long_now()
@@ -263,36 +265,55 @@ class FAPoolEngine(Engine):
         total, bs = tokens.shape[1], self.block_size
         chunk = self.prefill_chunk or -(-total // bs) * bs
         lens_np = lens.cpu().numpy()
+        groups = micro_batches(self.batch, self.prefill_micro_batches)
         last = torch.zeros(self.batch, 1, self.hidden, dtype=self.dtype, device=self.device) if self.is_base else None
         for start in range(0, total, chunk):
             t = min(chunk, total - start)
-            plan = fa_pool_plan.PrefillChunk(self.sched, self.table_dev, placed, long, lens_np, start, t,
-                                             self.pool_size, self.me, self.device)
-            if not self.is_base:
-                for layer in range(self.n_layers):
-                    self._pool_prefill(layer, plan)
-                continue
-            step = Step(slice(0, self.batch), torch.full_like(lens, start), (lens - start).clamp(0, t), prefill=True,
-                        start=start)
-            x = self.embed(tokens[:, start : start + t])
-            for layer, block in enumerate(self.blocks):
-                q, k, v = block.attn.qkv(block.attn_norm(x), step)
-                x = x + block.attn.project_out(self._base_prefill(layer, q, k, v, step, plan))
-                x = x + block.ffn(block.ffn_norm(x))
-            last = keep_prompt_ends(last, x, lens, start)
+            plans = [fa_pool_plan.PrefillChunk(self.sched, self.table_dev, placed, long, lens_np, start, t,
+                                               self.pool_size, self.me, self.device, rows=rows) for rows in groups]
+            if self.is_base:
+                self._base_prefill_chunk(tokens, lens, start, t, groups, plans, last)
+            else:
+                self._pool_prefill_chunk(plans)
         out = self._emit(self.head(self.norm(last))[:, 0]) if self.is_base else None
         self._log(self.table.allocated, 0)
         return out
 
-    def _base_prefill(self, layer, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk):
-        """One layer's attention over a chunk on a base rank: [B, h, t, D] for this rank's heads."""
+    def _base_prefill_chunk(self, tokens, lens, start, t, groups, plans, last):
+        """One chunk through every layer on a base rank, its row groups in wavefront order
+        (fa_pool_plan.base_unit_order): group g of layer l + 1 begins as soon as g of layer l finished, so the pool
+        attends one group's layer while the base runs another's dense work. One group: each layer in turn.
+        Writes each prompt ending in the chunk into `last`."""
+        x, step, begun = {}, {}, {}
+        for g, rows in enumerate(groups):
+            rows = slice(rows.start, rows.stop)
+            step[g] = Step(rows, torch.full_like(lens[rows], start), (lens[rows] - start).clamp(0, t), prefill=True,
+                           start=start)
+            x[g] = self.embed(tokens[rows, start : start + t])
+        for kind, layer, g in fa_pool_plan.base_unit_order(self.n_layers, len(groups), True, True):
+            block = self.blocks[layer]
+            if kind == "begin":
+                q, k, v = block.attn.qkv(block.attn_norm(x[g]), step[g])
+                begun[g] = self._begin_prefill_attention(q, k, v, step[g], plans[g], layer)
+            else:
+                h = x[g] + block.attn.project_out(self._finish_prefill_attention(*begun.pop(g)))
+                x[g] = h + block.ffn(block.ffn_norm(h))
+        for g, rows in enumerate(groups):
+            rows = slice(rows.start, rows.stop)
+            last[rows] = keep_prompt_ends(last[rows], x[g], lens[rows], start)
+
+    def _begin_prefill_attention(self, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk, layer: int):
+        """One layer's attention over a chunk on a base rank, up to the pool's answer: short rows attend over the
+        base cache; each long row's queries (after the first chunk) and the K/V of the chunk's blocks go to the pool
+        ranks that hold them, one message each, and the chunk attends causally over itself here meanwhile.
+        Returns (out, pending) for _finish_prefill_attention; out [B, h, t, D] for this rank's heads."""
         out = torch.zeros_like(q)
         if len(plan.short):
             rows = plan.short_dev
             with self.timer("attention"):
                 out.index_copy_(0, rows, self._short_prefill(layer, q[rows], k[rows], v[rows], step, plan))
         if not len(plan.long):
-            return out
+            return out, None
         rows, t = plan.long_dev, q.shape[2]
         ql, kl, vl = q[rows], k[rows], v[rows]
         n, heads, _, dim = ql.shape
@@ -311,16 +332,24 @@ class FAPoolEngine(Engine):
             works = self.transport.exchange(sends, recvs, recv_group=self.back_group)
         with self.timer("attention"):  # the chunk itself, causal, while the pool attends over the chunks before
             local, lse = attention(ql, kl, vl, kv_lens=plan.long_new, causal=True, backend=self.backend)
+        return out, (plan, works, sends, parts, local, lse)
+
+    def _finish_prefill_attention(self, out, pending):
+        """The pool's partials of the long rows merged with their local ones (by LSE) into out."""
+        if pending is None:
+            return out
+        plan, works, _, parts, local, lse = pending  # the sends stay referenced until their transfer is waited on
         with self.timer("synchronization"):
             Transport.wait(works)
         if not plan.start:  # the first chunk: nothing before it in the pool
-            out.index_copy_(0, rows, local)
+            out.index_copy_(0, plan.long_dev, local)
             return out
+        n, heads, t, dim = local.shape
         with self.timer("communication"):
             pool = parts.view(self.pool_size, n, t, heads, dim + 1).transpose(2, 3)  # [P, n, h, t, D + 1]
             outs = torch.cat([local.float()[None], pool[..., :dim]])
             lses = torch.cat([lse[None], pool[..., dim]])
-            out.index_copy_(0, rows, merge_partials(outs, lses)[0].to(q.dtype))
+            out.index_copy_(0, plan.long_dev, merge_partials(outs, lses)[0].to(out.dtype))
         return out
 
     def _short_prefill(self, layer, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk):
@@ -338,17 +367,44 @@ class FAPoolEngine(Engine):
         return attention(q, keys, values, kv_lens=plan.short_lens, causal=True, backend=self.backend,
                          q_offset=plan.start)[0]
 
-    def _pool_prefill(self, layer, plan: fa_pool_plan.PrefillChunk):
-        """One layer of a chunk on a pool rank: store this rank's blocks of it; attend the long rows' queries over
-        this rank's blocks before the chunk; send each base rank its heads' partials."""
-        n, t, bs = len(plan.long), plan.t, self.block_size
-        if not n:
-            return
-        m = len(plan.pool_li[self.me])
-        q_rows = n * t if plan.start else 0
+    def _pool_prefill_chunk(self, plans):
+        """Every layer of a chunk on a pool rank, its (layer, group) units in the order the base sends them. The next
+        unit's receive is posted before this unit's attention, so that its transfer overlaps it; a unit's partials
+        go out without the stream waiting for them, which it does before the next unit's go out."""
+        units = [(layer, plan) for layer in range(self.n_layers) for plan in plans if len(plan.long)]
+        incoming = self._post_prefill_receive(units[0][1]) if units else None
+        sent = ([], None)
+        for i, (layer, plan) in enumerate(units):
+            buf, works = incoming
+            with self.timer("synchronization"):  # waiting for the base (includes the transfer)
+                Transport.wait(works)
+            if i + 1 < len(units):
+                incoming = self._post_prefill_receive(units[i + 1][1])
+            packed = self._pool_prefill(layer, plan, buf)
+            with self.timer("communication"):
+                Transport.wait(sent[0])
+                if packed is not None:  # (the works and the tensor they send, kept until waited on)
+                    sent = (self.transport.exchange(sends=[(r, packed[r], "prefill_partials") for r in range(self.tp)],
+                                                    send_group=self.back_group), packed)
+        with self.timer("communication"):
+            Transport.wait(sent[0])
+
+    def _post_prefill_receive(self, plan: fa_pool_plan.PrefillChunk):
+        """Post the receive of one unit from every base rank: the long rows' queries (after the first chunk), then
+        the K and V of this rank's blocks of the chunk, each base rank's heads. Returns (buffer, works)."""
+        m, bs = len(plan.pool_li[self.me]), self.block_size
+        q_rows = len(plan.long) * plan.t if plan.start else 0
         buf = torch.empty(self.tp, q_rows + 2 * m * bs, self.local_heads, self.head_dim, dtype=self.dtype,
                           device=self.device)
-        self._receive([(r, buf[r], "prefill_from_base") for r in range(self.tp)], None)
+        return buf, self.transport.exchange(recvs=[(r, buf[r], "prefill_from_base") for r in range(self.tp)])
+
+    def _pool_prefill(self, layer, plan: fa_pool_plan.PrefillChunk, buf):
+        """One unit on a pool rank, its message received in buf: store this rank's blocks of the chunk; attend the
+        long rows' queries over this rank's blocks before the chunk. Returns the partials packed per base rank
+        ([tp, rows, H / tp, D + 1] fp32), or None in the first chunk (no queries)."""
+        n, t, bs = len(plan.long), plan.t, self.block_size
+        m = len(plan.pool_li[self.me])
+        q_rows = n * t if plan.start else 0
         with self.timer("attention"):
             x = buf.transpose(0, 1).reshape(-1, self.n_heads, self.head_dim)  # heads back in order
             if m:
@@ -356,15 +412,14 @@ class FAPoolEngine(Engine):
                     blocks = part.view(m, bs, self.n_heads, self.head_dim).transpose(1, 2)
                     self.pool_kv.kv[layer, i].index_copy_(0, plan.my_slots, blocks)
             if not q_rows:
-                return
+                return None
             # dense attention over this rank's blocks of each row, gathered once per chunk and layer (the decode
             # kernel, one query per row, would read a row's blocks once for each of the chunk's t queries)
             q = x[:q_rows].view(n, t, self.n_heads, self.head_dim).transpose(1, 2)
             keys, values = self.pool_kv.dense(layer, plan.my_blocks, plan.my_upto)
             o, lse = attention(q, keys, values, kv_lens=plan.my_kv_lens, backend=self.backend)
             part = torch.cat([o.float(), lse[..., None]], dim=-1).transpose(1, 2).reshape(q_rows, self.n_heads, -1)
-        packed = part.view(q_rows, self.tp, self.local_heads, -1).transpose(0, 1).contiguous()
-        self._send([(r, packed[r], "prefill_partials") for r in range(self.tp)])
+        return part.view(q_rows, self.tp, self.local_heads, -1).transpose(0, 1).contiguous()
 
     @torch.no_grad()
     def synthetic_prefill(self, lens, max_len, seed):

@@ -266,13 +266,19 @@ class PrefillChunk:
       and its tokens before the chunk (the keys the row's queries see on `me`)."""
 
     def __init__(self, sched: Scheduler, table_dev, placed: np.ndarray, long: np.ndarray, lens: np.ndarray,
-                 start: int, t: int, pool_size: int, me: int, device):
+                 start: int, t: int, pool_size: int, me: int, device, rows: range | None = None):
+        """rows: the sequences this plan covers (a group of the prefill; None: all). `long`, `short` and `placed`
+        keep global sequence numbers; long_dev and short_dev index the group's own tensors (row - rows.start)."""
         bs = sched.table.block_size
         self.start, self.t, self.block = start, t, bs
-        self.long = long
-        self.short = np.nonzero(sched.base_row >= 0)[0]
+        lo, hi = (rows.start, rows.stop) if rows is not None else (0, len(lens))
+        inside = lambda seqs: (seqs >= lo) & (seqs < hi)  # noqa: E731
+        self.long = long = long[inside(long)]
+        short = np.nonzero(sched.base_row >= 0)[0]
+        self.short = short[inside(short)]
+        placed = placed[inside(placed[:, 0])]
         dev = lambda a: torch.as_tensor(np.asarray(a, np.int64), device=device)  # noqa: E731
-        self.long_dev, self.short_dev = dev(long), dev(self.short)
+        self.long_dev, self.short_dev = dev(long - lo), dev(self.short - lo)
         self.short_base_row = dev(sched.base_row[self.short])
         self.short_lens = dev(lens[self.short])
         new = np.clip(lens[long] - start, 0, t)
@@ -297,7 +303,7 @@ class PrefillChunk:
             # every one of them is before the chunk, so visible to all its queries: dense keys, no causal mask
             held_long = tokens[long]
             self.my_upto = int(held_long.max()) if len(long) else 0
-            self.my_blocks = table_dev.index_select(0, self.long_dev)[:, : -(-self.my_upto // bs)].long()
+            self.my_blocks = table_dev.index_select(0, dev(long))[:, : -(-self.my_upto // bs)].long()
             self.my_kv_lens = None if (held_long == self.my_upto).all() else dev(held_long)
 
     def blocked(self, *xs: torch.Tensor):
