@@ -368,24 +368,26 @@ class FAPoolEngine(Engine):
                          q_offset=plan.start)[0]
 
     def _pool_prefill_chunk(self, plans):
-        """Every layer of a chunk on a pool rank, its (layer, group) units in the order the base sends them. The next
-        unit's receive is posted before this unit's attention, so that its transfer overlaps it; a unit's partials
-        go out without the stream waiting for them, which it does before the next unit's go out."""
-        units = [(layer, plan) for layer in range(self.n_layers) for plan in plans if len(plan.long)]
-        incoming = self._post_prefill_receive(units[0][1]) if units else None
+        """Every layer of a chunk on a pool rank, its (layer, group) units in the order the base sends them. A unit's
+        partials go out without the stream waiting for them, which it does before the next unit's go out. A unit's
+        receive is posted only when its turn comes: posted earlier, it would wait on the base's next message while
+        this rank's partials are still to be sent, and a host that stalls on the device meanwhile (a lazily loaded
+        kernel, a cudaMalloc) would deadlock with a base host stalled the same way (it hung on 2 and 4 H200s)."""
         sent = ([], None)
-        for i, (layer, plan) in enumerate(units):
-            buf, works = incoming
-            with self.timer("synchronization"):  # waiting for the base (includes the transfer)
-                Transport.wait(works)
-            if i + 1 < len(units):
-                incoming = self._post_prefill_receive(units[i + 1][1])
-            packed = self._pool_prefill(layer, plan, buf)
-            with self.timer("communication"):
-                Transport.wait(sent[0])
-                if packed is not None:  # (the works and the tensor they send, kept until waited on)
-                    sent = (self.transport.exchange(sends=[(r, packed[r], "prefill_partials") for r in range(self.tp)],
-                                                    send_group=self.back_group), packed)
+        for layer in range(self.n_layers):
+            for plan in plans:
+                if not len(plan.long):
+                    continue
+                buf, works = self._post_prefill_receive(plan)
+                with self.timer("synchronization"):  # waiting for the base (includes the transfer)
+                    Transport.wait(works)
+                packed = self._pool_prefill(layer, plan, buf)
+                with self.timer("communication"):
+                    Transport.wait(sent[0])
+                    if packed is not None:  # (the works and the tensor they send, kept until waited on)
+                        sent = (self.transport.exchange(sends=[(r, packed[r], "prefill_partials")
+                                                               for r in range(self.tp)], send_group=self.back_group),
+                                packed)
         with self.timer("communication"):
             Transport.wait(sent[0])
 
