@@ -246,3 +246,90 @@ def test_base_unit_order_keeps_the_message_order_and_each_micro_batch_in_sequenc
     # finishes only in the wavefront; every micro-batch of a layer starts before the first finishes when async
     assert (at["begin", 1, 0] < at["finish", 0, micro - 1]) == wavefront
     assert (at["begin", 0, micro - 1] < at["finish", 0, 0]) == async_overlap
+
+
+class _CaptureLikeProgram:
+    """What GraphedProgram does with the Python of a step: segments run once, when the next eager operation
+    flushes them (their kernels are what a replay repeats, never their Python); eager operations run at every
+    replay only."""
+
+    def __init__(self):
+        self.pending, self.eager_ops = [], []
+
+    def seg(self, fn):
+        self.pending.append(fn)
+
+    def eager(self, fn):
+        self.finish()
+        self.eager_ops.append(fn)
+
+    def finish(self):
+        for fn in self.pending:
+            fn()
+        self.pending = []
+        return self
+
+    def replay(self):
+        for fn in self.eager_ops:
+            fn()
+
+
+@pytest.mark.parametrize("async_overlap,wavefront,micro", [(False, False, 1), (True, False, 2), (True, True, 2)])
+def test_a_replayed_base_step_posts_and_waits_for_each_layers_own_unit(async_overlap, wavefront, micro):
+    """On replay, each layer's post and arrive (eager, every step) must reach the unit that layer's captured begin
+    made: its message and receive buffers. Before the units were keyed by layer, every layer found the last
+    layer's unit (GPU decode wrong from the first step after prefill with CUDA graphs, right without)."""
+    import torch
+
+    from model.parallel.fa_pool import FAPoolEngine
+
+    log = []
+
+    class Unit:
+        def __init__(self, layer, rows):
+            self.made = (layer, rows.start)
+
+        def post(self):
+            log.append(("post", *self.made))
+
+        def arrive(self):
+            log.append(("arrive", *self.made))
+
+    class FakeBlock:
+        def __init__(self, layer):
+            self.layer = layer
+
+        def begin(self, x, step):
+            return Unit(self.layer, step.rows)
+
+        def finish(self, x, unit):
+            return x
+
+    class Micro:
+        def __init__(self, rows):
+            self.rows, self.pooled = rows, True
+
+    class Plan:
+        def __init__(self, micro):
+            self.micro, self.tensors = micro, {"cache_lens": torch.zeros(4, dtype=torch.long)}
+
+        def __getitem__(self, name):
+            return self.tensors[name]
+
+    layers = 3
+    engine = object.__new__(FAPoolEngine)  # only what _base_step reads
+    engine.x, engine.ones, engine.tokens_in = torch.zeros(4, 1, 8), torch.ones(4, dtype=torch.long), torch.zeros(4)
+    engine.embed = lambda tokens: torch.zeros(4, 1, 8)
+    engine.blocks = [FakeBlock(layer) for layer in range(layers)]
+    engine.plan = Plan([Micro(slice(m * 4 // micro, (m + 1) * 4 // micro)) for m in range(micro)])
+    engine.async_overlap, engine.wavefront = async_overlap, wavefront
+    engine._head = lambda: None
+    program = engine._base_step(_CaptureLikeProgram()).finish()
+    log.clear()
+    program.replay()
+    starts = [mp.rows.start for mp in engine.plan.micro]
+    expected = {(kind, layer, s) for kind in ("post", "arrive") for layer in range(layers) for s in starts}
+    assert len(log) == len(expected) and set(log) == expected, log
+    for layer in range(layers):  # each unit posted before it is waited for
+        for s in starts:
+            assert log.index(("post", layer, s)) < log.index(("arrive", layer, s))

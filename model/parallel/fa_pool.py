@@ -515,32 +515,35 @@ class FAPoolEngine(Engine):
         pool attention overlaps base work), LM head."""
         x, ones = self.x, self.ones
         program.seg(lambda: x.copy_(self.embed(self.tokens_in[:, None])))
-        pending = {}  # micro-batch -> its unit in flight (one layer at a time per micro-batch)
+        # (layer, micro-batch) -> its unit in flight. Keyed by layer too: a captured step's eager operations look
+        # their unit up at every replay, after the capture left each key at the unit it made (keyed by micro-batch
+        # alone, every layer's post and arrive found the last layer's unit on replay)
+        pending = {}
         for kind, layer, m in fa_pool_plan.base_unit_order(len(self.blocks), len(self.plan.micro), self.async_overlap,
                                                           self.wavefront):
             block, mp = self.blocks[layer], self.plan.micro[m]
             if kind == "finish":
-                self._finish(program, block, x, mp, pending, m)
+                self._finish(program, block, x, mp, pending, (layer, m))
                 continue
             step = Step(mp.rows, self.plan["cache_lens"][mp.rows], ones[mp.rows])
-            program.seg(partial(self._begin, block, x, step, pending, m))
+            program.seg(partial(self._begin, block, x, step, pending, (layer, m)))
             if mp.pooled:
-                program.eager(partial(self._post, pending, m))
+                program.eager(partial(self._post, pending, (layer, m)))
         program.seg(self._head)
         return program
 
     @staticmethod
-    def _begin(block, x, step, pending, m):
-        pending[m] = block.begin(x[step.rows], step)
+    def _begin(block, x, step, pending, key):
+        pending[key] = block.begin(x[step.rows], step)
 
     @staticmethod
-    def _post(pending, m):
-        pending[m].post()
+    def _post(pending, key):
+        pending[key].post()
 
-    def _finish(self, program, block, x, mp, pending, m):
+    def _finish(self, program, block, x, mp, pending, key):
         if mp.pooled:
-            program.eager(lambda: pending[m].arrive())
-        program.seg(lambda: x[mp.rows].copy_(block.finish(x[mp.rows], pending[m])))
+            program.eager(lambda: pending[key].arrive())
+        program.seg(lambda: x[mp.rows].copy_(block.finish(x[mp.rows], pending[key])))
 
     def _head(self):
         logits = self.head(self.norm(self.x))[:, 0]
