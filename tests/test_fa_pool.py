@@ -333,3 +333,38 @@ def test_a_replayed_base_step_posts_and_waits_for_each_layers_own_unit(async_ove
     for layer in range(layers):  # each unit posted before it is waited for
         for s in starts:
             assert log.index(("post", layer, s)) < log.index(("arrive", layer, s))
+
+
+def test_pool_blocks_on_a_gpu_do_not_shrink_by_what_the_allocator_caches(monkeypatch):
+    """A pool rank sizes its blocks at each generation from the device's free memory. Memory torch's allocator
+    caches from the last generation counts as used on the device but is this rank's to use: the cap must come out
+    the same, or a measured generation gets fewer blocks than the warm-up's and runs out."""
+    import torch
+
+    from model.parallel.fa_pool import FAPoolEngine
+
+    gib = 2**30
+    engine = object.__new__(FAPoolEngine)  # only what _pool_slots reads
+    engine.batch, engine.block_size, engine.n_layers, engine.n_heads, engine.head_dim = 16, 256, 4, 32, 128
+    engine.dtype, engine.device, engine.kv_memory_fraction = torch.bfloat16, torch.device("cuda"), 0.9
+    block = 2 * 4 * 32 * 256 * 128 * 2
+
+    def device(free, reserved, allocated):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (free, 141 * gib))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: reserved)
+        monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: allocated)
+
+    engine.pool_kv = None
+    device(free=30 * gib, reserved=0, allocated=0)  # the first generation: little memory free, nothing cached yet
+    first = engine._pool_slots(32768 + 256)
+    assert first == int(30 * gib * 0.9) // block < 16 * 129  # capped by memory, not by the batch
+
+    class Held:
+        def nbytes(self):
+            return first * block
+
+    engine.pool_kv = Held()
+    # the next generation: the blocks held, and 2 GiB of the last prefill's temporaries cached by the allocator
+    taken = first * block + 2 * gib
+    device(free=30 * gib - taken, reserved=taken, allocated=first * block)
+    assert engine._pool_slots(32768 + 256) == first

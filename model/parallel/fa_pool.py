@@ -239,14 +239,17 @@ class FAPoolEngine(Engine):
 
     def _pool_slots(self, max_len: int) -> int:
         """Blocks a pool rank preallocates: every sequence at max_len on this rank at most, capped on a GPU by
-        kv_memory_fraction of the free memory."""
+        kv_memory_fraction of the memory it could have: free on the device, cached by torch's allocator (the last
+        generation's temporaries; counted as used by the device, so the cap shrank from one generation to the next:
+        FA Pool 2+1 at 32K x 16 on 4x H200 ran out of blocks), and the blocks it holds now."""
         most = self.batch * -(-max_len // self.block_size)
         if self.device.type != "cuda":
             return most
         block = 2 * self.n_layers * self.n_heads * self.block_size * self.head_dim * torch.finfo(self.dtype).bits // 8
         free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         held = self.pool_kv.nbytes() if self.pool_kv is not None else 0
-        return min(most, int((free + held) * self.kv_memory_fraction) // block)
+        return min(most, int((free + cached + held) * self.kv_memory_fraction) // block)
 
     # -- prefill -----------------------------------------------------------------------------------------
     @torch.no_grad()
