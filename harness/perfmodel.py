@@ -55,6 +55,9 @@ class Calibration:
     plan_s: float = 0.47e-3  # FA Pool's resource management + plan per step on the host, a pool rank at paper scale
     #                          (results/measured/cpu/plan/: 0.33 ms base, 0.47 ms pool rank, median of 100 steps)
     calibration_records: tuple = ()  # records a set's calibration was fitted on (not validation)
+    # the rate a chunked prefill's FLOPs run at, as a fraction of the GEMM rate: attention, norms, rotary and
+    # cache writes run below the GEMM peak (fitted on a set's one-GPU reference records with a real prefill)
+    prefill_flops_fraction: float = 1.0
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):
@@ -132,6 +135,12 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
         cal.attn_bw_fraction = sum(x * x for x in xs) / sum(x * y for x, y in zip(xs, ys))
         cal.attn_fixed_s = 0.0
         used += [key for key, (r, _) in items.items() if r.config["strategy"]["kind"] == "reference"]
+    prefilled = [(record_config(r), r.metrics["ttft_ms"] / 1e3, lim) for r, lim in items.values()
+                 if r.config["strategy"]["kind"] == "reference" and r.metrics.get("ttft_ms")]
+    if prefilled:  # one unknown: the FLOP rate of a prefill on one GPU (no collectives) against the GEMM rate
+        whole = dataclasses.replace(cal, prefill_flops_fraction=1.0)
+        cal.prefill_flops_fraction = statistics.median(
+            predict_step(cfg, with_limits(whole, lim))["prefill_s"] / ttft for cfg, ttft, lim in prefilled)
     by_name = items
     if SET_CALIBRATION["message_s"] in by_name:  # the step's one unknown: 2 messages per unit (one micro-batch, flat)
         rec, lim = by_name[SET_CALIBRATION["message_s"]]
@@ -277,7 +286,7 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
         step, phases, pool_busy = _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
     else:
         step, phases, pool_busy = _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
-    prefill = predict_prefill(cfg, cal, bw, flops)
+    prefill = predict_prefill(cfg, cal, bw, flops, links, gpn)
     return {"step_s": step, "phases": phases, "pool_busy_fraction": pool_busy, "prefill_s": prefill,
             "calibration": cal.source}
 
@@ -412,15 +421,72 @@ def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     return step, phases, pool_busy
 
 
-def predict_prefill(cfg, cal, bw, flops) -> float:
-    """Prefill: GEMM FLOPs of every prompt token plus causal attention FLOPs, at the GEMM efficiency."""
+def predict_prefill(cfg, cal, bw, flops, links=None, gpn: int = 8) -> float:
+    """Prefill, chunk by chunk as the engines run it (strategy.prefill_chunk; whole prompts when 0). Per chunk and
+    layer: GEMM and attention FLOPs at the GEMM efficiency (attention over the keys before the chunk, and causal
+    over the chunk itself), plus each strategy's collectives and messages at NCCL's eager time:
+    - static TP x PP: 2 all-reduces of the chunk's activations per layer; the stages overlap over chunks x
+      micro-batches, so the busiest stage's work plus a pipeline fill;
+    - DCP: the group's q, k, v all-gathered and the fp32 partials exchanged (all-to-all) per layer; the shard
+      that takes the chunk's own keys is the busiest;
+    - FA Pool: the base runs every dense layer (tp ranks) and the chunk's causal attention; each pool rank gets the
+      long rows' queries and its share of the chunk's K/V, attends over its share of the keys before the chunk,
+      and sends fp32 partials back. One prefill group: base and pool take turns each layer (the pool's attention
+      overlaps only the base's own causal part); several (strategy.pool.prefill_micro_batches): a layer costs the
+      busier side, plus one group's turn of the other side per chunk.
+    The LM head runs once, on each prompt's last position."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
+    links = links or Links(300e9, 25e9)
+    b = DTYPE_BYTES[cfg.hardware.dtype]
+    h, layers, d = m.hidden, m.n_layers, m.head_dim
     lens = prompt_lengths(w)
-    tokens = sum(lens)
-    dense = m.n_layers * (4 * m.hidden**2 + 2 * m.hidden * m.ffn_hidden)
-    attn = sum(2 * n * n * m.hidden for n in lens) * m.n_layers  # causal: half of 4 n^2 h
-    ranks = s.tp * s.pp if s.kind != "fa_pool" else s.tp
-    return (2 * tokens * dense + attn) / (flops * ranks) + 2 * tokens * m.hidden * m.vocab_size / (flops * s.tp)
+    chunk = s.prefill_chunk or max(lens)
+    flops = flops * cal.prefill_flops_fraction
+    dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)  # one layer's GEMM FLOPs per token
+
+    def eager(op, group, nbytes, cross):
+        return _collective_s(cal, links, op, group, nbytes, cross, graphed=False)
+
+    per_layer = []  # (seconds of one layer of this chunk on the critical path)
+    for start in range(0, max(lens), chunk):
+        new = [min(chunk, max(0, n - start)) for n in lens]
+        tokens = sum(new)
+        before = sum(4 * h * q * start for q in new) / flops  # whole model, all heads: split below
+        own = sum(4 * h * q * (q + 1) / 2 for q in new) / flops
+        dense = tokens * dense_per_token / flops
+        if s.kind == "fa_pool":
+            per_layer.append(_fa_pool_prefill_layer_s(cfg, eager, tokens, dense, before, own, start, gpn, b))
+            continue
+        tp, k = s.tp, (s.kv_shards if s.kind == "dcp" else 1)
+        cross = tp > gpn
+        layer = (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
+        if k > 1:  # the group's q, k, v gathered; fp32 partials (and LSE) of the group's heads exchanged
+            layer += eager("all_gather", k, 3 * tokens * h // tp * b, cross)
+            layer += eager("all_to_all", k, k * tokens * (h // tp) * (d + 1) // d * 4, cross)
+        per_layer.append(layer)
+    head = 2 * len(lens) * h * m.vocab_size / (flops * s.tp)
+    if s.kind == "fa_pool" or s.pp == 1:
+        return layers * sum(per_layer) + head
+    units = len(per_layer) * max(1, s.micro_batches)  # what flows through the stages
+    stage = layers // s.pp * sum(per_layer)
+    return stage * (1 + (s.pp - 1) / units) + head
+
+
+def _fa_pool_prefill_layer_s(cfg, eager, tokens, dense, before, own, start, gpn, b) -> float:
+    """One layer of one FA Pool prefill chunk (every row long, the benchmark's case): see predict_prefill."""
+    m, s = cfg.model, cfg.strategy
+    tp, pool, h, d = s.tp, max(1, s.pool.size), cfg.model.hidden, cfg.model.head_dim
+    cross = tp + s.pool.size > gpn
+    local_heads_bytes = tokens * h // tp * b  # one base rank's heads of the chunk's tokens
+    queries = local_heads_bytes if start else 0
+    out = eager("p2p", 2, pool * queries + 2 * local_heads_bytes, cross)  # a base rank's messages to the pool
+    back = eager("p2p", 2, pool * (tokens * (h // tp) * (d + 1) // d * 4) if start else 0, cross)
+    base = dense / tp + 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
+    pool_side = out + before / pool + back
+    groups = s.pool.prefill_micro_batches
+    if groups == 1:
+        return base + out + max(own / tp, before / pool) + back
+    return max(base + own / tp, pool_side) + min(base + own / tp, pool_side) / groups / m.n_layers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -464,6 +530,15 @@ def _limits_of(path: Path) -> dict | None:
     return None
 
 
+def _invalid_of(path: Path) -> dict:
+    """What a call folder above a record says its records do not measure (invalid.json: {"decode": "why"}), if any:
+    e.g. decode steps that ran a bug found later, whose prefill still stands."""
+    for folder in Path(path).resolve().parents:
+        if (folder / "invalid.json").exists():
+            return json.loads((folder / "invalid.json").read_text())
+    return {}
+
+
 def _key(path: Path, root) -> str:
     """A record's folder relative to the set: `call_c/records/fa_pool_b1_p3_L8192_B140`."""
     folder = Path(path).resolve().parent
@@ -483,6 +558,8 @@ def check(root: str | Path) -> list[dict]:
     cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
     rows = []
     for path, rec, lim in items:
+        if "decode" in _invalid_of(path):
+            continue
         cfg = record_config(rec)
         name = _key(path, root)
         if lim is None:
@@ -495,6 +572,23 @@ def check(root: str | Path) -> list[dict]:
                      "batch": cfg.workload.batch_size, "measured_ms": meas, "measured_mean_ms": rec.metrics["mean_tpot_ms"],
                      "predicted_ms": pred, "rel_error": (pred - meas) / meas, "basis": basis,
                      "calibration": bool(cal_set) and name in cal_set.calibration_records})
+    return rows
+
+
+def check_prefill(root: str | Path) -> list[dict]:
+    """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
+    calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate (not validation)."""
+    items = [(path, rec, lim) for path, rec, lim in measured_items(root) if lim is not None and rec.metrics.get("ttft_ms")]
+    keyed = {_key(path, root): (rec, lim) for path, rec, lim in measured_items(root) if lim is not None}
+    cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
+    rows = []
+    for path, rec, lim in items:
+        cfg = record_config(rec)
+        pred = predict_step(cfg, with_limits(cal_set, lim))["prefill_s"] * 1e3
+        meas = rec.metrics["ttft_ms"]
+        rows.append({"record": _key(path, root), "strategy": cfg.strategy.name, "measured_ms": meas, "predicted_ms": pred,
+                     "rel_error": (pred - meas) / meas, "basis": "ttft",
+                     "calibration": cfg.strategy.kind == "reference"})
     return rows
 
 
@@ -537,6 +631,16 @@ def check_table(root: str | Path) -> str:
               "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
     lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
               for x in summarize(rows)]
+    prefill = check_prefill(root)
+    if prefill:
+        lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
+                  "rate):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
+        for r in sorted(prefill, key=lambda r: (r["strategy"], r["record"])):
+            lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} | "
+                         f"{r['rel_error']:+.1%} | {'calibration' if r['calibration'] else ''} |")
+        lines += ["", "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
+        lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
+                  for x in summarize(prefill)]
     return "\n".join(lines)
 
 

@@ -131,3 +131,44 @@ def test_fa_pool_wavefront_pays_a_micro_batch_chain_per_layer_not_the_layer_barr
     assert wave < layered
     # messages dominate: the chain (two messages) sets each layer, so 1 ms more per message costs 2 ms per layer
     assert slower - wave == pytest.approx(small(*over).model.n_layers * 2e-3, rel=1e-6)
+
+
+# -- prefill: chunk by chunk, on hand-computed cases ------------------------------------------------------------
+def _prefill_by_hand(tp=1, chunk=0):
+    """tiny (hidden 64, FFN 256, vocab 512), 2 layers, 4 prompts of 100: FLOPs at 1 TFLOP/s."""
+    flops = 1e12
+    dense = 2 * (4 * 64 * 64 + 2 * 64 * 256)  # one layer's GEMM FLOPs per token
+    starts = range(0, 100, chunk or 100)
+    total = 0.0
+    for start in starts:
+        q = min(chunk or 100, 100 - start)
+        per_layer = (4 * q * dense + 4 * 4 * 64 * q * start + 4 * 4 * 64 * q * (q + 1) / 2) / flops / tp
+        total += 2 * (per_layer + 2 * (1e-5 if tp > 1 else 0.0))  # 2 layers, 2 all-reduces each
+    return total + 2 * 4 * 64 * 512 / flops / tp  # the LM head on each prompt's last position
+
+
+@pytest.mark.parametrize("strategy,tp,chunk", [("strategy=reference", 1, 0), ("strategy=tp2_pp1", 2, 0),
+                                               ("strategy=tp2_pp1", 2, 32)])
+def test_static_prefill_by_hand(strategy, tp, chunk):
+    """Per chunk and layer: GEMM FLOPs of its tokens, attention over the keys before it and causal over itself,
+    all split over TP, and 2 all-reduces (eager: prefill is not captured)."""
+    cfg = small(strategy, f"strategy.prefill_chunk={chunk}", "strategy.kv_block=16", "hardware.peak_tflops=1")
+    cal = simple_cal(prefill_flops_fraction=1.0)
+    assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
+
+
+def test_fa_pool_prefill_base_and_pool_take_turns_unless_in_groups():
+    """FA Pool's prefill: the base's dense layers, then the pool's attention over the earlier chunks (and the
+    messages both ways) each layer, one after the other; in groups the two sides overlap, so it is faster, but
+    never faster than the base's dense work alone."""
+    over = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
+            "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
+    cal = simple_cal(prefill_flops_fraction=1.0)
+    turns = predict_step(small(*over), cal)["prefill_s"]
+    groups = predict_step(small(*over, "strategy.pool.prefill_micro_batches=2"), cal)["prefill_s"]
+    slow_messages = predict_step(small(*over), simple_cal(prefill_flops_fraction=1.0, comm={
+        "graph": FLAT["graph"], "eager": {**TABLE, "p2p": {"2": [[1, 1e-3], [1 << 40, 1e-3]]}}}))["prefill_s"]
+    dense_only = 2 * 4 * 128 * 2 * (4 * 64 * 64 + 2 * 64 * 256) / 1e12 / 2  # 2 layers, 4 x 128 tokens, TP2 base
+    assert dense_only < groups < turns < slow_messages
+    # the messages: out and back per layer and chunk after the first, only out in the first: 4 chunks, 2 layers
+    assert slow_messages - turns == pytest.approx(2 * (4 + 3) * (1e-3 - 5e-5), rel=1e-6)
