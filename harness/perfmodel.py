@@ -522,21 +522,23 @@ def project(cfg: BenchConfig, cfg_dict: dict, eager: bool = False):
                      pool_utilization=util, synthetic_kv=False)
 
 
-def _limits_of(path: Path) -> dict | None:
-    """The limits.json of the benchmark call a record belongs to (in a folder above it), if any."""
+def _call_file(path: Path, name: str):
+    """The JSON file `name` of the benchmark call a record belongs to (in a folder above it), or None."""
     for folder in Path(path).resolve().parents:
-        if (folder / "limits.json").exists():
-            return json.loads((folder / "limits.json").read_text())
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
     return None
+
+
+def _limits_of(path: Path) -> dict | None:
+    """The limits.json of the benchmark call a record belongs to, if any."""
+    return _call_file(path, "limits.json")
 
 
 def _invalid_of(path: Path) -> dict:
     """What a call folder above a record says its records do not measure (invalid.json: {"decode": "why"}), if any:
     e.g. decode steps that ran a bug found later, whose prefill still stands."""
-    for folder in Path(path).resolve().parents:
-        if (folder / "invalid.json").exists():
-            return json.loads((folder / "invalid.json").read_text())
-    return {}
+    return _call_file(path, "invalid.json") or {}
 
 
 def _key(path: Path, root) -> str:
@@ -578,8 +580,9 @@ def check(root: str | Path) -> list[dict]:
 def check_prefill(root: str | Path) -> list[dict]:
     """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
     calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate (not validation)."""
-    items = [(path, rec, lim) for path, rec, lim in measured_items(root) if lim is not None and rec.metrics.get("ttft_ms")]
-    keyed = {_key(path, root): (rec, lim) for path, rec, lim in measured_items(root) if lim is not None}
+    measured = [(path, rec, lim) for path, rec, lim in measured_items(root) if lim is not None]
+    items = [(path, rec, lim) for path, rec, lim in measured if rec.metrics.get("ttft_ms")]
+    keyed = {_key(path, root): (rec, lim) for path, rec, lim in measured}
     cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
     rows = []
     for path, rec, lim in items:
