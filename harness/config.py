@@ -57,7 +57,8 @@ class PoolConfig:
     # (the pool never waits for a whole layer of base work); CPU-tested, not yet measured on GPUs
     wavefront: bool = False
     # the prefill's rows in this many consecutive groups, taken through each chunk's layers in wavefront order:
-    # the pool attends one group's layer while the base runs another's dense work (1: one group, no overlap)
+    # the pool attends one group's layer while the base runs another's dense work (1: one group, no overlap);
+    # CPU-tested, exact on GPUs in the prefill's logits, not yet timed there
     prefill_micro_batches: int = 1
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)

@@ -24,7 +24,7 @@ CASES = [  # name, overrides, GPUs
     ("fa_pool_b1_p1_prefill_chunks", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=1",
                                       "strategy.pool.max_size=1", "strategy.pool.gpus_per_node=2",
                                       "strategy.prefill_chunk=32", "attention_backend=sdpa"], 2),
-    # its rows in 2 groups through the layers in wavefront order, the next unit's receive posted early on the pool
+    # its rows in 2 groups through the layers in wavefront order (the pool attends one while the base runs the other)
     ("fa_pool_b1_p1_prefill_groups", ["strategy=fa_pool_b2_p2", "strategy.tp=1", "strategy.pool.size=1",
                                       "strategy.pool.max_size=1", "strategy.pool.gpus_per_node=2",
                                       "strategy.prefill_chunk=32", "strategy.pool.prefill_micro_batches=2",
