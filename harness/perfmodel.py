@@ -421,7 +421,7 @@ def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     return step, phases, pool_busy
 
 
-def predict_prefill(cfg, cal, bw, flops, links=None, gpn: int = 8) -> float:
+def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
     """Prefill, chunk by chunk as the engines run it (strategy.prefill_chunk; whole prompts when 0). Per chunk and
     layer: GEMM and attention FLOPs at the GEMM efficiency (attention over the keys before the chunk, and causal
     over the chunk itself), plus each strategy's collectives and messages at NCCL's eager time:
@@ -436,7 +436,6 @@ def predict_prefill(cfg, cal, bw, flops, links=None, gpn: int = 8) -> float:
       busier side, plus one group's turn of the other side per chunk.
     The LM head runs once, on each prompt's last position."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
-    links = links or Links(300e9, 25e9)
     b = DTYPE_BYTES[cfg.hardware.dtype]
     h, layers, d = m.hidden, m.n_layers, m.head_dim
     lens = prompt_lengths(w)
@@ -550,14 +549,20 @@ def _key(path: Path, root) -> str:
         return folder.name
 
 
+def _calibrated_items(root) -> tuple[list, Calibration | None]:
+    """The measured GPU records under root, and the calibration of their set (from the records of benchmark calls,
+    those with a limits.json; None without any)."""
+    items = measured_items(root)
+    keyed = {_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
+    return items, set_calibration(keyed, Calibration.from_bench()) if keyed else None
+
+
 def check(root: str | Path) -> list[dict]:
     """Predicted vs measured TPOT for every measured GPU record under root. Records of a multi-GPU benchmark
     call (a limits.json above them) are predicted with their set's calibration (`set_calibration`) against the
     median step; older records (no limits.json: eager engines) with the default calibration, eagerly, against
     the mean. Rows of calibration records say so and stay out of the error statistics (`summarize`)."""
-    items = measured_items(root)
-    keyed = {_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
-    cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
+    items, cal_set = _calibrated_items(root)
     rows = []
     for path, rec, lim in items:
         if "decode" in _invalid_of(path):
@@ -580,12 +585,11 @@ def check(root: str | Path) -> list[dict]:
 def check_prefill(root: str | Path) -> list[dict]:
     """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
     calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate (not validation)."""
-    measured = [(path, rec, lim) for path, rec, lim in measured_items(root) if lim is not None]
-    items = [(path, rec, lim) for path, rec, lim in measured if rec.metrics.get("ttft_ms")]
-    keyed = {_key(path, root): (rec, lim) for path, rec, lim in measured}
-    cal_set = set_calibration(keyed, Calibration.from_bench()) if keyed else None
+    items, cal_set = _calibrated_items(root)
     rows = []
     for path, rec, lim in items:
+        if lim is None or not rec.metrics.get("ttft_ms"):
+            continue
         cfg = record_config(rec)
         pred = predict_step(cfg, with_limits(cal_set, lim))["prefill_s"] * 1e3
         meas = rec.metrics["ttft_ms"]

@@ -268,7 +268,7 @@ class FAPoolEngine(Engine):
         total, bs = tokens.shape[1], self.block_size
         chunk = self.prefill_chunk or -(-total // bs) * bs
         lens_np = lens.cpu().numpy()
-        groups = micro_batches(self.batch, self.prefill_micro_batches)
+        groups = [slice(r.start, r.stop) for r in micro_batches(self.batch, self.prefill_micro_batches)]
         last = torch.zeros(self.batch, 1, self.hidden, dtype=self.dtype, device=self.device) if self.is_base else None
         for start in range(0, total, chunk):
             t = min(chunk, total - start)
@@ -289,7 +289,6 @@ class FAPoolEngine(Engine):
         Writes each prompt ending in the chunk into `last`."""
         x, step, begun = {}, {}, {}
         for g, rows in enumerate(groups):
-            rows = slice(rows.start, rows.stop)
             step[g] = Step(rows, torch.full_like(lens[rows], start), (lens[rows] - start).clamp(0, t), prefill=True,
                            start=start)
             x[g] = self.embed(tokens[rows, start : start + t])
@@ -302,7 +301,6 @@ class FAPoolEngine(Engine):
                 h = x[g] + block.attn.project_out(self._finish_prefill_attention(*begun.pop(g)))
                 x[g] = h + block.ffn(block.ffn_norm(h))
         for g, rows in enumerate(groups):
-            rows = slice(rows.start, rows.stop)
             last[rows] = keep_prompt_ends(last[rows], x[g], lens[rows], start)
 
     def _begin_prefill_attention(self, q, k, v, step: Step, plan: fa_pool_plan.PrefillChunk, layer: int):

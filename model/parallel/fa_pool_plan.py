@@ -266,7 +266,7 @@ class PrefillChunk:
       and its tokens before the chunk (the keys the row's queries see on `me`)."""
 
     def __init__(self, sched: Scheduler, table_dev, placed: np.ndarray, long: np.ndarray, lens: np.ndarray,
-                 start: int, t: int, pool_size: int, me: int, device, rows: range | None = None):
+                 start: int, t: int, pool_size: int, me: int, device, rows: slice | None = None):
         """rows: the sequences this plan covers (a group of the prefill; None: all). `long`, `short` and `placed`
         keep global sequence numbers; long_dev and short_dev index the group's own tensors (row - rows.start)."""
         bs = sched.table.block_size
