@@ -151,9 +151,9 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
             "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
             "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True),
-            # the prefill's rows in 2 groups: the pool attends one while the base runs the other's dense layers
-            **{f"fa_pool_b{tp}_p{size}_pmb2": fa(tp, size, prefill_groups=2) for tp, size in
-               ((1, 1), (2, 2), (1, 3), (2, 1))}}
+            # the prefill's rows in 2 or 4 groups: the pool attends one while the base runs another's dense layers
+            **{f"fa_pool_b{tp}_p{size}_pmb{groups}": fa(tp, size, prefill_groups=groups) for tp, size in
+               ((1, 1), (2, 2), (1, 3), (2, 1)) for groups in (2, 4)}}
     return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
 
 
