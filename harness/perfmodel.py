@@ -482,7 +482,7 @@ def _fa_pool_prefill_layer_s(cfg, eager, tokens, dense, before, own, start, gpn,
     back = eager("p2p", 2, pool * (tokens * (h // tp) * (d + 1) // d * 4) if start else 0, cross)
     base = dense / tp + 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
     pool_side = out + before / pool + back
-    groups = s.pool.prefill_micro_batches
+    groups = min(s.pool.prefill_micro_batches, cfg.workload.batch_size)  # as the engine: at most one per row
     if groups == 1:
         return base + out + max(own / tp, before / pool) + back
     return max(base + own / tp, pool_side) + min(base + own / tp, pool_side) / groups / m.n_layers

@@ -53,3 +53,18 @@ def test_a_record_config_with_a_retired_key_still_loads():
     assert ("strategy", "pool", "capture_tp_base") in [path for path, _ in RETIRED_KEYS]
     assert from_dict(cfg_dict).strategy.pool.size == 2
     assert cfg_dict["strategy"]["pool"]["capture_tp_base"] is True  # the caller's dict is left as it was
+
+
+def test_a_record_config_from_before_a_key_reads_as_it_ran():
+    """A committed FA Pool record from before strategy.pool.prefill_micro_batches prefilled in one group; today's
+    default is 2, and a record that names the field keeps its value (harness/config.EARLIER_BEHAVIOUR)."""
+    from omegaconf import OmegaConf
+
+    from harness.config import from_dict
+    from tests.conftest import compose_cfg
+
+    cfg_dict = OmegaConf.to_container(compose_cfg(["strategy=fa_pool_b2_p2"]), resolve=True)
+    assert from_dict(cfg_dict).strategy.pool.prefill_micro_batches == 2
+    del cfg_dict["strategy"]["pool"]["prefill_micro_batches"]
+    assert from_dict(cfg_dict).strategy.pool.prefill_micro_batches == 1
+    assert "prefill_micro_batches" not in cfg_dict["strategy"]["pool"]  # the caller's dict is left as it was

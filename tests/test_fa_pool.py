@@ -173,10 +173,11 @@ def test_block_table_spreads_a_batch_placed_at_once():
 # (1, 3, 16): two blocks a chunk over three pool ranks, so before a chunk a rank holds different numbers of the
 # long rows' tokens, and each row's key length on that rank matters (dropping it fails this case alone)
 # groups of the prefill (the last number): 2 = rows {12, 80} and {28, 48}, one long row each; 3 = {12, 80}, {28},
-# {48}, so one group has no long row and sends the pool nothing
+# {48}, so one group has no long row and sends the pool nothing; 5 = one group per row (no more than the batch's 4)
 @pytest.mark.parametrize("tp,pool,chunk,hierarchical,groups", [(2, 2, 16, True, 1), (1, 3, 24, False, 1),
                                                                (1, 3, 16, False, 1), (2, 2, 0, False, 1),
-                                                               (2, 2, 16, True, 2), (1, 3, 16, False, 3)])
+                                                               (2, 2, 16, True, 2), (1, 3, 16, False, 3),
+                                                               (2, 2, 16, False, 5)])
 def test_prefill_writes_long_prompts_straight_into_pool_blocks(tp, pool, chunk, hierarchical, groups, tmp_path):
     """Prompts of 12-80 tokens, threshold 32, blocks of 8: the long prompts' K/V goes from the base to the pool
     chunk by chunk (nothing migrates after the prefill), and a long row's chunk attends over the pool's earlier

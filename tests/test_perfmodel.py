@@ -164,9 +164,9 @@ def test_fa_pool_prefill_base_and_pool_take_turns_unless_in_groups():
     over = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
             "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
     cal = simple_cal(prefill_flops_fraction=1.0)
-    turns = predict_step(small(*over), cal)["prefill_s"]
+    turns = predict_step(small(*over, "strategy.pool.prefill_micro_batches=1"), cal)["prefill_s"]
     groups = predict_step(small(*over, "strategy.pool.prefill_micro_batches=2"), cal)["prefill_s"]
-    slow_messages = predict_step(small(*over), simple_cal(prefill_flops_fraction=1.0, comm={
+    slow_messages = predict_step(small(*over, "strategy.pool.prefill_micro_batches=1"), simple_cal(prefill_flops_fraction=1.0, comm={
         "graph": FLAT["graph"], "eager": {**TABLE, "p2p": {"2": [[1, 1e-3], [1 << 40, 1e-3]]}}}))["prefill_s"]
     dense_only = 2 * 4 * 128 * 2 * (4 * 64 * 64 + 2 * 64 * 256) / 1e12 / 2  # 2 layers, 4 x 128 tokens, TP2 base
     assert dense_only < groups < turns < slow_messages

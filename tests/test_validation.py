@@ -56,8 +56,6 @@ REFUSED = [
     ("wavefront_without_overlap",
      ["strategy=fa_pool_b2_p2", "strategy.pool.async_overlap=false", "strategy.pool.wavefront=true"],
      ["strategy.pool.wavefront=true", "async_overlap=true"]),
-    ("prefill_groups_above_batch", ["strategy=fa_pool_b2_p2", "strategy.pool.prefill_micro_batches=5"],
-     ["strategy.pool.prefill_micro_batches=5", "workload.batch_size=4"]),
     ("prefill_chunk_not_whole_blocks", ["strategy.prefill_chunk=100"], ["strategy.prefill_chunk=100", "strategy.kv_block=256"]),
     ("flash_attn_with_real_prefill", ["launcher=model", "hardware=a100_80gb", "attention_backend=flash_attn"],
      ["attention_backend=flash_attn", "bottom", "workload.synthetic_kv=true"]),

@@ -17,7 +17,8 @@ def param_bytes(module: torch.nn.Module) -> int:
 
 def micro_batches(batch: int, parts: int) -> list[range]:
     """The batch's rows cut into `parts` consecutive micro-batches whose sizes differ by at most one (the first
-    batch % parts get one more row); validation keeps parts <= batch, so none is empty."""
+    batch % parts get one more row); callers keep parts <= batch (validation, or FA Pool's
+    prefill capping its groups), so none is empty."""
     size, extra = divmod(batch, parts)
     starts = [m * size + min(m, extra) for m in range(parts + 1)]
     return [range(starts[m], starts[m + 1]) for m in range(parts)]

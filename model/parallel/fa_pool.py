@@ -258,8 +258,8 @@ class FAPoolEngine(Engine):
         Long prompts are placed in the pool first, and each chunk's K/V of their blocks goes straight to the
         pool rank that holds them, layer by layer: the base never holds a long prompt's KV. A long row's chunk
         attends locally over the chunk (causal) and in the pool over the chunks before it, merged by LSE; a
-        short row's chunk attends over the base cache. The rows go in strategy.pool.prefill_micro_batches groups
-        (see _base_prefill_chunk). The LM head runs on each prompt's last position."""
+        short row's chunk attends over the base cache. The rows go in strategy.pool.prefill_micro_batches groups,
+        at most one per row (see _base_prefill_chunk). The LM head runs on each prompt's last position."""
         tokens, lens = pad_prompts(prompts, self.device)
         self._reset(lens, max_len)
         long = self.sched.long_now()
@@ -268,7 +268,8 @@ class FAPoolEngine(Engine):
         total, bs = tokens.shape[1], self.block_size
         chunk = self.prefill_chunk or -(-total // bs) * bs
         lens_np = lens.cpu().numpy()
-        groups = [slice(r.start, r.stop) for r in micro_batches(self.batch, self.prefill_micro_batches)]
+        parts = min(self.batch, self.prefill_micro_batches)  # at most one group per row
+        groups = [slice(r.start, r.stop) for r in micro_batches(self.batch, parts)]
         last = torch.zeros(self.batch, 1, self.hidden, dtype=self.dtype, device=self.device) if self.is_base else None
         for start in range(0, total, chunk):
             t = min(chunk, total - start)
