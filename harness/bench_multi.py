@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 
 from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
 from harness.config import from_dict
-from harness.measure import DECODE_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
+from harness.measure import DECODE_RANGE, PREFILL_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
 from harness.roofline import roofline
 from model.config import PRESETS
 
@@ -181,9 +181,10 @@ def chosen_points(spec: str, smoke: bool, gpu_bytes: int) -> list[tuple[int, int
 
 
 def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int, prefill_chunk: int = 0,
-              trace: bool = False) -> dict:
+              trace: bool = False, profile_prefill: bool = False) -> dict:
     """One fapool-bench run. prefill_chunk = 0: synthetic KV (decode only); > 0: a real prefill in chunks of that
-    many tokens (TTFT and the paper's TPS in the record; tag suffix `_prefill`)."""
+    many tokens (TTFT and the paper's TPS in the record; tag suffix `_prefill`), its prefill profiled in one more
+    generation with profile_prefill."""
     # sdpa: the fused kernels for prefill (decode steps run the paged kernel whatever the backend); math's fp32
     # T x T scores of a 2048-token chunk at batch 140 need 35 GiB
     model = ["model=tiny", "hardware=cpu", "hardware.dtype=float32"] if smoke else \
@@ -200,9 +201,11 @@ def run_point(name, overrides, context, batch, smoke, out: Path, timeout_s: int,
     rdir = out / "records" / tag
     cmd = [sys.executable, "-m", "harness.app", "hydra.mode=RUN", f"hydra.run.dir={tempfile.gettempdir()}/hydra/{tag}",
            f"results_dir={rdir}", f"launcher.timeout_s={timeout_s}", *model, *overrides, *point,
-           # the profiled pass times decode steps only, but with a real prefill it would cost one more whole prefill
-           # per run: profiled where the KV is synthetic
-           f"profile={'false' if prefill_chunk else 'true'}", f"profile_trace={str(trace and not prefill_chunk).lower()}"]
+           # decode steps profiled where the KV is synthetic: with a real prefill that pass would cost one more whole
+           # prefill per run; the prefill profiled where asked (one more generation)
+           f"profile={'false' if prefill_chunk else 'true'}",
+           f"profile_prefill={str(bool(prefill_chunk) and profile_prefill).lower()}",
+           f"profile_trace={str(trace and (not prefill_chunk or profile_prefill)).lower()}"]
     t0 = time.time()
     with open(out / "logs" / f"{tag}.txt", "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s + 60, check=False)
@@ -255,6 +258,8 @@ def main(argv=None):
         ap.add_argument("--prefill-chunk", type=int, default=0, help="0: synthetic KV (decode only); N: a real "
                         "prefill in chunks of N tokens (whole KV blocks), with TTFT and TPS")
         ap.add_argument("--trace", action="store_true", help="also each profiled run's Chrome traces (records/<run>/traces/)")
+        ap.add_argument("--profile-prefill", action="store_true", help="with --prefill-chunk: each run's prefill "
+                        "profiled in one more generation (profile.md's second table)")
         ap.add_argument("--rebuild", action="store_true", help="measure nothing: the tables again from OUT's "
                         "records/ and limits.json (e.g. after a call ran out of time before writing them)")
 
@@ -281,7 +286,8 @@ def main(argv=None):
         for name, overrides in strategies(gpus, smoke).items():
             if (only and name not in only) or (names and name not in names):
                 continue
-            run = run_point(name, overrides, context, batch, smoke, out, args.timeout, args.prefill_chunk, args.trace)
+            run = run_point(name, overrides, context, batch, smoke, out, args.timeout, args.prefill_chunk, args.trace,
+                            args.profile_prefill)
             attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
             runs.append(run)
             rec = run["record"]
@@ -300,7 +306,7 @@ def write_tables(out: Path, res: dict, runs: list[dict], prefill: bool) -> None:
             f"{env.get('torch', torch.__version__)}, CUDA {res['device'].get('cuda')}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
             f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))
     (out / "bench_multi.md").write_text(text + "\n")
-    (out / "profile.md").write_text(profile_table(runs) + "\n")
+    (out / "profile.md").write_text(profile_table(runs) + "\n\n" + profile_table(runs, "profile_prefill") + "\n")
     print(text)
 
 
@@ -314,10 +320,11 @@ def rebuild(out: Path) -> None:
         rec = json.loads(path.read_text())
         w = (rec.get("config") or {}).get("workload") or {}
         for rank in rec.get("ranks") or []:  # summarize kept traces again (with the code of now)
-            trace = path.parent / "traces" / f"rank{rank['rank']}.json.gz"
-            if trace.exists():
-                events = trace_events(trace, DECODE_RANGE)
-                rank["profile"] = profile_summary(events, w["output_tokens"] - 1)
+            for prefix, phase, key, steps in (("", DECODE_RANGE, "profile", w["output_tokens"] - 1),
+                                              ("prefill_", PREFILL_RANGE, "profile_prefill", 1)):
+                trace = path.parent / "traces" / f"{prefix}rank{rank['rank']}.json.gz"
+                if trace.exists():
+                    rank[key] = profile_summary(trace_events(trace, phase), steps)
         run = {"tag": path.parent.name, "name": path.parent.name.split("_L")[0], "context": max(w["prompt_lens"]),
                "batch": w["batch_size"], "path": str(path), "wall_s": None, "record": rec}
         attach_roofline(run, res["read_bytes_per_s"]["used"], comm)
@@ -327,10 +334,14 @@ def rebuild(out: Path) -> None:
     write_tables(out, res, runs, prefill=any(not r["record"].get("synthetic_kv", True) for r in runs))
 
 
-def profile_table(runs: list[dict]) -> str:
-    """Per run and role (the role's first rank): device time per decode step by kind of kernel, and where the
-    step's wall time went on that GPU (harness/measure.timeline_summary), from the profiled decode steps."""
-    lines = ["# Device time per decode step (torch.profiler over the decode steps of one more generation per run)", "",
+def profile_table(runs: list[dict], key: str = "profile") -> str:
+    """Per run and role (the role's first rank): device time per decode step (key `profile`) or per prefill
+    (`profile_prefill`) by kind of kernel, and where the wall time went on that GPU
+    (harness/measure.timeline_summary), from the profiled phase."""
+    title = ("# Device time per decode step (torch.profiler over the decode steps of one more generation per run)"
+             if key == "profile" else "# Device time of the prefill (torch.profiler over the prefill of one more "
+             "generation per run; a window is the whole prefill)")
+    lines = [title, "",
              "kernels by kind (NCCL includes a receive spinning on its peer); then the step's window on this GPU: "
              "compute = the union of non-NCCL work, NCCL only = transfers or waits with no compute beside them, "
              "idle = nothing issued.", "",
@@ -340,7 +351,7 @@ def profile_table(runs: list[dict]) -> str:
     for r in runs:
         seen = set()
         for rank in sorted(r["record"].get("ranks", []), key=lambda x: x["rank"]):
-            prof = rank.get("profile")
+            prof = rank.get(key)
             if not prof or rank["role"] in seen:
                 continue
             seen.add(rank["role"])

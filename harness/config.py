@@ -216,7 +216,10 @@ class BenchConfig:
     attention_backend: str = "math"  # math | sdpa | sdpa_flash | sdpa_cudnn | sdpa_efficient | flash_attn
     check_reference: bool = False  # also decode on one device and compare (conf/config.yaml: on for CPU + real prefill)
     profile: bool = False  # one more generation, its decode steps under torch.profiler: kernel time by kind and GPU idle time per rank
-    profile_trace: bool = False  # with profile: also each rank's Chrome trace (<results dir>/traces/rank<r>.json.gz, Perfetto)
+    profile_prefill: bool = False  # one more generation, its prefill under torch.profiler (needs a real prefill)
+    # with profile or profile_prefill: also each rank's Chrome trace (<results dir>/traces/rank<r>.json.gz, of the
+    # prefill prefill_rank<r>.json.gz; Perfetto)
+    profile_trace: bool = False
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
@@ -335,8 +338,12 @@ def validate(cfg: BenchConfig) -> None:
              f"attention_backend=math on cuda builds fp32 attention scores of {scores_gib:.0f} GiB for one prefill "
              f"chunk ({rows} rows x {m.n_heads // s.tp} heads x chunk x {longest} keys); use attention_backend=sdpa "
              f"(fused kernels; decode steps run the paged kernel either way), or a smaller strategy.prefill_chunk")
-    need(not cfg.profile_trace or cfg.profile,
-         "profile_trace=true writes the trace of the profiled pass, which profile=false leaves out: set profile=true")
+    need(not cfg.profile_trace or cfg.profile or cfg.profile_prefill,
+         "profile_trace=true writes the trace of a profiled pass, which profile=false and profile_prefill=false leave "
+         "out: set profile=true (decode steps) or profile_prefill=true (the prefill)")
+    need(not (cfg.profile_prefill and w.synthetic_kv),
+         "profile_prefill=true profiles a real prefill, and workload.synthetic_kv=true has none: set "
+         "workload.synthetic_kv=false (and strategy.prefill_chunk for long prompts)")
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")

@@ -96,6 +96,7 @@ KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_
 
 
 DECODE_RANGE = "decode_steps"  # the profiler range around a profiled generation's decode steps
+PREFILL_RANGE = "prefill"  # ... and around its prefill (profile_prefill=true)
 
 
 def device_events(prof, after_range: str | None = None) -> list[tuple[str, float, float]]:

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
-from harness.measure import (DECODE_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics, device_events,
-                             nvml_utilization, pool_utilization, profile_summary)
+from harness.measure import (DECODE_RANGE, PREFILL_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics,
+                             device_events, nvml_utilization, pool_utilization, profile_summary)
 from harness.record import RunRecord, environment, run_id, write_record
 from harness.workload import make_prompts
 
@@ -80,30 +80,28 @@ def wrong_token(fault, rank: int, step: int) -> bool:
 
 def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: int, clock: StepClock | None = None,
              fault=None, rank: int = 0, forced: torch.Tensor | None = None, phases: dict | None = None,
-             profiler=None):
+             profiler=None, profiled: str = DECODE_RANGE):
     """Prefill (or synthetic KV), then n_out - 1 decode steps under the engine's schedule. Returns tokens
     [B, n_out] where known. forced [B, n_out]: teacher forcing, decode step i is fed forced[:, i - 1].
     phases: filled with the engine timer's report of the decode steps alone (reset after prefill, read
-    before teardown). profiler: a torch.profiler run started after the prefill and stopped after the last decode
-    step (the GPU drained, and the ranks met, before: a rank whose profiler starts late must not show up as its
-    peers' wait); its timeline counts the device work issued inside the `decode_steps` range."""
+    before teardown). profiler: a torch.profiler run around the phase `profiled` names: DECODE_RANGE, started
+    after the prefill and stopped after the last decode step; PREFILL_RANGE, around the prefill alone. The GPU
+    drained, and the ranks met, before it starts (a rank whose profiler starts late must not show up as its
+    peers' wait); its timeline counts the device work issued inside that range."""
     if clock:
         clock.start()
-    if synthetic:
-        lens = torch.tensor([len(p) for p in prompts])
-        tok = engine.synthetic_prefill(lens, max_len, seed)
-        settle()  # filling GBs of random KV is no decode work: no step may wait on another rank's fill
-    else:
-        tok = engine.prefill(prompts, max_len)
+    with profiled_range(profiler if profiled == PREFILL_RANGE else None, PREFILL_RANGE):
+        if synthetic:
+            lens = torch.tensor([len(p) for p in prompts])
+            tok = engine.synthetic_prefill(lens, max_len, seed)
+            settle()  # filling GBs of random KV is no decode work: no step may wait on another rank's fill
+        else:
+            tok = engine.prefill(prompts, max_len)
     engine.mark_prefill()
     if clock:
         clock.mark()
     if phases is not None:
         engine.timer.reset()
-    if profiler is not None:
-        torch.cuda.synchronize()
-        profiler.start()
-        settle()
     out = [tok]
     progress = tqdm(total=n_out - 1, desc="decode", unit="step", leave=False,  # rank 0, on a terminal only
                     disable=clock is None or not sys.stderr.isatty())
@@ -114,12 +112,9 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
             clock.mark()
         progress.update()
 
-    with torch.profiler.record_function(DECODE_RANGE) if profiler is not None else contextlib.nullcontext():
+    with profiled_range(profiler if profiled == DECODE_RANGE else None, DECODE_RANGE):
         engine.decode_steps(tok, n_out - 1, forced=forced, before=lambda i: inject_fault(fault, rank, i), after=after)
     progress.close()
-    if profiler is not None:
-        torch.cuda.synchronize()
-        profiler.stop()
     if clock:
         clock.stop()
     if phases is not None:
@@ -128,11 +123,27 @@ def generate(engine, prompts, n_out: int, max_len: int, synthetic: bool, seed: i
     return torch.stack(out, 1) if engine.has_tokens else None
 
 
-def settle() -> None:
-    """Every rank's queued work done, then all ranks together (outside the measured steps only)."""
+@contextlib.contextmanager
+def profiled_range(profiler, name: str):
+    """A phase under the profiler (none: just the phase): queued work drained and the ranks met before it starts,
+    the phase's work drained before it stops; the range `name` marks where device_events begins."""
+    if profiler is None:
+        yield
+        return
+    settle()
+    profiler.start()
+    settle()
+    with torch.profiler.record_function(name):
+        yield
+    settle(meet=False)
+    profiler.stop()
+
+
+def settle(meet: bool = True) -> None:
+    """Every rank's queued work done, then all ranks together unless not `meet` (outside the measured steps only)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if meet and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
@@ -249,16 +260,19 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     timer.enabled = False
     report.update(phases)
     report["instrumented_tokens_equal"] = None if tokens is None else bool(torch.equal(tokens, instrumented))
-    if cfg.profile and device.type == "cuda":  # the kernel timeline of one more (uninstrumented) generation
+    # the kernel timeline of one more (uninstrumented) generation per profiled phase: its decode steps, its prefill
+    for wanted, phase, key, steps in ((cfg.profile, DECODE_RANGE, "profile", w.output_tokens - 1),
+                                      (cfg.profile_prefill, PREFILL_RANGE, "profile_prefill", 1)):
+        if not wanted or device.type != "cuda":
+            continue
         engine.reset_measurements()
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
-        generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof)
-        events = device_events(prof, after_range=DECODE_RANGE)
-        report["profile"] = profile_summary(events, w.output_tokens - 1)
+        generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, profiler=prof, profiled=phase)
+        report[key] = profile_summary(device_events(prof, after_range=phase), steps)
         if cfg.profile_trace:
             traces = Path(out_dir, "traces")
             traces.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(traces / f"rank{rank}.json.gz"))
+            prof.export_chrome_trace(str(traces / f"{'' if phase == DECODE_RANGE else 'prefill_'}rank{rank}.json.gz"))
     forced_tokens = None
     if cfg.check_reference:  # after everything measured is taken: the check pass measures nothing
         check, forced_tokens = reference_check(cfg, engine, prompts, max_len, device, rank, world)
@@ -309,6 +323,8 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
                 "reference_check": "a third, teacher-forced generation" if check else None,
                 "profile": "ranks[i].profile: the decode steps of one more generation under torch.profiler"
                            if cfg.profile and cfg.hardware.device == "cuda" else None,
+                "profile_prefill": "ranks[i].profile_prefill: the prefill of one more generation under torch.profiler"
+                                   if cfg.profile_prefill and cfg.hardware.device == "cuda" else None,
                 "instrumented_tokens_equal": reports[0].pop("instrumented_tokens_equal", None)},
     )
 

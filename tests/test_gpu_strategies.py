@@ -80,3 +80,19 @@ def test_profiled_pass_times_decode_steps_only_and_writes_a_trace(tmp_path):
         assert prof["device_s"]["communication"] > 0  # the stages' messages, every decode step
         assert all(k["name"] != "decode_steps" for k in prof["top_kernels"])  # the range's annotation is no kernel
     assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["rank0.json.gz", "rank1.json.gz"]
+
+
+def test_profiled_prefill_times_the_prefill_only_and_writes_its_trace(tmp_path):
+    if GPUS < 2:
+        pytest.skip(f"needs 2 CUDA GPUs, this machine has {GPUS}")
+    rec = launch(["strategy=tp2_pp1", "hardware=cuda", "workload=tiny_mixed", "strategy.kv_block=16",
+                  "strategy.prefill_chunk=32", "attention_backend=sdpa", "profile_prefill=true", "profile_trace=true",
+                  "launcher.timeout_s=120"], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    for rank in rec["ranks"]:
+        prof = rank["profile_prefill"]
+        tl = prof["timeline"]
+        assert tl["steps"] == 1 and 0 < tl["compute_ms"] <= tl["window_ms"], tl
+        assert prof["device_s"]["communication"] > 0 and prof["device_s"]["gemm"] > 0  # TP's all-reduces, its layers
+        assert "profile" not in rank  # the decode steps were not asked for
+    assert sorted(p.name for p in (tmp_path / "traces").iterdir()) == ["prefill_rank0.json.gz", "prefill_rank1.json.gz"]

@@ -197,3 +197,39 @@ def test_a_kept_trace_gives_the_same_device_events(tmp_path):
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
     assert trace_events(path, "decode_steps") == [("_split_kernel", 70, 80), ("Memcpy DtoD", 80, 95)]
+
+
+@pytest.mark.parametrize("phase", ["decode_steps", "prefill"])
+def test_a_profiled_generation_profiles_its_prefill_or_its_decode_steps_alone(phase):
+    """runner.generate starts the profiler before the phase it profiles and stops it before the other one runs:
+    profile=true sees the decode steps alone, profile_prefill=true the prefill alone."""
+    from types import SimpleNamespace as NS
+
+    from harness.runner import generate
+
+    calls = []
+
+    class Engine:
+        has_tokens, timer = True, NS(reset=lambda: None)
+
+        def prefill(self, prompts, max_len):
+            calls.append("prefill")
+            return torch.zeros(len(prompts), dtype=torch.long)
+
+        def mark_prefill(self):
+            pass
+
+        def decode_steps(self, tok, n, forced=None, before=None, after=None):
+            for i in range(n):
+                calls.append("decode")
+                after(i, tok)
+
+        def finish(self):
+            calls.append("finish")
+
+    profiler = NS(start=lambda: calls.append("start"), stop=lambda: calls.append("stop"))
+    tokens = generate(Engine(), [[1, 2], [3, 4]], 3, 8, False, 0, profiler=profiler, profiled=phase)
+    assert tokens.shape == (2, 3)
+    expected = {"prefill": ["start", "prefill", "stop", "decode", "decode", "finish"],
+                "decode_steps": ["prefill", "start", "decode", "decode", "stop", "finish"]}
+    assert calls == expected[phase]
