@@ -6,7 +6,8 @@
 #        BENCH_LIMIT=S stops the runs after S seconds and writes the tables from the records made by then, so that
 #        a call cut by the device's time limit still brings its records back (tarred below).
 # Writes OUT_DIR/{versions.txt, gpu_tests.txt, checks.md, bench_multi.md, bench_multi.json, limits.json, profile.md,
-# records.tgz (records/, checks/ and logs/: every record and log)}: the device tool brings back 8 files.
+# records.tgz (records/, checks/ and logs/: every record and log), traces.tgz (with --trace)}: the device tool brings
+# back 8 files.
 set -uo pipefail
 OUT=${1:?output directory}; shift
 BENCH_ARGS=("$@")  # kept apart: the checks below reuse the positional parameters
@@ -50,4 +51,7 @@ PY
 fi
 timeout "${BENCH_LIMIT:-0}" python3 -m harness.bench_multi --out "$OUT" "${BENCH_ARGS[@]}" ||
   { echo "bench_multi stopped (rc $?): tables from the records made so far"; python3 -m harness.bench_multi --out "$OUT" --rebuild; }
-cd "$OUT" && tar czf records.tgz $(ls -d records checks logs 2>/dev/null) && rm -rf records checks logs nccl_calibration.json
+# traces (--trace) apart: a 4-run call's traces came to 17 MB, over what the device tool brings back, and took the
+# records with them
+cd "$OUT" && { ls -d records/*/traces >/dev/null 2>&1 && tar czf traces.tgz records/*/traces; true; } &&
+  tar czf records.tgz --exclude=traces $(ls -d records checks logs 2>/dev/null) && rm -rf records checks logs nccl_calibration.json
