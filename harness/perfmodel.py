@@ -58,6 +58,12 @@ class Calibration:
     # the rate a chunked prefill's FLOPs run at, as a fraction of the GEMM rate: attention, norms, rotary and
     # cache writes run below the GEMM peak (fitted on a set's one-GPU reference records with a real prefill)
     prefill_flops_fraction: float = 1.0
+    # FA Pool's prefill copies (h100-x4/prefill_profile: a pool rank gathers its blocks into dense keys, a base rank
+    # packs its messages and unpacks the partials) at these fractions of the read bandwidth: fitted on two FA Pool
+    # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them
+    prefill_pool_copy_bw_fraction: float = 1.0
+    prefill_base_copy_bw_fraction: float = 1.0
+    prefill_calibration_records: tuple = ()  # records the prefill's copy rates were fitted on (not validation)
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):
@@ -97,6 +103,10 @@ SET_CALIBRATION = {  # the records of the measured multi-GPU set that calibrate 
     "message_s": "call_c/records/fa_pool_b1_p3_L8192_B140",  # captured steps, eager messages on the critical path
     "eager_unit_s": ("call_a/records/fa_pool_b2_p2_L8192_B16",  # eager steps at a small batch: the host per unit,
                      "call_a/records/fa_pool_b1_p3_L8192_B16"),  # for a base of 2 ranks and of 1
+    # FA Pool's prefill copies: one prefill the pool's side decides (one group: base and pool take turns, 2+2) and
+    # one its base decides (1+3 in groups: one base rank runs every dense layer)
+    "prefill_copies": ("call_l_prefill/records/fa_pool_b2_p2_L32768_B16_prefill",
+                       "call_m_prefill/records/fa_pool_b1_p3_pmb2_L32768_B16_prefill"),
 }
 
 
@@ -120,7 +130,8 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
     bench_multi.py) give the read bandwidth and NCCL's time per operation, measured in the same job. The 1-GPU
     reference records give the paged kernel's share of that bandwidth and a floor per layer (least squares of
     step - GEMMs over KV bytes / bandwidth). Two FA Pool records (SET_CALIBRATION) give the host's cost of an
-    eager message on the critical path and of an eager unit. Every other record validates the model (`check`)."""
+    eager message on the critical path and of an eager unit, two more the rates of FA Pool's prefill copies.
+    Every other record validates the model (`check`, `check_prefill`)."""
     cal = dataclasses.replace(base or default_calibration(), source=f"{MEASURED_SET.relative_to(ROOT)} (limits.json, "
                               "reference and calibration records) over the one-GPU benchmark's GEMM terms")
     refs = [(record_config(r), steady_tpot_s(r), lim) for r, lim in items.values() if r.config["strategy"]["kind"] == "reference"]
@@ -157,7 +168,28 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
             cal.eager_unit_s[cfg.strategy.tp] = (steady_tpot_s(by_name[key][0]) - cal.plan_s) / units
             used.append(key)
     cal.calibration_records = tuple(used)
+    copies = [by_name[key] for key in SET_CALIBRATION["prefill_copies"] if key in by_name]
+    if len(copies) == 2:
+        _fit_prefill_copies(cal, *[(record_config(r), r.metrics["ttft_ms"] / 1e3, lim) for r, lim in copies])
+        cal.prefill_calibration_records = SET_CALIBRATION["prefill_copies"]
     return cal
+
+
+def _fit_prefill_copies(cal: Calibration, pool_decided, base_decided, rounds: int = 8) -> None:
+    """The two copy rates that make the two records' predicted TTFT their measured one, in turn: the pool's rate
+    on the record its pool side decides, the base's on the other (each (cfg, ttft_s, limits)). The predicted TTFT
+    falls as a rate rises, so each is a bisection, in log space between 1% and 100x the read bandwidth."""
+    def solve(field, cfg, ttft, lim):
+        lo, hi = math.log(0.01), math.log(100.0)
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            setattr(cal, field, math.exp(mid))
+            lo, hi = (mid, hi) if predict_step(cfg, with_limits(cal, lim))["prefill_s"] > ttft else (lo, mid)
+        setattr(cal, field, math.exp((lo + hi) / 2))
+
+    for _ in range(rounds):
+        solve("prefill_pool_copy_bw_fraction", *pool_decided)
+        solve("prefill_base_copy_bw_fraction", *base_decided)
 
 
 def measured_items(root: str | Path) -> list:
@@ -454,7 +486,7 @@ def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
         own = sum(4 * h * q * (q + 1) / 2 for q in new) / flops
         dense = tokens * dense_per_token / flops
         if s.kind == "fa_pool":
-            per_layer.append(_fa_pool_prefill_layer_s(cfg, eager, tokens, dense, before, own, start, gpn, b))
+            per_layer.append(_fa_pool_prefill_layer_s(cfg, cal, eager, bw, tokens, dense, before, own, start, gpn, b))
             continue
         tp, k = s.tp, (s.kv_shards if s.kind == "dcp" else 1)
         cross = tp > gpn
@@ -471,21 +503,34 @@ def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
     return stage * (1 + (s.pp - 1) / units) + head
 
 
-def _fa_pool_prefill_layer_s(cfg, eager, tokens, dense, before, own, start, gpn, b) -> float:
-    """One layer of one FA Pool prefill chunk (every row long, the benchmark's case): see predict_prefill."""
+def _fa_pool_prefill_layer_s(cfg, cal, eager, bw, tokens, dense, before, own, start, gpn, b) -> float:
+    """One layer of one FA Pool prefill chunk (every row long, the benchmark's case): see predict_prefill.
+    Copies (read and written, at the calibrated fractions of the read bandwidth bw):
+    - a pool rank: its share of the rows' keys and values before the chunk, gathered out of its blocks and laid out
+      dense (2 passes); the received message unpacked and stored into its blocks; the fp32 partials converted,
+      joined with the LSE and packed per base rank (~3.5 passes);
+    - a base rank: its messages packed, the partials unpacked for the merge."""
     m, s = cfg.model, cfg.strategy
     tp, pool, h, d = s.tp, max(1, s.pool.size), cfg.model.hidden, cfg.model.head_dim
     cross = tp + s.pool.size > gpn
     local_heads_bytes = tokens * h // tp * b  # one base rank's heads of the chunk's tokens
     queries = local_heads_bytes if start else 0
-    out = eager("p2p", 2, pool * queries + 2 * local_heads_bytes, cross)  # a base rank's messages to the pool
-    back = eager("p2p", 2, pool * (tokens * (h // tp) * (d + 1) // d * 4) if start else 0, cross)
-    base = dense / tp + 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
-    pool_side = out + before / pool + back
+    sent = pool * queries + 2 * local_heads_bytes  # what a base rank sends the pool
+    partials = pool * (tokens * (h // tp) * (d + 1) // d * 4) if start else 0  # what it gets back (fp32)
+    out, back = eager("p2p", 2, sent, cross), eager("p2p", 2, partials, cross)
+    kv_before = cfg.workload.batch_size * start * h * 2 * b / pool  # a pool rank's share, every head
+    received = tp * (queries + 2 * local_heads_bytes / pool)
+    pool_copies = 2 * (2 * kv_before + received + 2 * tokens * h * b / pool + 3.5 * partials * tp / pool)
+    pool_copy = pool_copies / (bw * cal.prefill_pool_copy_bw_fraction)
+    base_copy = 2 * (sent + partials) / (bw * cal.prefill_base_copy_bw_fraction)
+    base = dense / tp + 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn) + base_copy
+    pool_side = out + before / pool + pool_copy + back
     groups = min(s.pool.prefill_micro_batches, cfg.workload.batch_size)  # as the engine: at most one per row
     if groups == 1:
-        return base + out + max(own / tp, before / pool) + back
-    return max(base + own / tp, pool_side) + min(base + own / tp, pool_side) / groups / m.n_layers
+        return base + out + max(own / tp, before / pool + pool_copy) + back
+    # in groups the busier side decides, plus one group's layer of the other side at each end of the chunk (the
+    # base's first group before the pool can start, the pool's last one before the base can finish)
+    return max(base + own / tp, pool_side) + 2 * min(base + own / tp, pool_side) / groups / m.n_layers
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,7 +629,8 @@ def check(root: str | Path) -> list[dict]:
 
 def check_prefill(root: str | Path) -> list[dict]:
     """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
-    calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate (not validation)."""
+    calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate, two FA Pool records
+    its copy rates (not validation)."""
     items, cal_set = _calibrated_items(root)
     rows = []
     for path, rec, lim in items:
@@ -593,9 +639,10 @@ def check_prefill(root: str | Path) -> list[dict]:
         cfg = record_config(rec)
         pred = predict_step(cfg, with_limits(cal_set, lim))["prefill_s"] * 1e3
         meas = rec.metrics["ttft_ms"]
-        rows.append({"record": _key(path, root), "strategy": cfg.strategy.name, "measured_ms": meas, "predicted_ms": pred,
+        name = _key(path, root)
+        rows.append({"record": name, "strategy": cfg.strategy.name, "measured_ms": meas, "predicted_ms": pred,
                      "rel_error": (pred - meas) / meas, "basis": "ttft",
-                     "calibration": cfg.strategy.kind == "reference"})
+                     "calibration": cfg.strategy.kind == "reference" or name in cal_set.prefill_calibration_records})
     return rows
 
 

@@ -172,3 +172,26 @@ def test_fa_pool_prefill_base_and_pool_take_turns_unless_in_groups():
     assert dense_only < groups < turns < slow_messages
     # the messages: out and back per layer and chunk after the first, only out in the first: 4 chunks, 2 layers
     assert slow_messages - turns == pytest.approx(2 * (4 + 3) * (1e-3 - 5e-5), rel=1e-6)
+
+
+def test_fa_pool_prefill_copy_rates_fitted_on_two_records_come_back():
+    """The rates of FA Pool's prefill copies (perfmodel._fit_prefill_copies): TTFTs predicted with known rates, on
+    a record the pool side decides (2+2 in one group) and one the base decides (1+3 in groups), give those rates
+    back; slower copies make a longer prefill."""
+    from harness.perfmodel import _fit_prefill_copies, with_limits
+
+    over = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
+            "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
+    pool_decided = small(*over, "strategy.pool.prefill_micro_batches=1")
+    base_decided = small(*over, "strategy.tp=1", "strategy.pool.size=3", "strategy.pool.max_size=3",
+                         "strategy.world_size=4", "strategy.pool.prefill_micro_batches=2")
+    quick = {op: {"2": [[1, 1e-7], [1 << 40, 1e-7]]} for op in ("all_reduce", "all_gather", "p2p")}
+    lim = {"read_bytes_per_s": {"used": 1e12}, "comm": {"graph": quick, "eager": quick}}
+    truth = simple_cal(prefill_flops_fraction=1.0, prefill_pool_copy_bw_fraction=0.5, prefill_base_copy_bw_fraction=0.2)
+    ttft = [predict_step(c, with_limits(truth, lim))["prefill_s"] for c in (pool_decided, base_decided)]
+    slower = dataclasses.replace(truth, prefill_pool_copy_bw_fraction=0.25, prefill_base_copy_bw_fraction=0.1)
+    assert all(predict_step(c, with_limits(slower, lim))["prefill_s"] > t for c, t in zip((pool_decided, base_decided), ttft))
+    cal = simple_cal(prefill_flops_fraction=1.0)
+    _fit_prefill_copies(cal, (pool_decided, ttft[0], lim), (base_decided, ttft[1], lim))
+    assert cal.prefill_pool_copy_bw_fraction == pytest.approx(0.5, rel=1e-3)
+    assert cal.prefill_base_copy_bw_fraction == pytest.approx(0.2, rel=1e-3)
