@@ -486,7 +486,9 @@ def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
         own = sum(4 * h * q * (q + 1) / 2 for q in new) / flops
         dense = tokens * dense_per_token / flops
         if s.kind == "fa_pool":
-            per_layer.append(_fa_pool_prefill_layer_s(cfg, cal, eager, bw, tokens, dense, before, own, start, gpn, b))
+            rows = sum(1 for q in new if q)  # rows with tokens in this chunk: their keys before it are gathered
+            per_layer.append(_fa_pool_prefill_layer_s(cfg, cal, eager, bw, rows, tokens, dense, before, own, start,
+                                                      gpn, b))
             continue
         tp, k = s.tp, (s.kv_shards if s.kind == "dcp" else 1)
         cross = tp > gpn
@@ -503,7 +505,7 @@ def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
     return stage * (1 + (s.pp - 1) / units) + head
 
 
-def _fa_pool_prefill_layer_s(cfg, cal, eager, bw, tokens, dense, before, own, start, gpn, b) -> float:
+def _fa_pool_prefill_layer_s(cfg, cal, eager, bw, rows, tokens, dense, before, own, start, gpn, b) -> float:
     """One layer of one FA Pool prefill chunk (every row long, the benchmark's case): see predict_prefill.
     Copies (read and written, at the calibrated fractions of the read bandwidth bw):
     - a pool rank: its share of the rows' keys and values before the chunk, gathered out of its blocks and laid out
@@ -518,7 +520,7 @@ def _fa_pool_prefill_layer_s(cfg, cal, eager, bw, tokens, dense, before, own, st
     sent = pool * queries + 2 * local_heads_bytes  # what a base rank sends the pool
     partials = pool * (tokens * (h // tp) * (d + 1) // d * 4) if start else 0  # what it gets back (fp32)
     out, back = eager("p2p", 2, sent, cross), eager("p2p", 2, partials, cross)
-    kv_before = cfg.workload.batch_size * start * h * 2 * b / pool  # a pool rank's share, every head
+    kv_before = rows * start * h * 2 * b / pool  # a pool rank's share, every head
     received = tp * (queries + 2 * local_heads_bytes / pool)
     pool_copies = 2 * (2 * kv_before + received + 2 * tokens * h * b / pool + 3.5 * partials * tp / pool)
     pool_copy = pool_copies / (bw * cal.prefill_pool_copy_bw_fraction)
