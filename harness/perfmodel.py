@@ -465,7 +465,8 @@ def predict_prefill(cfg, cal, bw, flops, links, gpn: int) -> float:
       long rows' queries and its share of the chunk's K/V, attends over its share of the keys before the chunk,
       and sends fp32 partials back. One prefill group: base and pool take turns each layer (the pool's attention
       overlaps only the base's own causal part); several (strategy.pool.prefill_micro_batches): a layer costs the
-      busier side, plus one group's turn of the other side per chunk.
+      busier side, plus one group's turn of the other side at each end of a chunk; both sides' copies at their
+      calibrated rates.
     The LM head runs once, on each prompt's last position."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
     b = DTYPE_BYTES[cfg.hardware.dtype]
@@ -604,12 +605,13 @@ def _calibrated_items(root) -> tuple[list, Calibration | None]:
     return items, set_calibration(keyed, Calibration.from_bench()) if keyed else None
 
 
-def check(root: str | Path) -> list[dict]:
+def check(root: str | Path, calibrated: tuple | None = None) -> list[dict]:
     """Predicted vs measured TPOT for every measured GPU record under root. Records of a multi-GPU benchmark
     call (a limits.json above them) are predicted with their set's calibration (`set_calibration`) against the
     median step; older records (no limits.json: eager engines) with the default calibration, eagerly, against
-    the mean. Rows of calibration records say so and stay out of the error statistics (`summarize`)."""
-    items, cal_set = _calibrated_items(root)
+    the mean. Rows of calibration records say so and stay out of the error statistics (`summarize`).
+    calibrated: `_calibrated_items(root)` when the caller has it already."""
+    items, cal_set = calibrated or _calibrated_items(root)
     rows = []
     for path, rec, lim in items:
         if "decode" in _invalid_of(path):
@@ -629,11 +631,11 @@ def check(root: str | Path) -> list[dict]:
     return rows
 
 
-def check_prefill(root: str | Path) -> list[dict]:
+def check_prefill(root: str | Path, calibrated: tuple | None = None) -> list[dict]:
     """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
     calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate, two FA Pool records
     its copy rates (not validation)."""
-    items, cal_set = _calibrated_items(root)
+    items, cal_set = calibrated or _calibrated_items(root)
     rows = []
     for path, rec, lim in items:
         if lim is None or not rec.metrics.get("ttft_ms"):
@@ -677,8 +679,9 @@ def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
 
 
 def check_table(root: str | Path) -> str:
-    """`check` and `summarize` as markdown."""
-    rows = check(root)
+    """`check` and `summarize` as markdown, then `check_prefill`'s; the set calibrated once for both."""
+    calibrated = _calibrated_items(root)
+    rows = check(root, calibrated)
     lines = ["| record | strategy | measured TPOT ms (basis) | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["strategy"], r["record"])):
         lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.2f} ({r['basis']}) | {r['predicted_ms']:.2f} | "
@@ -687,10 +690,10 @@ def check_table(root: str | Path) -> str:
               "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
     lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
               for x in summarize(rows)]
-    prefill = check_prefill(root)
+    prefill = check_prefill(root, calibrated)
     if prefill:
         lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
-                  "rate):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
+                  "rate, two FA Pool records its copy rates):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
         for r in sorted(prefill, key=lambda r: (r["strategy"], r["record"])):
             lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} | "
                          f"{r['rel_error']:+.1%} | {'calibration' if r['calibration'] else ''} |")

@@ -157,12 +157,15 @@ def test_static_prefill_by_hand(strategy, tp, chunk):
     assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
 
 
+FA_POOL_PREFILL = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
+                   "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
+
+
 def test_fa_pool_prefill_base_and_pool_take_turns_unless_in_groups():
     """FA Pool's prefill: the base's dense layers, then the pool's attention over the earlier chunks (and the
     messages both ways) each layer, one after the other; in groups the two sides overlap, so it is faster, but
     never faster than the base's dense work alone."""
-    over = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
-            "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
+    over = FA_POOL_PREFILL
     cal = simple_cal(prefill_flops_fraction=1.0)
     turns = predict_step(small(*over, "strategy.pool.prefill_micro_batches=1"), cal)["prefill_s"]
     groups = predict_step(small(*over, "strategy.pool.prefill_micro_batches=2"), cal)["prefill_s"]
@@ -180,8 +183,7 @@ def test_fa_pool_prefill_copy_rates_fitted_on_two_records_come_back():
     back; slower copies make a longer prefill."""
     from harness.perfmodel import _fit_prefill_copies, with_limits
 
-    over = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
-            "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
+    over = FA_POOL_PREFILL
     pool_decided = small(*over, "strategy.pool.prefill_micro_batches=1")
     base_decided = small(*over, "strategy.tp=1", "strategy.pool.size=3", "strategy.pool.max_size=3",
                          "strategy.world_size=4", "strategy.pool.prefill_micro_batches=2")
