@@ -24,6 +24,13 @@ def summary(rec) -> str:
     if rec.status != "ok":
         return f"{s}: {rec.status}: {(rec.error or '').strip().splitlines()[-1] if rec.error else ''}"
     m = rec.metrics
+    if rec.serving:  # a trace replay
+        c = rec.reference_check
+        check = (f"  per-request check: passed={c['passed']} ({c['requests_checked']} requests, max rel err "
+                 f"{c['max_rel_logit_error']:.1e} <= {c['rtol']:g})") if c else ""
+        return (f"{s}: ok  {m['completed']}/{m['requests']} requests ({m['refused']} refused)  p50/p99 TTFT "
+                f"{m['ttft_ms_p50']:.0f}/{m['ttft_ms_p99']:.0f} ms  p50/p99 TPOT {m['tpot_ms_p50'] or float('nan'):.1f}/"
+                f"{m['tpot_ms_p99'] or float('nan'):.1f} ms  goodput {m['goodput']:.2f} req/s{check}")
     check = ""
     if rec.reference_check:
         c = rec.reference_check

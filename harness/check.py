@@ -63,3 +63,31 @@ def verdict(check: dict | None, forced_tokens: torch.Tensor | None, free_tokens:
         check["first_mismatch"] = {"sequence": seq, "step": step}
     check["passed"] = check["numerics_ok"] and check["tokens_consistent"]
     return check
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, prompt: torch.Tensor, served: torch.Tensor) -> torch.Tensor:
+    """[n, V] logits of the plain model at each of the n served tokens, fed the prompt and the served tokens
+    before it: one prefill of the whole context from an empty cache, math attention (no KV-cache path at all)."""
+    from model.transformer import Step
+
+    context = torch.cat([prompt, served[:-1]])[None]
+    length = torch.tensor([context.shape[1]], device=context.device)
+    model.setup_cache(1, context.shape[1], "math")
+    x = model.tok_emb(context)
+    step = Step(slice(0, 1), torch.zeros_like(length), length, prefill=True)
+    for block in model.blocks:
+        x = block(x, step)
+    return model.lm_head(model.norm(x[0, len(prompt) - 1:])).float()
+
+
+def check_request(logits: torch.Tensor, ref_logits: torch.Tensor, served: torch.Tensor, rtol: float) -> dict:
+    """One served request against the plain model, teacher-forced on its served tokens: logits [n, V] within rtol
+    of each step's scale, the served tokens the argmax of the strategy's own logits, and every argmax that differs
+    from the reference's a near tie (the reference's top-2 margin inside the tolerance)."""
+    c = compare_logits(logits[:, None], ref_logits[:, None], rtol)
+    consistent = bool(torch.equal(logits.argmax(-1).cpu(), served.cpu()))
+    ties = all(f["ref_margin"] <= 2 * rtol * c["per_step"][f["step"]]["logit_scale"] for f in c["argmax_flips"])
+    return {"tokens": int(len(served)), "max_rel_logit_error": c["max_rel_logit_error"], "numerics_ok": c["numerics_ok"],
+            "tokens_consistent": consistent, "argmax_flips": len(c["argmax_flips"]), "flips_are_ties": ties,
+            "passed": c["numerics_ok"] and consistent and ties}

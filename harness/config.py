@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from harness.memory import check_fits
+from harness.traces import TraceConfig, TraceError, load_trace
 from model.config import ModelConfig
 
 STRATEGY_KINDS = ("reference", "static", "dcp", "fa_pool")
@@ -107,9 +108,14 @@ class StrategyConfig:
              f"(a chunk fills whole KV blocks)")
 
 
+WORKLOAD_KINDS = ("batch", "trace")
+SERVING_KINDS = ("reference", "static", "dcp")  # strategy kinds whose engines serve a changing batch (workload.kind=trace)
+
+
 @dataclass
 class WorkloadConfig:
     name: str = "tiny"
+    kind: str = "batch"  # batch: one static batch (the fields below) | trace: replay `trace` with continuous batching
     batch_size: int = 4
     prompt_lens: List[int] = field(default_factory=lambda: [24, 40, 17, 32])  # cycled over the batch
     buckets: List[List[int]] = field(default_factory=list)  # [[min, max], ...]: sample lengths instead
@@ -117,8 +123,10 @@ class WorkloadConfig:
     warmup_steps: int = 2  # decode steps of an untimed warm-up generation
     synthetic_kv: bool = False  # fill the KV cache with random values instead of prefill (no TTFT)
     seed: int = 0  # prompts and sampled lengths
+    trace: TraceConfig = field(default_factory=TraceConfig)  # kind=trace: the requests (harness/traces.py)
 
     def __post_init__(self):
+        need(self.kind in WORKLOAD_KINDS, f"workload.kind={self.kind!r}: choose {' or '.join(WORKLOAD_KINDS)}")
         at_least("workload", self, 1, "batch_size")
         need(self.output_tokens >= 2, f"workload.output_tokens={self.output_tokens}: TPOT needs at least 2 output tokens")
         at_least("workload", self, 0, "warmup_steps", "seed")
@@ -127,6 +135,43 @@ class WorkloadConfig:
         for b in self.buckets:
             need(len(b) == 2, f"workload.buckets entry {list(b)} must be [min, max]")
             need(1 <= b[0] <= b[1], f"workload.buckets entry {list(b)}: need 1 <= min <= max")
+
+
+KV_POLICIES = ("reserve", "preempt")
+CLOCKS = ("wall", "logical")
+
+
+@dataclass
+class ServingConfig:
+    """serving: how a trace is replayed (used when workload.kind=trace)."""
+
+    max_batch: int = 8  # batch slots: requests running at once (prefilling or decoding)
+    token_budget: int = 256  # tokens one step computes: a decode token per running request, the rest prefill chunks
+    prefill_chunk: int = 0  # most prompt tokens of one request in one step (0: the token budget)
+    block_size: int = 16  # tokens per KV block
+    kv_blocks: int = 0  # KV blocks per rank (0: as many as kv_memory_fraction of free GPU memory holds; on CPU
+    #                     enough for max_batch requests of the longest context)
+    kv_memory_fraction: float = 0.8
+    max_context: int = 0  # tokens one request may hold (a slot's block table width); 0: the trace's longest
+    on_kv_full: str = "reserve"  # reserve (admission control) | preempt (recompute), see harness/serving/scheduler.py
+    clock: str = "wall"  # wall: arrivals at their trace times | logical: arrival t joins at step ceil(t / logical_step_ms)
+    logical_step_ms: float = 20.0  # logical clock: trace time one step stands for
+    slo_ttft_ms: float = 2000.0  # goodput counts requests with TTFT <= this ...
+    slo_tpot_ms: float = 100.0  # ... and TPOT <= this (DistServe's definition)
+    warmup_requests: int = 2  # an untimed replay of this many requests first (compiles, allocator, graphs); 0: none
+    max_steps: int = 0  # stop after this many steps (0: when every request has finished); unfinished ones are counted
+
+    def __post_init__(self):
+        g = "serving"
+        at_least(g, self, 1, "max_batch", "token_budget", "block_size")
+        at_least(g, self, 0, "prefill_chunk", "kv_blocks", "max_context", "warmup_requests", "max_steps")
+        above(g, self, 0, "logical_step_ms", "slo_ttft_ms", "slo_tpot_ms")
+        need(self.on_kv_full in KV_POLICIES, f"serving.on_kv_full={self.on_kv_full!r}: choose {' or '.join(KV_POLICIES)}")
+        need(self.clock in CLOCKS, f"serving.clock={self.clock!r}: choose {' or '.join(CLOCKS)}")
+        need(0 < self.kv_memory_fraction <= 1, f"serving.kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
+        need(self.token_budget >= self.max_batch,
+             f"serving.token_budget={self.token_budget} < serving.max_batch={self.max_batch}: a step must hold a decode "
+             f"token of every running request; raise token_budget or lower max_batch")
 
 
 @dataclass
@@ -223,6 +268,7 @@ class BenchConfig:
     profile_trace: bool = False
     results_dir: Optional[str] = None  # where result.json goes; None = Hydra's run directory
     fault: FaultConfig = field(default_factory=FaultConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)  # workload.kind=trace: the replay's scheduler
     plan: bool = False  # print the jobs, nodes, GPUs and GPU-hours this run (or sweep) would take; run nothing
     resume: bool = True  # skip a run whose directory already holds an ok record of the same run_id
     fail_on_error: bool = True  # a multirun exits 1 when any point is not ok (after all records and the report)
@@ -307,9 +353,39 @@ def load(cfg) -> BenchConfig:
         raise ConfigError(str(e)) from None
 
 
+def validate_serving(cfg: BenchConfig) -> None:
+    """A trace replay: a strategy that serves, a trace that loads (its file and lines checked here), a context
+    that fits a slot."""
+    s, w, sv = cfg.strategy, cfg.workload, cfg.serving
+    need(s.kind in SERVING_KINDS,
+         f"strategy.kind={s.kind!r} ({s.name}) does not serve a changing batch yet; workload.kind=trace runs "
+         f"strategies of kind {', '.join(SERVING_KINDS)} (e.g. strategy=reference, tp2_pp1, tp2_pp2)")
+    need(cfg.launcher.kind != "model", "launcher=model does not replay traces yet; use launcher=local or slurm")
+    need(not w.synthetic_kv, "workload.synthetic_kv=true has no prompts to serve; set it false for a trace")
+    need(cfg.fault.kind != "wrong_token", "fault.kind=wrong_token is a static-batch fault; a trace replay takes "
+         "raise, kill, hang (at fault.step) or perturb_weight")
+    need(not (cfg.profile or cfg.profile_prefill), "profile=true and profile_prefill=true profile a static batch; "
+         "set them false for a trace replay")
+    try:
+        requests = load_trace(w.trace)
+    except TraceError as e:
+        raise ConfigError(str(e)) from None
+    longest = int((requests.prompt_len + requests.output_len - 1).max())
+    need(not sv.max_context or sv.max_context >= sv.block_size,
+         f"serving.max_context={sv.max_context} is below serving.block_size={sv.block_size}")
+    if sv.max_context and longest > sv.max_context:
+        # such requests are refused by the scheduler and counted; say so up front only when none would run
+        shortest = int((requests.prompt_len + requests.output_len - 1).min())
+        need(shortest <= sv.max_context,
+             f"every request of the trace holds more than serving.max_context={sv.max_context} tokens (the shortest "
+             f"{shortest}); raise it, or cap the trace with workload.trace.max_context")
+
+
 def validate(cfg: BenchConfig) -> None:
     """Refuse what cannot run, before anything is launched. Raises ConfigError."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
+    if w.kind == "trace":
+        validate_serving(cfg)
     need(m.n_heads % s.tp == 0, f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; pick tp among the divisors of n_heads")
     need(m.ffn_hidden % s.tp == 0, f"model.ffn_hidden={m.ffn_hidden} is not divisible by strategy.tp={s.tp}")
     need(m.vocab_size % s.tp == 0, f"model.vocab_size={m.vocab_size} is not divisible by strategy.tp={s.tp}")
@@ -360,7 +436,7 @@ def validate(cfg: BenchConfig) -> None:
             need(per_node <= L.gpus_per_node,
                  f"launcher.tasks_per_node={per_node} exceeds launcher.gpus_per_node={L.gpus_per_node}: one task per GPU; "
                  f"use more nodes")
-    if cfg.launcher.kind != "model":  # a projection of a config that cannot fit is recorded as projected oom
+    if cfg.launcher.kind != "model" and w.kind == "batch":  # a projection that cannot fit is recorded as projected oom
         too_big = check_fits(cfg)
         need(too_big is None, str(too_big))
     if cfg.launcher.kind == "local":  # what running here needs of this machine (Slurm nodes are checked there)

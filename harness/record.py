@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the `serving` field (trace replays); version 1 records load unchanged
+READABLE_VERSIONS = (1, 2)
 STATUSES = ("ok", "failed", "oom", "timeout", "invalid")
 
 
@@ -37,6 +38,7 @@ class RunRecord:
     synthetic_kv: bool = False
     passes: dict = field(default_factory=dict)  # which generation gave which numbers (timed, breakdown, check)
     roofline: dict = field(default_factory=dict)  # the step's lower bound on this hardware (harness/roofline.py), if computed
+    serving: dict = field(default_factory=dict)  # a trace replay: the trace, KV, policy, the tables beside the record
     created_at: float = field(default_factory=time.time)
     schema_version: int = SCHEMA_VERSION
 
@@ -45,8 +47,8 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunRecord":
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {d.get('schema_version')!r} is not {SCHEMA_VERSION}")
+        if d.get("schema_version") not in READABLE_VERSIONS:
+            raise ValueError(f"schema_version {d.get('schema_version')!r} is not one of {READABLE_VERSIONS}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

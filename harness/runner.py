@@ -230,6 +230,10 @@ def _destroy_process_group(timeout_s: float) -> bool:
 
 def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     w = cfg.workload
+    if w.kind == "trace":
+        from harness.serving.run import serve
+
+        return serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, perturb_weights, inject_fault)
     prompts = make_prompts(w, cfg.model.vocab_size)
     max_len = max(len(p) for p in prompts) + w.output_tokens
     timer = PhaseTimer(device, enabled=False)  # off while steps are timed: its synchronizations would serialize

@@ -43,7 +43,7 @@ def check_backend(backend: str, device: torch.device | str) -> None:
 
 
 def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, device,
-                 q_offset: int = 0) -> torch.Tensor | None:
+                 q_offset: int | torch.Tensor = 0) -> torch.Tensor | None:
     """Boolean [B or 1, 1, Tq, Tk] mask of the keys each query may see, or None when it sees all. Causal: query i
     sits at position q_offset + i and sees keys at positions <= q_offset + i (a prefill chunk after q_offset cached
     tokens). Key j sits at position j."""
@@ -53,8 +53,9 @@ def visible_mask(tq: int, tk: int, kv_lens: torch.Tensor | None, causal: bool, d
     mask = torch.ones(1, 1, tq, tk, dtype=torch.bool, device=device)
     if kv_lens is not None:
         mask = mask & (key_idx[None, :] < kv_lens[:, None])[:, None, None, :]
-    if causal:
-        mask = mask & (key_idx[None, :] <= q_offset + torch.arange(tq, device=device)[:, None])[None, None]
+    if causal:  # q_offset: one int for every row, or [B] (rows of a serving step start at their own positions)
+        offset = torch.as_tensor(q_offset, device=device).reshape(-1, 1, 1)
+        mask = mask & (key_idx[None, None, :] <= offset + torch.arange(tq, device=device)[None, :, None])[:, None]
     return mask
 
 
@@ -145,9 +146,10 @@ def _flash_attn(q, k, v, kv_lens, causal, scale):
     return out.transpose(1, 2), lse.float()
 
 
-def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int = 0):
+def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int | torch.Tensor = 0):
     """(out, lse) of softmax(q k^T * scale) v over the visible keys. See the module docstring for shapes;
-    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask."""
+    q_offset: the queries follow that many cached keys (a prefill chunk), for the causal mask; a [B] tensor (each
+    row its own, with kv_lens given) for the rows of a serving step."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     if k.shape[2] == 0:  # a shard with no keys at all
         return torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
@@ -178,6 +180,17 @@ def attention(q, k, v, kv_lens=None, causal=False, backend="math", q_offset: int
         lse = lse.masked_fill(empty, float("-inf"))
         out = out.masked_fill(empty.unsqueeze(-1), 0.0)
     return out, lse
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, backend="math"):
+    """(out, lse) with an explicit boolean mask [B or 1, 1, Tq, Tk] of the keys each query sees (keys that are not
+    in position order: a KV shard's tokens). Queries that see no key get out = 0 and lse = -inf."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if backend == "math" or k.shape[2] == 0:
+        return _math(q, k, v, mask, scale) if k.shape[2] else attention(q, k, v)
+    out, lse = _sdpa(q, k, v, mask, scale, "sdpa_efficient" if backend in ("sdpa_flash", "flash_attn") else backend)
+    empty = ~mask.any(-1)
+    return out.masked_fill(empty.unsqueeze(-1), 0.0), lse.masked_fill(empty, float("-inf"))
 
 
 def merge_pair(a: tuple, b: tuple) -> tuple:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from model.attention import attention, merge_pair, merge_partials
+from model.attention import attention, masked_attention, merge_pair, merge_partials
 from model.paged_attention import paged_decode
 from model.parallel.paged_kv import to_blocks
+from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StageKV, StaticEngine
 from model.parallel.tp import new_groups
 from model.transformer import Step
@@ -130,6 +131,46 @@ class ShardedAttention:
         return merge_partials(recv[..., :d], recv[..., d])[0]  # [b, h, T, D]
 
 
+class ShardedServingAttention(ShardedAttention):
+    """ShardedAttention for a changing batch (model/parallel/serving_kv.py): the shard's blocks of every request are
+    its local blocks g // shards of global blocks g = pos // block with g % shards == shard, through one block
+    table. Decode: the paged kernel over the shard's tokens. A prefill chunk: the chunk's shard tokens are stored
+    first, then its queries attend over every local key with a mask by the keys' global positions (causal, and
+    within the row's length), so that the shards' partials are disjoint and merge exactly."""
+
+    def __init__(self, kv: ServingKV, layer: int, shard: int, shards: int, group, backend: str, timer, stats):
+        super().__init__(None, layer, shard, shards, group, backend, timer, stats)
+        self.kv = kv
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() // self.kv.store.kv.shape[0]
+
+    def __call__(self, q, k, v, step: Step):
+        heads, p, bs = q.shape[1], self.kv.current, self.kv.block_size
+        qg, kg, vg = self._gather(torch.stack((q, k, v)))
+        with self.timer("attention"):
+            self.kv.write(self.layer, p, kg, vg, self.shard, self.shards)
+            table = self.kv.table[p.slots]
+            if not p.prefill:
+                lens = shard_lengths(p.start + 1, self.shard, self.shards, bs).to(torch.int32)
+                out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens)
+                out, lse = out[:, :, None], lse[:, :, None]
+            else:
+                out, lse = self._chunk(qg, table, p)
+        return self._merge(out.float(), lse, heads).to(q.dtype)
+
+    def _chunk(self, q, table, p):
+        bs, local = self.kv.block_size, shard_length(p.upto, self.shard, self.shards, self.kv.block_size)
+        if local == 0:  # no key of this step's rows on this shard yet
+            return torch.zeros_like(q, dtype=torch.float32), torch.full(q.shape[:3], float("-inf"), device=q.device)
+        keys, values = self.kv.store.dense(self.layer, table[:, : -(-local // bs)].long(), local)
+        j = torch.arange(local, device=q.device)
+        key_pos = ((j // bs) * self.shards + self.shard) * bs + j % bs  # [Tk] global positions of the local keys
+        query_pos = p.start[:, None] + torch.arange(q.shape[2], device=q.device)  # [b, T]
+        mask = (key_pos <= query_pos[:, :, None]) & (key_pos < (p.start + p.lens)[:, None, None])
+        return masked_attention(q, keys, values, mask[:, None], self.backend)
+
+
 class DCPEngine(StaticEngine):
     """Static TP x PP with sharded-KV attention inside each TP group (see the module docstring)."""
 
@@ -150,6 +191,17 @@ class DCPEngine(StaticEngine):
     def _new_core(self, layer: int):
         return ShardedAttention(self.cache, layer, self.shard, self.shards, self.shard_group, self.backend,
                                 self.timer, self.stats)
+
+    @property
+    def kv_heads_factor(self) -> int:
+        return self.shards
+
+    def serve_block_tokens(self, block_size: int) -> int:
+        return block_size * self.shards  # one block on each shard
+
+    def _serving_core(self, layer: int):
+        return ShardedServingAttention(self.serving, layer, self.shard, self.shards, self.shard_group, self.backend,
+                                       self.timer, self.stats)
 
     def report(self):
         return {**super().report(), "kv_shards": self.shards, "kv_shard": self.shard}

@@ -37,7 +37,8 @@ from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.transformer import Step, build_model, keep_prompt_ends, pad_prompts
+from model.parallel.serving_kv import ServingAttention, ServingKV
+from model.transformer import Step, build_model, keep_prompt_ends, last_positions, pad_prompts
 
 
 class StageKV:
@@ -323,6 +324,74 @@ class StaticEngine(Engine):
             if work is not None:
                 work.wait()
 
+
+    # -- serving: a changing batch (model/parallel/serving_kv.py) ------------------------------------------
+    def serve_block_bytes(self, block_size: int) -> int:
+        """Bytes of one KV block on this rank (its layers, its heads)."""
+        attn = self.blocks[0].attn
+        return 2 * self.per_stage * attn.n_heads * self.kv_heads_factor * block_size * attn.head_dim * self.dtype.itemsize
+
+    kv_heads_factor = 1  # this rank's KV heads per attention head it computes (DCP: its shard group's)
+
+    def serve_block_tokens(self, block_size: int) -> int:
+        """Tokens of a request that one scheduler block holds (one block of `block_size` on this rank)."""
+        return block_size
+
+    def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int) -> None:
+        """KV blocks and a block table for `slots` batch slots, allocated once for the whole replay."""
+        self.cache = self.graphs = None
+        attn = self.blocks[0].attn
+        self.serving = ServingKV(self.per_stage, slots, kv_blocks, attn.n_heads * self.kv_heads_factor, block_size,
+                                 attn.head_dim, max_blocks, self.dtype, self.device)
+        self.cache = self.serving  # what report() counts
+        for layer, block in enumerate(self.blocks):
+            block.attn.core = self._serving_core(layer)
+
+    def _serving_core(self, layer: int):
+        return ServingAttention(self.serving, layer, self.backend, self.timer)
+
+    @torch.no_grad()
+    def serve_step(self, passes, table_updates) -> torch.Tensor | None:
+        """One serving step: the table entries allocated for it, then each pass (ServingPass plus its input
+        tokens [b, t] where this rank embeds them) through the stages. Returns the tokens of every row, passes in
+        order, where this rank knows them (stage 0 of a pipeline gets them back from the last stage)."""
+        self.serving.update_table(table_updates)
+        sends, tokens = [], []
+        for p, ids in passes:
+            self.serving.current = p
+            b = len(p.slots)
+            step = Step(p.slots, p.start, p.lens, prefill=p.prefill)
+            if self.first:
+                x = self.embed(ids)
+            else:
+                x = torch.empty(b, p.width, self.hidden, dtype=self.dtype, device=self.device)
+                self._recv(x, self.prev_rank, None, "pp_recv")
+            for block in self.blocks:
+                x = block(x, step)
+            if not self.last:
+                sends.append(self._send(x.contiguous(), self.next_rank, None, "pp_send"))
+                if self.first:  # the tokens come back from the last stage
+                    back = torch.empty(b, dtype=torch.long, device=self.device)
+                    tokens.append((back, self._irecv(back, self.token_peer, self.token_group)))
+                continue
+            logits = self.head(self.norm(last_positions(x, p.lens)))[:, 0]
+            if self.has_logits and self.keep_logits:
+                self.logits.append(logits)
+            new = logits.argmax(-1)
+            tokens.append((new, None))
+            if not self.first:
+                sends.append(self._send(new, self.token_peer, self.token_group, "pp_send"))
+        for work in sends:
+            work.wait()
+        for _, work in tokens:
+            if work is not None:
+                with self.timer("synchronization"):
+                    work.wait()
+        return torch.cat([tok for tok, _ in tokens]) if tokens else None
+
+    def _irecv(self, t, peer, group):
+        self.stats.add("pp_recv", t.nbytes)
+        return dist.irecv(t, src=peer, group=group)
 
     # -- messages ------------------------------------------------------------------------------------------
     def _send(self, t, peer, group, key):

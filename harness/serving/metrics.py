@@ -1,0 +1,112 @@
+"""Serving metrics: one row per request, and the run's summary (throughput, goodput, latency percentiles).
+
+Definitions (times on the replay's wall clock, from its start):
+- TTFT: first token - arrival (queueing included: arrival is the trace time, or the release under a logical
+  clock or a closed loop).
+- TPOT: (finish - first token) / (output tokens - 1), per request with at least 2 output tokens.
+- ITL: the gap between consecutive tokens of one request (every decode token of the replay).
+- E2E: finish - arrival.
+- Goodput: completed requests per second with TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms (DistServe's definition),
+  over the replay's duration (first arrival to last finish).
+Percentiles are numpy's (linear interpolation).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+from harness.serving.scheduler import Scheduler
+
+PERCENTILES = (50, 90, 99)
+
+
+def request_table(sched: Scheduler) -> pd.DataFrame:
+    req = sched.req
+    ms = lambda x: x * 1e3  # noqa: E731
+    out = req.output_len
+    table = pd.DataFrame({
+        "request": np.arange(len(req)), "source_line": req.source_line, "arrival_s": sched.arrival,
+        "admitted_s": sched.admitted, "first_token_s": sched.first_token, "finished_s": sched.finished,
+        "prompt_tokens": req.prompt_len, "output_tokens": out, "generated": sched.generated,
+        "preemptions": sched.preemptions, "refused": sched.refused,
+    })
+    table["completed"] = ~np.isnan(sched.finished)
+    table["queue_ms"] = ms(sched.admitted - sched.arrival)
+    table["ttft_ms"] = ms(sched.first_token - sched.arrival)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        table["tpot_ms"] = np.where(out > 1, ms(sched.finished - sched.first_token) / (out - 1), np.nan)
+    table["e2e_ms"] = ms(sched.finished - sched.arrival)
+    return table
+
+
+def _stats(values: np.ndarray, name: str) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if not len(v):
+        return {f"{name}_mean": None} | {f"{name}_p{p}": None for p in PERCENTILES}
+    return {f"{name}_mean": float(v.mean())} | {f"{name}_p{p}": float(np.percentile(v, p)) for p in PERCENTILES}
+
+
+@dataclass
+class ServingSummary:
+    requests: int
+    completed: int
+    refused: int
+    unfinished: int
+    preemptions: int
+    steps: int
+    duration_s: float
+    request_throughput: float  # completed requests per second
+    output_tokens_per_s: float
+    total_tokens_per_s: float  # prompt + output tokens of completed requests per second
+    output_tokens_per_s_per_gpu: float
+    goodput: float  # requests per second meeting both SLOs
+    goodput_per_gpu: float
+    slo_attainment: float  # share of all requests meeting both SLOs (refused and unfinished ones do not)
+    slo_ttft_ms: float
+    slo_tpot_ms: float
+    kv_blocks: int
+    kv_occupancy_mean: float  # blocks held / blocks, over steps
+    kv_occupancy_max: float
+    batch_mean: float  # running requests per step
+    latency: dict  # ttft_ms, tpot_ms, itl_ms, e2e_ms, queue_ms: mean and percentiles
+
+
+def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: float, slo_tpot_ms: float) -> ServingSummary:
+    done = table[table.completed]
+    start = float(np.nanmin(sched.arrival)) if np.isfinite(sched.arrival).any() else 0.0
+    end = float(done.finished_s.max()) if len(done) else start
+    duration = max(end - start, 1e-9)
+    tpot_ok = done.tpot_ms.isna() | (done.tpot_ms <= slo_tpot_ms)  # one output token: no TPOT to miss
+    good = int(((done.ttft_ms <= slo_ttft_ms) & tpot_ok).sum())
+    itl = np.concatenate(sched.itl) * 1e3 if sched.itl else np.zeros(0)
+    latency = {}
+    for name, values in (("ttft_ms", done.ttft_ms), ("tpot_ms", done.tpot_ms), ("itl_ms", itl), ("e2e_ms", done.e2e_ms),
+                         ("queue_ms", done.queue_ms)):
+        latency |= _stats(values, name)
+    used = np.asarray(sched.log["blocks_used"], dtype=np.float64) / max(sched.kv_blocks, 1)
+    out_tokens = float(done.output_tokens.sum())
+    return ServingSummary(
+        requests=len(table), completed=len(done), refused=int(table.refused.sum()),
+        unfinished=int((~table.completed & ~table.refused).sum()), preemptions=int(table.preemptions.sum()),
+        steps=sched.steps, duration_s=duration, request_throughput=len(done) / duration,
+        output_tokens_per_s=out_tokens / duration,
+        total_tokens_per_s=(out_tokens + float(done.prompt_tokens.sum())) / duration,
+        output_tokens_per_s_per_gpu=out_tokens / duration / world, goodput=good / duration,
+        goodput_per_gpu=good / duration / world, slo_attainment=good / max(len(table), 1), slo_ttft_ms=slo_ttft_ms,
+        slo_tpot_ms=slo_tpot_ms, kv_blocks=sched.kv_blocks,
+        kv_occupancy_mean=float(used.mean()) if len(used) else 0.0, kv_occupancy_max=float(used.max()) if len(used) else 0.0,
+        batch_mean=float(np.mean(sched.log["running"])) if sched.log["running"] else 0.0, latency=latency)
+
+
+def flat_metrics(summary: ServingSummary) -> dict:
+    """The summary as the record's flat `metrics` dict (latency fields at the top level)."""
+    d = asdict(summary)
+    return {k: v for k, v in d.items() if k != "latency"} | d["latency"]
+
+
+def step_table(sched: Scheduler) -> pd.DataFrame:
+    """The scheduler's log: one row per step (start and end on the replay's clock, batch, queue, KV blocks held)."""
+    return pd.DataFrame(sched.log)

@@ -1,0 +1,183 @@
+"""A trace replay on every rank: rank 0 schedules, every rank runs the step the plan describes.
+
+Rank 0 owns the scheduler (harness/serving/scheduler.py) and the clock; each step it broadcasts the plan as one
+int64 tensor (a fixed header, then the payload), so that every rank of every stage runs the same passes; the
+engine returns the new tokens to rank 0, which reads them (the step's one synchronization) and stamps them.
+
+Clocks: `wall` releases a request when the replay's wall clock passes its trace time (an idle engine sleeps
+until the next arrival), `logical` when `logical_step_ms` per step has passed it (an idle engine jumps to the next
+arrival), so that which request runs in which step, and so every token, is the same on every run. A closed loop
+releases a request whenever fewer than its concurrency are in the system. Latencies are wall time either way;
+with `logical` a request's arrival is stamped when it is released.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from harness.serving.scheduler import Scheduler, StepPlan, kv_blocks_needed
+from harness.traces import Requests, load_trace, prompt_tokens
+from model.parallel.serving_kv import ServingPass
+
+HEADER = 6  # prefill rows, decode rows, table updates, chunk width, keys gathered, done
+
+
+@dataclass
+class Replay:
+    """What rank 0 keeps of a replay (other ranks: None fields)."""
+
+    requests: Requests
+    scheduler: Scheduler | None
+    kv_blocks: int
+    max_blocks: int
+    duration_s: float
+    emitted: list  # holder of the logits: per step, (request ids of the emitting rows, their logits)
+
+
+def capacity(cfg, engine, requests: Requests, device) -> tuple[int, int]:
+    """(KV blocks every rank allocates, blocks per slot): serving.kv_blocks, or what kv_memory_fraction of this
+    GPU's free memory holds, at most what max_batch requests of the longest context can use; the least over
+    ranks, since block ids are shared."""
+    s = cfg.serving
+    per_slot, useful = kv_blocks_needed(requests, s, engine.serve_block_tokens(s.block_size))
+    blocks = s.kv_blocks or useful
+    if not s.kv_blocks and device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        blocks = min(useful, int(free * s.kv_memory_fraction) // engine.serve_block_bytes(s.block_size))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([blocks], dtype=torch.long, device=_comm_device(device))
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        blocks = int(t)
+    return blocks, per_slot
+
+
+def _comm_device(device):
+    return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None) -> np.ndarray:
+    if plan is None:
+        return np.array([0, 0, 0, 0, 0, 1], dtype=np.int64)
+    P, D = len(plan.prefill_slots), len(plan.decode_slots)
+    width = plan.prefill_tokens.shape[1] if P else 0
+    upto = int((plan.prefill_start + plan.prefill_len).max()) if P else 0
+    header = np.array([P, D, len(plan.table_updates), width, upto, 0], dtype=np.int64)
+    body = [plan.prefill_slots, plan.prefill_start, plan.prefill_len, plan.prefill_last.astype(np.int64),
+            req_of_slot[plan.prefill_slots], plan.prefill_tokens.reshape(-1), plan.decode_slots, plan.decode_pos,
+            plan.decode_tokens, req_of_slot[plan.decode_slots], plan.table_updates.reshape(-1)]
+    return np.concatenate([header] + [np.asarray(x, dtype=np.int64) for x in body])
+
+
+def _broadcast(packed: np.ndarray | None, device) -> torch.Tensor:
+    """Rank 0's packed plan on every rank (header first: the payload's size)."""
+    comm = _comm_device(device)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return torch.from_numpy(packed).to(device)
+    head = torch.from_numpy(packed[:HEADER]).to(comm) if packed is not None else torch.zeros(HEADER, dtype=torch.long, device=comm)
+    dist.broadcast(head, src=0)
+    P, D, U, W = (int(x) for x in head[:4].tolist())
+    size = HEADER + 5 * P + P * W + 4 * D + 3 * U
+    body = torch.from_numpy(packed).to(comm) if packed is not None else torch.empty(size, dtype=torch.long, device=comm)
+    if size > HEADER:
+        dist.broadcast(body, src=0)
+    else:
+        body = head
+    return body.to(device)
+
+
+def _unpack(t: torch.Tensor):
+    """(passes [(ServingPass, tokens or None)], table updates, request ids per row, prefill rows' emit mask, done)."""
+    P, D, U, W, upto, done = (int(x) for x in t[:HEADER].tolist())
+    if done:
+        return None
+    at = HEADER
+
+    def take(n, shape=None):
+        nonlocal at
+        x = t[at: at + n]
+        at += n
+        return x if shape is None else x.view(shape)
+
+    p_slots, p_start, p_len, p_last, p_req = (take(P) for _ in range(5))
+    p_tokens = take(P * W, (P, W))
+    d_slots, d_pos, d_tokens, d_req = (take(D) for _ in range(4))
+    updates = take(3 * U, (U, 3))
+    passes = []
+    if P:
+        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto), p_tokens))
+    if D:
+        passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, 0), d_tokens[:, None]))
+    return passes, updates, torch.cat([p_req, d_req]), torch.cat([p_last.bool(), torch.ones(D, dtype=torch.bool, device=t.device)])
+
+
+def replay(cfg, engine, rank: int, device, requests: Requests | None = None, before_step=lambda i: None,
+           warmup: bool = False) -> Replay:
+    """Replay the trace (or `requests`) to the end, or to serving.max_steps. Every rank calls this."""
+    s, w = cfg.serving, cfg.workload
+    requests = requests if requests is not None else load_trace(w.trace)
+    blocks, per_slot = capacity(cfg, engine, requests, device)
+    if not getattr(engine, "serving_shape", None) == (s.max_batch, blocks, s.block_size, per_slot):
+        engine.serve_setup(s.max_batch, blocks, s.block_size, per_slot)
+        engine.serving_shape = (s.max_batch, blocks, s.block_size, per_slot)
+    closed = w.trace.concurrency if w.trace.arrival == "closed" and not warmup else (len(requests) if warmup else 0)
+    sched = None
+    if rank == 0:
+        vocab, seed = cfg.model.vocab_size, w.trace.seed
+        sched = Scheduler(requests, s, blocks, per_slot, lambda r: prompt_tokens(seed, r, int(requests.prompt_len[r]), vocab),
+                          closed_concurrency=closed, block_tokens=engine.serve_block_tokens(s.block_size))
+    logical = s.clock == "logical" or warmup
+    tick = s.logical_step_ms / 1e3
+    emitted, trace_now = [], 0.0
+    t0 = time.perf_counter()
+    step = 0
+    while True:
+        packed = None
+        if rank == 0:
+            plan = None
+            while not (s.max_steps and step >= s.max_steps):
+                now = time.perf_counter() - t0
+                if not logical:
+                    trace_now = now
+                plan = sched.begin(trace_now, now, stamp_arrivals=logical or bool(closed))
+                if plan is not None or sched.done():
+                    break
+                nxt = sched.next_arrival_time()
+                if nxt is None:  # nothing runs and nothing more arrives: the rest was refused
+                    break
+                if logical:
+                    trace_now = max(trace_now, nxt)
+                else:
+                    time.sleep(max(0.0, nxt - now))
+            packed = _pack(plan, sched.slot_req)
+        unpacked = _unpack(_broadcast(packed, device))
+        if unpacked is None:
+            break
+        passes, updates, row_req, emits = unpacked
+        before_step(step + 1)
+        n_logits = len(engine.logits)
+        tokens = engine.serve_step(passes, updates)
+        if engine.keep_logits and engine.has_logits:
+            logits = torch.cat(engine.logits[n_logits:])
+            del engine.logits[n_logits:]
+            emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
+        if rank == 0:
+            host = tokens.cpu().numpy()  # the step's one synchronization
+            sched.complete(plan, host, time.perf_counter() - t0)
+            if logical:
+                trace_now += tick
+        step += 1
+    duration = time.perf_counter() - t0
+    return Replay(requests, sched, blocks, per_slot, duration, emitted)
+
+
+def warmup_requests(requests: Requests, n: int) -> Requests:
+    """The first n requests, arriving together: the untimed warm-up replay's load."""
+    n = min(n, len(requests))
+    return Requests(np.zeros(n), requests.prompt_len[:n].copy(), requests.output_len[:n].copy(),
+                    requests.source_line[:n].copy())
+

@@ -1,0 +1,90 @@
+"""KV of a changing batch (serving mode): one pool of blocks per rank and a block table per batch slot.
+
+Requests join and leave between steps; the scheduler (harness/serving/scheduler.py) owns which blocks a
+request holds and sends only the table entries it allocated, so the engine updates its static table in
+place (one indexed write per step) and never reallocates:
+    blocks: model/parallel/paged_kv.PagedKV with `kv_blocks + 1` slots; the last one is a sink that takes the
+            writes of padded positions (a step's rows are padded to its longest chunk), never read
+    table:  [slots, max_blocks] int32, slot s's j-th block; entries past a row's blocks point at the sink
+A step's rows are batch slots (a device tensor), each with the position its new tokens start at and their
+count. Decode reads through the table with the paged kernel; a prefill chunk gathers the row's earlier keys
+through it and attends with a per-row causal offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.attention import attention
+from model.paged_attention import paged_decode
+from model.parallel.paged_kv import PagedKV
+
+
+@dataclass
+class ServingPass:
+    """One forward pass of a serving step on the device: rows are batch slots."""
+
+    slots: torch.Tensor  # [b] long
+    start: torch.Tensor  # [b] long: tokens of the row already in the KV
+    lens: torch.Tensor  # [b] long: new tokens of the row (1 for decode)
+    prefill: bool  # said by the host: a chunk of a prompt (padded to `width` tokens) or one decode token
+    width: int  # new tokens per row, padded: the longest chunk (1 for decode)
+    upto: int  # the host's max(start + lens): keys a prefill chunk gathers
+
+
+class ServingKV:
+    def __init__(self, layers: int, slots: int, kv_blocks: int, heads: int, block_size: int, head_dim: int,
+                 max_blocks: int, dtype, device):
+        self.store = PagedKV(layers, kv_blocks + 1, heads, block_size, head_dim, dtype, device)
+        self.sink, self.block_size, self.max_blocks = kv_blocks, block_size, max_blocks
+        self.table = torch.full((slots, max_blocks), kv_blocks, dtype=torch.int32, device=device)
+        self.current: ServingPass | None = None  # the pass the attention cores serve now
+
+    def nbytes(self) -> int:
+        return self.store.nbytes()
+
+    def update_table(self, updates: torch.Tensor) -> None:
+        """updates [U, 3] (slot, block index, block id), in place (the same op for any U)."""
+        self.table.index_put_((updates[:, 0], updates[:, 1]), updates[:, 2].to(torch.int32))
+
+    def write(self, layer: int, p: ServingPass, k: torch.Tensor, v: torch.Tensor, shard: int = 0, shards: int = 1) -> None:
+        """k, v [b, heads, t, head_dim] to their rows' positions [start, start + t); padded positions, and positions
+        another KV shard holds, to the sink. With shards > 1 (model/parallel/dcp.py) position pos is in global
+        block g = pos // block, held by shard g % shards as its local block g // shards."""
+        b, heads, t, dim = k.shape
+        pos = p.start[:, None] + torch.arange(t, device=k.device)  # [b, t]
+        valid = torch.arange(t, device=k.device)[None, :] < p.lens[:, None]
+        block = pos // self.block_size
+        if shards > 1:
+            valid = valid & (block % shards == shard)
+            block = block // shards
+        index = block.clamp(max=self.max_blocks - 1)
+        blocks = torch.where(valid, self.table[p.slots].long().gather(1, index), self.sink)
+        flat = lambda x: x.transpose(1, 2).reshape(b * t, heads, dim)  # noqa: E731
+        self.store.write_token(layer, blocks.reshape(-1), (pos % self.block_size).reshape(-1), flat(k), flat(v))
+
+
+class ServingAttention:
+    """A block's attention core in serving mode: stores the pass's new K/V through the block table, then attends
+    (paged decode kernel for one token a row; gathered keys with a per-row causal offset for a chunk)."""
+
+    def __init__(self, kv: ServingKV, layer: int, backend: str, timer):
+        self.kv, self.layer, self.backend, self.timer = kv, layer, backend, timer
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() // self.kv.store.kv.shape[0]
+
+    def __call__(self, q, k, v, step):  # q, k, v: [b, H, T, D]; step: model.transformer.Step (its lengths)
+        p = self.kv.current
+        with self.timer("attention"):
+            self.kv.write(self.layer, p, k, v)
+            table = self.kv.table[p.slots]
+            if not p.prefill:
+                out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
+                                      (p.start + 1).to(torch.int32))
+                return out.to(q.dtype)[:, :, None]
+            width = -(-p.upto // self.kv.block_size)
+            keys, values = self.kv.store.dense(self.layer, table[:, :width].long(), p.upto)
+            return attention(q, keys, values, kv_lens=p.start + p.lens, causal=True, backend=self.backend,
+                             q_offset=p.start)[0]

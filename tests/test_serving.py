@@ -1,0 +1,100 @@
+"""Trace replays end to end (gloo on CPU, the tiny model with a sharp init): every strategy that serves, each request
+checked against its own single-device decode, and the replay's bookkeeping."""
+import pandas as pd
+import pytest
+
+from tests.conftest import launch
+
+TRACE = ["workload=tiny_mooncake", "workload.trace.first_n=12", "model.init_std=0.3", "serving.warmup_requests=1"]
+STRATEGIES = ["reference", "tp2_pp1", "tp1_pp2", "tp2_pp2", "dcp_t2_k2", "dcp_t4_k2"]
+
+
+def replay(tmp_path, *overrides):
+    rec = launch([*TRACE, *overrides], tmp_path)
+    assert rec["status"] == "ok", rec["error"]
+    return rec, pd.read_csv(tmp_path / "requests.csv"), pd.read_csv(tmp_path / "steps.csv")
+
+
+def assert_every_request_right(rec, requests):
+    check = rec["reference_check"]
+    assert check["per_request"] and check["passed"], check
+    assert check["requests_checked"] == len(requests) == rec["metrics"]["completed"]
+    assert check["tokens_checked"] == requests.output_tokens.sum()
+    assert requests.check_passed.all() and (requests.generated == requests.output_tokens).all()
+    assert rec["serving"]["blocks_returned"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_request_matches_its_own_decode(strategy, tmp_path):
+    rec, requests, steps = replay(tmp_path, f"strategy={strategy}")
+    assert_every_request_right(rec, requests)
+    # requests joined while others were decoding, and steps mixed prefill chunks with decode tokens
+    assert (requests.admitted_s > requests.first_token_s.min()).any()
+    assert ((steps.prefill_tokens > 0) & (steps.decode_rows > 0)).any()
+    m = rec["metrics"]
+    assert m["ttft_ms_p99"] >= m["ttft_ms_p50"] > 0 and m["goodput"] <= m["request_throughput"]
+    assert len(rec["step_times_ms"]) == m["steps"] == len(steps)
+
+
+@pytest.mark.slow
+def test_kv_full_preempts_and_recomputes_without_loss(tmp_path):
+    # 8 requests arriving together, longer outputs: 64 blocks of 8 tokens run out while they decode (logical clock:
+    # the same steps every run)
+    rec, requests, steps = replay(tmp_path, "strategy=tp2_pp1", "workload.trace.first_n=8", "workload.trace.output_scale=0.125",
+                                  "workload.trace.time_scale=0.001", "serving.clock=logical", "serving.block_size=8",
+                                  "serving.kv_blocks=64", "serving.on_kv_full=preempt", "serving.max_batch=6")
+    assert rec["metrics"]["preemptions"] > 0 and steps.preempted.sum() == rec["metrics"]["preemptions"]
+    assert (requests.preemptions > 0).any()
+    assert_every_request_right(rec, requests)
+    assert steps.blocks_used.max() <= 64
+
+
+@pytest.mark.slow
+def test_kv_full_admission_waits(tmp_path):
+    rec, requests, steps = replay(tmp_path, "strategy=tp1_pp2", "serving.kv_blocks=100", "serving.on_kv_full=reserve")
+    assert rec["metrics"]["preemptions"] == 0 and steps.blocks_used.max() <= 100
+    assert_every_request_right(rec, requests)
+
+
+@pytest.mark.slow
+def test_closed_loop(tmp_path):
+    rec, requests, steps = replay(tmp_path, "strategy=reference", "workload.trace.arrival=closed",
+                                  "workload.trace.concurrency=3")
+    assert steps.running.max() == 3 and rec["metrics"]["completed"] == 12
+    assert_every_request_right(rec, requests)
+
+
+@pytest.mark.slow
+def test_logical_clock_gives_the_same_tokens_every_run(tmp_path):
+    runs = [replay(tmp_path / str(i), "strategy=tp2_pp2", "serving.clock=logical", "check_reference=false")
+            for i in range(2)]
+    (a, ra, sa), (b, rb, sb) = runs
+    assert a["tokens_sha256"] == b["tokens_sha256"]
+    assert list(ra.tokens_sha256) == list(rb.tokens_sha256)
+    assert sa[["prefill_tokens", "decode_rows", "running", "blocks_used"]].equals(sb[["prefill_tokens", "decode_rows", "running", "blocks_used"]])
+
+
+@pytest.mark.slow
+def test_a_wrong_weight_fails_the_per_request_check(tmp_path):
+    rec = launch([*TRACE, "strategy=tp2_pp1", "fault.kind=perturb_weight", "fault.rank=1"], tmp_path)
+    assert rec["status"] == "ok" and not rec["reference_check"]["passed"]
+    assert rec["reference_check"]["n_failed"] > 0
+
+
+@pytest.mark.slow
+def test_a_crashed_rank_is_a_record(tmp_path):
+    rec = launch([*TRACE, "strategy=tp2_pp1", "fault.kind=raise", "fault.rank=1", "fault.step=3"], tmp_path)
+    assert rec["status"] == "failed" and "injected fault: rank 1" in rec["error"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["strategy=fa_pool_b2_p2"], "does not serve a changing batch yet"),
+    (["workload.trace.path=missing.jsonl"], "workload.trace.path='missing.jsonl': no such file"),
+    (["serving.token_budget=4", "serving.max_batch=8"], "serving.token_budget=4 < serving.max_batch=8"),
+    (["serving.on_kv_full=drop"], "serving.on_kv_full='drop'"),
+    (["launcher=model"], "launcher=model does not replay traces yet"),
+])
+def test_bad_serving_config_is_refused_before_launch(overrides, message, tmp_path):
+    rec = launch([*TRACE, *overrides], tmp_path)
+    assert rec["status"] == "invalid" and message in rec["error"], rec["error"]
