@@ -77,9 +77,16 @@ class PrintComparison(Callback):
                 print(f"waiting for {len(PENDING)} Slurm jobs ...", flush=True)
                 wait_all()
         df, bad = collect(config.hydra.sweep.dir)
+        trace = df["config.workload.kind"].eq("trace") if "config.workload.kind" in df else df.index.isin([])
         print("\nResults of this sweep ('measured' on this machine, or 'projected' by harness/perfmodel.py; "
               "mean over the decode steps; README defines every column):")
-        print(comparison_table(df))
+        print(comparison_table(df[~trace]) if trace.any() and not trace.all() else
+              "(trace replays only: see the serving table below)" if trace.any() else comparison_table(df))
+        if trace.any():
+            from harness.serving.report import serving_table
+
+            print("\nTrace replays (README: Serving mode defines every column):")
+            print(serving_table(df).to_markdown(index=False, floatfmt=".4g"))
         for path, why in bad:
             print(f"skipped {path}: {why}")
         try:  # the full report (tables, plots) beside the sweep's records

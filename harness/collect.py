@@ -71,6 +71,8 @@ def to_frame(records: list[tuple[Path, RunRecord]]) -> pd.DataFrame:
         _flatten("timeline", role_timelines(rec.ranks), row)
         if rec.reference_check:
             _flatten("reference_check", rec.reference_check, row)
+        if rec.serving:
+            _flatten("serving", rec.serving, row)
         util = list(rec.pool_utilization.values())
         row["pool_utilization_mean"] = sum(util) / len(util) if util else None
         nvml = [r["nvml_utilization_pct"] for r in rec.ranks if r.get("role") == "pool" and r.get("nvml_utilization_pct") is not None]

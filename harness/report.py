@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 
 from harness.collect import collect  # noqa: E402
 from harness.measure import PHASES, TIMELINE_FIELDS  # noqa: E402
+from harness.serving.report import plot_serving, serving_table  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
 KEY = ["source", "strategy", "seq_len"]
@@ -57,9 +58,11 @@ def load_claims(path: Path = CLAIMS) -> pd.DataFrame:
 
 
 def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """The ok static-batch runs (trace replays have tables of their own: harness/serving/report.py)."""
     if df.empty:
         return df
-    d = df[df["status"] == "ok"].copy()
+    trace = df["config.workload.kind"].eq("trace") if "config.workload.kind" in df else False
+    d = df[(df["status"] == "ok") & ~trace].copy()
     d["strategy"] = d["config.strategy.name"]
     d["kind"] = d["config.strategy.kind"]
     return d
@@ -441,9 +444,12 @@ def report(root: str | Path, out: str | Path | None = None, baseline: str | None
         "pool_scaling": (swept(df, "config.strategy.pool.size"), "FA Pool by pool size"),
         "threshold_sweep": (swept(df, "config.strategy.pool.threshold"), "FA Pool by threshold"),
     }
+    tables["serving"] = (serving_table(df), "Trace replays: latency percentiles, throughput and goodput per strategy "
+                                            "and load (equal GPU counts together)")
     for name, (t, title) in tables.items():
         files += _write(t, out, name, title)
     files += plot_all(df, claims, out, baseline, fa_pool)
+    files += plot_serving(df, out)
     (out / "skipped.txt").write_text("".join(f"{p}: {why}\n" for p, why in bad) or "(none)\n")
     return {"frame": df, "bad": bad, "tables": {k: v[0] for k, v in tables.items()}, "files": files, "out": out}
 

@@ -57,6 +57,7 @@ class ServingSummary:
     unfinished: int
     preemptions: int
     steps: int
+    offered_rate: float  # requests per second arriving: (requests - 1) / (last arrival - first), 0 if together
     duration_s: float
     request_throughput: float  # completed requests per second
     output_tokens_per_s: float
@@ -91,7 +92,7 @@ def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: fl
     return ServingSummary(
         requests=len(table), completed=len(done), refused=int(table.refused.sum()),
         unfinished=int((~table.completed & ~table.refused).sum()), preemptions=int(table.preemptions.sum()),
-        steps=sched.steps, duration_s=duration, request_throughput=len(done) / duration,
+        steps=sched.steps, offered_rate=offered_rate(sched.arrival), duration_s=duration, request_throughput=len(done) / duration,
         output_tokens_per_s=out_tokens / duration,
         total_tokens_per_s=(out_tokens + float(done.prompt_tokens.sum())) / duration,
         output_tokens_per_s_per_gpu=out_tokens / duration / world, goodput=good / duration,
@@ -99,6 +100,12 @@ def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: fl
         slo_tpot_ms=slo_tpot_ms, kv_blocks=sched.kv_blocks,
         kv_occupancy_mean=float(used.mean()) if len(used) else 0.0, kv_occupancy_max=float(used.max()) if len(used) else 0.0,
         batch_mean=float(np.mean(sched.log["running"])) if sched.log["running"] else 0.0, latency=latency)
+
+
+def offered_rate(arrival: np.ndarray) -> float:
+    a = arrival[~np.isnan(arrival)]
+    span = float(a.max() - a.min()) if len(a) > 1 else 0.0
+    return (len(a) - 1) / span if span > 0 else 0.0
 
 
 def flat_metrics(summary: ServingSummary) -> dict:
