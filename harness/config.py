@@ -109,7 +109,7 @@ class StrategyConfig:
 
 
 WORKLOAD_KINDS = ("batch", "trace")
-SERVING_KINDS = ("reference", "static", "dcp")  # strategy kinds whose engines serve a changing batch (workload.kind=trace)
+SERVING_KINDS = ("reference", "static", "dcp", "fa_pool")  # strategy kinds whose engines serve a changing batch (workload.kind=trace)
 
 
 @dataclass

@@ -54,6 +54,10 @@ def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
         from model.parallel.dcp import DCPEngine
 
         return DCPEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+    if kind == "fa_pool" and cfg.workload.kind == "trace":  # a changing batch: the serving program of each role
+        from model.parallel.fa_pool_serving import serving_engine
+
+        return serving_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
     if kind == "fa_pool":
         from model.parallel.fa_pool import FAPoolEngine
 

@@ -134,3 +134,25 @@ def test_a_step_reads_the_waiting_queue_at_its_head_only():
     sched.waiting = WatchedQueue()
     drive(sched, max_steps=20, check_every_step=False)
     assert len(sched.waiting) == 1000 and sched.running == 8 and WatchedQueue.walks == 0
+
+
+@pytest.mark.parametrize("policy", ["reserve", "preempt"])
+def test_fa_pool_placement_pools_long_requests_and_migrates_the_ones_that_cross(policy):
+    from harness.serving.scheduler import PoolPlacement
+
+    # threshold 24 tokens: prompts of 30 start in the pool; 20 + 10 outputs cross it while decoding and migrate
+    reqs = requests([30, 20, 8, 20, 30, 5], [4, 10, 3, 10, 6, 2], [0, 0, 1, 2, 3, 4])
+    cfg = ServingConfig(on_kv_full=policy, block_size=4, max_batch=4, token_budget=16)
+    sched = Scheduler(reqs, cfg, 24, 12, lambda r: np.zeros(int(reqs.prompt_len[r]), dtype=np.int64),
+                      placement=PoolPlacement(threshold=24, ranks=3, blocks_per_rank=4), pool_blocks=10)
+    plans = drive(sched)
+    assert (sched.generated == reqs.output_len).all()
+    assert_tokens_right(sched)
+    assert list(sched.migrated) == [False, True, False, True, False, False]
+    assert sum(sched.log["migrated"]) == 2 and sched.n_free == sched.kv_blocks and sched.blocks_accounted()
+    moves = np.concatenate([p.migrations for p in plans])
+    assert len(moves) and (moves[:, 0] < 24).all() and (moves[:, 1] >= 24).all()  # base blocks to pool blocks
+    # a request of 30 + 6 tokens (9 blocks) fills pool ranks 4 blocks at a time: 3 ranks at its peak
+    assert max(sched.log["pool_ranks_used"]) >= 2 and max(sched.log["pool_rows"]) >= 1
+    pooled_rows = [p for p in plans if p.decode_pooled.any()]
+    assert all(p.decode_pool_ranks.any() for p in pooled_rows)

@@ -37,6 +37,23 @@ def test_every_request_matches_its_own_decode(strategy, tmp_path):
     assert len(rec["step_times_ms"]) == m["steps"] == len(steps)
 
 
+FA_POOL = ["strategy.pool.threshold=120", "strategy.pool.tokens_per_rank=64", "serving.clock=logical"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fa_pool_b2_p2", "fa_pool_b2_p4"])
+def test_fa_pool_pools_long_requests_and_migrates_the_ones_that_cross(strategy, tmp_path):
+    # prompts of 106-420 tokens, threshold 120: some start in the pool, three cross it while decoding
+    rec, requests, steps = replay(tmp_path, f"strategy={strategy}", "workload.trace.first_n=10", *FA_POOL)
+    assert_every_request_right(rec, requests)
+    assert steps.migrated.sum() == 3 and steps.pool_rows.max() >= 5
+    assert ((steps.migrated > 0) & (steps.prefill_tokens > 0)).any()  # a request crosses as another one joins
+    assert steps.pool_ranks_used.max() == rec["config"]["strategy"]["pool"]["size"] and steps.pool_ranks_used.iloc[-1] == 0
+    pool = [r for r in rec["ranks"] if r["role"] == "pool"]
+    assert len(pool) == rec["config"]["strategy"]["pool"]["size"] and all(r["comm_bytes"]["pool_to_base"] > 0 for r in pool)
+    assert all(r["comm_bytes"].get("migration", 0) > 0 for r in rec["ranks"] if r["role"] == "base")
+
+
 @pytest.mark.slow
 def test_kv_full_preempts_and_recomputes_without_loss(tmp_path):
     # 8 requests arriving together, longer outputs: 64 blocks of 8 tokens run out while they decode (logical clock:
@@ -89,7 +106,7 @@ def test_a_crashed_rank_is_a_record(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["strategy=fa_pool_b2_p2"], "does not serve a changing batch yet"),
+    (["strategy=dcp_t2_k2", "strategy.kind=fa_pool"], "strategy.kv_shards=2 applies to strategy.kind=dcp only"),
     (["workload.trace.path=missing.jsonl"], "workload.trace.path='missing.jsonl': no such file"),
     (["serving.token_budget=4", "serving.max_batch=8"], "serving.token_budget=4 < serving.max_batch=8"),
     (["serving.on_kv_full=drop"], "serving.on_kv_full='drop'"),

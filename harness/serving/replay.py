@@ -23,7 +23,9 @@ from harness.serving.scheduler import Scheduler, StepPlan, kv_blocks_needed
 from harness.traces import Requests, load_trace, prompt_tokens
 from model.parallel.serving_kv import ServingPass
 
-HEADER = 6  # prefill rows, decode rows, table updates, chunk width, keys gathered, done
+# the plan's header: prefill rows, decode rows, table updates, chunk width, prefill keys spanned, done, migrations,
+# pool ranks, decode keys spanned; then the payload (harness/serving/scheduler.StepPlan's arrays, in _pack's order)
+HEADER = 9
 
 
 @dataclass
@@ -60,59 +62,73 @@ def _comm_device(device):
     return device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None) -> np.ndarray:
+def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None, pool_ranks: int) -> np.ndarray:
     if plan is None:
-        return np.array([0, 0, 0, 0, 0, 1], dtype=np.int64)
+        return np.array([0, 0, 0, 0, 0, 1, 0, pool_ranks, 0], dtype=np.int64)
     P, D = len(plan.prefill_slots), len(plan.decode_slots)
     width = plan.prefill_tokens.shape[1] if P else 0
     upto = int((plan.prefill_start + plan.prefill_len).max()) if P else 0
-    header = np.array([P, D, len(plan.table_updates), width, upto, 0], dtype=np.int64)
-    body = [plan.prefill_slots, plan.prefill_start, plan.prefill_len, plan.prefill_last.astype(np.int64),
-            req_of_slot[plan.prefill_slots], plan.prefill_tokens.reshape(-1), plan.decode_slots, plan.decode_pos,
-            plan.decode_tokens, req_of_slot[plan.decode_slots], plan.table_updates.reshape(-1)]
+    upto_decode = int(plan.decode_pos.max()) + 1 if D else 0
+    header = np.array([P, D, len(plan.table_updates), width, upto, 0, len(plan.migrations), pool_ranks, upto_decode],
+                      dtype=np.int64)
+    body = [plan.prefill_slots, plan.prefill_start, plan.prefill_len, plan.prefill_last, req_of_slot[plan.prefill_slots],
+            plan.prefill_pooled, plan.prefill_tokens.reshape(-1), plan.decode_slots, plan.decode_pos, plan.decode_tokens,
+            req_of_slot[plan.decode_slots], plan.decode_pooled, plan.table_updates.reshape(-1),
+            plan.migrations.reshape(-1), plan.prefill_pool_ranks, plan.decode_pool_ranks]
     return np.concatenate([header] + [np.asarray(x, dtype=np.int64) for x in body])
 
 
-def _broadcast(packed: np.ndarray | None, device) -> torch.Tensor:
-    """Rank 0's packed plan on every rank (header first: the payload's size)."""
-    comm = _comm_device(device)
+def _broadcast(packed: np.ndarray | None) -> torch.Tensor:
+    """Rank 0's packed plan on every rank, on the host (header first: the payload's size)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return torch.from_numpy(packed).to(device)
+        return torch.from_numpy(packed)
+    comm = _comm_device(None)
     head = torch.from_numpy(packed[:HEADER]).to(comm) if packed is not None else torch.zeros(HEADER, dtype=torch.long, device=comm)
     dist.broadcast(head, src=0)
-    P, D, U, W = (int(x) for x in head[:4].tolist())
-    size = HEADER + 5 * P + P * W + 4 * D + 3 * U
+    P, D, U, W, _, _, M, R, _ = (int(x) for x in head.tolist())
+    size = HEADER + 6 * P + P * W + 5 * D + 3 * U + 2 * M + 2 * R
+    if size == HEADER:
+        return head.cpu()
     body = torch.from_numpy(packed).to(comm) if packed is not None else torch.empty(size, dtype=torch.long, device=comm)
-    if size > HEADER:
-        dist.broadcast(body, src=0)
-    else:
-        body = head
-    return body.to(device)
+    dist.broadcast(body, src=0)
+    return body.cpu()
 
 
-def _unpack(t: torch.Tensor):
-    """(passes [(ServingPass, tokens or None)], table updates, request ids per row, prefill rows' emit mask, done)."""
-    P, D, U, W, upto, done = (int(x) for x in t[:HEADER].tolist())
+def _unpack(host: torch.Tensor, device, first_pool_rank: int):
+    """(passes [(ServingPass, tokens)], table updates, migrations, request ids per row, emitting rows) on `device`,
+    or None when the replay is done. Counts and pool ranks are read on the host, before anything moves."""
+    P, D, U, W, upto, done, M, R, upto_decode = (int(x) for x in host[:HEADER].tolist())
     if done:
         return None
+    t = host.to(device)
     at = HEADER
 
     def take(n, shape=None):
         nonlocal at
-        x = t[at: at + n]
-        at += n
+        x, at = t[at: at + n], at + n
         return x if shape is None else x.view(shape)
 
-    p_slots, p_start, p_len, p_last, p_req = (take(P) for _ in range(5))
+    p_slots, p_start, p_len, p_last, p_req, p_pooled = (take(P) for _ in range(6))
     p_tokens = take(P * W, (P, W))
-    d_slots, d_pos, d_tokens, d_req = (take(D) for _ in range(4))
+    d_slots, d_pos, d_tokens, d_req, d_pooled = (take(D) for _ in range(5))
     updates = take(3 * U, (U, 3))
+    migrations = take(2 * M, (M, 2))
+    p_ranks, d_ranks = host[at: at + R].tolist(), host[at + R: at + 2 * R].tolist()
+    host_pooled = host[HEADER + 5 * P: HEADER + 6 * P], host[HEADER + 6 * P + P * W + 4 * D: HEADER + 6 * P + P * W + 5 * D]
+
+    def fa_pool(pooled, pooled_host, ranks):
+        rows = torch.nonzero(pooled_host).flatten().to(device) if R else None
+        return pooled.bool(), rows, tuple(first_pool_rank + i for i, used in enumerate(ranks) if used)
+
     passes = []
     if P:
-        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto), p_tokens))
+        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, *fa_pool(p_pooled, host_pooled[0], p_ranks)),
+                       p_tokens))
     if D:
-        passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, 0), d_tokens[:, None]))
-    return passes, updates, torch.cat([p_req, d_req]), torch.cat([p_last.bool(), torch.ones(D, dtype=torch.bool, device=t.device)])
+        passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, upto_decode,
+                                   *fa_pool(d_pooled, host_pooled[1], d_ranks)), d_tokens[:, None]))
+    emits = torch.cat([p_last.bool(), torch.ones(D, dtype=torch.bool, device=device)])
+    return passes, updates, migrations, torch.cat([p_req, d_req]), emits
 
 
 def replay(cfg, engine, rank: int, device, requests: Requests | None = None, before_step=lambda i: None,
@@ -121,15 +137,20 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     s, w = cfg.serving, cfg.workload
     requests = requests if requests is not None else load_trace(w.trace)
     blocks, per_slot = capacity(cfg, engine, requests, device)
+    block_tokens = engine.serve_block_tokens(s.block_size)
+    placement = engine.serve_placement(block_tokens)  # FA Pool: its pool ranks hold `blocks` blocks each too
+    pool_blocks = blocks if placement else 0
     if not getattr(engine, "serving_shape", None) == (s.max_batch, blocks, s.block_size, per_slot):
-        engine.serve_setup(s.max_batch, blocks, s.block_size, per_slot)
+        engine.serve_setup(s.max_batch, blocks, s.block_size, per_slot, pool_blocks=pool_blocks)
         engine.serving_shape = (s.max_batch, blocks, s.block_size, per_slot)
     closed = w.trace.concurrency if w.trace.arrival == "closed" and not warmup else (len(requests) if warmup else 0)
     sched = None
     if rank == 0:
         vocab, seed = cfg.model.vocab_size, w.trace.seed
         sched = Scheduler(requests, s, blocks, per_slot, lambda r: prompt_tokens(seed, r, int(requests.prompt_len[r]), vocab),
-                          closed_concurrency=closed, block_tokens=engine.serve_block_tokens(s.block_size))
+                          closed_concurrency=closed, block_tokens=block_tokens, placement=placement,
+                          pool_blocks=pool_blocks)
+    pool_ranks = placement.ranks if placement else 0
     logical = s.clock == "logical" or warmup
     tick = s.logical_step_ms / 1e3
     emitted, trace_now = [], 0.0
@@ -153,14 +174,14 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                     trace_now = max(trace_now, nxt)
                 else:
                     time.sleep(max(0.0, nxt - now))
-            packed = _pack(plan, sched.slot_req)
-        unpacked = _unpack(_broadcast(packed, device))
+            packed = _pack(plan, sched.slot_req, pool_ranks)
+        unpacked = _unpack(_broadcast(packed), device, cfg.strategy.tp)
         if unpacked is None:
             break
-        passes, updates, row_req, emits = unpacked
+        passes, updates, migrations, row_req, emits = unpacked
         before_step(step + 1)
         n_logits = len(engine.logits)
-        tokens = engine.serve_step(passes, updates)
+        tokens = engine.serve_step(passes, updates, migrations)
         if engine.keep_logits and engine.has_logits:
             logits = torch.cat(engine.logits[n_logits:])
             del engine.logits[n_logits:]

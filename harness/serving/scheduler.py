@@ -32,9 +32,22 @@ from harness.config import ServingConfig
 from harness.traces import Requests
 
 @dataclass
+class PoolPlacement:
+    """FA Pool's placement (model/parallel/fa_pool_serving.py): a request whose context passes `threshold` tokens
+    holds all its KV on the pool's `ranks`, `blocks_per_rank` blocks on one pool rank before the next (the
+    proportional policy: ranks in use grow with the context; 0: round robin over every pool rank). A request
+    prefilled past the threshold goes to the pool at admission; one that crosses it while decoding migrates there."""
+
+    threshold: int
+    ranks: int
+    blocks_per_rank: int = 0
+
+
+@dataclass
 class StepPlan:
-    """One step: prefill rows (a chunk of a prompt each), then decode rows (one token each), and the block-table
-    entries allocated for it. Arrays, one entry per row."""
+    """One step: prefill rows (a chunk of a prompt each), then decode rows (one token each), the block-table
+    entries allocated for it, and (FA Pool) which rows attend in the pool and which blocks migrate there first.
+    Arrays, one entry per row."""
 
     index: int
     prefill_slots: np.ndarray
@@ -46,6 +59,11 @@ class StepPlan:
     decode_pos: np.ndarray  # where the input token goes (tokens already in the KV)
     decode_tokens: np.ndarray  # each row's input: its last generated token
     table_updates: np.ndarray  # [U, 3]: (slot, block index in the row, block id)
+    prefill_pooled: np.ndarray = None  # bool per prefill row: its KV is in the pool
+    decode_pooled: np.ndarray = None
+    migrations: np.ndarray = None  # [M, 2]: (base block id, pool block id) copied before the step's passes
+    prefill_pool_ranks: np.ndarray = None  # bool [pool ranks]: ranks holding blocks of the pass's pooled rows
+    decode_pool_ranks: np.ndarray = None
 
     @property
     def rows(self) -> int:
@@ -60,20 +78,68 @@ def blocks_for(tokens, block_size: int):
     return -(-tokens // block_size)
 
 
+class BlockSpaces:
+    """Free lists of block ids in consecutive ranges, one per space (FA Pool: the base's, then each pool rank's;
+    otherwise one), as numpy stacks, and blocks promised to admitted requests per tier (0: base, 1: pool)."""
+
+    def __init__(self, sizes: list[int]):
+        self.size = np.asarray(sizes, dtype=np.int64)
+        self.first = np.concatenate([[0], np.cumsum(self.size)[:-1]]).astype(np.int64)
+        self.stacks = [np.arange(f, f + n, dtype=np.int64)[::-1].copy() for f, n in zip(self.first, self.size)]
+        self.n_free = self.size.copy()
+        self.promised = np.zeros(2, dtype=np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.size.sum())
+
+    def free(self, tier: int) -> int:
+        return int(self.n_free[0] if tier == 0 else self.n_free[1:].sum())
+
+    def capacity(self, tier: int) -> int:
+        return int(self.size[0] if tier == 0 else self.size[1:].sum())
+
+    def take(self, space: int, k: int) -> np.ndarray:
+        self.n_free[space] -= k
+        n = self.n_free[space]
+        return self.stacks[space][n: n + k].copy()
+
+    def space_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.first, ids, side="right") - 1
+
+    def give(self, ids: np.ndarray) -> None:
+        if len(self.size) == 1:
+            spaces, groups = [0], [ids]
+        else:
+            of = self.space_of(ids)
+            spaces = np.unique(of)
+            groups = [ids[of == sp] for sp in spaces]
+        for sp, g in zip(spaces, groups):
+            n = self.n_free[sp]
+            self.stacks[sp][n: n + len(g)] = g
+            self.n_free[sp] += len(g)
+
+    def free_ids(self) -> np.ndarray:
+        return np.concatenate([st[:n] for st, n in zip(self.stacks, self.n_free)])
+
+
 class Scheduler:
     """Continuous batching over a trace's requests; see the module docstring. `prompt(r)` gives request r's prompt
-    token ids (called once, at its first admission)."""
+    token ids (called once, at its first admission). `placement`: FA Pool's, with the pool ranks' blocks as
+    `pool_blocks` blocks per pool rank after the base's `kv_blocks`."""
 
     def __init__(self, requests: Requests, cfg: ServingConfig, kv_blocks: int, max_blocks_per_slot: int,
-                 prompt, closed_concurrency: int = 0, block_tokens: int | None = None):
+                 prompt, closed_concurrency: int = 0, block_tokens: int | None = None,
+                 placement: PoolPlacement | None = None, pool_blocks: int = 0):
         self.req, self.cfg, self.prompt = requests, cfg, prompt
         n, slots = len(requests), cfg.max_batch
         self.bs = block_tokens or cfg.block_size  # a request's tokens per block (the engine's: DCP spans its shards)
         self.width, self.closed = max_blocks_per_slot, closed_concurrency
         self.budget_cap = cfg.prefill_chunk or cfg.token_budget
-        # free lists as stacks: ids [0, n_free) are free
-        self.free_blocks, self.n_free = np.arange(kv_blocks, dtype=np.int64)[::-1].copy(), kv_blocks
-        self.kv_blocks = kv_blocks
+        self.placement = placement
+        self.pool_ranks = placement.ranks if placement else 0
+        self.kv = BlockSpaces([kv_blocks] + [pool_blocks] * self.pool_ranks)
+        self.kv_blocks = self.kv.total
         self.free_slots = list(range(slots - 1, -1, -1))
         self.table = np.zeros((slots, max_blocks_per_slot), dtype=np.int64)  # host copy of the engine's block table
         # per slot (-1: free)
@@ -82,6 +148,10 @@ class Scheduler:
         self.ctx = np.zeros(slots, dtype=np.int64)  # tokens in the KV
         self.target = np.zeros(slots, dtype=np.int64)  # tokens to prefill (prompt, plus generated after a preemption)
         self.admit_seq = np.zeros(slots, dtype=np.int64)  # admission order, for FCFS chunks and preemption victims
+        self.pooled = np.zeros(slots, dtype=bool)  # FA Pool: the slot's KV is in the pool
+        self.first_rank = np.zeros(slots, dtype=np.int64)  # FA Pool: the pool rank its first pool block went to
+        self.rank_blocks = np.zeros((slots, max(self.pool_ranks, 1)), dtype=np.int64)  # pool blocks per pool rank
+        self.promise = np.zeros((slots, 2), dtype=np.int64)  # `reserve`: blocks promised, not yet taken, per tier
         self.seq = 0
         # per request
         self.arrival = np.full(n, np.nan)  # when it joined the queue (the replay's clock)
@@ -91,6 +161,7 @@ class Scheduler:
         self.finished = np.full(n, np.nan)
         self.generated = np.zeros(n, dtype=np.int64)
         self.preemptions = np.zeros(n, dtype=np.int64)
+        self.migrated = np.zeros(n, dtype=bool)
         self.refused = np.zeros(n, dtype=bool)
         self.offset = np.concatenate([[0], np.cumsum(requests.output_len)[:-1]]).astype(np.int64)
         self.out_tokens = np.zeros(int(requests.output_len.sum()), dtype=np.int64)  # every request's tokens, flat
@@ -99,8 +170,13 @@ class Scheduler:
         self.next_arrival, self.steps = 0, 0
         self.itl: list[np.ndarray] = []  # per step, the inter-token gaps of its decode tokens
         self.log = {k: [] for k in ("step", "start", "end", "running", "waiting", "blocks_used", "prefill_tokens",
-                                    "decode_rows", "preempted")}
-        self._preempted_now = 0
+                                    "decode_rows", "preempted", "pool_rows", "pool_blocks_used", "pool_ranks_used",
+                                    "migrated")}
+        self._preempted_now = self._migrated_now = 0
+
+    @property
+    def n_free(self) -> int:
+        return int(self.kv.n_free.sum())
 
     # -- state --------------------------------------------------------------------------------------------
     @property
@@ -138,37 +214,59 @@ class Scheduler:
         self.waiting.append(r)
 
     # -- blocks ---------------------------------------------------------------------------------------------
-    def _take(self, k: int) -> np.ndarray:
-        self.n_free -= k
-        return self.free_blocks[self.n_free: self.n_free + k].copy()
+    def _available(self, slot: int, tier: int) -> int:
+        """Blocks the slot may take in a tier: the free ones not promised to others."""
+        return self.kv.free(tier) - (self.kv.promised[tier] - self.promise[slot, tier])
 
-    def _give(self, ids: np.ndarray) -> None:
-        self.free_blocks[self.n_free: self.n_free + len(ids)] = ids
-        self.n_free += len(ids)
+    def _keep_promise(self, slot: int, tier: int, k: int) -> None:
+        used = min(k, int(self.promise[slot, tier]))
+        self.promise[slot, tier] -= used
+        self.kv.promised[tier] -= used
+
+    def _pool_ids(self, slot: int, j: np.ndarray) -> np.ndarray:
+        """Pool blocks for the slot's logical blocks j: on the rank the placement gives (proportional: the slot's
+        first rank, then the next, blocks_per_rank each), else on the pool rank with the most free blocks."""
+        p = self.placement
+        ranks = (self.first_rank[slot] + (j // p.blocks_per_rank if p.blocks_per_rank else j)) % p.ranks
+        ids = np.empty(len(j), dtype=np.int64)
+        for i, rank in enumerate(ranks):
+            if self.kv.n_free[1 + rank] == 0:
+                rank = int(np.argmax(self.kv.n_free[1:]))
+            ids[i] = self.kv.take(1 + rank, 1)[0]
+            self.rank_blocks[slot, rank] += 1
+        return ids
+
+    def _take_for(self, slot: int, j: np.ndarray) -> np.ndarray:
+        tier = int(self.pooled[slot])
+        self._keep_promise(slot, tier, len(j))
+        return self._pool_ids(slot, j) if tier else self.kv.take(0, len(j))
 
     def _grow(self, slot: int, tokens: int, updates: list) -> bool:
         """Blocks for `tokens` in the slot's KV; False (nothing taken) when not enough are free."""
         need = blocks_for(tokens, self.bs) - self.held[slot]
         if need <= 0:
             return True
-        if need > self.n_free:
+        if need > self._available(slot, int(self.pooled[slot])):
             return False
-        ids = self._take(need)
         j = np.arange(self.held[slot], self.held[slot] + need)
+        ids = self._take_for(slot, j)
         self.table[slot, j] = ids
         updates.append(np.stack([np.full(need, slot), j, ids], 1))
         self.held[slot] += need
         return True
 
     def _free_slot(self, slot: int) -> None:
-        self._give(self.table[slot, : self.held[slot]])
+        self.kv.give(self.table[slot, : self.held[slot]])
+        self.kv.promised -= self.promise[slot]
+        self.promise[slot] = 0
         self.held[slot] = self.ctx[slot] = self.target[slot] = 0
+        self.rank_blocks[slot] = 0
+        self.pooled[slot] = False
         self.slot_req[slot] = -1
         self.free_slots.append(slot)
 
-    def _preempt_latest(self, exclude=()) -> bool:
+    def _preempt_latest(self) -> bool:
         live = np.nonzero(self.slot_req >= 0)[0]
-        live = live[~np.isin(live, exclude)]
         if len(live) == 0:
             return False
         slot = int(live[np.argmax(self.admit_seq[live])])
@@ -179,24 +277,60 @@ class Scheduler:
         self.waiting.appendleft(r)
         return True
 
+    def _migrate(self, slot: int, updates: list, moves: list) -> bool:
+        """FA Pool: the slot's blocks move from the base to the pool (the engine copies them before the step's
+        passes; the base's blocks are free for this step's other rows after the copy)."""
+        n = int(self.held[slot])
+        if n > self._available(slot, 1):
+            return False
+        old = self.table[slot, :n].copy()
+        self.pooled[slot] = True
+        self.first_rank[slot] = int(np.argmax(self.kv.n_free[1:]))
+        j = np.arange(n)
+        new = self._take_for(slot, j)
+        self.table[slot, :n] = new
+        updates.append(np.stack([np.full(n, slot), j, new], 1))
+        moves.append(np.stack([old, new], 1))
+        self.kv.give(old)
+        self.kv.promised[0] -= self.promise[slot, 0]  # what the base kept for it is free for others
+        self.promise[slot, 0] = 0
+        self.migrated[self.slot_req[slot]] = True
+        self._migrated_now += 1
+        return True
+
     # -- one step -----------------------------------------------------------------------------------------
     def plan(self) -> StepPlan | None:
         """The next step, or None when nothing can run now (nothing admitted and nothing running)."""
         updates: list[np.ndarray] = []
+        moves: list[np.ndarray] = []
         decode = np.nonzero((self.slot_req >= 0) & (self.ctx >= self.target) & (self.target > 0))[0]
+        if self.placement is not None and len(decode):  # decode rows crossing the threshold move to the pool
+            for slot in decode[~self.pooled[decode] & (self.ctx[decode] + 1 > self.placement.threshold)]:
+                while self.slot_req[slot] >= 0 and not self._migrate(int(slot), updates, moves):
+                    if self.cfg.on_kv_full != "preempt" or not self._preempt_latest():
+                        break
+            decode = decode[self.slot_req[decode] >= 0]
         # decode rows: the input token goes to position ctx, so the KV must hold ctx + 1 tokens
         if len(decode):
             grow = decode[blocks_for(self.ctx[decode] + 1, self.bs) > self.held[decode]]
-            while len(grow) > self.n_free:  # only under `preempt`: `reserve` holds every block it will need
+            base = grow[~self.pooled[grow]]
+            pooled = grow[self.pooled[grow]]
+            # only under `preempt` can a tier run short: `reserve` promised every block a request will need
+            while (len(base) > self.kv.free(0) - self.kv.promised[0] + np.minimum(self.promise[base, 0], 1).sum()
+                   or len(pooled) > self.kv.free(1) - self.kv.promised[1] + np.minimum(self.promise[pooled, 1], 1).sum()):
                 if not self._preempt_latest():
                     break
-                decode = decode[self.slot_req[decode] >= 0]
-                grow = grow[self.slot_req[grow] >= 0]
-            if len(grow):
-                ids = self._take(len(grow))
-                self.table[grow, self.held[grow]] = ids
-                updates.append(np.stack([grow, self.held[grow], ids], 1))
-                self.held[grow] += 1
+                decode, base, pooled = (x[self.slot_req[x] >= 0] for x in (decode, base, pooled))
+            if len(base):
+                used = np.minimum(self.promise[base, 0], 1)
+                self.promise[base, 0] -= used
+                self.kv.promised[0] -= used.sum()
+                ids = self.kv.take(0, len(base))
+                self.table[base, self.held[base]] = ids
+                updates.append(np.stack([base, self.held[base], ids], 1))
+                self.held[base] += 1
+            for slot in pooled:
+                self._grow(int(slot), int(self.ctx[slot]) + 1, updates)
         budget = self.cfg.token_budget - len(decode)
         rows: list[tuple[int, int, int]] = []  # (slot, start, length)
         prefilling = np.nonzero((self.slot_req >= 0) & (self.ctx < self.target))[0]
@@ -206,44 +340,74 @@ class Scheduler:
             budget -= self._chunk(int(slot), budget, rows, updates)
         while budget > 0 and self.waiting and self.free_slots:
             r = self.waiting[0]
-            context = int(self.req.prompt_len[r] + self.req.output_len[r] - 1)
-            if blocks_for(context, self.bs) > min(self.width, self.kv_blocks):  # can never fit
-                self.waiting.popleft()
-                self.refused[r] = True
-                continue
-            target = int(self.req.prompt_len[r] + self.generated[r])
-            need = blocks_for(context if self.cfg.on_kv_full == "reserve" else target, self.bs)
-            if need > self.n_free:
+            admitted = self._admit(r)
+            if admitted is None:
+                continue  # refused: it can never fit
+            if admitted is False:
                 break  # FCFS: the head waits for blocks, and so does everyone behind it
-            self.waiting.popleft()
-            slot = self.free_slots.pop()
-            self.slot_req[slot], self.ctx[slot], self.target[slot] = r, 0, target
-            self.admit_seq[slot], self.seq = self.seq, self.seq + 1
-            if np.isnan(self.admitted[r]):
-                self.admitted[r] = self._now
-            if r not in self.prompts:
-                self.prompts[r] = self.prompt(r)
-            if self.cfg.on_kv_full == "reserve":
-                self._grow(slot, context, updates)
-            budget -= self._chunk(slot, budget, rows, updates)
+            budget -= self._chunk(admitted, budget, rows, updates)
         if not rows and not len(decode):
             if self.running and self.cfg.on_kv_full == "preempt" and self._preempt_latest():
                 return self.plan()  # every running request is stuck mid-prefill without blocks: free the latest's
             return None
-        return self._build(rows, decode, updates)
+        return self._build(rows, decode, updates, moves)
+
+    def _admit(self, r: int):
+        """Admit the head of the queue: its slot; False when its blocks are not free yet; None when it can never fit
+        (refused)."""
+        context = int(self.req.prompt_len[r] + self.req.output_len[r] - 1)
+        target = int(self.req.prompt_len[r] + self.generated[r])
+        threshold = self.placement.threshold if self.placement else None
+        ends_in = int(threshold is not None and context > threshold)  # the tier its KV ends in
+        if blocks_for(context, self.bs) > min(self.width, self.kv.capacity(ends_in)):
+            self.waiting.popleft()
+            self.refused[r] = True
+            return None
+        pooled = threshold is not None and target > threshold
+        need = np.zeros(2, dtype=np.int64)
+        if self.cfg.on_kv_full == "reserve":
+            if not pooled:
+                need[0] = blocks_for(min(context, threshold) if threshold is not None else context, self.bs)
+            need[1] = blocks_for(context, self.bs) if ends_in else 0
+        else:
+            need[int(pooled)] = blocks_for(target, self.bs)
+        if any(need[t] > self.kv.free(t) - self.kv.promised[t] for t in (0, 1)):
+            return False
+        self.waiting.popleft()
+        slot = self.free_slots.pop()
+        self.slot_req[slot], self.ctx[slot], self.target[slot] = r, 0, target
+        self.pooled[slot] = pooled
+        if pooled:
+            self.first_rank[slot] = int(np.argmax(self.kv.n_free[1:]))
+        if self.cfg.on_kv_full == "reserve":
+            self.promise[slot] = need
+            self.kv.promised += need
+        self.admit_seq[slot], self.seq = self.seq, self.seq + 1
+        if np.isnan(self.admitted[r]):
+            self.admitted[r] = self._now
+        if r not in self.prompts:
+            self.prompts[r] = self.prompt(r)
+        return slot
 
     def _chunk(self, slot: int, budget: int, rows: list, updates: list) -> int:
         """A prefill chunk for `slot` within `budget` and the free blocks; the tokens it takes."""
         start = int(self.ctx[slot])
         n = min(int(self.target[slot]) - start, budget, self.budget_cap)
         if not self._grow(slot, start + n, updates):
-            n = min(n, int(self.held[slot] + self.n_free) * self.bs - start)  # as far as the free blocks go
+            room = int(self.held[slot] + self._available(slot, int(self.pooled[slot]))) * self.bs - start
+            n = min(n, room)  # as far as the free blocks go
             if n <= 0 or not self._grow(slot, start + n, updates):
                 return 0
         rows.append((slot, start, n))
         return n
 
-    def _build(self, rows, decode, updates) -> StepPlan:
+    def _pool_ranks_of(self, slots: np.ndarray) -> np.ndarray:
+        """bool [pool ranks]: the ranks holding a block of one of these slots' pooled rows."""
+        if not self.pool_ranks:
+            return np.zeros(0, dtype=bool)
+        return self.rank_blocks[slots[self.pooled[slots]]].sum(0) > 0
+
+    def _build(self, rows, decode, updates, moves) -> StepPlan:
         slots = np.array([s for s, _, _ in rows], dtype=np.int64)
         start = np.array([a for _, a, _ in rows], dtype=np.int64)
         length = np.array([n for _, _, n in rows], dtype=np.int64)
@@ -253,12 +417,15 @@ class Scheduler:
         last = start + length >= self.target[slots]
         dec_req = self.slot_req[decode]
         dec_tokens = self.out_tokens[self.offset[dec_req] + self.generated[dec_req] - 1]
-        plan = StepPlan(self.steps, slots, start, length, last, tokens, decode.astype(np.int64), self.ctx[decode].copy(),
-                        dec_tokens, np.concatenate(updates) if updates else np.zeros((0, 3), dtype=np.int64))
+        decode = decode.astype(np.int64)
+        plan = StepPlan(self.steps, slots, start, length, last, tokens, decode, self.ctx[decode].copy(),
+                        dec_tokens, np.concatenate(updates) if updates else np.zeros((0, 3), dtype=np.int64),
+                        self.pooled[slots].copy(), self.pooled[decode].copy(),
+                        np.concatenate(moves) if moves else np.zeros((0, 2), dtype=np.int64),
+                        self._pool_ranks_of(slots), self._pool_ranks_of(decode))
         self.ctx[slots] += length  # the chunk's KV is written by the step
         self.ctx[decode] += 1
         return plan
-
     def _context_tokens(self, r: int, start: int, n: int) -> np.ndarray:
         """Tokens [start, start + n) of request r's context: its prompt, then (after a preemption) its generated
         tokens."""
@@ -275,7 +442,7 @@ class Scheduler:
         """Release what has arrived by trace time `now_trace` (stamped `now`, the replay's clock, if
         stamp_arrivals, else at their trace times), then plan the step that starts at `now`."""
         self._now = self._step_start = now
-        self._preempted_now = 0
+        self._preempted_now = self._migrated_now = 0
         self.release(now_trace, now if stamp_arrivals else None)
         return self.plan()
 
@@ -304,7 +471,10 @@ class Scheduler:
         for key, value in (("step", plan.index), ("start", self._step_start), ("end", now), ("running", self.running),
                            ("waiting", len(self.waiting)), ("blocks_used", self.kv_blocks - self.n_free),
                            ("prefill_tokens", int(plan.prefill_len.sum())), ("decode_rows", len(plan.decode_slots)),
-                           ("preempted", self._preempted_now)):
+                           ("preempted", self._preempted_now), ("pool_rows", int((self.pooled & (self.slot_req >= 0)).sum())),
+                           ("pool_blocks_used", self.kv.capacity(1) - self.kv.free(1)),
+                           ("pool_ranks_used", int((self.rank_blocks.sum(0) > 0).sum()) if self.pool_ranks else 0),
+                           ("migrated", self._migrated_now)):
             log[key].append(value)
         self.steps += 1
 
@@ -315,7 +485,7 @@ class Scheduler:
         """Every block is either free or held by a running request, exactly once."""
         held = np.concatenate([self.table[s, : self.held[s]] for s in np.nonzero(self.slot_req >= 0)[0]] or
                               [np.zeros(0, dtype=np.int64)])
-        every = np.concatenate([self.free_blocks[: self.n_free], held])
+        every = np.concatenate([self.kv.free_ids(), held])
         return len(every) == self.kv_blocks and len(np.unique(every)) == self.kv_blocks
 
 

@@ -150,7 +150,7 @@ class ShardedServingAttention(ShardedAttention):
         qg, kg, vg = self._gather(torch.stack((q, k, v)))
         with self.timer("attention"):
             self.kv.write(self.layer, p, kg, vg, self.shard, self.shards)
-            table = self.kv.table[p.slots]
+            table = self.kv.local_table(p.slots)
             if not p.prefill:
                 lens = shard_lengths(p.start + 1, self.shard, self.shards, bs).to(torch.int32)
                 out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens)

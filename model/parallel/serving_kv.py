@@ -30,19 +30,36 @@ class ServingPass:
     lens: torch.Tensor  # [b] long: new tokens of the row (1 for decode)
     prefill: bool  # said by the host: a chunk of a prompt (padded to `width` tokens) or one decode token
     width: int  # new tokens per row, padded: the longest chunk (1 for decode)
-    upto: int  # the host's max(start + lens): keys a prefill chunk gathers
+    upto: int  # the host's max(start + lens): the keys the pass's rows span
+    pooled: torch.Tensor | None = None  # FA Pool: [b] bool, the row's KV is in the pool
+    pool_rows: torch.Tensor | None = None  # FA Pool: [n] long, the pooled rows' indices in the pass
+    pool_ranks: tuple = ()  # FA Pool (host): the world ranks of the pool that hold blocks of the pooled rows
+
+    def sub(self, index: torch.Tensor) -> "ServingPass":
+        """The pass restricted to rows `index`."""
+        return ServingPass(self.slots[index], self.start[index], self.lens[index], self.prefill, self.width, self.upto)
 
 
 class ServingKV:
+    """`kv_blocks` blocks of ids [first_id, first_id + kv_blocks) (other ids are other ranks': FA Pool), stored at
+    id - first_id, and the sink after them."""
+
     def __init__(self, layers: int, slots: int, kv_blocks: int, heads: int, block_size: int, head_dim: int,
-                 max_blocks: int, dtype, device):
+                 max_blocks: int, dtype, device, first_id: int = 0):
         self.store = PagedKV(layers, kv_blocks + 1, heads, block_size, head_dim, dtype, device)
         self.sink, self.block_size, self.max_blocks = kv_blocks, block_size, max_blocks
+        self.first_id, self.kv_blocks = first_id, kv_blocks
         self.table = torch.full((slots, max_blocks), kv_blocks, dtype=torch.int32, device=device)
         self.current: ServingPass | None = None  # the pass the attention cores serve now
 
     def nbytes(self) -> int:
         return self.store.nbytes()
+
+    def local_table(self, slots: torch.Tensor) -> torch.Tensor:
+        """[b, max_blocks] int32 storage slots of the rows' blocks: this rank's at their place, others' at the sink."""
+        table = self.table[slots]
+        owned = (table >= self.first_id) & (table < self.first_id + self.kv_blocks)
+        return torch.where(owned, table - self.first_id, self.sink)
 
     def update_table(self, updates: torch.Tensor) -> None:
         """updates [U, 3] (slot, block index, block id), in place (the same op for any U)."""
@@ -60,7 +77,7 @@ class ServingKV:
             valid = valid & (block % shards == shard)
             block = block // shards
         index = block.clamp(max=self.max_blocks - 1)
-        blocks = torch.where(valid, self.table[p.slots].long().gather(1, index), self.sink)
+        blocks = torch.where(valid, self.local_table(p.slots).long().gather(1, index), self.sink)
         flat = lambda x: x.transpose(1, 2).reshape(b * t, heads, dim)  # noqa: E731
         self.store.write_token(layer, blocks.reshape(-1), (pos % self.block_size).reshape(-1), flat(k), flat(v))
 
@@ -79,7 +96,7 @@ class ServingAttention:
         p = self.kv.current
         with self.timer("attention"):
             self.kv.write(self.layer, p, k, v)
-            table = self.kv.table[p.slots]
+            table = self.kv.local_table(p.slots)
             if not p.prefill:
                 out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
                                       (p.start + 1).to(torch.int32))

@@ -337,8 +337,13 @@ class StaticEngine(Engine):
         """Tokens of a request that one scheduler block holds (one block of `block_size` on this rank)."""
         return block_size
 
-    def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int) -> None:
-        """KV blocks and a block table for `slots` batch slots, allocated once for the whole replay."""
+    def serve_placement(self, block_tokens: int):
+        """Where a request's KV goes, for the scheduler (FA Pool's pool; None: every rank holds its share of all)."""
+        return None
+
+    def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int, pool_blocks: int = 0) -> None:
+        """KV blocks and a block table for `slots` batch slots, allocated once for the whole replay (pool_blocks:
+        FA Pool's pool ranks' blocks, none here)."""
         self.cache = self.graphs = None
         attn = self.blocks[0].attn
         self.serving = ServingKV(self.per_stage, slots, kv_blocks, attn.n_heads * self.kv_heads_factor, block_size,
@@ -351,9 +356,9 @@ class StaticEngine(Engine):
         return ServingAttention(self.serving, layer, self.backend, self.timer)
 
     @torch.no_grad()
-    def serve_step(self, passes, table_updates) -> torch.Tensor | None:
+    def serve_step(self, passes, table_updates, migrations=None) -> torch.Tensor | None:
         """One serving step: the table entries allocated for it, then each pass (ServingPass plus its input
-        tokens [b, t] where this rank embeds them) through the stages. Returns the tokens of every row, passes in
+        tokens [b, t] where this rank embeds them) through the stages (migrations: FA Pool's, none here). Returns the tokens of every row, passes in
         order, where this rank knows them (stage 0 of a pipeline gets them back from the last stage)."""
         self.serving.update_table(table_updates)
         sends, tokens = [], []

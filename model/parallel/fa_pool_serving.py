@@ -1,0 +1,237 @@
+"""FA Pool serving a changing batch (trace replay), by role: the base group's program and a pool rank's program.
+
+Ranks 0..tp-1 are the base: the static engine's tensor-parallel program (model/parallel/static.py) with one
+attention core changed. Ranks tp..tp+pool-1 are the pool: no weights, only KV blocks of all heads.
+
+Where a request's KV lives is the scheduler's (harness/serving/scheduler.PoolPlacement): block ids are one space,
+the base's blocks first, then each pool rank's range. A request whose context passes the threshold holds all its
+blocks in the pool, a proportional share of pool ranks (more as it grows); one that crosses the threshold while
+decoding migrates there: before the step's passes each base rank sends its heads of the moved blocks to the pool
+ranks that receive them (one message per base and pool rank pair).
+
+Per layer of a pass, the base computes q, k, v of its heads for every row, stores the tokens of rows it holds and
+attends over them (pooled rows see no base key: LSE -inf); if the pass has pooled rows it sends their q, k, v
+(one message per pool rank in use) and each pool rank stores the tokens whose blocks it holds, attends over its
+blocks of those rows (a mask by position, so a prefill chunk's queries see exactly the keys before them), and
+sends the partials (fp32 out and LSE) back; the base merges its own and the pool's by LSE (flat: no node level).
+A pool rank that holds no block of the pass's rows is not sent anything: the set of pool ranks in use grows and
+shrinks with the long requests in the batch. Base and pool take turns within a layer (no overlap in serving).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from model.attention import attention, masked_attention, merge_partials
+from model.paged_attention import paged_decode
+from model.parallel.engine import Engine
+from model.parallel.serving_kv import ServingKV
+from model.parallel.static import StaticEngine
+from model.parallel.tp import CommStats, new_groups
+
+
+def pool_range(rank: int, tp: int, base_blocks: int, pool_blocks: int) -> int:
+    """The first block id pool rank `rank` (a world rank >= tp) holds."""
+    return base_blocks + (rank - tp) * pool_blocks
+
+
+class FAPoolServing:
+    """What base and pool ranks share: the topology and the placement they tell the scheduler."""
+
+    def _setup_roles(self, strategy, rank: int):
+        self.tp, self.pool_size, self.pool_cfg = strategy.tp, strategy.pool.size, strategy.pool
+        self.pool_ranks = list(range(self.tp, self.tp + self.pool_size))
+
+    def serve_placement(self, block_tokens: int):
+        from types import SimpleNamespace
+
+        p = self.pool_cfg
+        per_rank = -(-p.tokens_per_rank // block_tokens) if p.policy == "proportional" else 0
+        return SimpleNamespace(threshold=p.threshold, ranks=self.pool_size, blocks_per_rank=per_rank)
+
+    def _migrate(self, migrations, heads_per_base: int, send: bool):
+        """Base: send each pool rank its moved blocks (this rank's heads); pool: receive and store them."""
+        if migrations is None or not len(migrations):
+            return
+        works = []
+        for peer in (self.pool_ranks if send else range(self.tp)):
+            dest = peer if send else self.rank
+            lo = pool_range(dest, self.tp, self.base_blocks, self.pool_blocks)
+            mine = (migrations[:, 1] >= lo) & (migrations[:, 1] < lo + self.pool_blocks)
+            n = int(mine.sum())
+            if not n:
+                continue
+            pairs = migrations[mine]
+            store = self.serving.store
+            if send:
+                blocks = store.read_blocks(pairs[:, 0].to(self.device)).contiguous()
+                self.stats.add("migration", blocks.nbytes)
+                works.append(dist.isend(blocks, dst=peer))
+            else:
+                shape = (store.kv.shape[0], 2, n, heads_per_base, store.block_size, store.kv.shape[-1])
+                blocks = torch.empty(shape, dtype=store.kv.dtype, device=self.device)
+                dist.recv(blocks, src=peer)
+                heads = slice(peer * heads_per_base, (peer + 1) * heads_per_base)
+                store.write_blocks((pairs[:, 1] - lo).to(self.device), blocks, heads)
+        for w in works:
+            w.wait()
+
+
+class PooledServingAttention:
+    """The base's attention core: its own rows over its blocks, pooled rows' partials from the pool, merged."""
+
+    def __init__(self, engine: "FAPoolServingBase", layer: int):
+        self.engine, self.layer, self.timer = engine, layer, engine.timer
+
+    def nbytes(self) -> int:
+        return self.engine.serving.nbytes() // self.engine.serving.store.kv.shape[0]
+
+    def __call__(self, q, k, v, step):  # q, k, v: [b, h, T, D], this base rank's heads
+        e, kv = self.engine, self.engine.serving
+        p = kv.current
+        with self.timer("attention"):
+            kv.write(self.layer, p, k, v)
+            table = kv.local_table(p.slots)
+            zero = torch.zeros_like(p.start)
+            if p.prefill:
+                lens = torch.where(p.pooled, zero, p.start + p.lens)
+                width = -(-p.upto // kv.block_size)
+                keys, values = kv.store.dense(self.layer, table[:, :width].long(), p.upto)
+                out, lse = attention(q, keys, values, kv_lens=lens, causal=True, backend=e.backend, q_offset=p.start)
+            else:
+                lens = torch.where(p.pooled, zero, p.start + 1).to(torch.int32)
+                out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens)
+                out, lse = out[:, :, None], lse[:, :, None]
+        if not p.pool_ranks:
+            return out.to(q.dtype)
+        n, d = len(p.pool_rows), q.shape[-1]
+        msg = torch.stack((q, k, v))[:, p.pool_rows].contiguous()  # [3, n, h, T, D]
+        parts = [torch.empty(n, q.shape[1], q.shape[2], d + 1, dtype=torch.float32, device=q.device) for _ in p.pool_ranks]
+        with self.timer("communication"):
+            works = [dist.isend(msg, dst=r) for r in p.pool_ranks] + [dist.irecv(x, src=r) for x, r in zip(parts, p.pool_ranks)]
+        e.stats.add("base_to_pool", msg.nbytes * len(p.pool_ranks), len(p.pool_ranks))
+        e.stats.add("pool_to_base", parts[0].nbytes * len(parts), len(parts))
+        with self.timer("synchronization"):
+            for w in works:
+                w.wait()
+        with self.timer("communication"):  # the reduction: this rank's partial and each pool rank's, by LSE
+            stacked = torch.zeros(1 + len(parts), *out.shape[:3], d + 1, dtype=torch.float32, device=q.device)
+            stacked[..., d] = float("-inf")
+            stacked[0, ..., :d], stacked[0, ..., d] = out.float(), lse
+            for i, part in enumerate(parts):
+                stacked[1 + i].index_copy_(0, p.pool_rows, part)
+            merged, _ = merge_partials(stacked[..., :d], stacked[..., d])
+        return merged.to(q.dtype)
+
+
+class FAPoolServingBase(FAPoolServing, StaticEngine):
+    """A base rank: static TP (one stage) whose attention core sends pooled rows to the pool."""
+
+    def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
+        self._setup_roles(strategy, rank)
+        StaticEngine.__init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer)
+        self.rank, self.role = rank, "base"
+
+    def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int, pool_blocks: int = 0) -> None:
+        self.base_blocks, self.pool_blocks = kv_blocks, pool_blocks
+        super().serve_setup(slots, kv_blocks, block_size, max_blocks)
+
+    def _serving_core(self, layer: int):
+        return PooledServingAttention(self, layer)
+
+    @torch.no_grad()
+    def serve_step(self, passes, table_updates, migrations=None):
+        self._migrate(migrations, self.blocks[0].attn.n_heads, send=True)
+        return super().serve_step(passes, table_updates)
+
+    def report(self):
+        return {**super().report(), "role": "base"}
+
+
+class FAPoolServingPool(FAPoolServing, Engine):
+    """A pool rank: KV blocks of every head; per layer of a pass it serves, the pooled rows' attention over them."""
+
+    role, has_tokens, has_logits = "pool", False, False
+
+    def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
+        super().__init__(timer)
+        self._setup_roles(strategy, rank)
+        self.rank, self.device, self.dtype, self.backend = rank, device, dtype, backend
+        self.n_layers, self.heads, self.head_dim = model_cfg.n_layers, model_cfg.n_heads, model_cfg.head_dim
+        self.heads_per_base = model_cfg.n_heads // self.tp
+        self.stats = CommStats()
+        new_groups([list(range(self.tp))], rank)  # the base's TP group: every rank takes part in creating it
+        if world > 1 and torch.device(device).type == "cuda":
+            dist.barrier()
+        self.serving = None
+
+    def serve_block_tokens(self, block_size: int) -> int:
+        return block_size
+
+    def serve_block_bytes(self, block_size: int) -> int:
+        return 2 * self.n_layers * self.heads * block_size * self.head_dim * self.dtype.itemsize
+
+    def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int, pool_blocks: int = 0) -> None:
+        self.base_blocks, self.pool_blocks = kv_blocks, pool_blocks
+        first = pool_range(self.rank, self.tp, kv_blocks, pool_blocks)
+        self.serving = ServingKV(self.n_layers, slots, pool_blocks, self.heads, block_size, self.head_dim, max_blocks,
+                                 self.dtype, self.device, first_id=first)
+
+    @torch.no_grad()
+    def serve_step(self, passes, table_updates, migrations=None):
+        self.serving.update_table(table_updates)
+        with self.timer("resource_management"):
+            self._migrate(migrations, self.heads_per_base, send=False)
+        for p, _ in passes:
+            if self.rank in p.pool_ranks:
+                for layer in range(self.n_layers):
+                    self._attend(layer, p)
+        return None
+
+    def _attend(self, layer: int, p) -> None:
+        """One layer of a pass: q, k, v of the pooled rows from every base rank, partials back to each."""
+        kv, h, d = self.serving, self.heads_per_base, self.head_dim
+        n, t = len(p.pool_rows), p.width
+        msgs = [torch.empty(3, n, h, t, d, dtype=self.dtype, device=self.device) for _ in range(self.tp)]
+        with self.timer("synchronization"):
+            for w in [dist.irecv(m, src=b) for b, m in enumerate(msgs)]:
+                w.wait()
+        q, k, v = torch.cat(msgs, dim=2)  # [n, H, T, D]: the base ranks' heads in order
+        rows = p.sub(p.pool_rows)
+        with self.timer("attention"):
+            kv.current = rows
+            kv.write(layer, rows, k, v)
+            out, lse = self._partial(layer, q, rows)
+        packed = torch.cat((out, lse[..., None]), dim=-1)  # [n, H, T, D + 1] fp32
+        with self.timer("communication"):
+            works = [dist.isend(packed[:, b * h:(b + 1) * h].contiguous(), dst=b) for b in range(self.tp)]
+            for w in works:
+                w.wait()
+        self.stats.add("pool_to_base", packed.nbytes, self.tp)
+
+    def _partial(self, layer, q, rows):
+        """Attention of the rows' queries over the keys of this rank's blocks (the rows' other blocks are elsewhere):
+        a mask by block ownership, position (causal) and length. Gathers each row's table up to the pass's span."""
+        kv, bs = self.serving, self.serving.block_size
+        upto = rows.upto
+        width = -(-upto // bs)
+        local = kv.local_table(rows.slots)[:, :width].long()
+        owned = local != kv.sink  # [n, blocks]: the row's blocks this rank holds
+        keys, values = kv.store.dense(layer, local, upto)
+        key_pos = torch.arange(upto, device=q.device)
+        query_pos = rows.start[:, None] + torch.arange(q.shape[2], device=q.device)  # [n, T]
+        visible = (owned.repeat_interleave(bs, dim=1)[:, None, :upto] & (key_pos <= query_pos[:, :, None])
+                   & (key_pos < (rows.start + rows.lens)[:, None, None]))
+        out, lse = masked_attention(q, keys, values, visible[:, None], self.backend)
+        return out.float(), lse
+
+    def report(self):
+        kv = self.serving.nbytes() if self.serving else 0
+        return {"role": "pool", "weight_bytes": 0, "kv_bytes": kv, "comm_bytes": dict(self.stats.bytes),
+                "comm_ops": dict(self.stats.ops), "tp_rank": None, "stage": None, "cuda_graphs": False}
+
+
+def serving_engine(model_cfg, strategy, rank, world, device, dtype, backend, timer):
+    """The FA Pool rank of a trace replay: base or pool by rank."""
+    cls = FAPoolServingBase if rank < strategy.tp else FAPoolServingPool
+    return cls(model_cfg, strategy, rank, world, device, dtype, backend, timer)
