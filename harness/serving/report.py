@@ -88,7 +88,7 @@ def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
         t = _tables(row, "requests")
         if t is None:
             continue
-        label = f"{row['strategy']} @ {row['metrics.offered_rate']:.2g}/s"
+        label = f"{row['strategy']} @ {row['metrics.offered_rate']:.2g}/s" if row['metrics.offered_rate'] else f"{row['strategy']} (arriving together)"
         for ax, col in ((a1, "ttft_ms"), (a2, "tpot_ms")):
             v = np.sort(t[col].dropna().to_numpy())
             if len(v):
@@ -119,4 +119,23 @@ def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
     ax.legend(fontsize=7, loc="upper left")
     twin.legend(fontsize=7, loc="upper right")
     files += _save(fig, out, "kv_occupancy")
+
+    pools = d[d["config.strategy.kind"] == "fa_pool"].head(6)
+    if not pools.empty:  # FA Pool's dynamic adaptation: pool ranks in use against the long requests present
+        fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+        for _, row in pools.iterrows():
+            steps = _tables(row, "steps")
+            if steps is None:
+                continue
+            label = f"{row['strategy']} @ {row['metrics.offered_rate']:.2g}/s" if row['metrics.offered_rate'] else f"{row['strategy']} (arriving together)"
+            a1.step(steps["end"], steps["pool_ranks_used"], where="post", label=label)
+            a2.step(steps["end"], steps["pool_rows"], where="post", label=f"{label}: requests in the pool")
+            moved = steps[steps.migrated > 0]
+            a2.scatter(moved["end"], moved["pool_rows"], marker="^", s=20)
+        a1.set_ylabel("pool ranks in use")
+        a2.set_ylabel("requests in the pool (^: a migration)")
+        a2.set_xlabel("replay time (s)")
+        a1.legend(fontsize=7)
+        a1.set_title("FA Pool occupancy over the replay")
+        files += _save(fig, out, "pool_occupancy")
     return files
