@@ -132,8 +132,11 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
 
 
 def replay(cfg, engine, rank: int, device, requests: Requests | None = None, before_step=lambda i: None,
-           warmup: bool = False) -> Replay:
-    """Replay the trace (or `requests`) to the end, or to serving.max_steps. Every rank calls this."""
+           warmup: bool = False, on_step=None) -> Replay:
+    """Replay the trace (or `requests`) to the end, or to serving.max_steps. Every rank calls this. On CUDA, rank 0
+    records an event before and after each step's device work (nothing waits on them until the end): the steps'
+    device times, `device_ms` in the step log. on_step(index, passes, updates, migrations): called before each
+    step runs (a benchmark keeps some to time them alone)."""
     s, w = cfg.serving, cfg.workload
     requests = requests if requests is not None else load_trace(w.trace)
     blocks, per_slot = capacity(cfg, engine, requests, device)
@@ -154,6 +157,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     logical = s.clock == "logical" or warmup
     tick = s.logical_step_ms / 1e3
     emitted, trace_now = [], 0.0
+    events = [] if device.type == "cuda" and rank == 0 else None
     t0 = time.perf_counter()
     step = 0
     while True:
@@ -162,6 +166,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             plan = None
             while not (s.max_steps and step >= s.max_steps):
                 now = time.perf_counter() - t0
+                host_start = now
                 if not logical:
                     trace_now = now
                 plan = sched.begin(trace_now, now, stamp_arrivals=logical or bool(closed))
@@ -175,24 +180,35 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                 else:
                     time.sleep(max(0.0, nxt - now))
             packed = _pack(plan, sched.slot_req, pool_ranks)
+            host_s = time.perf_counter() - t0 - host_start if plan is not None else 0.0
         unpacked = _unpack(_broadcast(packed), device, cfg.strategy.tp)
         if unpacked is None:
             break
         passes, updates, migrations, row_req, emits = unpacked
         before_step(step + 1)
-        n_logits = len(engine.logits)
+        if on_step is not None:
+            on_step(step, passes, updates, migrations)
+        n_logits, replayed = len(engine.logits), getattr(engine, "replayed_passes", 0)
+        if events is not None:
+            events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][0].record()
         tokens = engine.serve_step(passes, updates, migrations)
+        if events is not None:
+            events[-1][1].record()
         if engine.keep_logits and engine.has_logits:
             logits = torch.cat(engine.logits[n_logits:])
             del engine.logits[n_logits:]
             emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
         if rank == 0:
             host = tokens.cpu().numpy()  # the step's one synchronization
-            sched.complete(plan, host, time.perf_counter() - t0)
+            sched.complete(plan, host, time.perf_counter() - t0, host_s, getattr(engine, "replayed_passes", 0) - replayed)
             if logical:
                 trace_now += tick
         step += 1
     duration = time.perf_counter() - t0
+    if events is not None:
+        torch.cuda.synchronize()
+        sched.log["device_ms"] = [a.elapsed_time(b) for a, b in events]
     return Replay(requests, sched, blocks, per_slot, duration, emitted)
 
 

@@ -120,14 +120,17 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
     s = cfg.serving
     record = RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=environment(world, cfg.hardware.device, backend),
-        metrics=flat_metrics(summary), step_times_ms=((steps.end - steps.start) * 1e3).tolist(), memory=memory,
+        metrics=flat_metrics(summary), memory=memory,
+        step_times_ms=(steps.device_ms if "device_ms" in steps else (steps.end - steps.start) * 1e3).tolist(),
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),
         serving={"trace": result.requests.summary(), "kv_blocks": result.kv_blocks, "block_size": s.block_size,
                  "max_blocks_per_request": result.max_blocks, "on_kv_full": s.on_kv_full, "clock": s.clock,
                  "blocks_returned": bool(sched.blocks_accounted() and sched.n_free == sched.kv_blocks),
                  "files": {"requests": REQUESTS_FILE, "steps": STEPS_FILE}},
         passes={"warmup": f"an untimed replay of the first {s.warmup_requests} request(s), arriving together",
-                "timed": "the replay: wall clock at step boundaries, where rank 0 reads the step's tokens",
+                "timed": "the replay: latencies on the wall clock at step boundaries, where rank 0 reads the step's "
+                         "tokens; step_times_ms: CUDA events around each step's device work on GPUs (the wall "
+                         "clock on CPU)",
                 "reference_check": "per request, during the timed replay: the holder of the logits keeps each "
                                    "emitted token's logits (a host copy per step)" if check else None},
     )

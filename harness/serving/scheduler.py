@@ -171,7 +171,7 @@ class Scheduler:
         self.itl: list[np.ndarray] = []  # per step, the inter-token gaps of its decode tokens
         self.log = {k: [] for k in ("step", "start", "end", "running", "waiting", "blocks_used", "prefill_tokens",
                                     "decode_rows", "preempted", "pool_rows", "pool_blocks_used", "pool_ranks_used",
-                                    "migrated")}
+                                    "migrated", "host_ms", "replayed")}
         self._preempted_now = self._migrated_now = 0
 
     @property
@@ -446,9 +446,10 @@ class Scheduler:
         self.release(now_trace, now if stamp_arrivals else None)
         return self.plan()
 
-    def complete(self, plan: StepPlan, tokens: np.ndarray, now: float) -> None:
+    def complete(self, plan: StepPlan, tokens: np.ndarray, now: float, host_s: float = 0.0, replayed: int = 0) -> None:
         """The step's new tokens [P + D] (prefill rows first; a prefill row that did not end its prompt emits
-        nothing and its entry is ignored), known at `now`: record them, retire finished requests."""
+        nothing and its entry is ignored), known at `now`: record them, retire finished requests. host_s: the
+        replay's host time planning the step; replayed: its passes that ran from a captured graph (logged)."""
         P = len(plan.prefill_slots)
         emit_slots = np.concatenate([plan.prefill_slots[plan.prefill_last], plan.decode_slots])
         emit_tokens = np.concatenate([tokens[:P][plan.prefill_last], tokens[P:]]).astype(np.int64)
@@ -474,7 +475,7 @@ class Scheduler:
                            ("preempted", self._preempted_now), ("pool_rows", int((self.pooled & (self.slot_req >= 0)).sum())),
                            ("pool_blocks_used", self.kv.capacity(1) - self.kv.free(1)),
                            ("pool_ranks_used", int((self.rank_blocks.sum(0) > 0).sum()) if self.pool_ranks else 0),
-                           ("migrated", self._migrated_now)):
+                           ("migrated", self._migrated_now), ("host_ms", host_s * 1e3), ("replayed", replayed)):
             log[key].append(value)
         self.steps += 1
 

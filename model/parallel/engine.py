@@ -66,6 +66,8 @@ class Engine:
             self.elasticity = []
         if hasattr(self, "stats"):
             self.stats.bytes, self.stats.ops = {}, {}
+        if hasattr(self, "replayed_passes"):  # serving: decode passes from captured graphs, and eager passes
+            self.replayed_passes = self.eager_passes = 0
 
     def mark_prefill(self) -> None:
         """A generation's prefill ends here: what was sent so far is the prefill's (a decode roofline counts the

@@ -136,6 +136,8 @@ class FAPoolServingBase(FAPoolServing, StaticEngine):
         self.base_blocks, self.pool_blocks = kv_blocks, pool_blocks
         super().serve_setup(slots, kv_blocks, block_size, max_blocks)
 
+    serve_capturable = False  # its attention core sends and receives eagerly
+
     def _serving_core(self, layer: int):
         return PooledServingAttention(self, layer)
 

@@ -37,7 +37,7 @@ from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.parallel.serving_kv import ServingAttention, ServingKV
+from model.parallel.serving_kv import ServingAttention, ServingKV, ServingPass
 from model.transformer import Step, build_model, keep_prompt_ends, last_positions, pad_prompts
 
 
@@ -114,6 +114,32 @@ class StageAttention:
             c.write_token(self.layer, rows, pos, k[:, :, 0], v[:, :, 0])
             out, _ = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], (pos + 1).to(torch.int32))
             return out.to(q.dtype)[:, :, None]
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes a serving decode pass is captured at (vLLM's: 1, 2, 4, 8, then steps of 16), up to max_batch."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16)) + [max_batch]
+    return sorted(set(sizes))
+
+
+class DecodeIO:
+    """Static buffers of one decode bucket: its pass (slots, positions, lengths) and tokens and logits in and out."""
+
+    def __init__(self, bucket: int, vocab: int, device):
+        long = dict(dtype=torch.long, device=device)
+        self.step = ServingPass(torch.zeros(bucket, **long), torch.zeros(bucket, **long), torch.ones(bucket, **long),
+                                False, 1, 0)
+        self.tokens_in, self.tokens_out = torch.zeros(bucket, **long), torch.zeros(bucket, **long)
+        self.logits = torch.zeros(bucket, vocab, dtype=torch.float32, device=device)
+
+    def load(self, p, tokens: torch.Tensor, pad_slot: int) -> None:
+        """The pass's rows in place, the rest padding (the padding slot at position 0)."""
+        n = len(p.slots)
+        self.step.slots[:n].copy_(p.slots)
+        self.step.slots[n:].fill_(pad_slot)
+        self.step.start[:n].copy_(p.start)
+        self.step.start[n:].zero_()
+        self.tokens_in[:n].copy_(tokens)
 
 
 class StaticEngine(Engine):
@@ -256,6 +282,7 @@ class StaticEngine(Engine):
 
     def release_graphs(self):
         self.graphs = None
+        self.decode_graphs = {}
 
     def _run(self, m: int):
         if self.graphs is None or not self.timer_off():  # the instrumented pass runs eager, phase by phase
@@ -342,15 +369,24 @@ class StaticEngine(Engine):
         return None
 
     def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int, pool_blocks: int = 0) -> None:
-        """KV blocks and a block table for `slots` batch slots, allocated once for the whole replay (pool_blocks:
+        """KV blocks and a block table for `slots` batch slots (and one padding slot, whose table points at the sink:
+        a captured decode pass pads its rows to a bucket with it), allocated once for the whole replay (pool_blocks:
         FA Pool's pool ranks' blocks, none here)."""
         self.cache = self.graphs = None
         attn = self.blocks[0].attn
-        self.serving = ServingKV(self.per_stage, slots, kv_blocks, attn.n_heads * self.kv_heads_factor, block_size,
+        self.serving = ServingKV(self.per_stage, slots + 1, kv_blocks, attn.n_heads * self.kv_heads_factor, block_size,
                                  attn.head_dim, max_blocks, self.dtype, self.device)
         self.cache = self.serving  # what report() counts
         for layer, block in enumerate(self.blocks):
             block.attn.core = self._serving_core(layer)
+        self.pad_slot, self.buckets = slots, decode_buckets(slots)
+        self.decode_io, self.decode_graphs, self.graph_pool = {}, {}, None
+        self.replayed_passes = self.eager_passes = 0
+
+    serve_capturable = True  # decode passes may be captured (FA Pool's base sends eager messages inside attention)
+
+    def _graphed_decode(self) -> bool:
+        return self.use_graphs and self.pp == 1 and self.serve_capturable and self.timer_off()
 
     def _serving_core(self, layer: int):
         return ServingAttention(self.serving, layer, self.backend, self.timer)
@@ -363,6 +399,10 @@ class StaticEngine(Engine):
         self.serving.update_table(table_updates)
         sends, tokens = [], []
         for p, ids in passes:
+            if not p.prefill and self._graphed_decode():
+                tokens.append((self._decode_captured(p, ids), None))
+                continue
+            self.eager_passes += 1
             self.serving.current = p
             b = len(p.slots)
             step = Step(p.slots, p.start, p.lens, prefill=p.prefill)
@@ -394,6 +434,43 @@ class StaticEngine(Engine):
                     work.wait()
         return torch.cat([tok for tok, _ in tokens]) if tokens else None
 
+    def _decode_captured(self, p, ids) -> torch.Tensor:
+        """A decode pass from the CUDA graph of its bucket: the rows copied into the bucket's static buffers (the rest
+        point at the padding slot), the graph replayed (captured the first time a bucket comes, after one eager run
+        of the same pass that computes this step). Returns the rows' tokens."""
+        n = len(p.slots)
+        bucket = next(b for b in self.buckets if b >= n)
+        io = self.decode_io.get(bucket)
+        if io is None:
+            io = self.decode_io[bucket] = DecodeIO(bucket, self.vocab_size, self.device)
+        io.load(p, ids[:, 0], self.pad_slot)
+        graph = self.decode_graphs.get(bucket)
+        if graph is None:
+            self._decode_body(io)  # this step's results; creates what capture needs (kernels, handles)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+                self._decode_body(io)
+            self.graph_pool, self.decode_graphs[bucket] = graph.pool(), graph
+            self.eager_passes += 1
+        else:
+            graph.replay()
+            self.replayed_passes += 1
+        if self.has_logits and self.keep_logits:
+            self.logits.append(io.logits[:n].clone())
+        return io.tokens_out[:n].clone()
+
+    def _decode_body(self, io: "DecodeIO") -> None:
+        """One decode pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
+        self.serving.current = io.step
+        step = Step(io.step.slots, io.step.start, io.step.lens)
+        x = self.embed(io.tokens_in[:, None])
+        for block in self.blocks:
+            x = block(x, step)
+        logits = self.head(self.norm(x))[:, 0]
+        io.logits.copy_(logits)
+        io.tokens_out.copy_(logits.argmax(-1))
+
     def _irecv(self, t, peer, group):
         self.stats.add("pp_recv", t.nbytes)
         return dist.irecv(t, src=peer, group=group)
@@ -411,4 +488,6 @@ class StaticEngine(Engine):
     def report(self):
         return {"role": self.role, "weight_bytes": param_bytes(self.modules), "kv_bytes": self.cache.nbytes(),
                 "comm_bytes": dict(self.stats.bytes), "comm_ops": dict(self.stats.ops), "tp_rank": self.tp_rank, "stage": self.stage,
-                "cuda_graphs": self.graphs is not None, "schedule": self.schedule if self.pp > 1 else None}
+                "cuda_graphs": self.graphs is not None, "schedule": self.schedule if self.pp > 1 else None,
+                "serving_passes": {"replayed": self.replayed_passes, "eager": self.eager_passes}
+                if hasattr(self, "replayed_passes") else None}
