@@ -26,11 +26,12 @@ def summary(rec) -> str:
     m = rec.metrics
     if rec.serving:  # a trace replay
         c = rec.reference_check
+        nan = float("nan")
         check = (f"  per-request check: passed={c['passed']} ({c['requests_checked']} requests, max rel err "
-                 f"{c['max_rel_logit_error']:.1e} <= {c['rtol']:g})") if c else ""
+                 f"{c['max_rel_logit_error'] or 0.0:.1e} <= {c['rtol']:g})") if c else ""
         return (f"{s}: ok  {m['completed']}/{m['requests']} requests ({m['refused']} refused)  p50/p99 TTFT "
-                f"{m['ttft_ms_p50']:.0f}/{m['ttft_ms_p99']:.0f} ms  p50/p99 TPOT {m['tpot_ms_p50'] or float('nan'):.1f}/"
-                f"{m['tpot_ms_p99'] or float('nan'):.1f} ms  goodput {m['goodput']:.2f} req/s{check}")
+                f"{m['ttft_ms_p50'] or nan:.0f}/{m['ttft_ms_p99'] or nan:.0f} ms  p50/p99 TPOT {m['tpot_ms_p50'] or nan:.1f}/"
+                f"{m['tpot_ms_p99'] or nan:.1f} ms  goodput {m['goodput']:.2f} req/s{check}")
     check = ""
     if rec.reference_check:
         c = rec.reference_check
@@ -62,6 +63,11 @@ def run(cfg: DictConfig, out_dir: str):
         if old is not None and old.status == "ok" and old.run_id == run_id(cfg_dict):
             log.info("resume: %s already has an ok record of this config; skipped", out_dir)
             return old
+    if cfg_obj.launcher.kind == "model" and cfg_obj.workload.kind == "trace":  # the replay in virtual time
+        from harness.serving.virtual import project_serving
+
+        project_serving(cfg_obj, cfg_dict, out_dir)
+        return read_record(Path(out_dir) / "result.json")
     if cfg_obj.launcher.kind == "model":  # projected: nothing runs
         from harness.perfmodel import project
 

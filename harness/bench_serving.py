@@ -80,7 +80,8 @@ def main(argv=None):
     lim = limits(device, getattr(torch, cfg.hardware.dtype), smoke=args.smoke)
     engine = build_engine(cfg, 0, 1, device, PhaseTimer(device, enabled=False))
     requests = load_trace(cfg.workload.trace)
-    replay(cfg, engine, 0, device, warmup_requests(requests, cfg.serving.warmup_requests), warmup=True)
+    replay(cfg, engine, 0, device, warmup_requests(requests, cfg.serving.warmup_requests), warmup=True,
+           shaped_by=requests)
     rows, kept = [], {}
     rates = [float(r) for r in args.rates.split(",")]
     for i, rate in enumerate(rates):

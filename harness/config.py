@@ -160,11 +160,12 @@ class ServingConfig:
     slo_tpot_ms: float = 100.0  # ... and TPOT <= this (DistServe's definition)
     warmup_requests: int = 2  # an untimed replay of this many requests first (compiles, allocator, graphs); 0: none
     max_steps: int = 0  # stop after this many steps (0: when every request has finished); unfinished ones are counted
+    host_step_ms: float = 0.15  # launcher=model: the host's time per step (planning, copies), added to each priced step
 
     def __post_init__(self):
         g = "serving"
         at_least(g, self, 1, "max_batch", "token_budget", "block_size")
-        at_least(g, self, 0, "prefill_chunk", "kv_blocks", "max_context", "warmup_requests", "max_steps")
+        at_least(g, self, 0, "prefill_chunk", "kv_blocks", "max_context", "warmup_requests", "max_steps", "host_step_ms")
         above(g, self, 0, "logical_step_ms", "slo_ttft_ms", "slo_tpot_ms")
         need(self.on_kv_full in KV_POLICIES, f"serving.on_kv_full={self.on_kv_full!r}: choose {' or '.join(KV_POLICIES)}")
         need(self.clock in CLOCKS, f"serving.clock={self.clock!r}: choose {' or '.join(CLOCKS)}")
@@ -360,8 +361,10 @@ def validate_serving(cfg: BenchConfig) -> None:
     need(s.kind in SERVING_KINDS,
          f"strategy.kind={s.kind!r} ({s.name}) does not serve a changing batch yet; workload.kind=trace runs "
          f"strategies of kind {', '.join(SERVING_KINDS)} (e.g. strategy=reference, tp2_pp1, tp2_pp2)")
-    need(cfg.launcher.kind != "model", "launcher=model does not replay traces yet; use launcher=local or slurm")
     need(not w.synthetic_kv, "workload.synthetic_kv=true has no prompts to serve; set it false for a trace")
+    need(cfg.attention_backend not in ("sdpa_flash", "flash_attn"),
+         f"attention_backend={cfg.attention_backend} takes no mask, and a serving prefill chunk needs one (its rows start "
+         f"at their own positions); use attention_backend=sdpa (or math)")
     need(cfg.fault.kind != "wrong_token", "fault.kind=wrong_token is a static-batch fault; a trace replay takes "
          "raise, kill, hang (at fault.step) or perturb_weight")
     need(not (cfg.profile or cfg.profile_prefill), "profile=true and profile_prefill=true profile a static batch; "

@@ -307,20 +307,112 @@ def predict_step(cfg: BenchConfig, cal: Calibration | None = None, eager: bool =
     now), its messages always eager. `graphed` overrides that (a record says what ran); `eager` models the engines
     before CUDA graphs and the paged kernel (every step eager, flash attention, phase timers)."""
     cal = cal or default_calibration()
-    s, hw = cfg.strategy, cfg.hardware
-    b = DTYPE_BYTES[hw.dtype]
-    bw = cal.read_bw or (hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12)
-    flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
-    links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
-    ctx = mean_context_lengths(cfg)
-    gpn = hw.gpus_per_node if hw.gpus_per_node > 1 else 8
-    if s.kind in ("reference", "static", "dcp"):
-        step, phases, pool_busy = _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
-    else:
-        step, phases, pool_busy = _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
+    b, bw, flops, links, gpn = _rates(cfg, cal)
+    step, phases, pool_busy = _decode_step(cfg, cal, links, bw, flops, b, mean_context_lengths(cfg), gpn, eager, graphed)
     prefill = predict_prefill(cfg, cal, bw, flops, links, gpn)
     return {"step_s": step, "phases": phases, "pool_busy_fraction": pool_busy, "prefill_s": prefill,
             "calibration": cal.source}
+
+
+def _rates(cfg: BenchConfig, cal: Calibration):
+    """(element bytes, read bandwidth, GEMM FLOP/s, links, GPUs per node) of cfg's hardware under cal."""
+    hw = cfg.hardware
+    bw = cal.read_bw or (hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12)
+    flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
+    links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
+    return DTYPE_BYTES[hw.dtype], bw, flops, links, (hw.gpus_per_node if hw.gpus_per_node > 1 else 8)
+
+
+def _decode_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed):
+    if cfg.strategy.kind in ("reference", "static", "dcp"):
+        return _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
+    return _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed)
+
+
+def serving_config(cfg: BenchConfig) -> BenchConfig:
+    """cfg as the serving engines run it (model/parallel/static.py, fa_pool_serving.py): a pass is one micro-batch
+    through the stages in turn, FA Pool's base and pool take turns in a layer and merge flat, one prefill group."""
+    s = cfg.strategy
+    pool = dataclasses.replace(s.pool, async_overlap=False, wavefront=False, hierarchical=False, prefill_micro_batches=1)
+    return dataclasses.replace(cfg, strategy=dataclasses.replace(s, micro_batches=1, schedule="gpipe", pool=pool))
+
+
+def predict_serving_step(cfg: BenchConfig, cal: Calibration, prefill_start, prefill_len, prefill_pooled, decode_ctx,
+                         decode_pooled) -> float:
+    """Seconds of one serving step (harness/serving/scheduler.StepPlan): a prefill pass over chunks of
+    prefill_len tokens after prefill_start cached ones, then a decode pass over rows attending to decode_ctx
+    tokens; the pooled flags say which rows' KV is in FA Pool's pool. cfg: serving_config's. Decode passes replay
+    captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly."""
+    b, bw, flops, links, gpn = _rates(cfg, cal)
+    s, m = cfg.strategy, cfg.model
+    t = 0.0
+    if len(decode_ctx):
+        lens = [max(1, int(n) - 1) for n in decode_ctx]  # mean_context_lengths adds output_tokens // 2 = 1
+        pool = s.pool
+        if s.kind == "fa_pool":  # the scheduler's placement decides; the model's threshold must agree with it
+            pool = dataclasses.replace(pool, threshold=_threshold_between(decode_ctx, decode_pooled, pool.threshold))
+        step_cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(s, pool=pool),
+                                       workload=dataclasses.replace(cfg.workload, batch_size=len(lens), prompt_lens=lens,
+                                                                    buckets=[], output_tokens=2))
+        graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
+        t += _decode_step(step_cfg, cal, links, bw, flops, b, [int(n) for n in decode_ctx], gpn, False, graphed)[0]
+    if len(prefill_len):
+        t += _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, prefill_start, prefill_len, prefill_pooled)
+    return t
+
+
+def _threshold_between(ctx, pooled, default):
+    """A threshold that puts exactly the pooled rows above it (the scheduler's decision, in the model's terms)."""
+    ctx, pooled = list(ctx), list(pooled)
+    short = [n for n, p in zip(ctx, pooled) if not p]
+    return max(short) if short else (min(ctx) - 1 if ctx else default)
+
+
+def _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
+    """One serving prefill pass: each row's chunk of lens[i] tokens after starts[i] cached ones, as predict_prefill
+    prices a chunk, plus what the serving engine adds: every row's earlier keys and values gathered out of its
+    blocks into a dense copy per layer (read and written at the copy rate)."""
+    s, m = cfg.strategy, cfg.model
+    h, d = m.hidden, m.head_dim
+    flops_p = flops * cal.prefill_flops_fraction
+    dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)
+    starts, lens, pooled = list(starts), list(lens), list(pooled)
+    tokens = sum(lens)
+    before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
+    own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
+    dense = tokens * dense_per_token / flops_p
+
+    def eager(op, group, nbytes, cross):
+        return _collective_s(cal, links, op, group, nbytes, cross, graphed=False)
+
+    gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
+    copy_bw = bw * cal.prefill_base_copy_bw_fraction
+    if s.kind == "fa_pool":
+        long = [i for i, p in enumerate(pooled) if p]
+        short = [i for i, p in enumerate(pooled) if not p]
+        tp = s.tp
+        layer = 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
+        layer += dense / tp + sum(4 * h * lens[i] * starts[i] + 2 * h * lens[i] * (lens[i] + 1) for i in short) / flops_p / tp
+        layer += 2 * sum((starts[i] + lens[i]) * 2 * h * b for i in short) / tp / copy_bw
+        if long:
+            lt = sum(lens[i] for i in long)
+            l_before = sum(4 * h * lens[i] * starts[i] for i in long) / flops_p
+            l_own = sum(2 * h * lens[i] * (lens[i] + 1) for i in long) / flops_p
+            start = int(sum(starts[i] for i in long) / len(long))
+            pool_cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, batch_size=len(long)))
+            # the pool attends over the chunk too (its keys are stored there first): own goes to the pool
+            layer += _fa_pool_prefill_layer_s(pool_cfg, cal, eager, bw, len(long), lt, 0.0, l_before + l_own, 0.0,
+                                              max(start, 1), gpn, b) - 2 * eager("all_reduce", tp, lt * h * b, tp > gpn)
+        return m.n_layers * layer + 2 * len(lens) * h * m.vocab_size / (flops_p * tp)
+    tp, k = s.tp, (s.kv_shards if s.kind == "dcp" else 1)
+    cross = tp > gpn
+    layer = (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
+    layer += 2 * gathered / tp / copy_bw
+    if k > 1:
+        layer += eager("all_gather", k, 3 * tokens * h // tp * b, cross)
+        layer += eager("all_to_all", k, k * tokens * (h // tp) * (d + 1) // d * 4, cross)
+    hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
+    return m.n_layers * layer + hops + 2 * len(lens) * h * m.vocab_size / (flops_p * tp)
 
 
 def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
@@ -708,7 +800,17 @@ def main(argv=None):
 
     ap = argparse.ArgumentParser(description="predicted vs measured TPOT for the measured records under a directory")
     ap.add_argument("root", nargs="?", default=str(MEASURED_SET))
+    ap.add_argument("--serving", action="store_true",
+                    help="trace replays: each measured replay under root against its replay in virtual time")
     args = ap.parse_args(argv)
+    if not Path(args.root).is_dir():
+        raise SystemExit(f"fapool-perfmodel: {args.root} is not a directory of records")
+    if args.serving:
+        from harness.serving.virtual import check_serving
+
+        table = check_serving(args.root)
+        print("(no measured trace replays found)" if table.empty else table.to_markdown(index=False, floatfmt=".3g"))
+        return
     print(f"calibration: {default_calibration().source}")
     print(check_table(args.root))
     if CALIBRATION_SET.exists():

@@ -21,7 +21,7 @@ def drive(sched, tick=1.0, max_steps=10_000, check_every_step=True):
     while not sched.done() and len(plans) < max_steps:
         plan = sched.begin(now, now, stamp_arrivals=True)
         if plan is None:
-            nxt = sched.next_arrival_time()
+            nxt = sched.next_arrival_time(now)
             if nxt is None:
                 break
             now = max(now + tick, nxt)
@@ -156,3 +156,48 @@ def test_fa_pool_placement_pools_long_requests_and_migrates_the_ones_that_cross(
     assert max(sched.log["pool_ranks_used"]) >= 2 and max(sched.log["pool_rows"]) >= 1
     pooled_rows = [p for p in plans if p.decode_pooled.any()]
     assert all(p.decode_pool_ranks.any() for p in pooled_rows)
+
+
+def test_a_request_migrated_and_preempted_in_one_step_leaves_no_stale_moves():
+    from harness.serving.scheduler import PoolPlacement
+
+    reqs = requests([1, 5, 10], [1, 8, 3], [0, 0, 5])
+    cfg = ServingConfig(on_kv_full="preempt", block_size=1, max_batch=3, token_budget=32)
+    sched = Scheduler(reqs, cfg, 64, 40, lambda r: np.full(int(reqs.prompt_len[r]), r),
+                      placement=PoolPlacement(threshold=10, ranks=1, blocks_per_rank=0), pool_blocks=15)
+    plans = drive(sched)
+    for p in plans:  # every block a step copies into, or points a row at, is written once and is the row's
+        assert len(np.unique(p.migrations[:, 1])) == len(p.migrations)
+        assert len(np.unique(p.table_updates[:, 2])) == len(p.table_updates)
+    assert sched.preemptions.sum() > 0 and any(len(p.migrations) for p in plans)
+    assert_tokens_right(sched)
+
+
+def test_a_request_whose_base_share_never_fits_starts_in_the_pool():
+    from harness.serving.scheduler import PoolPlacement
+
+    # 8 base blocks of 4 tokens; request 0's prompt of 36 is under the threshold of 40, but the base holds 32
+    reqs = requests([36, 4], [10, 2], [0, 1])
+    for policy in ("reserve", "preempt"):
+        sched = Scheduler(reqs, ServingConfig(on_kv_full=policy, block_size=4, max_batch=4, token_budget=64), 8, 16,
+                          lambda r: np.zeros(int(reqs.prompt_len[r]), np.int64),
+                          placement=PoolPlacement(threshold=40, ranks=2, blocks_per_rank=2), pool_blocks=16)
+        drive(sched)
+        assert (sched.generated == reqs.output_len).all() and not sched.refused.any()
+        assert_tokens_right(sched)
+
+
+def test_a_closed_loop_goes_on_past_a_refused_request():
+    reqs = requests([200, 5, 5, 5], [3, 3, 3, 3])
+    cfg = ServingConfig(block_size=4, max_batch=4, token_budget=32)
+    sched = Scheduler(reqs, cfg, 64, 8, lambda r: np.zeros(int(reqs.prompt_len[r]), dtype=np.int64), closed_concurrency=1)
+    drive(sched)
+    assert list(sched.refused) == [True, False, False, False] and (sched.generated[1:] == 3).all()
+
+
+def test_inter_token_gaps_cover_every_token_after_the_first_preemptions_included():
+    reqs = requests([10, 10, 10, 10], [20, 20, 20, 20])
+    sched = make(reqs, "preempt", kv_blocks=16)
+    drive(sched)
+    assert sched.preemptions.sum() > 0
+    assert sum(len(g) for g in sched.itl) == int((reqs.output_len - 1).sum())

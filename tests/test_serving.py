@@ -110,7 +110,6 @@ def test_a_crashed_rank_is_a_record(tmp_path):
     (["workload.trace.path=missing.jsonl"], "workload.trace.path='missing.jsonl': no such file"),
     (["serving.token_budget=4", "serving.max_batch=8"], "serving.token_budget=4 < serving.max_batch=8"),
     (["serving.on_kv_full=drop"], "serving.on_kv_full='drop'"),
-    (["launcher=model"], "launcher=model does not replay traces yet"),
 ])
 def test_bad_serving_config_is_refused_before_launch(overrides, message, tmp_path):
     rec = launch([*TRACE, *overrides], tmp_path)

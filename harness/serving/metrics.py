@@ -6,8 +6,10 @@ Definitions (times on the replay's wall clock, from its start):
 - TPOT: (finish - first token) / (output tokens - 1), per request with at least 2 output tokens.
 - ITL: the gap between consecutive tokens of one request (every decode token of the replay).
 - E2E: finish - arrival.
-- Goodput: completed requests per second with TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms (DistServe's definition),
-  over the replay's duration (first arrival to last finish).
+- Goodput: completed requests per second with TTFT <= slo_ttft_ms and TPOT <= slo_tpot_ms, over the replay's
+  duration (first arrival to last finish), as vLLM's `bench serve --goodput` counts it. DistServe's goodput (the
+  highest rate at which a target share of requests meets both SLOs) is read off the goodput-against-rate curve, with
+  `slo_attainment` (that share, every request of the window in the denominator, refused ones included).
 Percentiles are numpy's (linear interpolation).
 """
 from __future__ import annotations
@@ -53,7 +55,8 @@ def _stats(values: np.ndarray, name: str) -> dict:
 class ServingSummary:
     requests: int
     completed: int
-    refused: int
+    refused: int  # by the scheduler (can never fit), plus the trace's over_context=refuse
+    refused_over_context: int
     unfinished: int
     preemptions: int
     steps: int
@@ -76,6 +79,7 @@ class ServingSummary:
 
 
 def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: float, slo_tpot_ms: float) -> ServingSummary:
+    over = sched.req.refused_over_context
     done = table[table.completed]
     start = float(np.nanmin(sched.arrival)) if np.isfinite(sched.arrival).any() else 0.0
     end = float(done.finished_s.max()) if len(done) else start
@@ -90,13 +94,13 @@ def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: fl
     used = np.asarray(sched.log["blocks_used"], dtype=np.float64) / max(sched.kv_blocks, 1)
     out_tokens = float(done.output_tokens.sum())
     return ServingSummary(
-        requests=len(table), completed=len(done), refused=int(table.refused.sum()),
+        requests=len(table) + over, completed=len(done), refused=int(table.refused.sum()) + over, refused_over_context=over,
         unfinished=int((~table.completed & ~table.refused).sum()), preemptions=int(table.preemptions.sum()),
         steps=sched.steps, offered_rate=offered_rate(sched.arrival), duration_s=duration, request_throughput=len(done) / duration,
         output_tokens_per_s=out_tokens / duration,
         total_tokens_per_s=(out_tokens + float(done.prompt_tokens.sum())) / duration,
         output_tokens_per_s_per_gpu=out_tokens / duration / world, goodput=good / duration,
-        goodput_per_gpu=good / duration / world, slo_attainment=good / max(len(table), 1), slo_ttft_ms=slo_ttft_ms,
+        goodput_per_gpu=good / duration / world, slo_attainment=good / max(len(table) + over, 1), slo_ttft_ms=slo_ttft_ms,
         slo_tpot_ms=slo_tpot_ms, kv_blocks=sched.kv_blocks,
         kv_occupancy_mean=float(used.mean()) if len(used) else 0.0, kv_occupancy_max=float(used.max()) if len(used) else 0.0,
         batch_mean=float(np.mean(sched.log["running"])) if sched.log["running"] else 0.0, latency=latency)

@@ -64,7 +64,7 @@ def _comm_device(device):
 
 def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None, pool_ranks: int) -> np.ndarray:
     if plan is None:
-        return np.array([0, 0, 0, 0, 0, 1, 0, pool_ranks, 0], dtype=np.int64)
+        return np.array([0, 0, 0, 0, 0, 1, 0, 0, 0], dtype=np.int64)  # done: no payload
     P, D = len(plan.prefill_slots), len(plan.decode_slots)
     width = plan.prefill_tokens.shape[1] if P else 0
     upto = int((plan.prefill_start + plan.prefill_len).max()) if P else 0
@@ -78,16 +78,17 @@ def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None, pool_ranks: int
     return np.concatenate([header] + [np.asarray(x, dtype=np.int64) for x in body])
 
 
-def _broadcast(packed: np.ndarray | None) -> torch.Tensor:
-    """Rank 0's packed plan on every rank, on the host (header first: the payload's size)."""
+def _broadcast(packed: np.ndarray | None, device) -> torch.Tensor:
+    """Rank 0's packed plan on every rank, on the host (header first: the payload's size; NCCL sends from the
+    device)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return torch.from_numpy(packed)
-    comm = _comm_device(None)
+    comm = _comm_device(device)
     head = torch.from_numpy(packed[:HEADER]).to(comm) if packed is not None else torch.zeros(HEADER, dtype=torch.long, device=comm)
     dist.broadcast(head, src=0)
-    P, D, U, W, _, _, M, R, _ = (int(x) for x in head.tolist())
+    P, D, U, W, _, done, M, R, _ = (int(x) for x in head.tolist())
     size = HEADER + 6 * P + P * W + 5 * D + 3 * U + 2 * M + 2 * R
-    if size == HEADER:
+    if size == HEADER or done:
         return head.cpu()
     body = torch.from_numpy(packed).to(comm) if packed is not None else torch.empty(size, dtype=torch.long, device=comm)
     dist.broadcast(body, src=0)
@@ -132,14 +133,15 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
 
 
 def replay(cfg, engine, rank: int, device, requests: Requests | None = None, before_step=lambda i: None,
-           warmup: bool = False, on_step=None) -> Replay:
+           warmup: bool = False, on_step=None, shaped_by: Requests | None = None) -> Replay:
     """Replay the trace (or `requests`) to the end, or to serving.max_steps. Every rank calls this. On CUDA, rank 0
     records an event before and after each step's device work (nothing waits on them until the end): the steps'
     device times, `device_ms` in the step log. on_step(index, passes, updates, migrations): called before each
-    step runs (a benchmark keeps some to time them alone)."""
+    step runs (a benchmark keeps some to time them alone). shaped_by: the requests that size the KV and the block
+    tables (a warm-up replay's: the timed trace, so that both run on the same buffers)."""
     s, w = cfg.serving, cfg.workload
     requests = requests if requests is not None else load_trace(w.trace)
-    blocks, per_slot = capacity(cfg, engine, requests, device)
+    blocks, per_slot = capacity(cfg, engine, shaped_by if shaped_by is not None else requests, device)
     block_tokens = engine.serve_block_tokens(s.block_size)
     placement = engine.serve_placement(block_tokens)  # FA Pool: its pool ranks hold `blocks` blocks each too
     pool_blocks = blocks if placement else 0
@@ -172,7 +174,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                 plan = sched.begin(trace_now, now, stamp_arrivals=logical or bool(closed))
                 if plan is not None or sched.done():
                     break
-                nxt = sched.next_arrival_time()
+                nxt = sched.next_arrival_time(trace_now)
                 if nxt is None:  # nothing runs and nothing more arrives: the rest was refused
                     break
                 if logical:
@@ -181,7 +183,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                     time.sleep(max(0.0, nxt - now))
             packed = _pack(plan, sched.slot_req, pool_ranks)
             host_s = time.perf_counter() - t0 - host_start if plan is not None else 0.0
-        unpacked = _unpack(_broadcast(packed), device, cfg.strategy.tp)
+        unpacked = _unpack(_broadcast(packed, device), device, cfg.strategy.tp)
         if unpacked is None:
             break
         passes, updates, migrations, row_req, emits = unpacked

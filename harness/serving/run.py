@@ -26,7 +26,8 @@ def serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, pe
     engine = build_engine(cfg, rank, world, device, timer)
     perturb_weights(engine, cfg.fault, rank)
     if cfg.serving.warmup_requests:
-        replay(cfg, engine, rank, device, warmup_requests(requests, cfg.serving.warmup_requests), warmup=True)
+        replay(cfg, engine, rank, device, warmup_requests(requests, cfg.serving.warmup_requests), warmup=True,
+               shaped_by=requests)
         engine.reset_measurements()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -91,7 +92,8 @@ def write_table(df, directory: str | Path, name: str) -> Path:
     return directory / name
 
 
-def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir) -> RunRecord:
+def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir, env: dict | None = None) -> RunRecord:
+    """The replay's record (env: a projection's, instead of this machine's), requests.csv and steps.csv."""
     sched = result.scheduler
     table = request_table(sched)
     checks = next((r.pop("request_checks") for r in reports if "request_checks" in r), None)
@@ -119,7 +121,7 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
               for role, rs in roles.items()}
     s = cfg.serving
     record = RunRecord(
-        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=environment(world, cfg.hardware.device, backend),
+        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend),
         metrics=flat_metrics(summary), memory=memory,
         step_times_ms=(steps.device_ms if "device_ms" in steps else (steps.end - steps.start) * 1e3).tolist(),
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),

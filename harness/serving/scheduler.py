@@ -186,11 +186,12 @@ class Scheduler:
     def done(self) -> bool:
         return self.next_arrival >= len(self.req) and not self.waiting and self.running == 0
 
-    def next_arrival_time(self) -> float | None:
-        """Trace time of the next request not yet released (None: all released, or a closed loop)."""
-        if self.closed or self.next_arrival >= len(self.req):
+    def next_arrival_time(self, now: float = 0.0) -> float | None:
+        """Trace time of the next request not yet released (None: all released); a closed loop's next one is due
+        now (its place was freed by a refusal)."""
+        if self.next_arrival >= len(self.req):
             return None
-        return float(self.req.arrival_s[self.next_arrival])
+        return now if self.closed else float(self.req.arrival_s[self.next_arrival])
 
     def release(self, now: float, stamp: float | None = None) -> None:
         """Requests that have arrived by `now` (trace seconds) join the queue. Their arrival is stamped `stamp` (the
@@ -251,9 +252,21 @@ class Scheduler:
         j = np.arange(self.held[slot], self.held[slot] + need)
         ids = self._take_for(slot, j)
         self.table[slot, j] = ids
-        updates.append(np.stack([np.full(need, slot), j, ids], 1))
+        updates.append(self._entries(np.full(need, slot), j, ids))
         self.held[slot] += need
         return True
+
+    def _entries(self, slots, j, ids) -> np.ndarray:
+        """Block-table entries (slot, index, id), tagged with the slot's admission number until the plan is built."""
+        return np.stack([slots, j, ids, self.admit_seq[slots]], 1)
+
+    def _live(self, rows: np.ndarray, slot_col: int) -> np.ndarray:
+        """rows whose slot still holds the request they were made for (a request preempted in the same step
+        leaves entries and moves behind)."""
+        if not len(rows):
+            return rows
+        slots = rows[:, slot_col]
+        return rows[(self.slot_req[slots] >= 0) & (self.admit_seq[slots] == rows[:, -1])]
 
     def _free_slot(self, slot: int) -> None:
         self.kv.give(self.table[slot, : self.held[slot]])
@@ -289,8 +302,8 @@ class Scheduler:
         j = np.arange(n)
         new = self._take_for(slot, j)
         self.table[slot, :n] = new
-        updates.append(np.stack([np.full(n, slot), j, new], 1))
-        moves.append(np.stack([old, new], 1))
+        updates.append(self._entries(np.full(n, slot), j, new))
+        moves.append(np.stack([old, new, np.full(n, slot), np.full(n, self.admit_seq[slot])], 1))
         self.kv.give(old)
         self.kv.promised[0] -= self.promise[slot, 0]  # what the base kept for it is free for others
         self.promise[slot, 0] = 0
@@ -327,7 +340,7 @@ class Scheduler:
                 self.kv.promised[0] -= used.sum()
                 ids = self.kv.take(0, len(base))
                 self.table[base, self.held[base]] = ids
-                updates.append(np.stack([base, self.held[base], ids], 1))
+                updates.append(self._entries(base, self.held[base], ids))
                 self.held[base] += 1
             for slot in pooled:
                 self._grow(int(slot), int(self.ctx[slot]) + 1, updates)
@@ -358,12 +371,15 @@ class Scheduler:
         context = int(self.req.prompt_len[r] + self.req.output_len[r] - 1)
         target = int(self.req.prompt_len[r] + self.generated[r])
         threshold = self.placement.threshold if self.placement else None
-        ends_in = int(threshold is not None and context > threshold)  # the tier its KV ends in
+        # the tier its KV ends in: the pool past the threshold, or where the base could never hold its share
+        ends_in = int(threshold is not None and (context > threshold or
+                                                 blocks_for(min(context, threshold), self.bs) > self.kv.capacity(0)))
         if blocks_for(context, self.bs) > min(self.width, self.kv.capacity(ends_in)):
             self.waiting.popleft()
             self.refused[r] = True
             return None
-        pooled = threshold is not None and target > threshold
+        pooled = threshold is not None and (target > threshold or
+                                            blocks_for(min(context, threshold), self.bs) > self.kv.capacity(0))
         need = np.zeros(2, dtype=np.int64)
         if self.cfg.on_kv_full == "reserve":
             if not pooled:
@@ -418,10 +434,10 @@ class Scheduler:
         dec_req = self.slot_req[decode]
         dec_tokens = self.out_tokens[self.offset[dec_req] + self.generated[dec_req] - 1]
         decode = decode.astype(np.int64)
+        updates = self._live(np.concatenate(updates), 0)[:, :3] if updates else np.zeros((0, 3), dtype=np.int64)
+        moves = self._live(np.concatenate(moves), 2)[:, :2] if moves else np.zeros((0, 2), dtype=np.int64)
         plan = StepPlan(self.steps, slots, start, length, last, tokens, decode, self.ctx[decode].copy(),
-                        dec_tokens, np.concatenate(updates) if updates else np.zeros((0, 3), dtype=np.int64),
-                        self.pooled[slots].copy(), self.pooled[decode].copy(),
-                        np.concatenate(moves) if moves else np.zeros((0, 2), dtype=np.int64),
+                        dec_tokens, updates, self.pooled[slots].copy(), self.pooled[decode].copy(), moves,
                         self._pool_ranks_of(slots), self._pool_ranks_of(decode))
         self.ctx[slots] += length  # the chunk's KV is written by the step
         self.ctx[decode] += 1
@@ -455,9 +471,11 @@ class Scheduler:
         emit_tokens = np.concatenate([tokens[:P][plan.prefill_last], tokens[P:]]).astype(np.int64)
         reqs = self.slot_req[emit_slots]
         self.out_tokens[self.offset[reqs] + self.generated[reqs]] = emit_tokens
-        decoded = self.slot_req[plan.decode_slots]
-        if len(decoded):
-            self.itl.append(now - self.last_token[decoded])
+        resumed = reqs[:len(reqs) - len(plan.decode_slots)]
+        resumed = resumed[self.generated[resumed] > 0]  # a preempted request's first token after its recompute
+        gaps = now - self.last_token[np.concatenate([resumed, self.slot_req[plan.decode_slots]])]
+        if len(gaps):
+            self.itl.append(gaps)
         self.generated[reqs] += 1
         first = reqs[np.isnan(self.first_token[reqs])]
         self.first_token[first] = now

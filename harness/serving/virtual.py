@@ -1,0 +1,141 @@
+"""A trace replay in virtual time (`launcher=model` with a trace workload): the serving scheduler itself
+(harness/serving/scheduler.py, the same code a measured replay runs), each step priced by the performance model
+(harness/perfmodel.predict_serving_step) as the serving engines run it, the clock advanced by that price. Nothing
+runs on a device; the record and its tables are a measured replay's, marked `projected`.
+
+KV capacity per rank comes from hardware.memory_gb: what serving.kv_memory_fraction of it holds after the rank's
+weights and a workspace, in the strategy's blocks (every rank of a static group holds its heads of every block;
+DCP's block spans its shards; FA Pool's base and pool ranks hold blocks of their own sizes). Without memory_gb
+the KV is unbounded (max_batch requests of the longest context).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from harness.memory import DTYPE_BYTES, memory_by_role
+from harness.perfmodel import default_calibration, predict_serving_step, serving_config
+from harness.serving.replay import Replay
+from harness.serving.run import write_serving_record
+from harness.serving.scheduler import PoolPlacement, Scheduler, kv_blocks_needed
+from harness.traces import load_trace
+
+WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
+
+
+def block_bytes(cfg) -> tuple[int, int, int]:
+    """(tokens of a request per scheduler block, bytes of one block on a base/static rank, on a pool rank)."""
+    m, s, sv = cfg.model, cfg.strategy, cfg.serving
+    b = DTYPE_BYTES[cfg.hardware.dtype]
+    per_token_layer = 2 * m.hidden * b  # K and V of one token, one layer, all heads
+    if s.kind == "fa_pool":
+        return sv.block_size, sv.block_size * per_token_layer * m.n_layers // s.tp, sv.block_size * per_token_layer * m.n_layers
+    k = s.kv_shards if s.kind == "dcp" else 1
+    return sv.block_size * k, sv.block_size * per_token_layer * (m.n_layers // s.pp) * k // s.tp, 0
+
+
+def capacity(cfg, requests) -> tuple[int, int, int, PoolPlacement | None]:
+    """(base or static blocks, pool blocks per pool rank, blocks per slot, placement) for cfg's hardware."""
+    s, sv = cfg.strategy, cfg.serving
+    tokens, base_bytes, pool_bytes = block_bytes(cfg)
+    per_slot, useful = kv_blocks_needed(requests, sv, tokens)
+    cap = cfg.hardware.memory_gb * 1e9 * sv.kv_memory_fraction
+    weights = max(r.weight_bytes for r in memory_by_role(cfg))
+    blocks = sv.kv_blocks or (min(useful, int(max(cap - weights - WORKSPACE_BYTES, 0) // base_bytes)) if cap else useful)
+    placement, pool_blocks = None, 0
+    if s.kind == "fa_pool" and s.pool.size:
+        per_rank = -(-s.pool.tokens_per_rank // tokens) if s.pool.policy == "proportional" else 0
+        placement = PoolPlacement(s.pool.threshold, s.pool.size, per_rank)
+        pool_blocks = sv.kv_blocks or (min(useful, int(max(cap - WORKSPACE_BYTES, 0) // pool_bytes)) if cap else useful)
+    return blocks, pool_blocks, per_slot, placement
+
+
+def virtual_replay(cfg, cal=None) -> Replay:
+    """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
+    default the committed one). The step log's device_ms holds each step's price."""
+    sv, w = cfg.serving, cfg.workload
+    requests = load_trace(w.trace)
+    blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
+    closed = w.trace.concurrency if w.trace.arrival == "closed" else 0
+    sched = Scheduler(requests, sv, blocks, per_slot, lambda r: np.zeros(int(requests.prompt_len[r]), dtype=np.int64),
+                      closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement,
+                      pool_blocks=pool_blocks)
+    cal = cal or default_calibration()
+    priced = serving_config(cfg)
+    host_s = sv.host_step_ms / 1e3
+    now, costs = 0.0, []
+    while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
+        plan = sched.begin(now, now, stamp_arrivals=bool(closed))
+        if plan is None:
+            nxt = sched.next_arrival_time(now)
+            if nxt is None:
+                break
+            now = max(now, nxt)
+            continue
+        cost = host_s + predict_serving_step(priced, cal, plan.prefill_start, plan.prefill_len, plan.prefill_pooled,
+                                             plan.decode_pos + 1, plan.decode_pooled)
+        costs.append(cost * 1e3)
+        now += cost
+        sched.complete(plan, np.zeros(plan.rows, dtype=np.int64), now, host_s)
+    sched.log["device_ms"] = costs
+    result = Replay(requests, sched, blocks, per_slot, now, [])
+    result.pool_blocks, result.calibration = pool_blocks, cal.source
+    return result
+
+
+def project_serving(cfg, cfg_dict: dict, out_dir) -> None:
+    """Replay cfg's trace in virtual time and write the projected record, requests.csv and steps.csv."""
+    result = virtual_replay(cfg)
+    blocks, pool_blocks = result.kv_blocks, result.pool_blocks
+    _, base_bytes, pool_bytes = block_bytes(cfg)
+    reports = [{"role": r.role, "rank": i, "weight_bytes": r.weight_bytes,
+                "kv_bytes": pool_blocks * pool_bytes if r.role == "pool" else blocks * base_bytes,
+                "peak_bytes": r.weight_bytes + (pool_blocks * pool_bytes if r.role == "pool" else blocks * base_bytes)
+                + WORKSPACE_BYTES, "memory_source": "projected: weights + KV blocks + 1 GiB workspace"}
+               for i, r in enumerate(memory_by_role(cfg))]
+    env = {"source": "projected", "hardware": cfg.hardware.name, "model": "harness/perfmodel.py",
+           "calibration": result.calibration, "kv_blocks": blocks, "pool_blocks_per_rank": pool_blocks}
+    write_serving_record(cfg, cfg_dict, result, reports, cfg.strategy.world_size, None, out_dir, env=env)
+
+
+def check_serving(root) -> "pd.DataFrame":
+    """Every measured trace replay under root against its replay in virtual time: the same config, trace window,
+    rate and KV blocks, the model calibrated on the limits measured in the same benchmark run where the folder
+    above the records has them (bench_serving.json)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from harness.collect import find_records
+    from harness.config import from_dict
+    from harness.perfmodel import Calibration
+    from harness.serving.metrics import request_table, summarize
+
+    rows = []
+    good, _ = find_records(root)
+    for path, rec in good:
+        if rec.status != "ok" or not rec.serving or rec.env.get("source") == "projected":
+            continue
+        cfg = from_dict(rec.config)
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
+        cal = default_calibration()
+        bench = next((p / "bench_serving.json" for p in Path(path).resolve().parents if (p / "bench_serving.json").exists()), None)
+        if bench is not None:
+            lim = json.loads(bench.read_text())["limits"]
+            cal = dataclasses.replace(cal, read_bw=lim["read_bytes_per_s"],
+                                      gemm_flops_fraction=lim["gemm_flops_per_s"] / (cfg.hardware.peak_tflops * 1e12)
+                                      if cfg.hardware.peak_tflops else cal.gemm_flops_fraction)
+        projected = virtual_replay(cfg, cal)
+        table = request_table(projected.scheduler)
+        p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
+        m = rec.metrics
+        row = {"record": str(Path(path).parent.relative_to(root)), "strategy": cfg.strategy.name,
+               "offered req/s": m["offered_rate"]}
+        for key, name in (("ttft_ms_p50", "TTFT p50"), ("ttft_ms_p99", "TTFT p99"), ("tpot_ms_p50", "TPOT p50"),
+                          ("tpot_ms_p99", "TPOT p99")):
+            row[f"{name} measured"], row[f"{name} projected"] = m[key], p.latency[key]
+            row[f"{name} error"] = p.latency[key] / m[key] - 1 if m[key] else None
+        row["goodput measured"], row["goodput projected"] = m["goodput"], p.goodput
+        rows.append(row)
+    return pd.DataFrame(rows)
