@@ -123,8 +123,9 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
 
     passes = []
     if P:
-        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, *fa_pool(p_pooled, host_pooled[0], p_ranks)),
-                       p_tokens))
+        host_start, host_lens = host[HEADER + P: HEADER + 2 * P].tolist(), host[HEADER + 2 * P: HEADER + 3 * P].tolist()
+        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, *fa_pool(p_pooled, host_pooled[0], p_ranks),
+                                   tuple(host_start), tuple(host_lens)), p_tokens))
     if D:
         passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, upto_decode,
                                    *fa_pool(d_pooled, host_pooled[1], d_ranks)), d_tokens[:, None]))

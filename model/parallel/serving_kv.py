@@ -34,6 +34,8 @@ class ServingPass:
     pooled: torch.Tensor | None = None  # FA Pool: [b] bool, the row's KV is in the pool
     pool_rows: torch.Tensor | None = None  # FA Pool: [n] long, the pooled rows' indices in the pass
     pool_ranks: tuple = ()  # FA Pool (host): the world ranks of the pool that hold blocks of the pooled rows
+    host_start: tuple = ()  # a prefill pass (host): each row's start and new tokens, as the plan said
+    host_lens: tuple = ()
 
     def sub(self, index: torch.Tensor) -> "ServingPass":
         """The pass restricted to rows `index`."""
@@ -82,9 +84,14 @@ class ServingKV:
         self.store.write_token(layer, blocks.reshape(-1), (pos % self.block_size).reshape(-1), flat(k), flat(v))
 
 
+# a prefill pass of at most this many rows attends row by row with no mask (the fused kernels' causal paths); more
+# rows attend together through one mask (per-row offsets and lengths), so the kernel count stays bounded
+ROWS_ONE_BY_ONE = 2
+
+
 class ServingAttention:
     """A block's attention core in serving mode: stores the pass's new K/V through the block table, then attends
-    (paged decode kernel for one token a row; gathered keys with a per-row causal offset for a chunk)."""
+    (paged decode kernel for one token a row; a prefill chunk over the row's keys gathered through the table)."""
 
     def __init__(self, kv: ServingKV, layer: int, backend: str, timer):
         self.kv, self.layer, self.backend, self.timer = kv, layer, backend, timer
@@ -101,7 +108,21 @@ class ServingAttention:
                 out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
                                       (p.start + 1).to(torch.int32))
                 return out.to(q.dtype)[:, :, None]
+            if len(p.host_lens) <= ROWS_ONE_BY_ONE:
+                return self._chunks(q, table, p)
             width = -(-p.upto // self.kv.block_size)
             keys, values = self.kv.store.dense(self.layer, table[:, :width].long(), p.upto)
             return attention(q, keys, values, kv_lens=p.start + p.lens, causal=True, backend=self.backend,
                              q_offset=p.start)[0]
+
+    def _chunks(self, q, table, p):
+        """Each row's chunk over its own keys, one row at a time: the keys before it and its own are exactly the
+        first start + n of the row, so no mask is needed and the fused kernels' causal paths apply (cuDNN over the
+        keys before and flash or cuDNN over its own on CUDA); the rows' padding stays zero."""
+        out = torch.zeros_like(q)
+        bs = self.kv.block_size
+        for i, (start, n) in enumerate(zip(p.host_start, p.host_lens)):
+            keys, values = self.kv.store.dense(self.layer, table[i: i + 1, : -(-(start + n) // bs)].long(), start + n)
+            out[i: i + 1, :, :n] = attention(q[i: i + 1, :, :n], keys, values, causal=True, backend=self.backend,
+                                             q_offset=start)[0]
+        return out
