@@ -117,12 +117,14 @@ class ServingAttention:
 
     def _chunks(self, q, table, p):
         """Each row's chunk over its own keys, one row at a time: the keys before it and its own are exactly the
-        first start + n of the row, so no mask is needed and the fused kernels' causal paths apply (cuDNN over the
-        keys before and flash or cuDNN over its own on CUDA); the rows' padding stays zero."""
+        first start + n of the row, so no mask is needed and a fused kernel's causal path applies; the rows'
+        padding stays zero. On CUDA in half precision that is flash's bottom-right causal kernel: cuDNN's would build
+        a plan for every new (start, n), and a serving step's chunks rarely repeat a shape."""
         out = torch.zeros_like(q)
         bs = self.kv.block_size
+        backend = "sdpa_flash" if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else self.backend
         for i, (start, n) in enumerate(zip(p.host_start, p.host_lens)):
             keys, values = self.kv.store.dense(self.layer, table[i: i + 1, : -(-(start + n) // bs)].long(), start + n)
-            out[i: i + 1, :, :n] = attention(q[i: i + 1, :, :n], keys, values, causal=True, backend=self.backend,
+            out[i: i + 1, :, :n] = attention(q[i: i + 1, :, :n], keys, values, causal=True, backend=backend,
                                              q_offset=start)[0]
         return out
