@@ -4,7 +4,7 @@ scheduler's host time per step.
     python -m harness.bench_serving --out DIR                        # on a GPU: the paper model, Mooncake sample
     python -m harness.bench_serving --out DIR --smoke                # the tiny model on the CPU (tests)
 
-For each rate it replays the trace (one record per rate under DIR/records/, with requests.csv and steps.csv), then
+For each rate it replays the trace (one record per rate under DIR/records/, with requests.csv and the step log), then
 takes a sample of the highest rate's steps and runs each again alone, back to back (the same passes on the same
 engine, its captured graph where the replay had one): a decode-only step against its time inside the replay, and
 a mixed step against its prefill and decode passes each timed alone. Each decode step's roofline is its weight and
@@ -31,7 +31,7 @@ from harness.config import load, register_configs, validate
 from harness.measure import PhaseTimer
 from harness.runner import build_engine
 from harness.serving.replay import replay, warmup_requests
-from harness.serving.run import write_serving_record
+from harness.serving.run import STEPS_FILE, write_serving_record
 from harness.traces import load_trace
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -95,7 +95,7 @@ def main(argv=None):
                                     "memory_source": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "none"}
         rec = write_serving_record(cfg_r, cfg_dict, result, [report], 1, backend, rec_dir)
         m = rec.metrics
-        steps = pd.read_csv(rec_dir / "steps.csv")
+        steps = pd.read_csv(rec_dir / STEPS_FILE)
         rows.append({"rate": rate, "offered req/s": m["offered_rate"], "completed": m["completed"], "refused": m["refused"],
                      "TTFT p50 ms": m["ttft_ms_p50"], "TTFT p99 ms": m["ttft_ms_p99"], "TPOT p50 ms": m["tpot_ms_p50"],
                      "TPOT p99 ms": m["tpot_ms_p99"], "goodput req/s": m["goodput"], "out tok/s": m["output_tokens_per_s"],

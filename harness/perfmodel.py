@@ -399,7 +399,13 @@ def _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) ->
             l_before = sum(4 * h * lens[i] * starts[i] for i in long) / flops_p
             l_own = sum(2 * h * lens[i] * (lens[i] + 1) for i in long) / flops_p
             start = int(sum(starts[i] for i in long) / len(long))
-            pool_cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, batch_size=len(long)))
+            # the pool ranks the engine sends to: those holding the rows' blocks (proportional: a rank per
+            # tokens_per_rank of the longest row's context), not the whole pool
+            p = s.pool
+            used = p.size if p.policy != "proportional" else \
+                min(p.size, max(-(-(starts[i] + lens[i]) // p.tokens_per_rank) for i in long))
+            pool_cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, batch_size=len(long)),
+                                           strategy=dataclasses.replace(s, pool=dataclasses.replace(p, size=used)))
             # the pool attends over the chunk too (its keys are stored there first): own goes to the pool
             layer += _fa_pool_prefill_layer_s(pool_cfg, cal, eager, bw, len(long), lt, 0.0, l_before + l_own, 0.0,
                                               max(start, 1), gpn, b) - 2 * eager("all_reduce", tp, lt * h * b, tp > gpn)

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
+from harness.serving.run import STEPS_FILE
 from tests.conftest import launch
 
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -27,7 +28,7 @@ def test_serving_on_gpus_matches_the_plain_model(strategy, gpus, dtype, tmp_path
                      tmp_path / graphs)
         assert rec["status"] == "ok", rec["error"]
         assert rec["reference_check"]["passed"], rec["reference_check"]
-        runs[graphs] = (rec, pd.read_csv(tmp_path / graphs / "steps.csv"))
+        runs[graphs] = (rec, pd.read_csv(tmp_path / graphs / STEPS_FILE))
     (on, steps_on), (off, steps_off) = runs["true"], runs["false"]
     captured = not strategy.startswith("fa_pool")  # FA Pool's base sends eagerly inside attention
     assert (steps_on.replayed.sum() > 0) == captured and steps_off.replayed.sum() == 0

@@ -3,6 +3,7 @@ checked against its own single-device decode, and the replay's bookkeeping."""
 import pandas as pd
 import pytest
 
+from harness.serving.run import STEPS_FILE
 from tests.conftest import launch
 
 TRACE = ["workload=tiny_mooncake", "workload.trace.first_n=12", "model.init_std=0.3", "serving.warmup_requests=1"]
@@ -12,7 +13,7 @@ STRATEGIES = ["reference", "tp2_pp1", "tp1_pp2", "tp2_pp2", "dcp_t2_k2", "dcp_t4
 def replay(tmp_path, *overrides):
     rec = launch([*TRACE, *overrides], tmp_path)
     assert rec["status"] == "ok", rec["error"]
-    return rec, pd.read_csv(tmp_path / "requests.csv"), pd.read_csv(tmp_path / "steps.csv")
+    return rec, pd.read_csv(tmp_path / "requests.csv"), pd.read_csv(tmp_path / STEPS_FILE)
 
 
 def assert_every_request_right(rec, requests):
@@ -34,7 +35,7 @@ def test_every_request_matches_its_own_decode(strategy, tmp_path):
     assert ((steps.prefill_tokens > 0) & (steps.decode_rows > 0)).any()
     m = rec["metrics"]
     assert m["ttft_ms_p99"] >= m["ttft_ms_p50"] > 0 and m["goodput"] <= m["request_throughput"]
-    assert len(rec["step_times_ms"]) == m["steps"] == len(steps)
+    assert m["steps"] == len(steps) and (steps.end >= steps.start).all()
 
 
 FA_POOL = ["strategy.pool.threshold=120", "strategy.pool.tokens_per_rank=64", "serving.clock=logical"]
@@ -114,3 +115,33 @@ def test_a_crashed_rank_is_a_record(tmp_path):
 def test_bad_serving_config_is_refused_before_launch(overrides, message, tmp_path):
     rec = launch([*TRACE, *overrides], tmp_path)
     assert rec["status"] == "invalid" and message in rec["error"], rec["error"]
+
+
+def test_virtual_time_replay_writes_a_projected_record(tmp_path):
+    rec = launch([*TRACE, "strategy=fa_pool_b2_p2", "launcher=model", "model=paper", "hardware=a100_80gb",
+                  "strategy.pool.threshold=120", "strategy.pool.tokens_per_rank=64"], tmp_path)
+    assert rec["status"] == "ok" and rec["env"]["source"] == "projected"
+    requests, steps = pd.read_csv(tmp_path / "requests.csv"), pd.read_csv(tmp_path / STEPS_FILE)
+    assert requests.completed.all() and rec["metrics"]["completed"] == 12 and rec["serving"]["blocks_returned"]
+    assert (steps.device_ms > 0).all() and steps.migrated.sum() > 0  # the same scheduler: placement and migration
+    # the clock is the priced steps: each step ends its price after it starts
+    assert ((steps.end - steps.start) * 1e3 - steps.device_ms).abs().max() < 1e-6
+
+
+def test_serving_step_price_grows_with_context_and_tokens():
+    import numpy as np
+
+    from harness.perfmodel import default_calibration, predict_serving_step, serving_config
+    from tests.conftest import cfg_object
+
+    cal = default_calibration()
+    for strategy in ("tp8_pp2", "dcp_t4_k2", "fa_pool"):
+        cfg = serving_config(cfg_object(["model=paper", "hardware=a100_80gb", f"strategy={strategy}"]))
+        price = lambda ctx, rows=64, chunk=(): predict_serving_step(  # noqa: E731
+            cfg, cal, [c[0] for c in chunk], [c[1] for c in chunk], [c[0] + c[1] > 4096 for c in chunk],
+            np.full(rows, ctx), np.full(rows, ctx > 4096))
+        if strategy == "fa_pool":  # eager in serving: a decode step is the host's floor until the pool's work passes it
+            assert price(2000) <= price(30000) <= price(120000, rows=256) and price(2000) < price(120000, rows=256)
+        else:
+            assert price(2000) < price(30000) and price(2000, rows=8) < price(2000, rows=128)
+        assert price(2000, chunk=[(0, 2048)]) > price(2000) and price(2000, chunk=[(60000, 2048)]) > price(2000, chunk=[(0, 2048)])

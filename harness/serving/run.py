@@ -17,7 +17,7 @@ from harness.serving.metrics import flat_metrics, request_table, step_table, sum
 from harness.serving.replay import replay, warmup_requests
 from harness.traces import load_trace, prompt_tokens
 
-REQUESTS_FILE, STEPS_FILE = "requests.csv", "steps.csv"
+REQUESTS_FILE, STEPS_FILE = "requests.csv", "steps.csv.gz"  # the step log is long: compressed
 
 
 def serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, perturb_weights, inject_fault):
@@ -86,14 +86,14 @@ def write_table(df, directory: str | Path, name: str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        df.to_csv(f, index=False)
+    os.close(fd)
+    df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
     os.replace(tmp, directory / name)
     return directory / name
 
 
 def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir, env: dict | None = None) -> RunRecord:
-    """The replay's record (env: a projection's, instead of this machine's), requests.csv and steps.csv."""
+    """The replay's record (env: a projection's, instead of this machine's) and its tables beside it."""
     sched = result.scheduler
     table = request_table(sched)
     checks = next((r.pop("request_checks") for r in reports if "request_checks" in r), None)
@@ -123,7 +123,6 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
     record = RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend),
         metrics=flat_metrics(summary), memory=memory,
-        step_times_ms=(steps.device_ms if "device_ms" in steps else (steps.end - steps.start) * 1e3).tolist(),
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),
         serving={"trace": result.requests.summary(), "kv_blocks": result.kv_blocks, "block_size": s.block_size,
                  "max_blocks_per_request": result.max_blocks, "on_kv_full": s.on_kv_full, "clock": s.clock,
@@ -131,8 +130,8 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
                  "files": {"requests": REQUESTS_FILE, "steps": STEPS_FILE}},
         passes={"warmup": f"an untimed replay of the first {s.warmup_requests} request(s), arriving together",
                 "timed": "the replay: latencies on the wall clock at step boundaries, where rank 0 reads the step's "
-                         "tokens; step_times_ms: CUDA events around each step's device work on GPUs (the wall "
-                         "clock on CPU)",
+                         f"tokens; each step's time is in {STEPS_FILE} (device_ms: CUDA events around its device "
+                         "work on GPUs, the price of a projection; start and end on the replay's clock)",
                 "reference_check": "per request, during the timed replay: the holder of the logits keeps each "
                                    "emitted token's logits (a host copy per step)" if check else None},
     )

@@ -83,7 +83,7 @@ def virtual_replay(cfg, cal=None) -> Replay:
 
 
 def project_serving(cfg, cfg_dict: dict, out_dir) -> None:
-    """Replay cfg's trace in virtual time and write the projected record, requests.csv and steps.csv."""
+    """Replay cfg's trace in virtual time and write the projected record and its tables (harness/serving/run.py)."""
     result = virtual_replay(cfg)
     blocks, pool_blocks = result.kv_blocks, result.pool_blocks
     _, base_bytes, pool_bytes = block_bytes(cfg)
