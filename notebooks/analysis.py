@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -80,6 +80,26 @@ display(Image(OUT / "memory.png"))
 # %%
 for name in ("pool_scaling", "threshold_sweep", "elasticity"):
     display(Image(OUT / f"{name}.png"))
+
+# %% [markdown]
+# ## Under real traffic: trace replays (serving mode)
+#
+# Latency against load and goodput against rate, one line per strategy (its GPU count in the label), the
+# per-request CDFs, and KV and FA Pool occupancy over a replay. `FAPOOL_SERVING` points at a results directory with
+# trace replays (default: the projected paper configurations under the Mooncake trace).
+
+# %%
+from harness.serving.report import serving_table  # noqa: E402
+
+SERVING_DIR = Path(os.environ.get("FAPOOL_SERVING", "../results/projected/serving_paper"))
+SERVING_OUT = Path(os.environ.get("FAPOOL_SERVING_OUT", OUT / "serving"))
+served = report(SERVING_DIR, SERVING_OUT)["frame"] if SERVING_DIR.is_dir() else pd.DataFrame()
+table = serving_table(served)
+print(f"{len(table)} trace replays under {SERVING_DIR}")
+display(table)
+for name in ("latency_vs_load", "goodput_vs_rate", "request_cdfs", "kv_occupancy", "pool_occupancy"):
+    if (SERVING_OUT / f"{name}.png").exists():
+        display(Image(SERVING_OUT / f"{name}.png"))
 
 # %% [markdown]
 # ## The paper's claims as data (with the contradictions noted)
