@@ -91,7 +91,7 @@ for name in ("pool_scaling", "threshold_sweep", "elasticity"):
 # %%
 from harness.serving.report import serving_table  # noqa: E402
 
-SERVING_DIR = Path(os.environ.get("FAPOOL_SERVING", "../results/projected/serving_paper"))
+SERVING_DIR = Path(os.environ.get("FAPOOL_SERVING", "../results/projected/serve_paper_a100"))
 SERVING_OUT = Path(os.environ.get("FAPOOL_SERVING_OUT", OUT / "serving"))
 served = report(SERVING_DIR, SERVING_OUT)["frame"] if SERVING_DIR.is_dir() else pd.DataFrame()
 table = serving_table(served)

@@ -125,7 +125,7 @@ def test_notebook_is_paired_and_executes(results, tmp_path):
         del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
     outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
     assert "11 records" in outputs and "image/png" in outputs and "Where a decode step goes" in outputs
-    assert "20 trace replays" in outputs  # the committed projected set of the paper's configurations under traffic
+    assert "40 trace replays" in outputs  # the committed projected set of the paper's configurations under traffic
 
 
 def test_fapool_report_command_on_a_real_sweep(tmp_path):
