@@ -461,6 +461,9 @@ def main(argv=None):
     ap.add_argument("--baseline", default=None, help="static strategy of the paper layout (default tp8_pp2, else the first)")
     ap.add_argument("--fa-pool", default=None, help="FA Pool strategy (default fa_pool, else the first)")
     args = ap.parse_args(argv)
+    if not Path(args.results_dir).is_dir():
+        raise SystemExit(f"fapool-report: {args.results_dir} is not a directory; give the results directory of a run or "
+                         f"sweep (e.g. results/sweeps/<time>)")
     r = report(args.results_dir, args.out, args.baseline, args.fa_pool)
     print(f"{len(r['frame'])} records loaded, {len(r['bad'])} skipped")
     for p, why in r["bad"]:

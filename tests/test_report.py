@@ -157,3 +157,13 @@ def test_unlike_records_are_not_averaged_and_the_tables_say_why(tmp_path):
     assert len(r["tables"]["memory"]) == 4 and len(r["tables"]["breakdown"]) == 4
     for name in ("paper_layout", "static_vs_fapool", "memory", "breakdown"):
         assert "split by workload.batch_size" in (tmp_path / "rep" / f"{name}.md").read_text(), name
+
+
+def test_a_missing_results_directory_is_an_error_not_an_empty_report(tmp_path):
+    from harness.perfmodel import main as perfmodel_main
+    from harness.report import main as report_main
+
+    for main in (report_main, perfmodel_main):
+        with pytest.raises(SystemExit, match="is not a directory"):
+            main([str(tmp_path / "typo")])
+    assert not (tmp_path / "typo").exists()
