@@ -124,7 +124,7 @@ def strategies(gpus: int, smoke: bool) -> dict:
     width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2}  # GPUs; the rest 4 or FA Pool's
 
     def fa(tp, size, micro_batches=1, wavefront=False, prefill_groups=1):  # one micro-batch: the base's share is
-        # small, and micro-batches overlapped layer by layer take turns with the pool (h200-x2/bench/call_g). The
+        # small, and micro-batches overlapped layer by layer take turns with the pool. The
         # prefill groups are always named: a plain name is one group, as in the records made before the default became 2
         name = (f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
                 + (f"_pmb{prefill_groups}" if prefill_groups > 1 else ""))
@@ -140,15 +140,14 @@ def strategies(gpus: int, smoke: bool) -> dict:
             "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
                         "strategy.micro_batches=4"],
             # twice the micro-batches: more in flight than the ring of stages and hops has stations, so that a
-            # stage need not idle while a micro-batch travels (call_d, tp1_pp4 at 32K: a median step of 6.47 ms
-            # against ~5.4 ms of kernels per stage)
+            # stage need not idle while a micro-batch travels
             "tp2_pp2_mb4": ["strategy=tp2_pp2", "strategy.name=tp2_pp2_mb4", "strategy.micro_batches=4"],
             "tp1_pp4_mb8": ["strategy=tp1_pp2", "strategy.name=tp1_pp4_mb8", "strategy.pp=4", "strategy.world_size=4",
                             "strategy.micro_batches=8"],
             "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
             "fa_pool_b1_p1": fa(1, 1), "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
             "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2), "fa_pool_b1_p1_mb2": fa(1, 1, micro_batches=2),
-            # the next layer's micro-batch enters the pool while the base finishes this layer (2+2: call_n_wavefront)
+            # the next layer's micro-batch enters the pool while the base finishes this layer
             "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
             "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
             "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True),

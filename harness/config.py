@@ -55,12 +55,12 @@ class PoolConfig:
     hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
     async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
     # with async_overlap: micro-batch m of layer l + 1 starts when m of layer l finished, not after all of layer l
-    # (the pool never waits for a whole layer of base work); CPU-tested; 7-8% faster on 4x H200 (h200-x4/bench/
-    # call_n_wavefront), off until a GPU test checks its tokens (tests/test_gpu_strategies.py)
+    # (the pool never waits for a whole layer of base work); CPU-tested; off until the GPU test of its tokens
+    # (tests/test_gpu_strategies.py) has passed
     wavefront: bool = False
     # the prefill's rows in this many consecutive groups (at most one per row), taken through each chunk's layers in
     # wavefront order: the pool attends one group's layer while the base runs another's dense work (1: one group,
-    # base and pool take turns). 2 cut TTFT 1.2-1.5x on 4x H200, 4 at most 4% more (h200-x4/bench/call_m_prefill)
+    # base and pool take turns); 2 by default, where the measured TTFT stopped falling (results/measured/h200-x4/)
     prefill_micro_batches: int = 2
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
@@ -321,7 +321,7 @@ RETIRED_KEYS = [(("strategy", "pool", "capture_tp_base"), "FA Pool capture with 
                  "(894ce9d-fafcee2); captured steps are the default for every base since")]
 # Keys added with a default other than how earlier versions ran: (path, the value a config without the key ran
 # with). A committed record from before the key is read as it ran, not with today's default.
-EARLIER_BEHAVIOUR = [(("strategy", "pool", "prefill_micro_batches"), 1)]  # one group until 2 (h200-x4 call_m_prefill)
+EARLIER_BEHAVIOUR = [(("strategy", "pool", "prefill_micro_batches"), 1)]  # records from before the field ran one group
 
 
 def from_dict(cfg_dict: dict) -> BenchConfig:

@@ -213,9 +213,8 @@ class FAPoolEngine(Engine):
     @property
     def warmup_generations(self) -> int:
         """A plan signature is captured the second time it comes, and the first decode step's (its new blocks) comes
-        once per generation: two warm-up generations, so that the measured one only replays (results/measured/
-        h200-x4/bench/call_g, FA Pool 2+2 at 8K x 16 after one: its first two steps took 9.4 and 7.5 ms, the others
-        2.6-3.2 ms)."""
+        once per generation: two warm-up generations, so that the measured one only replays (after one, its first
+        steps would run eagerly and be captured inside the timed generation)."""
         return 2 if self.use_graphs else 1
 
     def _forget_captured_steps(self):
