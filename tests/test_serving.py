@@ -7,7 +7,7 @@ from harness.serving.run import STEPS_FILE
 from tests.conftest import launch
 
 TRACE = ["workload=tiny_mooncake", "workload.trace.first_n=12", "model.init_std=0.3", "serving.warmup_requests=1"]
-STRATEGIES = ["reference", "tp2_pp1", "tp2_pp2", "dcp_t2_k2", "dcp_t4_k2"]  # tp1_pp2: the admission test
+STRATEGIES = ["reference", "tp2_pp2", "dcp_t2_k2", "dcp_t4_k2"]  # tp2_pp1: the preemption test; tp1_pp2: admission
 
 
 def replay(tmp_path, *overrides):
