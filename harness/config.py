@@ -208,6 +208,8 @@ class LauncherConfig:
 
 def slurm_layout(launcher: "LauncherConfig", world: int) -> tuple[int, int]:
     """(nodes, tasks per node) of a run of `world` ranks under this launcher."""
+    if launcher.nodes and not launcher.tasks_per_node:  # nodes alone: the tasks spread evenly over them
+        return launcher.nodes, math.ceil(world / launcher.nodes)
     per_node = launcher.tasks_per_node or min(world, launcher.gpus_per_node or world)
     nodes = launcher.nodes or math.ceil(world / per_node)
     return nodes, per_node

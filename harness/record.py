@@ -102,6 +102,11 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def hosts_of(reports: list[dict]) -> list[str]:
+    """The distinct hosts the ranks ran on (each rank's report names its own), in rank order of first appearance."""
+    return list(dict.fromkeys(r["host"] for r in sorted(reports, key=lambda r: r["rank"]) if r.get("host")))
+
+
 def environment(world_size: int, device: str, dist_backend: Optional[str] = None, hosts=None) -> dict:
     import torch
 

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
 from harness.measure import (DECODE_RANGE, PREFILL_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics,
                              device_events, nvml_utilization, pool_utilization, profile_summary)
-from harness.record import RunRecord, environment, run_id, write_record
+from harness.record import RunRecord, environment, hosts_of, run_id, write_record
 from harness.workload import make_prompts
 
 log = logging.getLogger("fapool.runner")
@@ -193,7 +194,7 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
     """Entry of one rank (a local process or a Slurm task). Rank 0 writes result.json into out_dir."""
     cfg = from_dict(cfg_dict)
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
+    torch.set_num_threads(threads_per_rank(world))
     device = pick_device(cfg, rank if local_rank is None else local_rank)
     backend = dist_backend(cfg)
     # device_id: NCCL creates the world communicator now, eagerly, as CUDA graph capture needs
@@ -202,6 +203,7 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
                             device_id=device if backend == "nccl" else None)
     engine = None
     try:
+        check_placement(cfg, rank_hosts())
         engine = _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
     finally:
         if engine is not None:
@@ -222,6 +224,39 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
 
 
 TEARDOWN_S = 30
+
+
+def threads_per_rank(world: int) -> int:
+    """CPU threads for this rank: the CPUs Slurm gave its task, else this machine's cores over the tasks on it (a
+    local run puts every rank here)."""
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit():
+        return max(1, int(slurm))
+    here = int(os.environ.get("SLURM_NTASKS_PER_NODE", "0").split("(")[0] or 0) or world
+    return max(1, (os.cpu_count() or 1) // max(here, 1))
+
+
+def rank_hosts() -> list[str]:
+    """Every rank's host name, in rank order (one all-gather)."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts
+
+
+def check_placement(cfg: BenchConfig, hosts: list[str]) -> None:
+    """Under Slurm the topology assumes block placement: ranks n * per_node .. (n + 1) * per_node - 1 on node n
+    (TP groups and the pool's node-level reductions are laid out on that). Raise, naming the ranks, if the
+    tasks landed otherwise."""
+    if cfg.launcher.kind != "slurm":
+        return
+    from harness.config import slurm_layout
+
+    _, per_node = slurm_layout(cfg.launcher, len(hosts))
+    wrong = [r for r, h in enumerate(hosts) if h != hosts[r // per_node * per_node]]
+    if wrong or len({hosts[n * per_node] for n in range(len(hosts) // per_node)}) != len(hosts) // per_node:
+        raise RuntimeError(f"ranks are not placed in blocks of {per_node} per node (hosts by rank: {hosts}); the job "
+                           f"asks srun for --distribution=block, so check SLURM_DISTRIBUTION and the partition's "
+                           f"settings")
 
 
 def _destroy_process_group(timeout_s: float) -> bool:
@@ -253,7 +288,7 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
     report["comm_bytes_prefill"], report["comm_ops_prefill"] = engine.prefill_comm["bytes"], engine.prefill_comm["ops"]
-    report["rank"], report["warmup_generations"] = rank, warmups
+    report["rank"], report["warmup_generations"], report["host"] = rank, warmups, socket.gethostname()
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         report["nvml_utilization_pct"] = nvml_utilization()
@@ -318,7 +353,7 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
     check = verdict(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), forced_tokens, tokens)
     return RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict,
-        env=environment(world, cfg.hardware.device, backend),
+        env=environment(world, cfg.hardware.device, backend, hosts=hosts_of(reports)),
         metrics=metrics, step_times_ms=[t * 1e3 for t in step_times[1:]], memory=memory,
         breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
         tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,

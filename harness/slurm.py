@@ -72,7 +72,9 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
                   name=f"fapool-{cfg.strategy.name}-{cfg.workload.name}",
                   # a task that exits with an error ends the job's other tasks, which would otherwise wait for it in
                   # a rendezvous or a collective until their timeout (seen: one rank's port in use at startup)
-                  slurm_srun_args=["--kill-on-bad-exit=1"])
+                  # block placement, which the topology assumes (node n holds ranks n * per_node ..), whatever
+                  # SLURM_DISTRIBUTION the submitter's environment passes on; run_rank checks it
+                  slurm_srun_args=["--kill-on-bad-exit=1", "--distribution=block:block"])
     if cfg.hardware.device == "cuda":
         params["gpus_per_node"] = per_node
     if L.mem_gb:

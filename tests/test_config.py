@@ -68,3 +68,38 @@ def test_a_record_config_from_before_a_key_reads_as_it_ran():
     del cfg_dict["strategy"]["pool"]["prefill_micro_batches"]
     assert from_dict(cfg_dict).strategy.pool.prefill_micro_batches == 1
     assert "prefill_micro_batches" not in cfg_dict["strategy"]["pool"]  # the caller's dict is left as it was
+
+
+def test_slurm_layout_derives_tasks_per_node_from_nodes_alone():
+    from harness.config import LauncherConfig, slurm_layout
+
+    assert slurm_layout(LauncherConfig(kind="slurm", nodes=2, gpus_per_node=8), 16) == (2, 8)
+    assert slurm_layout(LauncherConfig(kind="slurm", nodes=2, gpus_per_node=8), 4) == (2, 2)
+    assert slurm_layout(LauncherConfig(kind="slurm", gpus_per_node=8), 40) == (5, 8)
+
+
+def test_threads_per_rank_follow_the_task_not_the_job(monkeypatch):
+    import os
+
+    from harness.runner import threads_per_rank
+
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    assert threads_per_rank(16) == 6
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "8")
+    assert threads_per_rank(16) == max(1, (os.cpu_count() or 1) // 8)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE")
+    assert threads_per_rank(2) == max(1, (os.cpu_count() or 1) // 2)
+
+
+def test_placement_check_refuses_ranks_not_in_node_blocks():
+    import pytest
+
+    from harness.runner import check_placement
+    from tests.conftest import cfg_object
+
+    cfg = cfg_object(["launcher=slurm_local", "strategy=tp2_pp2"])
+    cfg.launcher.tasks_per_node = 2
+    check_placement(cfg, ["a", "a", "b", "b"])
+    with pytest.raises(RuntimeError, match="not placed in blocks of 2 per node"):
+        check_placement(cfg, ["a", "b", "a", "b"])

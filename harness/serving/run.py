@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 from harness.check import RTOL, check_request, teacher_forced_logits
 from harness.measure import PhaseTimer
-from harness.record import RunRecord, environment, run_id, write_record
+from harness.record import RunRecord, environment, hosts_of, run_id, write_record
 from harness.serving.metrics import flat_metrics, request_table, step_table, summarize
 from harness.serving.replay import replay, warmup_requests
 from harness.traces import load_trace, prompt_tokens
@@ -35,7 +36,7 @@ def serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, pe
     result = replay(cfg, engine, rank, device, requests, before_step=lambda i: inject_fault(cfg.fault, rank, i))
     engine.keep_logits = False
     report = engine.report()
-    report["rank"] = rank
+    report["rank"], report["host"] = rank, socket.gethostname()
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
@@ -121,7 +122,7 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
               for role, rs in roles.items()}
     s = cfg.serving
     record = RunRecord(
-        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend),
+        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend, hosts=hosts_of(reports)),
         metrics=flat_metrics(summary), memory=memory,
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),
         serving={"trace": result.requests.summary(), "kv_blocks": result.kv_blocks, "block_size": s.block_size,
