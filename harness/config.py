@@ -60,7 +60,7 @@ class PoolConfig:
     wavefront: bool = False
     # the prefill's rows in this many consecutive groups (at most one per row), taken through each chunk's layers in
     # wavefront order: the pool attends one group's layer while the base runs another's dense work (1: one group,
-    # base and pool take turns); 2 by default, where the measured TTFT stopped falling (results/measured/h200-x4/)
+    # base and pool take turns); 2 by default: more groups stopped lowering the measured TTFT
     prefill_micro_batches: int = 2
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)

@@ -53,12 +53,12 @@ class Calibration:
     # TP degree, which decides the unit's collectives; a degree not measured takes the nearest one's
     eager_unit_s: dict = dataclasses.field(default_factory=dict)
     plan_s: float = 0.47e-3  # FA Pool's resource management + plan per step on the host, a pool rank at paper scale
-    #                          (results/measured/cpu/plan/: 0.33 ms base, 0.47 ms pool rank, median of 100 steps)
+    #                          (the CPU benchmark harness/bench_plan.py measures it)
     calibration_records: tuple = ()  # records a set's calibration was fitted on (not validation)
     # the rate a chunked prefill's FLOPs run at, as a fraction of the GEMM rate: attention, norms, rotary and
     # cache writes run below the GEMM peak (fitted on a set's one-GPU reference records with a real prefill)
     prefill_flops_fraction: float = 1.0
-    # FA Pool's prefill copies (h100-x4/prefill_profile: a pool rank gathers its blocks into dense keys, a base rank
+    # FA Pool's prefill copies (a pool rank gathers its blocks into dense keys, a base rank
     # packs its messages and unpacks the partials) at these fractions of the read bandwidth: fitted on two FA Pool
     # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them
     prefill_pool_copy_bw_fraction: float = 1.0

@@ -75,18 +75,24 @@ def run_id(resolved_config: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_record(record: RunRecord, directory: str | Path, name: str = "result.json") -> Path:
-    """Atomic: write a unique temporary file beside the target, then rename over it."""
+def write_atomically(text: str, directory: str | Path, name: str) -> Path:
+    """Write a unique temporary file beside the target, then rename it over the target: a reader never sees half a
+    file, and concurrent writers leave one whole file."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     with os.fdopen(fd, "w") as f:
-        f.write(record.to_json())
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     target = directory / name
     os.replace(tmp, target)
     return target
+
+
+def write_record(record: RunRecord, directory: str | Path, name: str = "result.json") -> Path:
+    """Atomic (write_atomically)."""
+    return write_atomically(record.to_json(), directory, name)
 
 
 def read_record(path: str | Path) -> RunRecord:

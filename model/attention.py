@@ -94,14 +94,14 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
                                                                              attn_mask=bias, scale=scale)
         return out, lse.float()
     if backend == "sdpa":
-        # Eager steps change the KV length every step; cuDNN builds a new plan per shape (~10 ms of CPU
-        # each, measured on H100), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the
-        # CUDA-graphed step in model/gpu_decode.py does). See results/measured/h100-x1/.
+        # Eager steps change the KV length every step; cuDNN builds a new plan per shape (milliseconds of CPU
+        # each), flash has no plan. cuDNN is for fixed shapes: ask for sdpa_cudnn (the CUDA-graphed step in
+        # model/gpu_decode.py does).
         # flash takes half precision only; the mem-efficient kernel also fp32
         backend = "sdpa_flash" if mask is None and _half(q) else "sdpa_efficient"
         if backend == "sdpa_flash" and q.shape[2] > 1:
-            # prefill (a few shapes per generation, so a few plans): cuDNN's Hopper kernel ran causal prefill
-            # attention at 580-640 TFLOP/s where flash ran 340-350 (8K-32K, H200: results/measured/h200-x1/prefill/)
+            # prefill (a few shapes per generation, so a few plans): cuDNN's Hopper kernel runs causal prefill
+            # attention faster than flash
             backend = "sdpa_cudnn"
     if backend == "sdpa_flash":
         if mask is not None:
@@ -119,7 +119,7 @@ def _sdpa(q, k, v, mask, scale, backend, is_causal=False):
 def _flash_tail(q, k, v, scale):
     """Causal attention of the last Tq of Tk positions (a prefill chunk after Tk - Tq cached keys, every row full):
     flash's causal mask is aligned bottom-right, which is exactly that, so no mask tensor and no masked kernel
-    (the mem-efficient kernel with a mask took 2.8x flash's time on H200, results/measured/h200-x1/prefill/)."""
+    (the mem-efficient kernel with a mask is several times slower)."""
     out, lse = torch.ops.aten._flash_attention_forward(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None,
                                                        None, q.shape[2], k.shape[2], 0.0, True, False, scale=scale)[:2]
     return out.transpose(1, 2), lse.float()

@@ -29,10 +29,8 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs run the refere
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Defaults from the sweeps of harness/bench_paged.py on H200 (results/measured/h200-x1/paged/): 64-token tiles and
-# 4 warps read at 0.95-0.98 of the read bandwidth at 16K and 32K, where larger tiles lose up to 20% (paged.md);
-# splits give each SM at least 8 programs (splits.md: a pipeline's or TP shard's micro-batch of 288 rows x heads
-# read at 0.78-0.90 unsplit, at 0.96-1.0 in 4 splits).
+# Defaults from the sweeps of harness/bench_paged.py: 64-token tiles and 4 warps, where larger tiles read slower;
+# splits give each SM at least 8 programs, so that a micro-batch of few rows x heads still fills the GPU.
 TILE_TOKENS = 64  # tokens per inner iteration of the kernel: a [64, 128] bf16 tile of K and of V
 WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads

@@ -3,9 +3,7 @@ the plain model, and (rank 0) write the record with its per-request and per-step
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,12 +11,12 @@ import torch.distributed as dist
 
 from harness.check import RTOL, check_request, teacher_forced_logits
 from harness.measure import PhaseTimer
-from harness.record import RunRecord, environment, hosts_of, run_id, write_record
+from harness.record import RunRecord, environment, hosts_of, run_id, write_atomically, write_record
 from harness.serving.metrics import flat_metrics, request_table, step_table, summarize
 from harness.serving.replay import replay, warmup_requests
 from harness.traces import load_trace, prompt_tokens
 
-REQUESTS_FILE, STEPS_FILE = "requests.csv", "steps.csv.gz"  # the step log is long: compressed
+REQUESTS_FILE, STEPS_FILE = "requests.csv", "steps.csv"
 
 
 def serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, perturb_weights, inject_fault):
@@ -83,14 +81,8 @@ def check_requests(cfg, emitted, served: dict, device, requests) -> dict:
 
 
 def write_table(df, directory: str | Path, name: str) -> Path:
-    """A CSV beside the record, atomically (a unique temporary file renamed over the target)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    df.to_csv(tmp, index=False, compression="gzip" if name.endswith(".gz") else None)
-    os.replace(tmp, directory / name)
-    return directory / name
+    """A CSV beside the record, atomically (harness/record.write_atomically)."""
+    return write_atomically(df.to_csv(index=False), directory, name)
 
 
 def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir, env: dict | None = None) -> RunRecord:
