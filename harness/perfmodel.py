@@ -344,7 +344,7 @@ def predict_serving_step(cfg: BenchConfig, cal: Calibration, prefill_start, pref
     tokens; the pooled flags say which rows' KV is in FA Pool's pool. cfg: serving_config's. Decode passes replay
     captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly."""
     b, bw, flops, links, gpn = _rates(cfg, cal)
-    s, m = cfg.strategy, cfg.model
+    s = cfg.strategy
     t = 0.0
     if len(decode_ctx):
         lens = [max(1, int(n) - 1) for n in decode_ctx]  # mean_context_lengths adds output_tokens // 2 = 1

@@ -11,13 +11,15 @@ the KV is unbounded (max_batch requests of the longest context).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from harness.memory import DTYPE_BYTES, memory_by_role
 from harness.perfmodel import default_calibration, predict_serving_step, serving_config
 from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
-from harness.serving.scheduler import PoolPlacement, Scheduler, kv_blocks_needed
+from harness.serving.scheduler import Scheduler, kv_blocks_needed
 from harness.traces import load_trace
+from model.parallel.fa_pool_serving import pool_placement
 
 WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
 
@@ -33,7 +35,7 @@ def block_bytes(cfg) -> tuple[int, int, int]:
     return sv.block_size * k, sv.block_size * per_token_layer * (m.n_layers // s.pp) * k // s.tp, 0
 
 
-def capacity(cfg, requests) -> tuple[int, int, int, PoolPlacement | None]:
+def capacity(cfg, requests):
     """(base or static blocks, pool blocks per pool rank, blocks per slot, placement) for cfg's hardware."""
     s, sv = cfg.strategy, cfg.serving
     tokens, base_bytes, pool_bytes = block_bytes(cfg)
@@ -43,8 +45,7 @@ def capacity(cfg, requests) -> tuple[int, int, int, PoolPlacement | None]:
     blocks = sv.kv_blocks or (min(useful, int(max(cap - weights - WORKSPACE_BYTES, 0) // base_bytes)) if cap else useful)
     placement, pool_blocks = None, 0
     if s.kind == "fa_pool" and s.pool.size:
-        per_rank = -(-s.pool.tokens_per_rank // tokens) if s.pool.policy == "proportional" else 0
-        placement = PoolPlacement(s.pool.threshold, s.pool.size, per_rank)
+        placement = pool_placement(s.pool, tokens)
         pool_blocks = sv.kv_blocks or (min(useful, int(max(cap - WORKSPACE_BYTES, 0) // pool_bytes)) if cap else useful)
     return blocks, pool_blocks, per_slot, placement
 
@@ -105,11 +106,8 @@ def check_serving(root) -> "pd.DataFrame":
     import json
     from pathlib import Path
 
-    import pandas as pd
-
     from harness.collect import find_records
     from harness.config import from_dict
-    from harness.perfmodel import Calibration
     from harness.serving.metrics import request_table, summarize
 
     rows = []

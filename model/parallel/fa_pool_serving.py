@@ -19,6 +19,8 @@ shrinks with the long requests in the batch. Base and pool take turns within a l
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import torch.distributed as dist
 
@@ -35,19 +37,23 @@ def pool_range(rank: int, tp: int, base_blocks: int, pool_blocks: int) -> int:
     return base_blocks + (rank - tp) * pool_blocks
 
 
+def pool_placement(pool_cfg, block_tokens: int) -> SimpleNamespace:
+    """Where a request's KV goes, in the scheduler's terms (harness/serving/scheduler.PoolPlacement): past
+    pool_cfg.threshold tokens in the pool, blocks_per_rank blocks on one pool rank before the next (proportional:
+    tokens_per_rank of them; 0: round robin over every pool rank)."""
+    per_rank = -(-pool_cfg.tokens_per_rank // block_tokens) if pool_cfg.policy == "proportional" else 0
+    return SimpleNamespace(threshold=pool_cfg.threshold, ranks=pool_cfg.size, blocks_per_rank=per_rank)
+
+
 class FAPoolServing:
     """What base and pool ranks share: the topology and the placement they tell the scheduler."""
 
-    def _setup_roles(self, strategy, rank: int):
+    def _setup_roles(self, strategy):
         self.tp, self.pool_size, self.pool_cfg = strategy.tp, strategy.pool.size, strategy.pool
         self.pool_ranks = list(range(self.tp, self.tp + self.pool_size))
 
     def serve_placement(self, block_tokens: int):
-        from types import SimpleNamespace
-
-        p = self.pool_cfg
-        per_rank = -(-p.tokens_per_rank // block_tokens) if p.policy == "proportional" else 0
-        return SimpleNamespace(threshold=p.threshold, ranks=self.pool_size, blocks_per_rank=per_rank)
+        return pool_placement(self.pool_cfg, block_tokens)
 
     def _migrate(self, migrations, heads_per_base: int, send: bool):
         """Base: send each pool rank its moved blocks (this rank's heads); pool: receive and store them."""
@@ -128,7 +134,7 @@ class FAPoolServingBase(FAPoolServing, StaticEngine):
     """A base rank: static TP (one stage) whose attention core sends pooled rows to the pool."""
 
     def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
-        self._setup_roles(strategy, rank)
+        self._setup_roles(strategy)
         StaticEngine.__init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer)
         self.rank, self.role = rank, "base"
 
@@ -157,7 +163,7 @@ class FAPoolServingPool(FAPoolServing, Engine):
 
     def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
         super().__init__(timer)
-        self._setup_roles(strategy, rank)
+        self._setup_roles(strategy)
         self.rank, self.device, self.dtype, self.backend = rank, device, dtype, backend
         self.n_layers, self.heads, self.head_dim = model_cfg.n_layers, model_cfg.n_heads, model_cfg.head_dim
         self.heads_per_base = model_cfg.n_heads // self.tp
