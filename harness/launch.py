@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import time
@@ -21,18 +22,51 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: str) -> RunRecord:
+def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: str, **where) -> RunRecord:
     return RunRecord(run_id=run_id(cfg_dict), status=status, config=cfg_dict, error=error,
-                     env=environment(world, device))
+                     env=environment(world, device, **where))
 
 
-def record_failure(cfg_dict: dict, status: str, error: str, world: int, device: str, out_dir: str | Path) -> Path:
+def record_failure(cfg_dict: dict, status: str, error: str, world: int, device: str, out_dir: str | Path,
+                   **where) -> Path:
     """Write the run's record of a failure (atomically replacing any partial one); CUDA's out-of-memory
-    error makes a failed or timed-out run `oom`."""
+    error makes a failed or timed-out run `oom`. where: `placement` and `slurm_job_id` for the record's env, when
+    the writer is not where the run ran (a Slurm job's submitter)."""
     if status in ("failed", "timeout") and ("CUDA out of memory" in error or "OutOfMemoryError" in error):
         status = "oom"
     log.error("run %s: %s", status, error.strip().splitlines()[-1] if error.strip() else "")
-    return write_record(failure_record(cfg_dict, status, error, world, device), out_dir)
+    return write_record(failure_record(cfg_dict, status, error, world, device, **where), out_dir)
+
+
+# What a rank raises when a peer died before it: the peer's error is the cause, this one a consequence.
+CONSEQUENCE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|communicator was aborted|"
+                         r"watchdog|DistNetworkError|DistBackendError|Socket Timeout|failed to recv|"
+                         r"NCCL error.*remote process exited", re.IGNORECASE)
+
+
+def describe_rank_failures(out_dir: Path, ranks, without_error) -> str:
+    """The failed ranks' errors (out_dir/rank<r>.error, see runner.run_rank_leaving_error), the cause first: the
+    earliest error that is not a peer's consequence (a closed connection, an aborted communicator), else the
+    earliest; then the others, marked as consequences. without_error(r): what to say of a rank that left none."""
+    files = {r: out_dir / f"rank{r}.error" for r in ranks}
+    errors = {r: f.read_text().strip() for r, f in files.items() if f.exists()}
+    if not errors:
+        return "\n".join(without_error(r) for r in ranks)
+    order = sorted(errors, key=lambda r: (bool(CONSEQUENCE.search(errors[r])), files[r].stat().st_mtime))
+    silent = [r for r in ranks if r not in errors]
+    if CONSEQUENCE.search(errors[order[0]]) and silent:  # no rank raised on its own: a silent one died first
+        parts = [f"rank {r}: {without_error(r)}" for r in silent]
+        parts += [f"[rank {r}, a consequence] {_last_line(errors[r])}" for r in order]
+        return "\n".join(parts)
+    cause = order[0]
+    parts = [f"rank {cause} failed first: {_last_line(errors[cause])}\n[rank {cause}] {errors[cause]}"]
+    parts += [f"[rank {r}, a consequence] {_last_line(errors[r])}" for r in order[1:]]
+    parts += [f"[rank {r}] {without_error(r)}" for r in silent]
+    return "\n".join(parts)
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else ""
 
 
 def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: float, device: str = "cpu") -> Path:
@@ -94,9 +128,5 @@ def _stacks(out_dir: Path, procs, ranks) -> str:
 
 
 def _rank_errors(out_dir: Path, procs, failed) -> str:
-    parts = []
-    for r in failed:
-        f = out_dir / f"rank{r}.error"
-        text = f.read_text() if f.exists() else f"rank {r} exited with code {procs[r].exitcode} (no traceback: killed?)"
-        parts.append(f"[rank {r}] {text.strip()}")
-    return "\n".join(parts)
+    return describe_rank_failures(out_dir, failed, lambda r: f"rank {r} exited with code {procs[r].exitcode} "
+                                                             f"(no traceback: killed?)")

@@ -108,22 +108,35 @@ def git_commit() -> Optional[str]:
         return None
 
 
-def hosts_of(reports: list[dict]) -> list[str]:
-    """The distinct hosts the ranks ran on (each rank's report names its own), in rank order of first appearance."""
-    return list(dict.fromkeys(r["host"] for r in sorted(reports, key=lambda r: r["rank"]) if r.get("host")))
+def where_this_rank_runs() -> dict:
+    """This process's host and, in a Slurm task, the job's node index it runs on (SLURM_NODEID)."""
+    node = os.environ.get("SLURM_NODEID", "")
+    return {"host": socket.gethostname(), "slurm_node_id": int(node) if node.isdigit() else None}
 
 
-def environment(world_size: int, device: str, dist_backend: Optional[str] = None, hosts=None) -> dict:
+def placement_of(reports: list[dict]) -> dict:
+    """Where a run's ranks ran, from their reports: the distinct hosts in rank order of first appearance, and each
+    rank's host and Slurm node id by rank."""
+    by_rank = sorted(reports, key=lambda r: r["rank"])
+    return {"hosts": list(dict.fromkeys(r["host"] for r in by_rank if r.get("host"))),
+            "rank_hosts": [r.get("host") for r in by_rank],
+            "rank_slurm_node_ids": [r.get("slurm_node_id") for r in by_rank]}
+
+
+def environment(world_size: int, device: str, dist_backend: Optional[str] = None, placement: Optional[dict] = None,
+                slurm_job_id: Optional[str] = None) -> dict:
+    """The record's `env`: versions, device, and where the run ran (`placement`: placement_of(reports), else this
+    host; `slurm_job_id`: for a record written outside the job, by its submitter)."""
     import torch
 
     env: dict[str, Any] = {
-        "hosts": hosts or [socket.gethostname()],
+        **(placement or {"hosts": [socket.gethostname()]}),
         "world_size": world_size,
         "device": device,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dist_backend": dist_backend,
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id or os.environ.get("SLURM_JOB_ID"),
         "git_commit": git_commit(),
         "cpu": platform.processor() or platform.machine(),
     }

@@ -9,7 +9,6 @@ import hashlib
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
 from harness.measure import (DECODE_RANGE, PREFILL_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics,
                              device_events, nvml_utilization, pool_utilization, profile_summary)
-from harness.record import RunRecord, environment, hosts_of, run_id, write_record
+from harness.record import RunRecord, environment, placement_of, run_id, where_this_rank_runs, write_record
 from harness.workload import make_prompts
 
 log = logging.getLogger("fapool.runner")
@@ -203,7 +202,7 @@ def run_rank(cfg_dict: dict, rank: int, world: int, init_method: str, out_dir: s
                             device_id=device if backend == "nccl" else None)
     engine = None
     try:
-        check_placement(cfg, rank_hosts())
+        check_placement(cfg, rank_placement())
         engine = _measure(cfg, cfg_dict, rank, world, device, backend, out_dir)
     finally:
         if engine is not None:
@@ -236,27 +235,32 @@ def threads_per_rank(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(here, 1))
 
 
-def rank_hosts() -> list[str]:
-    """Every rank's host name, in rank order (one all-gather)."""
-    hosts = [None] * dist.get_world_size()
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts
+def rank_placement() -> list[dict]:
+    """Every rank's host and Slurm node id, in rank order (one all-gather)."""
+    places = [None] * dist.get_world_size()
+    dist.all_gather_object(places, where_this_rank_runs())
+    return places
 
 
-def check_placement(cfg: BenchConfig, hosts: list[str]) -> None:
+def check_placement(cfg: BenchConfig, places: list[dict]) -> None:
     """Under Slurm the topology assumes block placement: ranks n * per_node .. (n + 1) * per_node - 1 on node n
     (TP groups and the pool's node-level reductions are laid out on that). Raise, naming the ranks, if the
-    tasks landed otherwise."""
+    tasks landed otherwise: by Slurm's node index where the task knows it, and by host in any case."""
     if cfg.launcher.kind != "slurm":
         return
     from harness.config import slurm_layout
 
-    _, per_node = slurm_layout(cfg.launcher, len(hosts))
-    wrong = [r for r, h in enumerate(hosts) if h != hosts[r // per_node * per_node]]
-    if wrong or len({hosts[n * per_node] for n in range(len(hosts) // per_node)}) != len(hosts) // per_node:
-        raise RuntimeError(f"ranks are not placed in blocks of {per_node} per node (hosts by rank: {hosts}); the job "
-                           f"asks srun for --distribution=block, so check SLURM_DISTRIBUTION and the partition's "
-                           f"settings")
+    _, per_node = slurm_layout(cfg.launcher, len(places))
+    hosts = [p["host"] for p in places]
+    first_of_node = {r: hosts[r // per_node * per_node] for r in range(len(hosts))}
+    wrong = [r for r, p in enumerate(places)
+             if p["host"] != first_of_node[r] or p["slurm_node_id"] not in (None, r // per_node)]
+    shared = len(set(first_of_node.values())) != len({r // per_node for r in range(len(hosts))})
+    if wrong or shared:
+        where = ", ".join(f"rank {r}: {p['host']} (node {p['slurm_node_id']})" for r, p in enumerate(places))
+        raise RuntimeError(f"ranks {wrong or 'of different nodes'} are not where the topology assumes them, in blocks "
+                           f"of {per_node} ranks per node ({where}); the job asks srun for --distribution=block:block, "
+                           f"so check SLURM_DISTRIBUTION and the partition's settings")
 
 
 def _destroy_process_group(timeout_s: float) -> bool:
@@ -288,7 +292,8 @@ def _measure(cfg, cfg_dict, rank, world, device, backend, out_dir):
     tokens = generate(engine, prompts, w.output_tokens, max_len, w.synthetic_kv, w.seed, clock, cfg.fault, rank)
     report = engine.report()
     report["comm_bytes_prefill"], report["comm_ops_prefill"] = engine.prefill_comm["bytes"], engine.prefill_comm["ops"]
-    report["rank"], report["warmup_generations"], report["host"] = rank, warmups, socket.gethostname()
+    report["rank"], report["warmup_generations"] = rank, warmups
+    report.update(where_this_rank_runs())
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         report["nvml_utilization_pct"] = nvml_utilization()
@@ -353,7 +358,7 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
     check = verdict(next((r.pop("reference_check") for r in reports if "reference_check" in r), None), forced_tokens, tokens)
     return RunRecord(
         run_id=run_id(cfg_dict), status="ok", config=cfg_dict,
-        env=environment(world, cfg.hardware.device, backend, hosts=hosts_of(reports)),
+        env=environment(world, cfg.hardware.device, backend, placement=placement_of(reports)),
         metrics=metrics, step_times_ms=[t * 1e3 for t in step_times[1:]], memory=memory,
         breakdown=phase_fractions, pool_utilization=utilization, ranks=reports, elasticity=elasticity,
         tokens_sha256=hashlib.sha256(tokens.cpu().numpy().tobytes()).hexdigest() if tokens is not None else None,
@@ -377,8 +382,19 @@ def rank_main(cfg_dict, rank, world, init_method, out_dir):
     (the launcher's, at a timeout) it writes every thread's Python stack to out_dir/rank<r>.stack: where it hung."""
     stack_file = open(Path(out_dir, f"rank{rank}.stack"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
+    run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, catch=BaseException)
+
+
+def run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, local_rank=None, catch=Exception):
+    """run_rank; on failure this rank's traceback goes to out_dir/rank<r>.error before the process ends (before
+    its peers can fail for want of it), so the launcher can tell the first failure from its consequences.
+    catch: what counts as this rank's failure (a Slurm task lets submitit's requeue signals through)."""
+    error = Path(out_dir, f"rank{rank}.error")
+    error.unlink(missing_ok=True)  # an earlier attempt's (a requeued job) is not this one's
     try:
-        run_rank(cfg_dict, rank, world, init_method, out_dir)
-    except BaseException:
-        Path(out_dir, f"rank{rank}.error").write_text(traceback.format_exc())
+        run_rank(cfg_dict, rank, world, init_method, out_dir, local_rank=local_rank)
+    except catch:
+        where = where_this_rank_runs()
+        error.write_text(f"on {where['host']} (Slurm node {where['slurm_node_id']}):\n{traceback.format_exc()}"
+                         if where["slurm_node_id"] is not None else traceback.format_exc())
         raise

@@ -18,6 +18,7 @@ the same file, so there is never more than one.
 from __future__ import annotations
 
 import logging
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pathlib import Path
 import submitit
 
 from harness.config import BenchConfig, slurm_layout
-from harness.launch import record_failure
+from harness.launch import describe_rank_failures, record_failure
 from harness.record import read_record
 
 log = logging.getLogger("fapool.slurm")
@@ -38,12 +39,12 @@ class SlurmRun(submitit.helpers.Checkpointable):
         self.cfg_dict, self.out_dir = cfg_dict, out_dir
 
     def __call__(self):
-        from harness.runner import run_rank
+        from harness.runner import run_rank_leaving_error
 
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         Path(self.out_dir, STARTED).touch()  # the waiter's clock starts here, not at submission
-        run_rank(self.cfg_dict, env.rank, env.world_size, "env://", self.out_dir, local_rank=env.local_rank)
+        run_rank_leaving_error(self.cfg_dict, env.rank, env.world_size, "env://", self.out_dir, local_rank=env.local_rank)
         return env.rank
 
 
@@ -87,8 +88,8 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
 
 
 def submit(cfg: BenchConfig, cfg_dict: dict, out_dir: str) -> Pending:
-    for stale in (STARTED, "result.json"):  # an earlier run's marker or record is not this run's
-        Path(out_dir, stale).unlink(missing_ok=True)
+    for stale in (STARTED, "result.json", *(f.name for f in Path(out_dir).glob("rank*.error"))):
+        Path(out_dir, stale).unlink(missing_ok=True)  # an earlier run's marker, record or errors are not this run's
     job = executor_for(cfg, out_dir).submit(SlurmRun(cfg_dict, out_dir))
     log.info("submitted %s x %s as Slurm job %s", cfg.strategy.name, cfg.workload.name, job.job_id)
     p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device, cfg.launcher.timeout_s)
@@ -100,31 +101,94 @@ def wait(p: Pending, poll_s: float = 1.0):
     """Until the job ends or its deadline passes; make sure the run has exactly one record."""
     record, marker = Path(p.out_dir) / "result.json", Path(p.out_dir) / STARTED
     status, error, started = None, None, None
-    while not p.job.done():
+    ended = JobEnd(p.job)
+    while not ended():
         if started is None and marker.exists():
             started = time.monotonic()
         if started is not None and time.monotonic() - started > p.timeout_s:
             p.job.cancel(check=False)
             status, error = "timeout", (f"Slurm job {p.job.job_id} exceeded launcher.timeout_s={p.timeout_s}s after it "
-                                        f"started; cancelled (state {p.job.state})")
-            _wait_until_ended(p.job, poll_s)
+                                        f"started; cancelled")
+            _wait_until_ended(ended, poll_s)
             if _ok_record(record):  # it finished while being cancelled: the run's own record stands
                 status = None
             break
         time.sleep(poll_s)
     if status is None and not _ok_record(record):
-        try:
-            p.job.results()  # every task's return value; raises with the failing task's error
-        except Exception as e:  # noqa: BLE001 - any failure of the job becomes the record's error
-            status, error = "failed", f"Slurm job {p.job.job_id} ({p.job.state}): {e}"
+        if not p.job.done():  # Slurm ended it, but task 0 left no result (killed when another task failed)
+            reason = job_field(p.job.job_id, "Reason")
+            status, error = "failed", (f"Slurm job {p.job.job_id} ({ended.state}"
+                                       f"{', reason ' + reason if reason and reason != 'None' else ''}): "
+                                       f"{_task_errors(p, None)}")
         else:
-            if not record.exists():
-                status, error = "failed", f"Slurm job {p.job.job_id} ended without a result.json from rank 0"
+            try:
+                p.job.results()  # every task's return value; raises with the failing task's error
+            except Exception as e:  # noqa: BLE001 - any failure of the job becomes the record's error
+                status, error = "failed", f"Slurm job {p.job.job_id} ({ended.state or p.job.state}): {_task_errors(p, e)}"
+            else:
+                if not record.exists():
+                    status, error = "failed", f"Slurm job {p.job.job_id} ended without a result.json from rank 0"
     if status is not None:
-        record_failure(p.cfg_dict, status, error, p.world, p.device, p.out_dir)
+        # written here, on the submitter: the record names the job and its nodes, not this machine
+        record_failure(p.cfg_dict, status, error, p.world, p.device, p.out_dir, slurm_job_id=str(p.job.job_id),
+                       placement={"hosts": job_hosts(p.job.job_id) or []})
     if p in PENDING:
         PENDING.remove(p)
     return read_record(record)
+
+
+ENDED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+class JobEnd:
+    """Whether a job has ended: submitit's answer (task 0's result file, or sacct), else the controller's own
+    (`scontrol show job`, asked at most every `every_s`): without Slurm accounting sacct fails, and a job whose
+    task 0 was killed leaves no result file, so submitit alone would call it running until its time limit."""
+
+    def __init__(self, job, every_s: float = 3.0):
+        self.job, self.every_s, self.asked, self.state = job, every_s, -every_s, None
+
+    def __call__(self) -> bool:
+        if self.job.done():
+            return True
+        if time.monotonic() - self.asked >= self.every_s:
+            self.asked = time.monotonic()
+            self.state = job_field(self.job.job_id, "JobState")
+        return self.state in ENDED_STATES
+
+
+def _task_errors(p: Pending, job_error: Exception | None) -> str:
+    """The tasks' own errors, the first failure named as the cause (launch.describe_rank_failures), with the Slurm
+    log of each task that left none; submitit's error (the lowest failed task's) when no task left one."""
+    out, logs = Path(p.out_dir), Path(p.job.paths.folder)
+    if job_error is not None and not list(out.glob("rank*.error")):
+        return str(job_error)
+    return describe_rank_failures(out, range(p.world), lambda r: (
+        f"no error written (killed, or ended by Slurm when another task failed); its log: "
+        f"{logs / f'{p.job.job_id}_{r}_log.err'}"))
+
+
+def job_field(job_id, name: str) -> str | None:
+    """One field of `scontrol show job` (None when Slurm does not know the job, or no scontrol answers)."""
+    try:
+        info = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return next((kv.split("=", 1)[1] for kv in info.split() if kv.startswith(f"{name}=")), None)
+
+
+def job_hosts(job_id) -> list[str] | None:
+    """The hosts Slurm gave a job, in node order (None when Slurm no longer knows the job)."""
+    nodelist = job_field(job_id, "NodeList")
+    if not nodelist or nodelist == "(null)":
+        return None
+    try:
+        names = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                               timeout=30).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return names or None
 
 
 def _ok_record(path: Path) -> bool:
@@ -134,9 +198,9 @@ def _ok_record(path: Path) -> bool:
         return False
 
 
-def _wait_until_ended(job, poll_s: float) -> None:
+def _wait_until_ended(ended: JobEnd, poll_s: float) -> None:
     deadline = time.monotonic() + CANCEL_GRACE_S
-    while not job.done() and time.monotonic() < deadline:
+    while not ended() and time.monotonic() < deadline:
         time.sleep(poll_s)
 
 
@@ -151,7 +215,8 @@ def launch_slurm(cfg: BenchConfig, cfg_dict: dict, out_dir: str):
         p = submit(cfg, cfg_dict, out_dir)
     except Exception as e:  # noqa: BLE001 - sbatch refused (no such partition, no Slurm here...): a record says so
         return read_record(record_failure(cfg_dict, "failed", f"Slurm submission failed: {type(e).__name__}: {e}",
-                                          cfg.strategy.world_size, cfg.hardware.device, out_dir))
+                                          cfg.strategy.world_size, cfg.hardware.device, out_dir,
+                                          placement={"hosts": []}))  # it ran nowhere
     if cfg.launcher.wait:
         return wait(p)
     return None

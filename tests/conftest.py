@@ -1,4 +1,6 @@
+import contextlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +26,13 @@ def cfg_object(overrides=()):
     return load(compose_cfg(overrides))
 
 
-def run_cli(args, tmp_path, timeout=300):
-    """Run the fapool-bench command as a user would; returns (completed process, records found)."""
+def run_cli(args, tmp_path, timeout=300, env=None):
+    """Run the fapool-bench command as a user would; returns (completed process, records found). env: variables
+    added to this process's environment for it."""
     cmd = [sys.executable, "-m", "harness.app", *args, f"hydra.run.dir={tmp_path}/run",
            f"hydra.sweep.dir={tmp_path}/sweep"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **env} if env else None)
     records = [json.loads(p.read_text()) for p in sorted(Path(tmp_path).rglob("result.json"))]
     return proc, records
 
@@ -44,3 +48,22 @@ def launch(overrides, out_dir):
 
     rec = run(compose_cfg(overrides), str(out_dir))
     return json.loads((Path(out_dir) / "result.json").read_text()) if rec else None
+
+
+@contextlib.contextmanager
+def slurm_cluster(state_dir, nodes: int = 1):
+    """A Slurm cluster of `nodes` (emulated when more than one) from jobs/local_slurm.sh, SLURM_CONF set for this
+    process while it runs; stopped afterwards whatever happened. Yields its config path."""
+    script = str(ROOT / "jobs" / "local_slurm.sh")
+    out = subprocess.run(["bash", script, "start", str(state_dir), str(nodes)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = out.stdout.strip().split("=", 1)[1]
+    try:
+        yield os.environ["SLURM_CONF"]
+    finally:
+        subprocess.run(["bash", script, "stop", str(state_dir)])
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old

@@ -100,6 +100,14 @@ def test_placement_check_refuses_ranks_not_in_node_blocks():
 
     cfg = cfg_object(["launcher=slurm_local", "strategy=tp2_pp2"])
     cfg.launcher.tasks_per_node = 2
-    check_placement(cfg, ["a", "a", "b", "b"])
-    with pytest.raises(RuntimeError, match="not placed in blocks of 2 per node"):
-        check_placement(cfg, ["a", "b", "a", "b"])
+    def places(hosts, nodes=(None,) * 4):
+        return [{"host": h, "slurm_node_id": n} for h, n in zip(hosts, nodes)]
+
+    check_placement(cfg, places("aabb"))
+    check_placement(cfg, places("aabb", (0, 0, 1, 1)))
+    with pytest.raises(RuntimeError, match=r"ranks \[1, 3\] are not where the topology assumes them, in blocks of 2"):
+        check_placement(cfg, places("abab"))  # cyclic
+    with pytest.raises(RuntimeError, match=r"ranks \[1, 2\]"):  # hosts alike (one machine), node ids cyclic
+        check_placement(cfg, places("aaaa", (0, 1, 0, 1)))
+    with pytest.raises(RuntimeError, match="of different nodes"):  # two blocks on one host
+        check_placement(cfg, places("aaaa"))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, compose_cfg, run_cli
+from tests.conftest import compose_cfg, run_cli, slurm_cluster
 
 pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                 reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)")
@@ -16,18 +16,8 @@ pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid(
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    out = subprocess.run(["bash", str(ROOT / "jobs" / "local_slurm.sh"), "start", str(state)], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    conf = out.stdout.strip().split("=", 1)[1]
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf
-    yield conf
-    subprocess.run(["bash", str(ROOT / "jobs" / "local_slurm.sh"), "stop", str(state)])
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
+    with slurm_cluster(tmp_path_factory.mktemp("slurm")) as conf:
+        yield conf
 
 
 def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path):
@@ -49,30 +39,37 @@ def _job_state(job_id):
     return fields.get("JobState"), int(fields.get("Restarts", "0"))
 
 
-def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
+def requeued_run(overrides, out_dir):
+    """Submit one run, requeue its job mid-run (as a preemption does) and wait for it; returns (record, restarts)."""
     from omegaconf import OmegaConf
 
     from harness import slurm as slurm_launcher
 
-    cfg = compose_cfg(["launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=800",
-                       "launcher.wait=false", "hydra.mode=RUN"])
-    cfg_obj = OmegaConf.to_object(cfg)
-    pending = slurm_launcher.submit(cfg_obj, OmegaConf.to_container(cfg, resolve=True), str(tmp_path))
+    cfg = compose_cfg(["launcher=slurm_local", "launcher.wait=false", "hydra.mode=RUN", *overrides])
+    pending = slurm_launcher.submit(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True), str(out_dir))
     deadline = time.monotonic() + 120
     while _job_state(pending.job.job_id)[0] != "RUNNING":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.5)
     time.sleep(3)  # well inside the run (imports, warm-up, ~10 s of decode)
-    assert not (Path(tmp_path) / "result.json").exists()
+    assert not (Path(out_dir) / "result.json").exists()
     subprocess.run(["scontrol", "requeue", str(pending.job.job_id)], check=True)
     # Slurm holds a requeued batch job back for 2 minutes; release it now, as an admin would
-    while _job_state(pending.job.job_id)[0] != "PENDING":  # the killed attempt first has to leave the node
+    while _job_state(pending.job.job_id)[0] != "PENDING":  # the killed attempt first has to leave the nodes
         assert time.monotonic() < deadline + 60
         time.sleep(0.2)
+    # slurmd revokes the old attempt's credential at the requeue, to the second: a new attempt started within the
+    # same second is refused ("Job credential revoked")
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={pending.job.job_id}", "StartTime=now"], check=True)
     rec = slurm_launcher.wait(pending)
+    return rec, _job_state(pending.job.job_id)[1]
+
+
+def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
+    rec, restarts = requeued_run(["strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=800"], tmp_path)
     assert rec.status == "ok", rec.error
-    assert _job_state(pending.job.job_id)[1] >= 1  # it did restart
+    assert restarts >= 1  # it did restart
     assert len(list(Path(tmp_path).rglob("result.json"))) == 1
     assert not list(Path(tmp_path).glob(".result.json.*"))
 
