@@ -163,9 +163,20 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     events = [] if device.type == "cuda" and rank == 0 else None
     t0 = time.perf_counter()
     step = 0
+    launched = None  # rank 0: (emission, new tokens on the device, host s, graph passes) of the step in flight
+
+    def read_launched():
+        """Wait for the step in flight's tokens (the step's one synchronization) and stamp them."""
+        nonlocal launched
+        if launched is not None:
+            emission, new_tokens, host_s, replayed = launched
+            sched.stamp(emission, new_tokens.cpu().numpy(), time.perf_counter() - t0, host_s, replayed)
+            launched = None
+
     while True:
         packed = None
         if rank == 0:
+            # the next step is planned while the previous one runs on the device: its tokens are read only after
             plan = None
             while not (s.max_steps and step >= s.max_steps):
                 now = time.perf_counter() - t0
@@ -175,15 +186,19 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                 plan = sched.begin(trace_now, now, stamp_arrivals=logical or bool(closed))
                 if plan is not None or sched.done():
                     break
+                read_launched()  # nothing to plan: the step in flight's tokens first, then wait for arrivals
                 nxt = sched.next_arrival_time(trace_now)
                 if nxt is None:  # nothing runs and nothing more arrives: the rest was refused
                     break
                 if logical:
                     trace_now = max(trace_now, nxt)
                 else:
-                    time.sleep(max(0.0, nxt - now))
-            packed = _pack(plan, sched.slot_req, pool_ranks)
+                    time.sleep(max(0.0, nxt - (time.perf_counter() - t0)))
             host_s = time.perf_counter() - t0 - host_start if plan is not None else 0.0
+            read_launched()
+            if plan is not None:
+                sched.refresh_inputs(plan)  # its decode inputs are the tokens just read
+            packed = _pack(plan, sched.slot_req, pool_ranks)
         unpacked = _unpack(_broadcast(packed, device), device, cfg.strategy.tp)
         if unpacked is None:
             break
@@ -203,11 +218,12 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             del engine.logits[n_logits:]
             emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
         if rank == 0:
-            host = tokens.cpu().numpy()  # the step's one synchronization
-            sched.complete(plan, host, time.perf_counter() - t0, host_s, getattr(engine, "replayed_passes", 0) - replayed)
+            launched = (sched.advance(plan), tokens, host_s, getattr(engine, "replayed_passes", 0) - replayed)
             if logical:
                 trace_now += tick
         step += 1
+    if rank == 0:
+        read_launched()
     duration = time.perf_counter() - t0
     if events is not None:
         torch.cuda.synchronize()

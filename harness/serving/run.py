@@ -3,7 +3,6 @@ the plain model, and (rank 0) write the record with its per-request and per-step
 from __future__ import annotations
 
 import hashlib
-import socket
 from pathlib import Path
 
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 
 from harness.check import RTOL, check_request, teacher_forced_logits
 from harness.measure import PhaseTimer
-from harness.record import RunRecord, environment, hosts_of, run_id, write_atomically, write_record
+from harness.record import RunRecord, environment, placement_of, run_id, where_this_rank_runs, write_atomically, write_record
 from harness.serving.metrics import flat_metrics, request_table, step_table, summarize
 from harness.serving.replay import replay, warmup_requests
 from harness.traces import load_trace, prompt_tokens
@@ -34,7 +33,8 @@ def serve(cfg, cfg_dict, rank, world, device, backend, out_dir, build_engine, pe
     result = replay(cfg, engine, rank, device, requests, before_step=lambda i: inject_fault(cfg.fault, rank, i))
     engine.keep_logits = False
     report = engine.report()
-    report["rank"], report["host"] = rank, socket.gethostname()
+    report["rank"] = rank
+    report.update(where_this_rank_runs())
     if device.type == "cuda":
         report["peak_bytes"], report["memory_source"] = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
     else:
@@ -114,7 +114,7 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
               for role, rs in roles.items()}
     s = cfg.serving
     record = RunRecord(
-        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend, hosts=hosts_of(reports)),
+        run_id=run_id(cfg_dict), status="ok", config=cfg_dict, env=env or environment(world, cfg.hardware.device, backend, placement=placement_of(reports)),
         metrics=flat_metrics(summary), memory=memory,
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),
         serving={"trace": result.requests.summary(), "kv_blocks": result.kv_blocks, "block_size": s.block_size,

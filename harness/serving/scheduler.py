@@ -44,6 +44,20 @@ class PoolPlacement:
 
 
 @dataclass
+class Emission:
+    """A launched step's effect, between `Scheduler.advance` and `Scheduler.stamp`: which requests emit a token
+    (and where it goes in the flat token array), which finish, and the schedule's state after the step."""
+
+    prefill_rows: int
+    prefill_last: np.ndarray  # bool per prefill row: it emits
+    reqs: np.ndarray  # emitting requests, prefill rows' first
+    at: np.ndarray  # their token's index in Scheduler.out_tokens
+    gap_reqs: np.ndarray  # requests whose token follows an earlier one (an inter-token gap)
+    finished: np.ndarray
+    state: dict  # the step log's columns known at advance
+
+
+@dataclass
 class StepPlan:
     """One step: prefill rows (a chunk of a prompt each), then decode rows (one token each), the block-table
     entries allocated for it, and (FA Pool) which rows attend in the pool and which blocks migrate there first.
@@ -464,38 +478,59 @@ class Scheduler:
 
     def complete(self, plan: StepPlan, tokens: np.ndarray, now: float, host_s: float = 0.0, replayed: int = 0) -> None:
         """The step's new tokens [P + D] (prefill rows first; a prefill row that did not end its prompt emits
-        nothing and its entry is ignored), known at `now`: record them, retire finished requests. host_s: the
-        replay's host time planning the step; replayed: its passes that ran from a captured graph (logged)."""
+        nothing and its entry is ignored), known at `now`: advance, then stamp them."""
+        self.stamp(self.advance(plan), tokens, now, host_s, replayed)
+
+    def advance(self, plan: StepPlan) -> "Emission":
+        """What a launched step does to the schedule, before its tokens are known: each emitting row's request has
+        one more token, and finished requests leave (their blocks and slots free for the next plan). So the next
+        step can be planned while this one runs; `stamp` records the tokens and their times once they are read."""
         P = len(plan.prefill_slots)
         emit_slots = np.concatenate([plan.prefill_slots[plan.prefill_last], plan.decode_slots])
-        emit_tokens = np.concatenate([tokens[:P][plan.prefill_last], tokens[P:]]).astype(np.int64)
         reqs = self.slot_req[emit_slots]
-        self.out_tokens[self.offset[reqs] + self.generated[reqs]] = emit_tokens
         resumed = reqs[:len(reqs) - len(plan.decode_slots)]
         resumed = resumed[self.generated[resumed] > 0]  # a preempted request's first token after its recompute
-        gaps = now - self.last_token[np.concatenate([resumed, self.slot_req[plan.decode_slots]])]
+        at = self.offset[reqs] + self.generated[reqs]
+        self.generated[reqs] += 1
+        finished = reqs[self.generated[reqs] >= self.req.output_len[reqs]]
+        for slot in emit_slots[self.generated[reqs] >= self.req.output_len[reqs]]:
+            self.prompts.pop(int(self.slot_req[slot]), None)
+            self._free_slot(int(slot))
+        state = {"step": plan.index, "start": self._step_start, "running": self.running, "waiting": len(self.waiting),
+                 "blocks_used": self.kv_blocks - self.n_free, "prefill_tokens": int(plan.prefill_len.sum()),
+                 "decode_rows": len(plan.decode_slots), "preempted": self._preempted_now,
+                 "pool_rows": int((self.pooled & (self.slot_req >= 0)).sum()),
+                 "pool_blocks_used": self.kv.capacity(1) - self.kv.free(1),
+                 "pool_ranks_used": int((self.rank_blocks.sum(0) > 0).sum()) if self.pool_ranks else 0,
+                 "migrated": self._migrated_now}
+        self.steps += 1
+        return Emission(P, plan.prefill_last, reqs, at, np.concatenate([resumed, reqs[len(reqs) - len(plan.decode_slots):]]),
+                        finished, state)
+
+    def stamp(self, e: "Emission", tokens: np.ndarray, now: float, host_s: float = 0.0, replayed: int = 0) -> None:
+        """A step's tokens, read at `now`: recorded, with first/last-token and finish times, and its log row.
+        host_s: the replay's host time planning the step; replayed: its passes that ran from a captured graph."""
+        self.out_tokens[e.at] = np.concatenate([tokens[:e.prefill_rows][e.prefill_last], tokens[e.prefill_rows:]])
+        gaps = now - self.last_token[e.gap_reqs]
         if len(gaps):
             self.itl.append(gaps)
-        self.generated[reqs] += 1
-        first = reqs[np.isnan(self.first_token[reqs])]
+        first = e.reqs[np.isnan(self.first_token[e.reqs])]
         self.first_token[first] = now
-        self.last_token[reqs] = now
-        finished = emit_slots[self.generated[reqs] >= self.req.output_len[reqs]]
-        for slot in finished:
-            r = int(self.slot_req[slot])
-            self.finished[r] = now
-            self.prompts.pop(r, None)
-            self._free_slot(int(slot))
-        log = self.log
-        for key, value in (("step", plan.index), ("start", self._step_start), ("end", now), ("running", self.running),
-                           ("waiting", len(self.waiting)), ("blocks_used", self.kv_blocks - self.n_free),
-                           ("prefill_tokens", int(plan.prefill_len.sum())), ("decode_rows", len(plan.decode_slots)),
-                           ("preempted", self._preempted_now), ("pool_rows", int((self.pooled & (self.slot_req >= 0)).sum())),
-                           ("pool_blocks_used", self.kv.capacity(1) - self.kv.free(1)),
-                           ("pool_ranks_used", int((self.rank_blocks.sum(0) > 0).sum()) if self.pool_ranks else 0),
-                           ("migrated", self._migrated_now), ("host_ms", host_s * 1e3), ("replayed", replayed)):
-            log[key].append(value)
-        self.steps += 1
+        self.last_token[e.reqs] = now
+        self.finished[e.finished] = now
+        for key, value in (*e.state.items(), ("end", now), ("host_ms", host_s * 1e3), ("replayed", replayed)):
+            self.log[key].append(value)
+
+    def refresh_inputs(self, plan: StepPlan) -> None:
+        """Re-read a plan's input tokens that are generated tokens: a plan made while the previous step ran (after
+        its `advance`, before its `stamp`) read them before they were known. Decode rows: their last token;
+        prefill rows past the prompt: a preempted request's recompute."""
+        dec_req = self.slot_req[plan.decode_slots]
+        plan.decode_tokens[:] = self.out_tokens[self.offset[dec_req] + self.generated[dec_req] - 1]
+        p_req = self.slot_req[plan.prefill_slots]
+        for i in np.nonzero(plan.prefill_start + plan.prefill_len > self.req.prompt_len[p_req])[0]:
+            n = int(plan.prefill_len[i])
+            plan.prefill_tokens[i, :n] = self._context_tokens(int(p_req[i]), int(plan.prefill_start[i]), n)
 
     def tokens_of(self, r: int) -> np.ndarray:
         return self.out_tokens[self.offset[r]: self.offset[r] + self.generated[r]]
