@@ -167,3 +167,21 @@ def test_a_missing_results_directory_is_an_error_not_an_empty_report(tmp_path):
         with pytest.raises(SystemExit, match="is not a directory"):
             main([str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("module", ["harness.report", "harness.perfmodel"])
+def test_a_missing_results_directory_exits_non_zero_naming_it(tmp_path, module):
+    proc = subprocess.run([sys.executable, "-m", module, str(tmp_path / "typo")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'typo'} is not a directory" in proc.stderr
+
+
+def test_perfmodel_on_a_set_without_gpu_records_says_why_its_table_is_empty(capsys):
+    from harness.perfmodel import main as perfmodel_main
+
+    perfmodel_main([str(ROOT / "results" / "measured" / "cpu")])
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("(empty:")]
+    assert "holds no ok measured GPU record" in line and "3 result.json found: 3 ran on CPU" in line
+    assert "| record | strategy |" not in out
