@@ -111,20 +111,25 @@ def test_claims_cite_their_sections():
     assert claims.loc[claims["claim_id"] == "tpot_base_16384", "value"].item() == 892
 
 
-def test_notebook_is_paired_and_executes(results, tmp_path):
+def test_notebook_is_paired_and_executes(results, tmp_path, monkeypatch):
     nb_path = ROOT / "notebooks" / "analysis.ipynb"
     paired = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--output", str(tmp_path / "fresh.ipynb"),
                              str(ROOT / "notebooks" / "analysis.py")], capture_output=True, text=True)
     assert paired.returncode == 0, paired.stderr
     fresh, committed = nbformat.read(tmp_path / "fresh.ipynb", 4), nbformat.read(nb_path, 4)
     assert [c.source for c in fresh.cells] == [c.source for c in committed.cells], "run: jupytext --sync notebooks/analysis.py"
-    os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"] = str(results), str(tmp_path / "nb_report")
-    try:
-        NotebookClient(committed, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    finally:
-        del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
+    git_status = ["git", "-C", str(ROOT), "status", "--porcelain"]
+    before = subprocess.run(git_status, capture_output=True, text=True, check=True).stdout
+    # the records the test made, the output folder left at its default; the kernel imports this checkout
+    monkeypatch.setenv("FAPOOL_RESULTS", str(results))
+    monkeypatch.delenv("FAPOOL_REPORT_OUT", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    NotebookClient(committed, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
     assert "11 records" in outputs and "image/png" in outputs and "Where a decode step goes" in outputs
+    # it wrote its report into the git-ignored default folder, and nothing git tracks or would list changed
+    assert str(results) in (ROOT / "results" / "notebook" / "report" / "results.csv").read_text()
+    assert subprocess.run(git_status, capture_output=True, text=True, check=True).stdout == before
     assert "40 trace replays" in outputs  # the committed projected set of the paper's configurations under traffic
 
 
