@@ -190,3 +190,40 @@ def test_perfmodel_on_a_set_without_gpu_records_says_why_its_table_is_empty(caps
     (line,) = [x for x in out.splitlines() if x.startswith("(empty:")]
     assert "holds no ok measured GPU record" in line and "3 result.json found: 3 ran on CPU" in line
     assert "| record | strategy |" not in out
+
+
+def _figures(monkeypatch, root, out):
+    """The report's figures by name, kept open (harness.report._save closes them once saved)."""
+    import harness.report as rep
+
+    figs = {}
+
+    def keep(fig, out, name):
+        figs[name] = fig
+        return []
+
+    monkeypatch.setattr(rep, "_save", keep)
+    collected, _ = collect(root)
+    rep.plot_all(collected, load_claims(), out)
+    return figs
+
+
+def test_plots_of_a_cpu_set_label_hardware_whole_ranks_and_no_claim_bar(monkeypatch, tmp_path):
+    figs = _figures(monkeypatch, ROOT / "results" / "measured" / "cpu", tmp_path)
+    assert "measured on cpu; paper claims: A100" in figs["tpot_vs_length"].axes[0].get_title()
+    ax = figs["elasticity"].axes[0]
+    ranks = [y for line in ax.get_lines() for y in line.get_ydata()]
+    assert ranks and all(float(y).is_integer() for y in ranks)  # pool ranks per sequence, not offset
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    legend = [t.get_text() for t in figs["speedup"].axes[0].get_legend().get_texts()]
+    assert legend and not any("paper claim" in t for t in legend)  # no claim at these lengths, no claim entry
+    assert [t.get_text() for t in figs["pareto"].axes[0].texts] == ["42", "42"]  # each point names its length
+
+
+def test_plots_of_the_paper_grid_label_points_and_keep_tick_labels_short(monkeypatch, tmp_path):
+    figs = _figures(monkeypatch, ROOT / "results" / "projected" / "paper_table", tmp_path)
+    legend = [t.get_text() for t in figs["speedup"].axes[0].get_legend().get_texts()]
+    assert "paper claim (A100 80GB)" in legend
+    assert sorted({t.get_text() for t in figs["pareto"].axes[0].texts}) == ["16K", "2K", "512", "8K"]
+    ticks = [t.get_text() for t in figs["breakdown"].axes[0].get_xticklabels()]
+    assert "fa_pool:pool 16K" in ticks and not any("\n" in t for t in ticks)
