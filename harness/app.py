@@ -9,7 +9,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from harness.config import ConfigError, load, register_configs, validate
+from harness.config import ConfigError, file_in_the_way, load, register_configs, validate
 from harness.launch import launch_local, record_failure
 from harness.plan import PLANNED, plan_line
 from harness.record import read_record, run_id, write_record
@@ -83,6 +83,8 @@ def run(cfg: DictConfig, out_dir: str):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig):
     out_dir = cfg.results_dir or HydraConfig.get().runtime.output_dir
+    if cfg.results_dir and file_in_the_way(cfg.results_dir):  # validate() refuses it; the record goes to Hydra's directory
+        out_dir = HydraConfig.get().runtime.output_dir
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
     if multirun and cfg.launcher.kind == "slurm":  # submit every point now; the sweep waits at its end
         cfg.launcher.wait = False

@@ -37,6 +37,7 @@ from harness.config import from_dict
 from harness.measure import DECODE_RANGE, PREFILL_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
 from harness.roofline import roofline
 from model.config import PRESETS
+from model.parallel.tp import all_gather_single
 
 KiB = 1024
 SIZES = [4 * KiB * 4**i for i in range(8)]  # 4 KiB .. 64 MiB per rank
@@ -91,7 +92,7 @@ def _calibrate_rank(rank, world, port, sizes, path):
             gathered = torch.zeros(g * buf.numel(), dtype=dtype, device=device)
             scattered = torch.zeros_like(gathered)  # all-to-all: `size` bytes to and from each peer
             ops = {"all_reduce": lambda: dist.all_reduce(buf, group=group),
-                   "all_gather": lambda: dist.all_gather_into_tensor(gathered, buf, group=group),
+                   "all_gather": lambda: all_gather_single(gathered, buf, group=group),
                    "all_to_all": lambda: dist.all_to_all_single(scattered, gathered, group=group)}
             if g == 2:  # one message from rank 0 to rank 1, as the pipeline and the pool send them
                 peer = 1 - rank

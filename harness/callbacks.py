@@ -1,53 +1,66 @@
-"""Hydra callbacks: at the end of a multirun, print the comparison table of the sweep's records."""
+"""Hydra callbacks: at the end of a multirun, print the comparison table of the sweep's records; with plan=true,
+print the plan and leave no folder behind."""
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from harness.collect import collect
+from harness.collect import collect, natural_key
 
 log = logging.getLogger("fapool")
 
 
-def varied_fields(df, shown, limit: int = 4) -> list[str]:
-    """Config fields a sweep varied besides what is shown (e.g. strategy.pool.threshold)."""
-    out = []
-    for c in df.columns:
-        if not c.startswith("config.") or c in shown or c == "config.results_dir" or df[c].astype(str).nunique() <= 1:
-            continue
-        # fields that follow from a swept strategy or workload preset are implied by its name
-        if c.startswith("config.strategy.") and df["config.strategy.name"].nunique() > 1:
-            continue
-        if c.startswith("config.workload.") and df["config.workload.name"].nunique() > 1:
-            continue
-        out.append(c)
-    return out[:limit]
+def varied_fields(df) -> list[str]:
+    """Config fields that differ between runs of the same strategy and workload preset (a swept
+    workload.output_tokens or strategy.pool.threshold): without them such rows would look like duplicates.
+    Fields that follow from a preset's name (a strategy's tp) do not differ within it and stay out."""
+    from harness.report import split_fields
+
+    return split_fields(df, ["config.strategy.name", "config.workload.name"])
+
+
+NO_REF = "-"  # the speed-up column where the sweep has no ok reference run of the row's workload
 
 
 def comparison_table(df) -> str:
-    """One row per run: strategy, workload, GPUs/ranks, TPOT, TPS, speed-up of TPOT vs the reference."""
+    """One row per run: strategy, workload, the fields that differ between runs of the same ones, GPUs/ranks,
+    TPOT, TPS, speed-up of TPOT vs the reference (with a note where there is none)."""
     if df.empty:
         return "(no records)"
     cols = ["config.strategy.name", "config.workload.name", "source", "status", "metrics.num_gpus", "metrics.mean_tpot_ms",
             "metrics.p90_tpot_ms", "metrics.tps", "metrics.tps_per_gpu", "reference_check.passed"]
     df = df.copy()
-    for c in cols:
+    for c in cols + ["config.strategy.kind"]:
         if c not in df:
             df[c] = None
+    varied = [c for c in varied_fields(df) if c not in cols]
+    # the reference of a row: an ok reference run of the same workload and the same swept fields (strategy ones aside)
+    same = ["config.workload.name"] + [c for c in varied if not c.startswith("config.strategy.")]
     ref = df[(df["config.strategy.kind"] == "reference") & (df["status"] == "ok")]
-    ref_tpot = dict(zip(ref["config.workload.name"], ref["metrics.mean_tpot_ms"]))
-    df["tpot_speedup_vs_reference"] = [ref_tpot.get(w, float("nan")) / t if t else float("nan")
-                                       for w, t in zip(df["config.workload.name"], df["metrics.mean_tpot_ms"])]
-    varied = varied_fields(df, cols)
+    ref_tpot = {tuple(k): t for k, t in zip(ref[same].astype(str).itertuples(index=False), ref["metrics.mean_tpot_ms"])}
+    speedups = []
+    for k, t in zip(df[same].astype(str).itertuples(index=False), df["metrics.mean_tpot_ms"]):
+        r = ref_tpot.get(tuple(k))
+        speedups.append(NO_REF if r is None else r / t if t else float("nan"))
+    df["tpot_speedup_vs_reference"] = speedups
     out = df[cols[:2] + varied + cols[2:] + ["tpot_speedup_vs_reference"]].sort_values(
-        ["config.workload.name", "config.strategy.name"] + varied)
+        ["config.workload.name", "config.strategy.name"] + varied, key=natural_key)
     out.columns = ["strategy", "workload"] + [c.removeprefix("config.") for c in varied] + [
         "source", "status", "ranks", "mean TPOT ms", "p90 TPOT ms", "TPS", "TPS/rank", "matches ref", "TPOT speed-up vs ref"]
-    return out.to_markdown(index=False, floatfmt=".3g")
+    if NO_REF in speedups:  # a column of text and numbers: tabulate would print the numbers unformatted
+        out["TPOT speed-up vs ref"] = [x if x == NO_REF else f"{x:.3g}" for x in out["TPOT speed-up vs ref"]]
+    table = out.to_markdown(index=False, floatfmt=".3g")
+    if NO_REF in speedups:
+        table += (f"\n{NO_REF} in 'TPOT speed-up vs ref': this sweep has no ok reference run of that workload"
+                  + (f" and {', '.join(c.removeprefix('config.') for c in same[1:])}" if same[1:] else "")
+                  + " (add strategy=reference to the sweep to get one)")
+    return table
 
 
 def print_plan(lines: list[dict]) -> None:
@@ -62,13 +75,67 @@ def print_plan(lines: list[dict]) -> None:
              if "projected_run_s" in df else ""))
 
 
+def snapshot(directory: Path) -> tuple[Path | None, set[str]]:
+    """(the highest folder from `directory` up that does not exist yet or None, the names in `directory` now)."""
+    missing = None
+    for p in (directory, *directory.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing, {p.name for p in directory.iterdir()} if missing is None and directory.is_dir() else set()
+
+
+def remove_new(directory: Path, before: tuple[Path | None, set[str]]) -> None:
+    """Remove what was made in `directory` since `snapshot(directory)` returned `before`: the names new in it, or
+    the whole folder and the empty parents made with it."""
+    missing, names = before
+    if missing is None:
+        for p in directory.iterdir() if directory.is_dir() else ():
+            if p.name not in names:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    for p in directory.parents:  # up to the first that existed; a parent another process wrote into stays
+        if p == missing.parent or any(p.iterdir()):
+            break
+        p.rmdir()
+
+
+# Hydra's launcher logs "Launching N jobs locally"; under plan=true its jobs only plan, so the line is left out
+LAUNCHER_LOG = logging.getLogger("hydra._internal.core_plugins.basic_launcher")
+
+
 class PrintComparison(Callback):
+    """plan=true runs no job, yet Hydra makes each job's folder (its .hydra/ and log) before the job starts:
+    the folders this sweep or run made are removed once the plan is printed. A point folder that existed
+    before keeps its records."""
+
+    def __init__(self):
+        self.before: tuple[Path | None, set[str]] = (None, set())
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.before = snapshot(Path(config.hydra.run.dir))
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from harness.plan import PLANNED
+
+        if PLANNED:
+            PLANNED.clear()
+            if self.before[0] is not None:  # a run folder that existed before is left as it is
+                remove_new(Path(config.hydra.run.dir), self.before)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.before = snapshot(Path(config.hydra.sweep.dir))
+        if config.get("plan"):
+            LAUNCHER_LOG.setLevel(logging.WARNING)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from harness.plan import PLANNED
 
         if PLANNED:
             print_plan(PLANNED)
             PLANNED.clear()
+            remove_new(Path(config.hydra.sweep.dir), self.before)
             return
         if "harness.slurm" in sys.modules:  # Slurm jobs of this sweep still queued or running
             from harness.slurm import PENDING, wait_all

@@ -6,12 +6,26 @@ crash the collection.
 from __future__ import annotations
 
 import json
+import numbers
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.measure import TIMELINE_FIELDS
 from harness.record import RunRecord
+
+
+def natural_key(s: pd.Series) -> pd.Series:
+    """A sort key (for `sort_values(key=...)`) that orders the numbers inside names by value: len2048 before
+    len16384, where a string sort puts it after. Numbers sort by value too."""
+    def key(v):
+        if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and v == v:  # a number (not NaN): its value
+            return ("", v)
+        return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(v)))
+
+    return s.map(key)
 
 
 def find_records(root: str | Path) -> tuple[list[tuple[Path, RunRecord]], list[tuple[Path, str]]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -386,9 +387,22 @@ def validate_serving(cfg: BenchConfig) -> None:
              f"{shortest}); raise it, or cap the trace with workload.trace.max_context")
 
 
+def file_in_the_way(directory: str | Path) -> Path | None:
+    """The existing file (not a directory) at `directory` or above it, which would stop it being created."""
+    for p in (Path(directory), *Path(directory).parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
+
+
 def validate(cfg: BenchConfig) -> None:
     """Refuse what cannot run, before anything is launched. Raises ConfigError."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
+    if cfg.results_dir is not None:
+        blocker = file_in_the_way(cfg.results_dir)
+        need(blocker is None,
+             f"results_dir={cfg.results_dir}: {blocker} is a file, and results_dir is the directory that holds the run's "
+             f"result.json; give a directory (it is created if missing) or leave results_dir unset (Hydra's run directory)")
     if w.kind == "trace":
         validate_serving(cfg)
     need(m.n_heads % s.tp == 0, f"model.n_heads={m.n_heads} is not divisible by strategy.tp={s.tp}; pick tp among the divisors of n_heads")

@@ -776,10 +776,32 @@ def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
     return rows
 
 
+def why_no_rows(root: str | Path) -> str:
+    """One line: why `check` finds nothing under root (it checks only ok GPU measurements, the model's subject)."""
+    from harness.collect import find_records
+
+    good, bad = find_records(root)
+    kinds = {"ran on CPU (mechanics, not GPU time)": 0, "projected": 0, "not ok": 0, "ok GPU records marked invalid": 0}
+    for path, rec in good:
+        if rec.status != "ok":
+            kinds["not ok"] += 1
+        elif rec.env.get("source", "measured") != "measured":
+            kinds["projected"] += 1
+        elif rec.config["hardware"]["device"] != "cuda":
+            kinds["ran on CPU (mechanics, not GPU time)"] += 1
+        else:
+            kinds["ok GPU records marked invalid"] += 1
+    found = ", ".join(f"{n} {k}" for k, n in kinds.items() if n) + (f", {len(bad)} unreadable" if bad else "")
+    return (f"(empty: the model predicts GPU steps and {root} holds no ok measured GPU record to check it against; "
+            f"{len(good) + len(bad)} result.json found{': ' + found if found else ''})")
+
+
 def check_table(root: str | Path) -> str:
     """`check` and `summarize` as markdown, then `check_prefill`'s; the set calibrated once for both."""
     calibrated = _calibrated_items(root)
-    rows = check(root, calibrated)
+    rows, prefill = check(root, calibrated), check_prefill(root, calibrated)
+    if not rows and not prefill:
+        return why_no_rows(root)
     lines = ["| record | strategy | measured TPOT ms (basis) | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["strategy"], r["record"])):
         lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.2f} ({r['basis']}) | {r['predicted_ms']:.2f} | "
@@ -788,7 +810,6 @@ def check_table(root: str | Path) -> str:
               "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
     lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
               for x in summarize(rows)]
-    prefill = check_prefill(root, calibrated)
     if prefill:
         lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
                   "rate, two FA Pool records its copy rates):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]

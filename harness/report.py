@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from harness.collect import collect  # noqa: E402
@@ -242,6 +243,25 @@ def _empty(ax, what: str):
     ax.set_axis_off()
 
 
+PAPER_HARDWARE = "A100 80GB"  # the paper's setup, where every claim in paper_claims.csv comes from
+
+
+def hardware_note(d: pd.DataFrame) -> str:
+    """Which hardware each source's points are of, beside the claims' (a CPU run next to A100 claims is not a
+    comparison of absolute numbers)."""
+    if d.empty or "config.hardware.name" not in d:
+        return f"paper claims: {PAPER_HARDWARE}"
+    ours = "; ".join(f"{source} on {', '.join(sorted(g['config.hardware.name'].astype(str).unique()))}"
+                     for source, g in d.groupby("source"))
+    return f"this harness: {ours}; paper claims: {PAPER_HARDWARE}"
+
+
+def length_label(n) -> str:
+    """A sequence length in short form: 512, 2K, 16K (whole multiples of 1024), else the number."""
+    n = float(n)
+    return f"{int(n) // 1024}K" if n >= 1024 and n % 1024 == 0 else f"{n:g}"
+
+
 def _line_by_strategy(ax, d, x, y, label_fmt="{strategy} ({source})"):
     for (source, strategy), g in d.groupby(["source", "strategy"]):
         g = g.sort_values(x)
@@ -267,7 +287,8 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
             c = claims[(claims["metric"] == "mean_tpot_ms") & (claims["strategy"] == strat)]
             ax.scatter(c["seq_len"], c["value"], marker=marker, s=80, color="k", label=f"paper claim: {strat}")
         _log_axes(ax, "sequence length (prompt tokens, log scale)", "mean TPOT (ms, log scale)",
-                  "TPOT vs sequence length (claims: A100 paper setup)", xbase=2)
+                  f"TPOT vs sequence length\n{hardware_note(d)}", xbase=2)
+        ax.title.set_fontsize(9)
     files += _save(fig, out, "tpot_vs_length")
 
     # TPS and decode TPS per GPU
@@ -287,6 +308,7 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
             axes[0].set_yscale("log")
             axes[0].set_xlabel("sequence length (tokens, log scale)")
             axes[0].set_ylabel("TPS: (input + output tokens) / e2e s")
+            axes[0].set_title(hardware_note(d), fontsize=9)
             axes[0].legend(fontsize=7)
         _line_by_strategy(axes[1], means, "seq_len", "decode_tps_per_gpu")
         axes[1].set_xscale("log", base=2)
@@ -304,9 +326,12 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
     else:
         labels = [f"{int(L)}\n{s}" for L, s in zip(lay["seq_len"], lay["source"])]
         x = range(len(lay))
+        claimed = lay["claim_tpot_speedup"].astype(float)
         ax.bar([i - 0.2 for i in x], lay["tpot_speedup"], width=0.4, label=f"{lay['fa_pool'][0]} vs {lay['baseline'][0]} (this harness)")
-        ax.bar([i + 0.2 for i in x], lay["claim_tpot_speedup"].astype(float), width=0.4, color="lightgray",
-               edgecolor="k", hatch="//", label="paper claim")
+        if claimed.notna().any():  # the paper claims speed-ups at its lengths only: a legend entry only with a bar
+            ax.bar([i + 0.2 for i in x], claimed, width=0.4, color="lightgray", edgecolor="k", hatch="//",
+                   label=f"paper claim ({PAPER_HARDWARE})")
+        ax.set_title(hardware_note(d) if claimed.notna().any() else "no paper claim at these lengths", fontsize=9)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set_xlabel("sequence length (tokens) / source")
@@ -338,14 +363,20 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
     if bt.empty:
         _empty(ax, "breakdowns")
     else:
-        labels = [f"{r.strategy}:{r.role}\n{r.seq_len:g} ({r.source[0]})" for r in bt.itertuples()]
+        mixed = bt["source"].nunique() > 1  # the source letter only where both kinds are drawn
+        labels = [f"{r.strategy}:{r.role} {length_label(r.seq_len)}" + (f" ({r.source[0]})" if mixed else "")
+                  for r in bt.itertuples()]
+        fig.set_size_inches(max(9, 0.32 * len(bt) + 3), 5)
         bottom = [0.0] * len(bt)
         for p in PHASES:
             ax.bar(range(len(bt)), bt[p], bottom=bottom, label=p)
             bottom = [a + b for a, b in zip(bottom, bt[p])]
-        ax.set_xticks(range(len(bt)), labels, fontsize=6, rotation=60, ha="right")
+        ax.set_xticks(range(len(bt)), labels, fontsize=8, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_xlim(-0.6, len(bt) - 0.4)
+        ax.set_xlabel("strategy:role sequence length")
         ax.set_ylabel("fraction of the role's time")
-        ax.set_title("overhead breakdown per role (m = measured, p = projected)")
+        ax.set_title("overhead breakdown per role" + (" (m = measured, p = projected)" if mixed else
+                                                      f" ({bt['source'].iloc[0]})"))
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))
     files += _save(fig, out, "breakdown")
 
@@ -373,10 +404,15 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
         _empty(ax, "ok runs")
     else:
         for (source, strategy), g in means.groupby(["source", "strategy"]):
-            ax.scatter(g["decode_tps_per_gpu"], g["metrics.mean_tpot_ms"], label=f"{strategy} ({source})",
-                       marker="o" if source == "measured" else "s")
+            g = g.sort_values("seq_len")
+            pts = ax.plot(g["decode_tps_per_gpu"], g["metrics.mean_tpot_ms"], label=f"{strategy} ({source})",
+                          marker="o" if source == "measured" else "s", linestyle=":", linewidth=0.8)
+            for i, (L, tps, tpot) in enumerate(zip(g["seq_len"], g["decode_tps_per_gpu"], g["metrics.mean_tpot_ms"])):
+                # above and below in turn: neighbouring lengths of one strategy may land on the same spot
+                ax.annotate(length_label(L), (tps, tpot), textcoords="offset points", xytext=(4, 3 if i % 2 else -9),
+                            fontsize=7, color=pts[0].get_color())
         _log_axes(ax, "decode tokens/s per GPU (log; right is better)", "mean TPOT (ms, log; down is better)",
-                  "Pareto: latency vs per-GPU throughput")
+                  "Pareto: latency vs per-GPU throughput (point labels: sequence length)")
     files += _save(fig, out, "pareto")
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -390,11 +426,11 @@ def plot_all(df: pd.DataFrame, claims: pd.DataFrame, out: Path, baseline=None, f
         r = el.loc[el["elasticity"].map(pooled).idxmax()]
         log = [e for e in json.loads(r["elasticity"]) if e["step"] != "finish"]
         seqs = sorted({s for e in log for s in e["pool_ranks_per_seq"]}, key=int)
-        for i, s in enumerate(seqs):  # small offsets keep sequences with equal counts apart
-            off = (i - (len(seqs) - 1) / 2) * 0.04
-            ax.step(range(len(log)), [len(e["pool_ranks_per_seq"].get(s, [])) + off for e in log], where="post",
-                    label=f"seq {s}")
-        ax.yaxis.get_major_locator().set_params(integer=True)
+        styles = ["-", "--", ":", "-."]
+        for i, s in enumerate(seqs):  # whole ranks; sequences with equal counts overlap, told apart by width and dash
+            ax.step(range(len(log)), [len(e["pool_ranks_per_seq"].get(s, [])) for e in log], where="post",
+                    label=f"seq {s}", linestyle=styles[i % len(styles)], linewidth=max(1.0, 3.5 - 0.8 * i))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax2 = ax.twinx()
         ax2.plot(range(len(log)), [e["blocks_held"] for e in log], "k--", label="pool KV blocks held (right axis)")
         ax2.set_ylabel("pool KV blocks held")

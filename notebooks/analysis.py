@@ -20,6 +20,10 @@
 # cell below), then shows the tables and plots of `fapool-report` beside the paper's claims.
 # Measured and projected records are kept apart by the `source` column; claims are labelled as claims.
 # Metric definitions: the top-level README, "Metrics".
+#
+# Run it from the repository root: `jupyter execute notebooks/analysis.ipynb`. It writes only under `OUT`
+# (`FAPOOL_REPORT_OUT`, default `results/notebook/`, git-ignored), never into a committed result set.
+# Relative paths in the variables are taken from the repository root.
 
 # %%
 import os
@@ -28,10 +32,13 @@ from pathlib import Path
 import pandas as pd
 from IPython.display import Image, Markdown, display
 
+import harness
+from harness.collect import natural_key
 from harness.report import load_claims, report
 
-RESULTS_DIR = Path(os.environ.get("FAPOOL_RESULTS", "../results/projected/paper_table"))
-OUT = Path(os.environ.get("FAPOOL_REPORT_OUT", RESULTS_DIR / "report"))
+ROOT = Path(harness.__file__).resolve().parent.parent  # the checkout (the kernel runs in notebooks/)
+RESULTS_DIR = ROOT / os.environ.get("FAPOOL_RESULTS", "results/projected/paper_table")
+OUT = ROOT / os.environ.get("FAPOOL_REPORT_OUT", "results/notebook/report")
 r = report(RESULTS_DIR, OUT)
 df = r["frame"]
 print(f"{len(df)} records from {RESULTS_DIR}; {len(r['bad'])} files skipped")
@@ -44,7 +51,8 @@ for path, why in r["bad"]:
 # %%
 cols = ["source", "status", "config.strategy.name", "config.workload.name", "seq_len", "metrics.num_gpus",
         "metrics.mean_tpot_ms", "metrics.p99_tpot_ms", "metrics.tps", "metrics.decode_tps"]
-display(df[[c for c in cols if c in df]].sort_values(["source", "config.workload.name", "config.strategy.name"]))
+display(df[[c for c in cols if c in df]].sort_values(["source", "config.workload.name", "config.strategy.name"],
+                                                    key=natural_key))
 
 # %% [markdown]
 # ## Baseline vs FA Pool, in the paper's layout (claims beside)
@@ -91,8 +99,8 @@ for name in ("pool_scaling", "threshold_sweep", "elasticity"):
 # %%
 from harness.serving.report import serving_table  # noqa: E402
 
-SERVING_DIR = Path(os.environ.get("FAPOOL_SERVING", "../results/projected/serve_paper_a100"))
-SERVING_OUT = Path(os.environ.get("FAPOOL_SERVING_OUT", OUT / "serving"))
+SERVING_DIR = ROOT / os.environ.get("FAPOOL_SERVING", "results/projected/serve_paper_a100")
+SERVING_OUT = ROOT / os.environ.get("FAPOOL_SERVING_OUT", OUT / "serving")
 served = report(SERVING_DIR, SERVING_OUT)["frame"] if SERVING_DIR.is_dir() else pd.DataFrame()
 table = serving_table(served)
 print(f"{len(table)} trace replays under {SERVING_DIR}")

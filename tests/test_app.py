@@ -29,6 +29,16 @@ def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
     assert not records[0]["metrics"]
 
 
+def test_results_dir_that_is_a_file_is_refused_with_a_record_in_hydras_directory(tmp_path):
+    (tmp_path / "afile").write_text("keep")
+    proc, records = run_cli(["hydra.mode=RUN", f"results_dir={tmp_path / 'afile'}"], tmp_path)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and "FileExistsError" not in proc.stderr
+    assert f"invalid: results_dir={tmp_path / 'afile'}: {tmp_path / 'afile'} is a file" in proc.stdout
+    assert [r["status"] for r in records] == ["invalid"] and "results_dir" in records[0]["error"]
+    assert (tmp_path / "run" / "result.json").exists() and (tmp_path / "afile").read_text() == "keep"
+
+
 def test_cli_static_tp2_pp2_end_to_end(tmp_path):
     proc, records = run_cli(["strategy=tp2_pp2", "workload=tiny", "check_reference=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr

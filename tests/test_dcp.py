@@ -5,7 +5,7 @@ import torch
 from harness.config import ConfigError, from_dict
 from harness.memory import memory_by_role
 from model.parallel.dcp import shard_length, shard_lengths
-from tests.conftest import cfg_object, launch
+from tests.conftest import cfg_object, launch, run_cli
 
 # (tp, kv_shards, pp, prefill_chunk): KV blocks of 16 tokens, ragged prompts of 12-80 tokens (tiny_mixed), so every
 # sequence spans several blocks and some shards hold no token of a short prompt's first chunk
@@ -63,6 +63,15 @@ def test_dcp_matches_tp_on_one_shard(tmp_path):
     assert rec["status"] == "ok", rec["error"]
     assert rec["reference_check"]["passed"] and rec["reference_check"]["tokens_equal"]
     assert all("dcp_allgather" not in r["comm_ops"] for r in rec["ranks"])
+
+
+def test_dcp_run_prints_no_deprecation_warning(tmp_path):
+    """The ranks' KV-shard all-gather uses torch's current collective: no FutureWarning on the ranks' stderr."""
+    proc, records = run_cli(["hydra.mode=RUN", "strategy=dcp_t2_k2", "workload=tiny", "check_reference=false"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (rec,) = records
+    assert all(r["comm_ops"]["dcp_allgather"] > 0 for r in rec["ranks"])  # the gather ran on every rank
+    assert "FutureWarning" not in proc.stderr and "DeprecationWarning" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -111,20 +111,25 @@ def test_claims_cite_their_sections():
     assert claims.loc[claims["claim_id"] == "tpot_base_16384", "value"].item() == 892
 
 
-def test_notebook_is_paired_and_executes(results, tmp_path):
+def test_notebook_is_paired_and_executes(results, tmp_path, monkeypatch):
     nb_path = ROOT / "notebooks" / "analysis.ipynb"
     paired = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--output", str(tmp_path / "fresh.ipynb"),
                              str(ROOT / "notebooks" / "analysis.py")], capture_output=True, text=True)
     assert paired.returncode == 0, paired.stderr
     fresh, committed = nbformat.read(tmp_path / "fresh.ipynb", 4), nbformat.read(nb_path, 4)
     assert [c.source for c in fresh.cells] == [c.source for c in committed.cells], "run: jupytext --sync notebooks/analysis.py"
-    os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"] = str(results), str(tmp_path / "nb_report")
-    try:
-        NotebookClient(committed, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
-    finally:
-        del os.environ["FAPOOL_RESULTS"], os.environ["FAPOOL_REPORT_OUT"]
+    git_status = ["git", "-C", str(ROOT), "status", "--porcelain"]
+    before = subprocess.run(git_status, capture_output=True, text=True, check=True).stdout
+    # the records the test made, the output folder left at its default; the kernel imports this checkout
+    monkeypatch.setenv("FAPOOL_RESULTS", str(results))
+    monkeypatch.delenv("FAPOOL_REPORT_OUT", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    NotebookClient(committed, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
     outputs = "".join(str(o) for c in committed.cells for o in c.get("outputs", []))
     assert "11 records" in outputs and "image/png" in outputs and "Where a decode step goes" in outputs
+    # it wrote its report into the git-ignored default folder, and nothing git tracks or would list changed
+    assert str(results) in (ROOT / "results" / "notebook" / "report" / "results.csv").read_text()
+    assert subprocess.run(git_status, capture_output=True, text=True, check=True).stdout == before
     assert "40 trace replays" in outputs  # the committed projected set of the paper's configurations under traffic
 
 
@@ -167,3 +172,58 @@ def test_a_missing_results_directory_is_an_error_not_an_empty_report(tmp_path):
         with pytest.raises(SystemExit, match="is not a directory"):
             main([str(tmp_path / "typo")])
     assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("module", ["harness.report", "harness.perfmodel"])
+def test_a_missing_results_directory_exits_non_zero_naming_it(tmp_path, module):
+    proc = subprocess.run([sys.executable, "-m", module, str(tmp_path / "typo")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'typo'} is not a directory" in proc.stderr
+
+
+def test_perfmodel_on_a_set_without_gpu_records_says_why_its_table_is_empty(capsys):
+    from harness.perfmodel import main as perfmodel_main
+
+    perfmodel_main([str(ROOT / "results" / "measured" / "cpu")])
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("(empty:")]
+    assert "holds no ok measured GPU record" in line and "3 result.json found: 3 ran on CPU" in line
+    assert "| record | strategy |" not in out
+
+
+def _figures(monkeypatch, root, out):
+    """The report's figures by name, kept open (harness.report._save closes them once saved)."""
+    import harness.report as rep
+
+    figs = {}
+
+    def keep(fig, out, name):
+        figs[name] = fig
+        return []
+
+    monkeypatch.setattr(rep, "_save", keep)
+    collected, _ = collect(root)
+    rep.plot_all(collected, load_claims(), out)
+    return figs
+
+
+def test_plots_of_a_cpu_set_label_hardware_whole_ranks_and_no_claim_bar(monkeypatch, tmp_path):
+    figs = _figures(monkeypatch, ROOT / "results" / "measured" / "cpu", tmp_path)
+    assert "measured on cpu; paper claims: A100" in figs["tpot_vs_length"].axes[0].get_title()
+    ax = figs["elasticity"].axes[0]
+    ranks = [y for line in ax.get_lines() for y in line.get_ydata()]
+    assert ranks and all(float(y).is_integer() for y in ranks)  # pool ranks per sequence, not offset
+    assert all(float(t).is_integer() for t in ax.get_yticks())
+    legend = [t.get_text() for t in figs["speedup"].axes[0].get_legend().get_texts()]
+    assert legend and not any("paper claim" in t for t in legend)  # no claim at these lengths, no claim entry
+    assert [t.get_text() for t in figs["pareto"].axes[0].texts] == ["42", "42"]  # each point names its length
+
+
+def test_plots_of_the_paper_grid_label_points_and_keep_tick_labels_short(monkeypatch, tmp_path):
+    figs = _figures(monkeypatch, ROOT / "results" / "projected" / "paper_table", tmp_path)
+    legend = [t.get_text() for t in figs["speedup"].axes[0].get_legend().get_texts()]
+    assert "paper claim (A100 80GB)" in legend
+    assert sorted({t.get_text() for t in figs["pareto"].axes[0].texts}) == ["16K", "2K", "512", "8K"]
+    ticks = [t.get_text() for t in figs["breakdown"].axes[0].get_xticklabels()]
+    assert "fa_pool:pool 16K" in ticks and not any("\n" in t for t in ticks)

@@ -139,3 +139,13 @@ def test_every_numeric_field_has_a_range_checked_by_its_own_group(cls, name, is_
     for bad in ([-1.0, float("nan")] if is_float else [-1]):
         with pytest.raises(ValueError, match=name):
             cls(**{name: bad})
+
+
+def test_results_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for where in ("afile", "afile/sub"):
+        with pytest.raises(ConfigError) as ei:
+            validate(cfg_object([f"results_dir={tmp_path / where}"]))
+        assert f"results_dir={tmp_path / where}: {tmp_path / 'afile'} is a file" in str(ei.value)
+        assert "leave results_dir unset" in str(ei.value)
+    validate(cfg_object([f"results_dir={tmp_path / 'new' / 'dir'}"]))  # a directory yet to be made is fine

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from harness.collect import natural_key
+
 COLUMNS = {  # frame column -> table header
     "source": "source", "strategy": "strategy", "gpus": "GPUs", "config.workload.name": "workload",
     "config.workload.trace.arrival": "arrival", "metrics.offered_rate": "offered req/s", "metrics.completed": "completed",
@@ -34,7 +36,7 @@ def serving_table(df: pd.DataFrame) -> pd.DataFrame:
     if d.empty:
         return pd.DataFrame()
     cols = [c for c in COLUMNS if c in d]
-    t = d.sort_values(["source", "gpus", "config.workload.name", "strategy", "metrics.offered_rate"])[cols]
+    t = d.sort_values(["source", "gpus", "config.workload.name", "strategy", "metrics.offered_rate"], key=natural_key)[cols]
     return t.rename(columns=COLUMNS).reset_index(drop=True)
 
 

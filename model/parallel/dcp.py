@@ -31,7 +31,7 @@ from model.paged_attention import paged_decode
 from model.parallel.paged_kv import to_blocks
 from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StageKV, StaticEngine
-from model.parallel.tp import new_groups
+from model.parallel.tp import all_gather_single, new_groups
 from model.transformer import Step
 
 
@@ -73,7 +73,7 @@ class ShardedAttention:
         three, b, h, t, d = qkv.shape
         gathered = qkv.new_empty(self.shards * three, b, h, t, d)  # the shards' stacks one after the other
         with self.timer("communication"):
-            dist.all_gather_into_tensor(gathered, qkv.contiguous(), group=self.group)
+            all_gather_single(gathered, qkv.contiguous(), group=self.group)
         self.stats.add("dcp_allgather", qkv.nbytes * (self.shards - 1))
         # [shards, 3, b, h, T, D] -> [3, b, shards * h, T, D]: the group's heads in rank order
         return gathered.view(self.shards, three, b, h, t, d).permute(1, 2, 0, 3, 4, 5).reshape(three, b, self.shards * h, t, d)

@@ -12,6 +12,10 @@ from torch import nn
 
 from model.transformer import Attention, FeedForward
 
+# Gather equal tensors of a group into one: torch 2.13 names it all_gather_single and deprecates
+# all_gather_into_tensor (a FutureWarning per call); older torch has only the latter.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:
     size = n // parts
