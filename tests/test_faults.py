@@ -85,3 +85,31 @@ def test_a_hanging_process_group_teardown_is_bounded(monkeypatch):
     assert time.monotonic() - t0 < 2
     monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
     assert runner._destroy_process_group(0.2) is True
+
+
+def test_the_first_failure_is_named_as_the_cause_and_the_peers_errors_as_consequences(tmp_path):
+    import os
+
+    from harness.launch import describe_rank_failures
+
+    def leave(rank, text, at):
+        f = tmp_path / f"rank{rank}.error"
+        f.write_text(text)
+        os.utime(f, (at, at))
+
+    # rank 0's consequence was written first, yet the cause is rank 2's own error
+    leave(0, "Traceback ...\nRuntimeError: [gloo] Connection closed by peer [10.0.0.2]:1234", 100.0)
+    leave(2, "on node2 (Slurm node 1):\nTraceback ...\nRuntimeError: injected fault: rank 2 raised", 101.0)
+    leave(3, "Traceback ...\nRuntimeError: [gloo] Connection reset by peer", 102.0)
+    text = describe_rank_failures(tmp_path, range(4), lambda r: f"rank {r} left nothing")
+    assert text.startswith("rank 2 failed first: RuntimeError: injected fault: rank 2 raised"), text
+    assert "[rank 0, a consequence] RuntimeError: [gloo] Connection closed by peer" in text
+    assert "[rank 3, a consequence]" in text and "[rank 1] rank 1 left nothing" in text
+    # two errors of their own: the earlier is the cause
+    leave(1, "Traceback ...\nValueError: bad shape", 99.0)
+    assert describe_rank_failures(tmp_path, range(4), str).startswith("rank 1 failed first: ValueError: bad shape")
+    # only consequences, and a rank that left nothing (killed): that rank leads
+    for r in (1, 2):
+        (tmp_path / f"rank{r}.error").unlink()
+    text = describe_rank_failures(tmp_path, range(4), lambda r: f"rank {r} was killed")
+    assert text.splitlines()[:2] == ["rank 1: rank 1 was killed", "rank 2: rank 2 was killed"], text
