@@ -49,6 +49,18 @@ def config(overrides: list[str]):
     return cfg, OmegaConf.to_container(raw, resolve=True)
 
 
+def device_idle(steps: pd.DataFrame) -> dict:
+    """How long the device waited on the host between steps (CUDA events: a step's end to the next one's start),
+    over the steps that followed another at once (not after waiting for an arrival, when the device idles because
+    there is no work): the median gap and the share of the device's time those gaps take."""
+    if "gap_ms" not in steps:
+        return {}
+    back_to_back = steps[~steps.waited_for_arrival.astype(bool) & steps.gap_ms.notna()]
+    busy = back_to_back.device_ms.sum() + back_to_back.gap_ms.sum()
+    return {"gap ms p50": back_to_back.gap_ms.median(), "device idle on host %": 100 * back_to_back.gap_ms.sum() / busy
+            if busy else float("nan")}
+
+
 def alone(engine, passes, updates, migrations, reps: int) -> float:
     """Median seconds of one step's passes run again back to back (their KV writes land where they did)."""
     return timeit(lambda: engine.serve_step(passes, updates[:0], migrations[:0]), reps=reps, warmup=2)
@@ -99,7 +111,8 @@ def main(argv=None):
                      "TTFT p50 ms": m["ttft_ms_p50"], "TTFT p99 ms": m["ttft_ms_p99"], "TPOT p50 ms": m["tpot_ms_p50"],
                      "TPOT p99 ms": m["tpot_ms_p99"], "goodput req/s": m["goodput"], "out tok/s": m["output_tokens_per_s"],
                      "steps": m["steps"], "host ms p50": steps.host_ms.median(), "host ms p99": steps.host_ms.quantile(0.99),
-                     "decode passes replayed": int(steps.replayed.sum()), "batch mean": m["batch_mean"]})
+                     "decode passes replayed": int(steps.replayed.sum()), "batch mean": m["batch_mean"],
+                     "running max": int(steps.running.max())} | device_idle(steps))
         if last:
             last_steps = steps
     # steps of the last replay, timed alone: decode-only ones against the replay, mixed ones against their parts

@@ -161,6 +161,8 @@ class ServingConfig:
     slo_tpot_ms: float = 100.0  # ... and TPOT <= this (DistServe's definition)
     warmup_requests: int = 2  # an untimed replay of this many requests first (compiles, allocator, graphs); 0: none
     max_steps: int = 0  # stop after this many steps (0: when every request has finished); unfinished ones are counted
+    # plan step k+1 while step k runs on the device, reading k's tokens after (false: read them first, then plan)
+    overlap_host: bool = True
     host_step_ms: float = 0.15  # launcher=model: the host's time per step (planning, copies), added to each priced step
 
     def __post_init__(self):

@@ -137,7 +137,9 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
            warmup: bool = False, on_step=None, shaped_by: Requests | None = None) -> Replay:
     """Replay the trace (or `requests`) to the end, or to serving.max_steps. Every rank calls this. On CUDA, rank 0
     records an event before and after each step's device work (nothing waits on them until the end): the steps'
-    device times, `device_ms` in the step log. on_step(index, passes, updates, migrations): called before each
+    device times, `device_ms` in the step log, and the device's idle time before each step, `gap_ms`
+    (`waited_for_arrival`: the host had nothing to run and waited for a request, so that gap is the load's, not the
+    host's). on_step(index, passes, updates, migrations): called before each
     step runs (a benchmark keeps some to time them alone). shaped_by: the requests that size the KV and the block
     tables (a warm-up replay's: the timed trace, so that both run on the same buffers)."""
     s, w = cfg.serving, cfg.workload
@@ -163,6 +165,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     events = [] if device.type == "cuda" and rank == 0 else None
     t0 = time.perf_counter()
     step = 0
+    waited = []  # rank 0, per step: whether the host waited for an arrival before planning it (the device idle by choice)
     launched = None  # rank 0: (emission, new tokens on the device, host s, graph passes) of the step in flight
 
     def read_launched():
@@ -177,7 +180,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
         packed = None
         if rank == 0:
             # the next step is planned while the previous one runs on the device: its tokens are read only after
-            plan = None
+            plan, idle = None, False
             while not (s.max_steps and step >= s.max_steps):
                 now = time.perf_counter() - t0
                 host_start = now
@@ -187,6 +190,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                 if plan is not None or sched.done():
                     break
                 read_launched()  # nothing to plan: the step in flight's tokens first, then wait for arrivals
+                idle = True
                 nxt = sched.next_arrival_time(trace_now)
                 if nxt is None:  # nothing runs and nothing more arrives: the rest was refused
                     break
@@ -199,6 +203,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             if plan is not None:
                 sched.refresh_inputs(plan)  # its decode inputs are the tokens just read
             packed = _pack(plan, sched.slot_req, pool_ranks)
+            waited.append(idle)
         unpacked = _unpack(_broadcast(packed, device), device, cfg.strategy.tp)
         if unpacked is None:
             break
@@ -219,6 +224,8 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
         if rank == 0:
             launched = (sched.advance(plan), tokens, host_s, getattr(engine, "replayed_passes", 0) - replayed)
+            if not s.overlap_host:
+                read_launched()
             if logical:
                 trace_now += tick
         step += 1
@@ -228,6 +235,9 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     if events is not None:
         torch.cuda.synchronize()
         sched.log["device_ms"] = [a.elapsed_time(b) for a, b in events]
+        # the device's idle time before each step: from the previous step's end event to this one's start event
+        sched.log["gap_ms"] = [float("nan")] + [a[1].elapsed_time(b[0]) for a, b in zip(events, events[1:])]
+        sched.log["waited_for_arrival"] = waited[: len(events)]
     return Replay(requests, sched, blocks, per_slot, duration, emitted)
 
 
