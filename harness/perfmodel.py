@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  # one GPU: GEMMs, merge, floors
 MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
 LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
+# Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
+# runs RMSNorm and rotary: "unfused" (code before 2da58f1, and the one-GPU benchmark that fits the floor per
+# kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
+# 17 (its angle table, fp32 casts of both halves, 6 products and sums, a concatenation, a cast); "fused": one
+# kernel per norm (F.rms_norm), the angle table once per layer (7) and one Triton kernel per q and k. Both also
+# launch 6 others (2 residual adds, GELU, the cache write of k and v, the new lengths).
+SMALL_KERNELS_PER_LAYER = {"unfused": 2 * 8 + 2 * 17 + 6, "fused": 2 * 1 + 7 + 2 + 6}
 
 
 @dataclass
@@ -43,7 +50,8 @@ class Calibration:
     attn_fixed_eager_s: float = 40e-6
     gemm_bw_fraction: float = 0.6  # small-batch GEMM weight streaming / measured read bandwidth
     gemm_fixed_s: float = 10e-6  # a GEMM kernel's floor
-    layer_fixed_s: float = 20e-6  # norms, rotary, residuals, cache writes per layer (graphed)
+    layer_fixed_s: float = 20e-6  # norms, rotary, residuals, cache writes per layer (graphed): kernel_s x their count
+    kernel_s: float = 20e-6 / SMALL_KERNELS_PER_LAYER["fused"]  # one small kernel's floor in a graphed step
     eager_cpu_s_per_layer: float = 0.0  # Python/launch time per layer when not graphed (eager engines)
     merge_s: float = 36e-6  # LSE merge of one micro-batch's partials (graphed)
     read_bw: float | None = None  # a measured set's read bandwidth (bytes/s); None: datasheet x read_bw_fraction
@@ -89,7 +97,11 @@ class Calibration:
         m = PRESETS[res["model"]]
         if steps:  # what the per-kernel terms leave unexplained in a whole graphed step, per layer
             cal.layer_fixed_s = 0.0  # the residual is taken against a step without the term being fitted
-            cal.layer_fixed_s = _median_residual_per_layer(cal, m, lim, steps, "tpot_ms", eager=False)
+            # the benchmark's steps ran the unfused norms and rotary: the residual over their kernels is a
+            # kernel's floor, and the engines now launch the fused count
+            cal.kernel_s = _median_residual_per_layer(cal, m, lim, steps, "tpot_ms", eager=False) / \
+                SMALL_KERNELS_PER_LAYER["unfused"]
+            cal.layer_fixed_s = cal.kernel_s * SMALL_KERNELS_PER_LAYER["fused"]
         flash = [r for r in res.get("attention_shards", []) if r.get("backend") == "sdpa_flash" and "time_us" in r]
         if len(flash) >= 2:
             cal.attn_bw_fraction_eager, cal.attn_fixed_eager_s = _fit_bw(flash, "kv_bytes", bw)
@@ -120,8 +132,12 @@ def steady_tpot_s(rec) -> float:
 
 
 def with_limits(cal: Calibration, limits: dict) -> Calibration:
-    """cal on the machine of a benchmark call: its measured read bandwidth and NCCL times (limits.json)."""
-    return dataclasses.replace(cal, read_bw=limits["read_bytes_per_s"]["used"], comm=limits["comm"])
+    """cal on the machine and code of a benchmark call: its measured read bandwidth and NCCL times (limits.json),
+    and the small kernels per layer its engines launched (`norm_rope`, from the call's kernels.json: "fused"
+    unless it says otherwise)."""
+    kernels = SMALL_KERNELS_PER_LAYER[limits.get("norm_rope", "fused")]
+    return dataclasses.replace(cal, read_bw=limits["read_bytes_per_s"]["used"], comm=limits["comm"],
+                               layer_fixed_s=cal.kernel_s * kernels)
 
 
 def set_calibration(items: dict, base: Calibration | None = None) -> Calibration:
@@ -512,10 +528,14 @@ def _fa_pool_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
         pool_cross = (s.tp + p.size) > gpn
         q_msg = len(long) / M * 3 * h * b / s.tp / p.size  # q, k, v of its rows from one base rank to one pool rank
         part_msg = len(long) / M * (h * 4 + m.n_heads * 4) / s.tp  # fp32 partials + LSE back to one base rank
-        messages = (_collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=False)
-                    + _collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=False) + 2 * cal.message_s)
+        # each hop: its transfer on the device (NCCL's in-graph time for the bytes) and, once, the host's handoff
+        # (message_s: the exchange posted and waited on between captured segments). NCCL's eager time is no
+        # transfer time: host-bound below a few MB (35-65 us for any size up to 4 MB in limits.json), it would
+        # count the host a second time
+        messages = (_collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=True)
+                    + _collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=True) + 2 * cal.message_s)
         if p.hierarchical and p.size > 1:  # members -> leader first
-            messages += _collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=False) + cal.message_s
+            messages += _collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=True) + cal.message_s
         merge = cal.merge_s
     base_unit = pre + post + merge
     if p.async_overlap and p.wavefront and M > 1 and long:
@@ -676,8 +696,12 @@ def _call_file(path: Path, name: str):
 
 
 def _limits_of(path: Path) -> dict | None:
-    """The limits.json of the benchmark call a record belongs to, if any."""
-    return _call_file(path, "limits.json")
+    """The limits.json of the benchmark call a record belongs to, if any, with the call's kernels.json (what its
+    engines launched, e.g. {"norm_rope": "unfused"}) merged in."""
+    limits = _call_file(path, "limits.json")
+    if limits is not None:
+        limits = {**limits, **{k: v for k, v in (_call_file(path, "kernels.json") or {}).items() if k != "why"}}
+    return limits
 
 
 def _invalid_of(path: Path) -> dict:

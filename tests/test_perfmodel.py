@@ -197,3 +197,40 @@ def test_fa_pool_prefill_copy_rates_fitted_on_two_records_come_back():
     _fit_prefill_copies(cal, (pool_decided, ttft[0], lim), (base_decided, ttft[1], lim))
     assert cal.prefill_pool_copy_bw_fraction == pytest.approx(0.5, rel=1e-3)
     assert cal.prefill_base_copy_bw_fraction == pytest.approx(0.2, rel=1e-3)
+
+
+def test_fa_pool_message_transfer_is_nccl_in_graph_time_not_its_eager_host_time():
+    """A hop's transfer is priced at NCCL's in-graph time for its bytes; its host cost is message_s alone (NCCL's
+    eager time is host-bound and would count the host twice)."""
+    over = ["strategy=fa_pool_b2_p2", "strategy.micro_batches=1", "strategy.cuda_graphs=true", "strategy.tp=1",
+            "strategy.pool.hierarchical=false", "strategy.pool.size=2", "strategy.pool.max_size=2", "strategy.world_size=3"]
+    cfg = small(*over)
+    slow_eager = {**TABLE, "p2p": {"2": [[1, 9e-3], [1 << 40, 9e-3]]}}
+    slow_graph = {**TABLE, "p2p": {"2": [[1, 7e-3], [1 << 40, 7e-3]]}}
+    base = predict_step(cfg, simple_cal(), graphed=True)["step_s"]
+    assert predict_step(cfg, simple_cal(comm={"graph": TABLE, "eager": slow_eager}), graphed=True)["step_s"] == \
+        pytest.approx(base, rel=1e-12)
+    slower = predict_step(cfg, simple_cal(comm={"graph": slow_graph, "eager": TABLE}), graphed=True)["step_s"]
+    assert slower - base == pytest.approx(cfg.model.n_layers * 2 * (7e-3 - 5e-5), rel=1e-9)  # 2 hops a layer
+
+
+def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
+    """A call whose engines ran RMSNorm and rotary unfused (kernels.json) pays a kernel's floor for each of their
+    extra kernels in every layer; a call without the file ran the fused ones."""
+    import json
+
+    from harness.perfmodel import SMALL_KERNELS_PER_LAYER, _limits_of, with_limits
+
+    assert SMALL_KERNELS_PER_LAYER["unfused"] > SMALL_KERNELS_PER_LAYER["fused"]
+    limits = {"read_bytes_per_s": {"used": 1e12}, "comm": FLAT}
+    for call in ("old", "new"):
+        (tmp_path / call / "records" / "r").mkdir(parents=True)
+        (tmp_path / call / "limits.json").write_text(json.dumps(limits))
+    (tmp_path / "old" / "kernels.json").write_text(json.dumps({"norm_rope": "unfused", "why": "before fusing"}))
+    old = with_limits(simple_cal(kernel_s=1e-6), _limits_of(tmp_path / "old" / "records" / "r" / "result.json"))
+    new = with_limits(simple_cal(kernel_s=1e-6), _limits_of(tmp_path / "new" / "records" / "r" / "result.json"))
+    assert new.layer_fixed_s == pytest.approx(1e-6 * SMALL_KERNELS_PER_LAYER["fused"])
+    cfg = small("strategy=tp2_pp1")
+    extra = predict_step(cfg, old)["step_s"] - predict_step(cfg, new)["step_s"]
+    kernels = SMALL_KERNELS_PER_LAYER["unfused"] - SMALL_KERNELS_PER_LAYER["fused"]
+    assert extra == pytest.approx(cfg.model.n_layers * kernels * 1e-6, rel=1e-9)
