@@ -358,23 +358,54 @@ def predict_serving_step(cfg: BenchConfig, cal: Calibration, prefill_start, pref
     """Seconds of one serving step (harness/serving/scheduler.StepPlan): a prefill pass over chunks of
     prefill_len tokens after prefill_start cached ones, then a decode pass over rows attending to decode_ctx
     tokens; the pooled flags say which rows' KV is in FA Pool's pool. cfg: serving_config's. Decode passes replay
-    captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly."""
-    b, bw, flops, links, gpn = _rates(cfg, cal)
-    s = cfg.strategy
-    t = 0.0
-    if len(decode_ctx):
+    captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly.
+    A replay pricing many steps of one config keeps a ServingPricer instead."""
+    return ServingPricer(cfg, cal).step(prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled)
+
+
+class ServingPricer:
+    """predict_serving_step for one config (serving_config's) and calibration. A static or DCP decode pass costs
+    its row count's GEMMs, collectives and fixed costs (computed once per row count) plus attention over the rows'
+    total context."""
+
+    def __init__(self, cfg: BenchConfig, cal: Calibration):
+        self.cfg, self.cal = cfg, cal
+        self.b, self.bw, self.flops, self.links, self.gpn = _rates(cfg, cal)
+        s = cfg.strategy
+        self.static = s.kind in ("reference", "static", "dcp")
+        self.graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
+        self._parts: dict[int, _StaticParts] = {}
+
+    def step(self, prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled) -> float:
+        t = 0.0
+        if len(decode_ctx):
+            t += self.decode_s(decode_ctx, decode_pooled)
+        if len(prefill_len):
+            t += _prefill_pass_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b, self.gpn, prefill_start,
+                                 prefill_len, prefill_pooled)
+        return t
+
+    def decode_s(self, decode_ctx, decode_pooled) -> float:
+        """A decode pass over rows attending to decode_ctx tokens (decode_pooled: which are in FA Pool's pool)."""
+        cfg, cal, s = self.cfg, self.cal, self.cfg.strategy
+        if self.static:
+            return self.static_decode_s(len(decode_ctx), int(sum(decode_ctx)))
         lens = [max(1, int(n) - 1) for n in decode_ctx]  # mean_context_lengths adds output_tokens // 2 = 1
-        pool = s.pool
-        if s.kind == "fa_pool":  # the scheduler's placement decides; the model's threshold must agree with it
-            pool = dataclasses.replace(pool, threshold=_threshold_between(decode_ctx, decode_pooled, pool.threshold))
+        # the scheduler's placement decides; the model's threshold must agree with it
+        pool = dataclasses.replace(s.pool, threshold=_threshold_between(decode_ctx, decode_pooled, s.pool.threshold))
         step_cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(s, pool=pool),
                                        workload=dataclasses.replace(cfg.workload, batch_size=len(lens), prompt_lens=lens,
                                                                     buckets=[], output_tokens=2))
-        graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
-        t += _decode_step(step_cfg, cal, links, bw, flops, b, [int(n) for n in decode_ctx], gpn, False, graphed)[0]
-    if len(prefill_len):
-        t += _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, prefill_start, prefill_len, prefill_pooled)
-    return t
+        return _decode_step(step_cfg, cal, self.links, self.bw, self.flops, self.b, [int(n) for n in decode_ctx],
+                            self.gpn, False, self.graphed)[0]
+
+    def static_decode_s(self, rows: int, ctx_sum: int) -> float:
+        """A static or DCP decode pass over `rows` rows attending to ctx_sum tokens in all."""
+        parts = self._parts.get(rows)
+        if parts is None:
+            parts = self._parts[rows] = _static_parts(self.cfg, self.cal, self.links, self.bw, self.flops, self.b, rows,
+                                                      self.gpn, False, self.graphed)
+        return _static_from_parts(self.cfg, self.cal, parts, self.bw, self.b, ctx_sum, False, phases=False)
 
 
 def _threshold_between(ctx, pooled, default):
@@ -443,21 +474,47 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     embedding's all-reduce (stage 0) and the LM head with its all-gather (last stage). A step is M passes on
     the busiest stage, and at least one micro-batch's round trip through every stage and back (pp messages):
         continuous: max(M * t_stage, round trip)      gpipe: round trip + (M - 1) * t_stage"""
+    parts = _static_parts(cfg, cal, links, bw, flops, b, cfg.workload.batch_size, gpn, eager, graphed)
+    return _static_from_parts(cfg, cal, parts, bw, b, sum(ctx), eager)
+
+
+@dataclass
+class _StaticParts:
+    """What a static step costs besides attention; it depends on the step's row count alone."""
+    layer: float  # a layer's GEMMs, fixed costs, all-reduces and DCP's exchange, per micro-batch
+    ar: float  # one all-reduce of the micro-batch's hidden states
+    head: float  # LM head and its all-gather
+    hop: float  # a pipeline message
+    comm: float  # the step's communication (phases)
+
+
+def _static_parts(cfg, cal, links, bw, flops, b, batch, gpn, eager, graphed=None) -> _StaticParts:
     m, s = cfg.model, cfg.strategy
     tp, pp, M = s.tp, s.pp, max(1, s.micro_batches)
-    rows = cfg.workload.batch_size / M
+    rows = batch / M
     layers = m.n_layers // pp
     cross = tp > gpn
     graphed = (s.cuda_graphs if graphed is None else graphed) and not eager
     hidden_bytes = rows * m.hidden * b
     ar = _collective_s(cal, links, "all_reduce", tp, hidden_bytes, cross, graphed)
-    attn = _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
-    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn + cal.layer_fixed_s + 2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed)
+    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + cal.layer_fixed_s + 2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed)
     head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops) + \
         _collective_s(cal, links, "all_gather", tp, rows * m.vocab_size // tp * 4, cross, graphed)
-    stages = [layers * layer + (ar if st == 0 else 0.0) + (head if st == pp - 1 else 0.0) for st in range(pp)]
     hop = _collective_s(cal, links, "p2p", 2, hidden_bytes, tp * pp > gpn, graphed=False) if pp > 1 else 0.0
-    round_trip = sum(stages) + pp * hop if pp > 1 else stages[0]
+    comm = M * (layers * (2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=False)) + ar + (pp > 1) * hop)
+    return _StaticParts(layer, ar, head, hop, comm)
+
+
+def _static_from_parts(cfg, cal, parts: _StaticParts, bw, b, ctx_sum, eager, phases=True):
+    """_static_step from its row-count parts and the step's total context (ctx_sum tokens); phases=False: the
+    step's seconds alone."""
+    m, s = cfg.model, cfg.strategy
+    tp, pp, M = s.tp, s.pp, max(1, s.micro_batches)
+    layers = m.n_layers // pp
+    attn = _attn_s(cal, ctx_sum / M * 2 * m.hidden * b / tp, bw, eager)
+    layer = parts.layer + attn
+    stages = [layers * layer + (parts.ar if st == 0 else 0.0) + (parts.head if st == pp - 1 else 0.0) for st in range(pp)]
+    round_trip = sum(stages) + pp * parts.hop if pp > 1 else stages[0]
     t_stage = max(stages)
     if pp == 1:
         step = M * t_stage
@@ -467,9 +524,11 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
         step = max(M * t_stage, round_trip)
     eager_s = cal.eager_cpu_s_per_layer * m.n_layers if eager else 0.0
     step += eager_s
+    if not phases:
+        return step
     busy = M * t_stage
     ph = dict.fromkeys(PHASES, 0.0)
-    comm = M * (layers * (2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=False)) + ar + (pp > 1) * hop)
+    comm = parts.comm
     ph.update(attention=M * layers * attn, communication=comm, synchronization=max(0.0, step - busy - eager_s),
               other=max(0.0, busy - M * layers * attn - comm) + eager_s)
     return step, {"reference" if s.kind == "reference" else "stage": ph}, None

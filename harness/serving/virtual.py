@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harness.memory import DTYPE_BYTES, memory_by_role
-from harness.perfmodel import default_calibration, predict_serving_step, serving_config
+from harness.perfmodel import ServingPricer, default_calibration, serving_config
 from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
@@ -61,7 +61,7 @@ def virtual_replay(cfg, cal=None) -> Replay:
                       closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement,
                       pool_blocks=pool_blocks)
     cal = cal or default_calibration()
-    priced = serving_config(cfg)
+    price = ServingPricer(serving_config(cfg), cal)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
@@ -72,15 +72,47 @@ def virtual_replay(cfg, cal=None) -> Replay:
                 break
             now = max(now, nxt)
             continue
-        cost = host_s + predict_serving_step(priced, cal, plan.prefill_start, plan.prefill_len, plan.prefill_pooled,
-                                             plan.decode_pos + 1, plan.decode_pooled)
+        cost = host_s + price.step(plan.prefill_start, plan.prefill_len, plan.prefill_pooled, plan.decode_pos + 1,
+                                   plan.decode_pooled)
         costs.append(cost * 1e3)
         now += cost
         sched.complete(plan, np.zeros(plan.rows, dtype=np.int64), now, host_s)
+        now = _decode_until_event(sched, price, now, host_s, closed, costs)
     sched.log["device_ms"] = costs
     result = Replay(requests, sched, blocks, per_slot, now, [])
     result.pool_blocks, result.calibration = pool_blocks, cal.source
     return result
+
+
+def _decode_until_event(sched, price, now: float, host_s: float, closed: int, costs: list) -> float:
+    """Between events (an arrival, a request's last token) the steps are decode steps of the same rows, one token
+    further each: priced here one after another and handed to the scheduler in one go (Scheduler.skip_decode),
+    which leaves what step-by-step planning would. Returns the clock after them."""
+    window = sched.decode_window()
+    if window is None:
+        return now
+    slots, steps = window
+    if sched.cfg.max_steps:
+        steps = min(steps, sched.cfg.max_steps - sched.steps)
+    arrival = None if closed else sched.next_arrival_time(now)
+    ctx, pooled = sched.ctx[slots] + 1, np.zeros(len(slots), dtype=bool)
+    rows, ctx_sum = len(slots), int(ctx.sum())
+    start, ends, priced = now, [], []
+    for j in range(steps):
+        if arrival is not None and now >= arrival:
+            break  # `begin` releases it
+        if price.static:  # what price.step gives for these rows, from their row count and total context
+            cost = host_s + price.static_decode_s(rows, ctx_sum + rows * j)
+        else:
+            cost = host_s + price.step((), (), (), ctx + j, pooled)
+        now += cost
+        ends.append(now)
+        priced.append(cost * 1e3)
+    if not ends:
+        return start
+    ran = sched.skip_decode(slots, start, ends, host_s)
+    costs.extend(priced[:ran])
+    return ends[ran - 1] if ran else start
 
 
 def project_serving(cfg, cfg_dict: dict, out_dir) -> None:
