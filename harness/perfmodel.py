@@ -390,6 +390,7 @@ class ServingPricer:
         self.graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
         self.buckets = decode_buckets(cfg.serving.max_batch)
         self._parts: dict[int, _StaticParts] = {}
+        self._split_tokens: dict[tuple[int, int], int] = {}  # (rows, table tokens): the kernel's split
 
     def step(self, prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled) -> float:
         t = 0.0
@@ -430,9 +431,11 @@ class ServingPricer:
         longest row's program walks a whole split, or the row if shorter."""
         cfg, bs = self.cfg, self.cfg.serving.block_size
         width = self.table_tokens or -(-ctx_max // bs) * bs
-        n = next((b for b in self.buckets if b >= rows), rows) if self.graphed else rows
-        splits = choose_splits(n, cfg.model.n_heads // cfg.strategy.tp, width, cfg.hardware.sm_count)
-        split_tokens = -(-(-(-width // splits)) // TILE_TOKENS) * TILE_TOKENS
+        split_tokens = self._split_tokens.get((rows, width))
+        if split_tokens is None:
+            n = next((b for b in self.buckets if b >= rows), rows) if self.graphed else rows
+            splits = choose_splits(n, cfg.model.n_heads // cfg.strategy.tp, width, cfg.hardware.sm_count)
+            split_tokens = self._split_tokens[rows, width] = -(-(-(-width // splits)) // TILE_TOKENS) * TILE_TOKENS
         return min(ctx_max, split_tokens) * self.cal.paged_token_s
 
 
