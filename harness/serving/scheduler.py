@@ -534,7 +534,7 @@ class Scheduler:
         if self.closed and self.next_arrival < len(self.req) and len(slots) < self.closed:
             return None
         if (self.held[slots] < blocks_for(self.ctx[slots], self.bs)).any():
-            return None
+            return None  # skip_decode takes a row's blocks as its context needs them, from blocks that cover it
         reqs = self.slot_req[slots]
         steps = int((self.req.output_len[reqs] - self.generated[reqs]).min()) - 1
         if self.placement is not None:
