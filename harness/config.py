@@ -229,11 +229,12 @@ class HardwareConfig:
     hbm_gbps: float = 0.0
     nvlink_gbps: float = 0.0  # per GPU, one direction
     ib_gbps: float = 0.0  # per GPU, one direction
+    sm_count: int = 132  # streaming multiprocessors: the paged decode kernel sizes its splits by them
 
     def __post_init__(self):
         need(self.device in ("cpu", "cuda"), f"hardware.device={self.device!r}: choose cpu or cuda")
         need(self.dtype in ("float32", "bfloat16"), f"hardware.dtype={self.dtype!r}: choose float32 or bfloat16")
-        at_least("hardware", self, 1, "gpus_per_node")
+        at_least("hardware", self, 1, "gpus_per_node", "sm_count")
         at_least("hardware", self, 0, "memory_gb", "peak_tflops", "hbm_gbps", "nvlink_gbps", "ib_gbps")
 
 

@@ -17,6 +17,8 @@ from harness.roofline import op_time
 from harness.memory import DTYPE_BYTES, check_fits, mean_context_lengths, memory_by_role
 from harness.workload import prompt_lengths
 from model.config import PRESETS
+from model.paged_attention import TILE_TOKENS, choose_splits
+from model.parallel.static import decode_buckets
 
 # ----------------------------------------------------------------------------------------------------------
 # Time: a decode step (and prefill) per phase, from bytes and FLOPs against calibrated efficiencies.
@@ -24,6 +26,7 @@ from model.config import PRESETS
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  # one GPU: GEMMs, merge, floors
 MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
+SERVING_DECODE_SET = ROOT / "results" / "measured" / "h200-x1" / "serve"  # one GPU: serving decode steps (Calibration)
 LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
 # runs RMSNorm and rotary: "unfused" (code before 2da58f1, and the one-GPU benchmark that fits the floor per
@@ -72,6 +75,15 @@ class Calibration:
     prefill_pool_copy_bw_fraction: float = 1.0
     prefill_base_copy_bw_fraction: float = 1.0
     prefill_calibration_records: tuple = ()  # records the prefill's copy rates were fitted on (not validation)
+    # A serving decode pass (harness/perfmodel.ServingPricer), fitted on the one-H200 serving set's decode steps at
+    # 0.5 and 1 req/s (harness/serving/virtual.fit_serving_decode, 1 to 23 rows; SERVING_DECODE_SET):
+    # - paged_token_s: one program of the paged kernel walks its split of a row at this time per token (a head's K
+    #   and V: 512 bytes in bf16); the kernel sizes its splits by the block table's width, not the rows' lengths,
+    #   so a few rows' attention takes the longest program's walk however little KV they hold in all
+    # - serving_layer_s: per layer, what the pass spends beyond the kernels counted (small-batch GEMMs below the
+    #   calibrated streaming rate, the split merge, the table's reads); not broken down: no profile of it yet
+    paged_token_s: float = 39.6e-9
+    serving_layer_s: float = 56.9e-6
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):
@@ -358,23 +370,73 @@ def predict_serving_step(cfg: BenchConfig, cal: Calibration, prefill_start, pref
     """Seconds of one serving step (harness/serving/scheduler.StepPlan): a prefill pass over chunks of
     prefill_len tokens after prefill_start cached ones, then a decode pass over rows attending to decode_ctx
     tokens; the pooled flags say which rows' KV is in FA Pool's pool. cfg: serving_config's. Decode passes replay
-    captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly."""
-    b, bw, flops, links, gpn = _rates(cfg, cal)
-    s = cfg.strategy
-    t = 0.0
-    if len(decode_ctx):
+    captured graphs where the engine captures them (one stage, not FA Pool); everything else runs eagerly.
+    A replay pricing many steps of one config keeps a ServingPricer instead."""
+    return ServingPricer(cfg, cal).step(prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled)
+
+
+class ServingPricer:
+    """predict_serving_step for one config (serving_config's) and calibration. A static or DCP decode pass costs
+    its row count's GEMMs, collectives and fixed costs (computed once per row count) plus attention over the rows'
+    total context."""
+
+    def __init__(self, cfg: BenchConfig, cal: Calibration, table_tokens: int = 0):
+        """table_tokens: a row's block table holds this many tokens (the longest context a slot is sized for);
+        0: the step's longest row's, rounded up to a block."""
+        self.cfg, self.cal, self.table_tokens = cfg, cal, table_tokens
+        self.b, self.bw, self.flops, self.links, self.gpn = _rates(cfg, cal)
+        s = cfg.strategy
+        self.static = s.kind in ("reference", "static", "dcp")
+        self.graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
+        self.buckets = decode_buckets(cfg.serving.max_batch)
+        self._parts: dict[int, _StaticParts] = {}
+        self._split_tokens: dict[tuple[int, int], int] = {}  # (rows, table tokens): the kernel's split
+
+    def step(self, prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled) -> float:
+        t = 0.0
+        if len(decode_ctx):
+            t += self.decode_s(decode_ctx, decode_pooled)
+        if len(prefill_len):
+            t += _prefill_pass_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b, self.gpn, prefill_start,
+                                 prefill_len, prefill_pooled)
+        return t
+
+    def decode_s(self, decode_ctx, decode_pooled) -> float:
+        """A decode pass over rows attending to decode_ctx tokens (decode_pooled: which are in FA Pool's pool)."""
+        cfg, cal, s = self.cfg, self.cal, self.cfg.strategy
+        if self.static:
+            return self.static_decode_s(len(decode_ctx), int(sum(decode_ctx)), int(max(decode_ctx)))
         lens = [max(1, int(n) - 1) for n in decode_ctx]  # mean_context_lengths adds output_tokens // 2 = 1
-        pool = s.pool
-        if s.kind == "fa_pool":  # the scheduler's placement decides; the model's threshold must agree with it
-            pool = dataclasses.replace(pool, threshold=_threshold_between(decode_ctx, decode_pooled, pool.threshold))
+        # the scheduler's placement decides; the model's threshold must agree with it
+        pool = dataclasses.replace(s.pool, threshold=_threshold_between(decode_ctx, decode_pooled, s.pool.threshold))
         step_cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(s, pool=pool),
                                        workload=dataclasses.replace(cfg.workload, batch_size=len(lens), prompt_lens=lens,
                                                                     buckets=[], output_tokens=2))
-        graphed = s.pp == 1 and s.kind != "fa_pool" and s.cuda_graphs
-        t += _decode_step(step_cfg, cal, links, bw, flops, b, [int(n) for n in decode_ctx], gpn, False, graphed)[0]
-    if len(prefill_len):
-        t += _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, prefill_start, prefill_len, prefill_pooled)
-    return t
+        return _decode_step(step_cfg, cal, self.links, self.bw, self.flops, self.b, [int(n) for n in decode_ctx],
+                            self.gpn, False, self.graphed)[0]
+
+    def static_decode_s(self, rows: int, ctx_sum: int, ctx_max: int) -> float:
+        """A static or DCP decode pass over `rows` rows attending to ctx_sum tokens in all, ctx_max the longest."""
+        parts = self._parts.get(rows)
+        if parts is None:
+            parts = self._parts[rows] = _static_parts(self.cfg, self.cal, self.links, self.bw, self.flops, self.b, rows,
+                                                      self.gpn, False, self.graphed)
+        return _static_from_parts(self.cfg, self.cal, parts, self.bw, self.b, ctx_sum, False, phases=False,
+                                  attn_floor_s=self.longest_program_s(rows, ctx_max),
+                                  layer_extra_s=self.cal.serving_layer_s)
+
+    def longest_program_s(self, rows: int, ctx_max: int) -> float:
+        """The paged kernel's longest program (model/paged_attention.py): rows x heads x splits programs, the
+        splits sized by the block table's width (a captured pass runs its bucket's rows, padding included); the
+        longest row's program walks a whole split, or the row if shorter."""
+        cfg, bs = self.cfg, self.cfg.serving.block_size
+        width = self.table_tokens or -(-ctx_max // bs) * bs
+        split_tokens = self._split_tokens.get((rows, width))
+        if split_tokens is None:
+            n = next((b for b in self.buckets if b >= rows), rows) if self.graphed else rows
+            splits = choose_splits(n, cfg.model.n_heads // cfg.strategy.tp, width, cfg.hardware.sm_count)
+            split_tokens = self._split_tokens[rows, width] = -(-(-(-width // splits)) // TILE_TOKENS) * TILE_TOKENS
+        return min(ctx_max, split_tokens) * self.cal.paged_token_s
 
 
 def _threshold_between(ctx, pooled, default):
@@ -387,13 +449,15 @@ def _threshold_between(ctx, pooled, default):
 def _prefill_pass_s(cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
     """One serving prefill pass: each row's chunk of lens[i] tokens after starts[i] cached ones, as predict_prefill
     prices a chunk, plus what the serving engine adds: every row's earlier keys and values gathered out of its
-    blocks into a dense copy per layer (read and written at the copy rate)."""
+    blocks into a dense copy per layer (read and written at the copy rate), and the rows padded to the longest
+    chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on every padded position;
+    attention on each row's own)."""
     s, m = cfg.strategy, cfg.model
     h, d = m.hidden, m.head_dim
     flops_p = flops * cal.prefill_flops_fraction
     dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)
     starts, lens, pooled = list(starts), list(lens), list(pooled)
-    tokens = sum(lens)
+    tokens = len(lens) * max(lens)
     before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
     own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
     dense = tokens * dense_per_token / flops_p
@@ -443,21 +507,48 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
     embedding's all-reduce (stage 0) and the LM head with its all-gather (last stage). A step is M passes on
     the busiest stage, and at least one micro-batch's round trip through every stage and back (pp messages):
         continuous: max(M * t_stage, round trip)      gpipe: round trip + (M - 1) * t_stage"""
+    parts = _static_parts(cfg, cal, links, bw, flops, b, cfg.workload.batch_size, gpn, eager, graphed)
+    return _static_from_parts(cfg, cal, parts, bw, b, sum(ctx), eager)
+
+
+@dataclass
+class _StaticParts:
+    """What a static step costs besides attention; it depends on the step's row count alone."""
+    layer: float  # a layer's GEMMs, fixed costs, all-reduces and DCP's exchange, per micro-batch
+    ar: float  # one all-reduce of the micro-batch's hidden states
+    head: float  # LM head and its all-gather
+    hop: float  # a pipeline message
+    comm: float  # the step's communication (phases)
+
+
+def _static_parts(cfg, cal, links, bw, flops, b, batch, gpn, eager, graphed=None) -> _StaticParts:
     m, s = cfg.model, cfg.strategy
     tp, pp, M = s.tp, s.pp, max(1, s.micro_batches)
-    rows = cfg.workload.batch_size / M
+    rows = batch / M
     layers = m.n_layers // pp
     cross = tp > gpn
     graphed = (s.cuda_graphs if graphed is None else graphed) and not eager
     hidden_bytes = rows * m.hidden * b
     ar = _collective_s(cal, links, "all_reduce", tp, hidden_bytes, cross, graphed)
-    attn = _attn_s(cal, sum(ctx) / M * 2 * m.hidden * b / tp, bw, eager)
-    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn + cal.layer_fixed_s + 2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed)
+    layer = _layer_gemms_s(cal, m, rows, tp, b, bw, flops) + cal.layer_fixed_s + 2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed)
     head = _gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops) + \
         _collective_s(cal, links, "all_gather", tp, rows * m.vocab_size // tp * 4, cross, graphed)
-    stages = [layers * layer + (ar if st == 0 else 0.0) + (head if st == pp - 1 else 0.0) for st in range(pp)]
     hop = _collective_s(cal, links, "p2p", 2, hidden_bytes, tp * pp > gpn, graphed=False) if pp > 1 else 0.0
-    round_trip = sum(stages) + pp * hop if pp > 1 else stages[0]
+    comm = M * (layers * (2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=False)) + ar + (pp > 1) * hop)
+    return _StaticParts(layer, ar, head, hop, comm)
+
+
+def _static_from_parts(cfg, cal, parts: _StaticParts, bw, b, ctx_sum, eager, phases=True, attn_floor_s=0.0,
+                       layer_extra_s=0.0):
+    """_static_step from its row-count parts and the step's total context (ctx_sum tokens); phases=False: the
+    step's seconds alone. attn_floor_s: a layer's attention is no shorter; layer_extra_s: added to each layer."""
+    m, s = cfg.model, cfg.strategy
+    tp, pp, M = s.tp, s.pp, max(1, s.micro_batches)
+    layers = m.n_layers // pp
+    attn = max(_attn_s(cal, ctx_sum / M * 2 * m.hidden * b / tp, bw, eager), attn_floor_s) + layer_extra_s
+    layer = parts.layer + attn
+    stages = [layers * layer + (parts.ar if st == 0 else 0.0) + (parts.head if st == pp - 1 else 0.0) for st in range(pp)]
+    round_trip = sum(stages) + pp * parts.hop if pp > 1 else stages[0]
     t_stage = max(stages)
     if pp == 1:
         step = M * t_stage
@@ -467,9 +558,11 @@ def _static_step(cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed=None):
         step = max(M * t_stage, round_trip)
     eager_s = cal.eager_cpu_s_per_layer * m.n_layers if eager else 0.0
     step += eager_s
+    if not phases:
+        return step
     busy = M * t_stage
     ph = dict.fromkeys(PHASES, 0.0)
-    comm = M * (layers * (2 * ar + _dcp_layer_s(cal, links, s, m, rows, b, cross, graphed, merge=False)) + ar + (pp > 1) * hop)
+    comm = parts.comm
     ph.update(attention=M * layers * attn, communication=comm, synchronization=max(0.0, step - busy - eager_s),
               other=max(0.0, busy - M * layers * attn - comm) + eager_s)
     return step, {"reference" if s.kind == "reference" else "stage": ph}, None

@@ -111,3 +111,19 @@ def test_placement_check_refuses_ranks_not_in_node_blocks():
         check_placement(cfg, places("aaaa", (0, 1, 0, 1)))
     with pytest.raises(RuntimeError, match="of different nodes"):  # two blocks on one host
         check_placement(cfg, places("aaaa"))
+
+
+def test_paper_serving_h200_preset_composes_and_validates_at_every_point():
+    from pathlib import Path
+
+    import yaml
+
+    preset = Path(__file__).resolve().parent.parent / "conf" / "experiment" / "paper_serving_h200.yaml"
+    params = yaml.safe_load(preset.read_text())["hydra"]["sweeper"]["params"]
+    for strategy in params["strategy"].split(","):
+        cfg = cfg_object(["experiment=paper_serving_h200", f"strategy={strategy}"])
+        validate(cfg)
+        assert cfg.hardware.name == "h200" and cfg.launcher.kind == "model" and cfg.workload.kind == "trace"
+    gpus = {s: cfg_object(["experiment=paper_serving_h200", f"strategy={s}"]).strategy.world_size
+            for s in ("tp8_pp2", "dcp_t8_k8_pp2", "fa_pool_iso16", "tp8_pp4", "tp16_pp2")}
+    assert gpus == {"tp8_pp2": 16, "dcp_t8_k8_pp2": 16, "fa_pool_iso16": 16, "tp8_pp4": 32, "tp16_pp2": 32}

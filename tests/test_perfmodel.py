@@ -234,3 +234,44 @@ def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
     extra = predict_step(cfg, old)["step_s"] - predict_step(cfg, new)["step_s"]
     kernels = SMALL_KERNELS_PER_LAYER["unfused"] - SMALL_KERNELS_PER_LAYER["fused"]
     assert extra == pytest.approx(cfg.model.n_layers * kernels * 1e-6, rel=1e-9)
+
+
+def _serving_pricer(table_tokens=0, **cal_fields):
+    from harness.perfmodel import ServingPricer, default_calibration, serving_config
+
+    cal = dataclasses.replace(default_calibration(), **cal_fields)
+    return ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", "strategy=reference"])), cal,
+                         table_tokens)
+
+
+def test_serving_prefill_pass_runs_its_gemms_on_rows_padded_to_the_longest_chunk():
+    price = _serving_pricer()
+    two = lambda lens: price.step([0] * len(lens), lens, [False] * len(lens), (), ())  # noqa: E731
+    # GEMMs: 2 x 2048 positions either way; attention differs by the second row's own keys (64 against 2048)
+    assert 0.9 * two([2048, 2048]) < two([2048, 64]) < two([2048, 2048])
+    assert two([2048, 64]) > 1.8 * two([2048])  # not 2112 tokens' worth: about 2 x 2048
+
+
+def test_serving_decode_attention_takes_the_longest_program_of_the_table_wide_splits():
+    import numpy as np
+
+    ctx = np.array([6000])
+    # one row: 64 splits of a 87,616-token table are 1,408 tokens each, longer to walk than the row's KV is to
+    # stream; in a 8,192-token table, splits of 512 tokens are not
+    wide, narrow = _serving_pricer(87616), _serving_pricer(8192)
+    assert wide.longest_program_s(1, 6000) == 1408 * wide.cal.paged_token_s
+    assert narrow.longest_program_s(1, 6000) == 512 * narrow.cal.paged_token_s
+    assert wide.decode_s(ctx, [False]) > narrow.decode_s(ctx, [False])
+    bare = _serving_pricer(87616, paged_token_s=0.0, serving_layer_s=0.0)
+    layers = bare.cfg.model.n_layers
+    assert wide.decode_s(ctx, [False]) == pytest.approx(bare.decode_s(ctx, [False]) + layers * (
+        1408 * wide.cal.paged_token_s - (bare.decode_s(ctx, [False]) - bare.static_decode_s(1, 0, 6000)) / layers
+        + wide.cal.serving_layer_s))
+
+
+def test_serving_decode_terms_are_the_fit_on_the_measured_serving_steps():
+    from harness.perfmodel import SERVING_DECODE_SET, Calibration
+    from harness.serving.virtual import fit_serving_decode
+
+    token_s, layer_s = fit_serving_decode(SERVING_DECODE_SET)
+    assert (Calibration.paged_token_s, Calibration.serving_layer_s) == pytest.approx((token_s, layer_s), rel=5e-3)

@@ -148,3 +148,38 @@ def test_serving_step_price_grows_with_context_and_tokens():
         else:
             assert price(2000) < price(30000) and price(2000, rows=8) < price(2000, rows=128)
         assert price(2000, chunk=[(0, 2048)]) > price(2000) and price(2000, chunk=[(60000, 2048)]) > price(2000, chunk=[(0, 2048)])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["strategy=tp8_pp2", "workload.trace.rate=8"],
+    ["strategy=dcp_t4_k2", "workload.trace.rate=4"],
+    ["strategy=fa_pool", "workload.trace.rate=4", "strategy.pool.threshold=32768"],  # windows end at the threshold
+    ["strategy=tp8_pp2", "workload.trace.arrival=closed", "workload.trace.concurrency=6"],
+    ["strategy=tp8_pp2", "workload.trace.rate=8", "serving.kv_blocks=60"],  # admission waits on the KV
+    ["strategy=tp8_pp2", "workload.trace.rate=8", "serving.kv_blocks=60", "serving.on_kv_full=preempt"],
+])
+def test_virtual_replay_skipping_decode_steps_changes_nothing(overrides, monkeypatch):
+    """The replay in virtual time runs the decode steps between events in one go (Scheduler.skip_decode); the
+    same replay planned step by step leaves the same step log, token times, blocks and KV free lists."""
+    import numpy as np
+
+    from harness.serving.scheduler import Scheduler
+    from harness.serving.virtual import virtual_replay
+    from tests.conftest import cfg_object
+
+    cfg = cfg_object(["experiment=paper_serving", "workload.trace.first_n=60", "serving.max_batch=16", *overrides])
+    skipped = []
+    skip = Scheduler.skip_decode
+    monkeypatch.setattr(Scheduler, "skip_decode", lambda self, *a, **k: skipped.append(skip(self, *a, **k)) or skipped[-1])
+    fast = virtual_replay(cfg).scheduler
+    monkeypatch.setattr(Scheduler, "decode_window", lambda self: None)
+    slow = virtual_replay(cfg).scheduler
+    assert sum(skipped) > 0  # some steps went through skip_decode
+    assert fast.log == slow.log
+    assert np.array_equal(np.concatenate(fast.itl), np.concatenate(slow.itl))
+    for name in ("arrival", "admitted", "first_token", "last_token", "finished"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name), equal_nan=True), name
+    for name in ("generated", "preemptions", "refused", "table", "held", "promise"):
+        assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
+    assert all(np.array_equal(a[:n], b[:n]) for a, b, n in zip(fast.kv.stacks, slow.kv.stacks, slow.kv.n_free))
+    assert np.array_equal(fast.kv.n_free, slow.kv.n_free) and fast.blocks_accounted()

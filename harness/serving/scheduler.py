@@ -521,6 +521,81 @@ class Scheduler:
         for key, value in (*e.state.items(), ("end", now), ("host_ms", host_s * 1e3), ("replayed", replayed)):
             self.log[key].append(value)
 
+    def decode_window(self) -> tuple[np.ndarray, int] | None:
+        """Where the coming steps can only be decode steps of the requests running now (in a replay in virtual
+        time, between arrivals): (their slots, how many such steps come before one of them emits its last token);
+        None where they cannot (something waits or prefills, a closed loop would release a request, an FA Pool
+        row is in the pool or would cross the threshold). `skip_decode` runs them."""
+        if self.waiting:
+            return None
+        slots = np.nonzero(self.slot_req >= 0)[0]
+        if not len(slots) or (self.ctx[slots] < self.target[slots]).any() or (self.target[slots] <= 0).any():
+            return None
+        if self.closed and self.next_arrival < len(self.req) and len(slots) < self.closed:
+            return None
+        if (self.held[slots] < blocks_for(self.ctx[slots], self.bs)).any():
+            return None  # skip_decode takes a row's blocks as its context needs them, from blocks that cover it
+        reqs = self.slot_req[slots]
+        steps = int((self.req.output_len[reqs] - self.generated[reqs]).min()) - 1
+        if self.placement is not None:
+            if self.pooled[slots].any():
+                return None
+            steps = min(steps, self.placement.threshold - int(self.ctx[slots].max()))
+        return (slots, steps) if steps > 0 else None
+
+    def skip_decode(self, slots: np.ndarray, start: float, ends, host_s: float = 0.0) -> int:
+        """Decode steps of a `decode_window`'s slots in one go, the first starting at `start`, the j-th ending at
+        ends[j] (and the next starting there): the state, token times and step log are what `begin` and
+        `complete` leave for each step in turn (tokens: zeros, as a replay in virtual time gives). Stops short
+        where the KV would run out (`plan` would preempt there); returns the steps run."""
+        k = len(ends)
+        c0, h0 = self.ctx[slots], self.held[slots]
+        need = blocks_for(c0[None, :] + np.arange(1, k + 1)[:, None], self.bs)  # [k, rows]: blocks step j needs
+        new = need > np.maximum(np.vstack([h0[None, :], need[:-1]]), h0[None, :])  # step j takes one for the row
+        nth = np.cumsum(new, 0)  # blocks the row took in the window up to step j
+        promise = self.promise[slots, 0]
+        # under `reserve` a row's promised blocks cover its new ones; the others must be free and unpromised
+        uncovered = np.cumsum((new & (nth > promise[None, :])).sum(1))
+        k = int(np.searchsorted(uncovered, self.kv.free(0) - self.kv.promised[0], side="right"))
+        if k == 0:
+            return 0
+        new, nth, ends = new[:k], nth[:k], np.asarray(ends[:k], dtype=np.float64)
+        per_step = new.sum(1)
+        taken = np.cumsum(per_step)
+        # step j takes the stack's per_step[j] entries below what the steps before took, in slot order
+        jj, ii = np.nonzero(new)
+        pos = self.kv.n_free[0] - taken[jj] + np.arange(len(jj)) - (taken[jj] - per_step[jj])
+        self.table[slots[ii], h0[ii] + nth[jj, ii] - 1] = self.kv.stacks[0][pos]
+        blocks_used = self.kv_blocks - self.n_free + taken
+        self.kv.n_free[0] -= int(taken[-1])
+        got = nth[-1]
+        used = np.minimum(got, promise)
+        self.promise[slots, 0] -= used
+        self.kv.promised[0] -= int(used.sum())
+        self.held[slots] += got
+        self.ctx[slots] += k
+        reqs = self.slot_req[slots]
+        self.out_tokens[(self.offset[reqs] + self.generated[reqs])[:, None] + np.arange(k)] = 0
+        self.generated[reqs] += k
+        gaps = [ends[0] - self.last_token[reqs]]
+        if k > 1:
+            gaps.append(np.repeat(ends[1:] - ends[:-1], len(slots)))
+        self.itl.append(np.concatenate(gaps))
+        self.first_token[reqs[np.isnan(self.first_token[reqs])]] = ends[0]
+        self.last_token[reqs] = ends[-1]
+        pool_blocks_used = self.kv.capacity(1) - self.kv.free(1)
+        pool_ranks_used = int((self.rank_blocks.sum(0) > 0).sum()) if self.pool_ranks else 0
+        columns = {"step": range(self.steps, self.steps + k), "start": [start, *ends[:-1].tolist()],
+                   "end": ends.tolist(), "running": [len(slots)] * k, "waiting": [0] * k,
+                   "blocks_used": blocks_used.tolist(), "prefill_tokens": [0] * k, "decode_rows": [len(slots)] * k,
+                   "preempted": [0] * k, "pool_rows": [0] * k, "pool_blocks_used": [pool_blocks_used] * k,
+                   "pool_ranks_used": [pool_ranks_used] * k, "migrated": [0] * k, "host_ms": [host_s * 1e3] * k,
+                   "replayed": [0] * k}
+        for key, values in columns.items():
+            self.log[key].extend(values)
+        self.steps += k
+        return k
+
     def refresh_inputs(self, plan: StepPlan) -> None:
         """Re-read a plan's input tokens that are generated tokens: a plan made while the previous step ran (after
         its `advance`, before its `stamp`) read them before they were known. Decode rows: their last token;

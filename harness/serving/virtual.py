@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from harness.memory import DTYPE_BYTES, memory_by_role
-from harness.perfmodel import default_calibration, predict_serving_step, serving_config
+from harness.perfmodel import ServingPricer, default_calibration, serving_config
 from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
@@ -61,7 +61,7 @@ def virtual_replay(cfg, cal=None) -> Replay:
                       closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement,
                       pool_blocks=pool_blocks)
     cal = cal or default_calibration()
-    priced = serving_config(cfg)
+    price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0])
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
@@ -72,15 +72,47 @@ def virtual_replay(cfg, cal=None) -> Replay:
                 break
             now = max(now, nxt)
             continue
-        cost = host_s + predict_serving_step(priced, cal, plan.prefill_start, plan.prefill_len, plan.prefill_pooled,
-                                             plan.decode_pos + 1, plan.decode_pooled)
+        cost = host_s + price.step(plan.prefill_start, plan.prefill_len, plan.prefill_pooled, plan.decode_pos + 1,
+                                   plan.decode_pooled)
         costs.append(cost * 1e3)
         now += cost
         sched.complete(plan, np.zeros(plan.rows, dtype=np.int64), now, host_s)
+        now = _decode_until_event(sched, price, now, host_s, closed, costs)
     sched.log["device_ms"] = costs
     result = Replay(requests, sched, blocks, per_slot, now, [])
     result.pool_blocks, result.calibration = pool_blocks, cal.source
     return result
+
+
+def _decode_until_event(sched, price, now: float, host_s: float, closed: int, costs: list) -> float:
+    """Between events (an arrival, a request's last token) the steps are decode steps of the same rows, one token
+    further each: priced here one after another and handed to the scheduler in one go (Scheduler.skip_decode),
+    which leaves what step-by-step planning would. Returns the clock after them."""
+    window = sched.decode_window()
+    if window is None:
+        return now
+    slots, steps = window
+    if sched.cfg.max_steps:
+        steps = min(steps, sched.cfg.max_steps - sched.steps)
+    arrival = None if closed else sched.next_arrival_time(now)
+    ctx, pooled = sched.ctx[slots] + 1, np.zeros(len(slots), dtype=bool)
+    rows, ctx_sum, ctx_max = len(slots), int(ctx.sum()), int(ctx.max())
+    start, ends, priced = now, [], []
+    for j in range(steps):
+        if arrival is not None and now >= arrival:
+            break  # `begin` releases it
+        if price.static:  # what price.step gives for these rows, from their row count and total context
+            cost = host_s + price.static_decode_s(rows, ctx_sum + rows * j, ctx_max + j)
+        else:
+            cost = host_s + price.step((), (), (), ctx + j, pooled)
+        now += cost
+        ends.append(now)
+        priced.append(cost * 1e3)
+    if not ends:
+        return start
+    ran = sched.skip_decode(slots, start, ends, host_s)
+    costs.extend(priced[:ran])
+    return ends[ran - 1] if ran else start
 
 
 def project_serving(cfg, cfg_dict: dict, out_dir) -> None:
@@ -98,38 +130,127 @@ def project_serving(cfg, cfg_dict: dict, out_dir) -> None:
     write_serving_record(cfg, cfg_dict, result, reports, cfg.strategy.world_size, None, out_dir, env=env)
 
 
-def check_serving(root) -> "pd.DataFrame":
-    """Every measured trace replay under root against its replay in virtual time: the same config, trace window,
-    rate and KV blocks, the model calibrated on the limits measured in the same benchmark run where the folder
-    above the records has them (bench_serving.json)."""
+def _measured_calibration(cfg, path):
+    """The default calibration on the limits measured in the same benchmark run as the record at `path` (the
+    bench_serving.json of a folder above it), where there is one."""
     import dataclasses
     import json
     from pathlib import Path
 
+    cal = default_calibration()
+    bench = next((p / "bench_serving.json" for p in Path(path).resolve().parents if (p / "bench_serving.json").exists()), None)
+    if bench is not None:
+        lim = json.loads(bench.read_text())["limits"]
+        cal = dataclasses.replace(cal, read_bw=lim["read_bytes_per_s"],
+                                  gemm_flops_fraction=lim["gemm_flops_per_s"] / (cfg.hardware.peak_tflops * 1e12)
+                                  if cfg.hardware.peak_tflops else cal.gemm_flops_fraction)
+    return cal
+
+
+def _measured_records(root):
+    """(record path, record, its config with the KV blocks it ran with) of every measured trace replay under root."""
+    import dataclasses
+
     from harness.collect import find_records
     from harness.config import from_dict
-    from harness.serving.metrics import request_table, summarize
 
-    rows = []
     good, _ = find_records(root)
     for path, rec in good:
         if rec.status != "ok" or not rec.serving or rec.env.get("source") == "projected":
             continue
         cfg = from_dict(rec.config)
-        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
-        cal = default_calibration()
-        bench = next((p / "bench_serving.json" for p in Path(path).resolve().parents if (p / "bench_serving.json").exists()), None)
-        if bench is not None:
-            lim = json.loads(bench.read_text())["limits"]
-            cal = dataclasses.replace(cal, read_bw=lim["read_bytes_per_s"],
-                                      gemm_flops_fraction=lim["gemm_flops_per_s"] / (cfg.hardware.peak_tflops * 1e12)
-                                      if cfg.hardware.peak_tflops else cal.gemm_flops_fraction)
-        projected = virtual_replay(cfg, cal)
+        yield path, rec, dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
+
+
+def host_step_ms(steps: "pd.DataFrame") -> float:
+    """A measured replay's host time per step, as the device saw it: the median over steps of the time from one
+    step's start to the next's less the step's device time (planning, the plan's copy, the token read and the
+    bookkeeping; with the host's work overlapped, what is left of it)."""
+    period = (steps.start.shift(-1) - steps.start) * 1e3
+    return float((period - steps.device_ms).median())
+
+
+def measured_steps(cfg, path) -> "pd.DataFrame":
+    """A measured replay's steps (its step log beside the record at `path`), each with its composition: the
+    scheduler run again on the replay's own clock (each step planned at its measured start, completed at its
+    end) plans the same steps, which is checked against the log's prefill tokens and decode rows."""
+    from pathlib import Path
+
+    steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
+    requests = load_trace(cfg.workload.trace)
+    blocks, _, per_slot, placement = capacity(cfg, requests)
+    closed = cfg.workload.trace.concurrency if cfg.workload.trace.arrival == "closed" else 0
+    sched = Scheduler(requests, cfg.serving, blocks, per_slot, lambda r: np.zeros(int(requests.prompt_len[r]), dtype=np.int64),
+                      closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement)
+    rows = []
+    for step in steps.itertuples():
+        plan = sched.begin(step.start, step.start, stamp_arrivals=bool(closed))
+        if plan is None or plan.tokens - len(plan.decode_slots) != step.prefill_tokens or \
+                len(plan.decode_slots) != step.decode_rows:
+            raise ValueError(f"{path}: step {step.step} is not the step the scheduler plans on the replay's clock")
+        ctx = plan.decode_pos + 1
+        rows.append({"decode_ctx": ctx, "prefill_start": plan.prefill_start, "prefill_len": plan.prefill_len,
+                     "ctx_sum": int(ctx.sum()), "ctx_max": int(ctx.max()) if len(ctx) else 0})
+        sched.complete(plan, np.zeros(plan.rows, dtype=np.int64), step.end, step.host_ms / 1e3)
+    return pd.concat([steps.reset_index(drop=True), pd.DataFrame(rows)], axis=1).assign(table_tokens=per_slot * block_bytes(cfg)[0])
+
+
+def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
+    """(paged_token_s, serving_layer_s) of the Calibration: least squares over the relative error of the decode-only
+    steps that replayed a graph, in the measured replays under root at these offered rates, each priced by the
+    model on the run's limits with the two terms in question; serving_layer_s in closed form for each
+    paged_token_s of a fine grid."""
+    import dataclasses
+
+    from harness.perfmodel import ServingPricer, serving_config
+
+    cols = []  # per step: measured s, the price without both terms, the longest program's walk (tokens), layers
+    for path, rec, cfg in _measured_records(root):
+        if rec.config["workload"]["trace"].get("rate") not in rates:
+            continue
+        cal = dataclasses.replace(_measured_calibration(cfg, path), paged_token_s=1.0, serving_layer_s=0.0)
+        steps = measured_steps(cfg, path)
+        price = ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]))
+        bare = ServingPricer(serving_config(cfg), dataclasses.replace(cal, paged_token_s=0.0), table_tokens=price.table_tokens)
+        for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
+            walk = price.longest_program_s(st.decode_rows, st.ctx_max)  # tokens: paged_token_s = 1
+            cols.append((st.device_ms / 1e3, bare.static_decode_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
+                         bare.static_decode_s(st.decode_rows, st.ctx_sum, st.ctx_max) -
+                         bare.static_decode_s(st.decode_rows, 0, st.ctx_max), cfg.model.n_layers // cfg.strategy.pp))
+    y, base, walk, attn, layers = (np.array(c, dtype=float) for c in zip(*cols))
+    best = None
+    for c in np.linspace(0, 200e-9, 2001):
+        # the price with c: base - attn + layers * max(attn / layers, walk * c) + layers * f0
+        without = base - attn + layers * np.maximum(attn / layers, walk * c)
+        w = layers / y  # relative error: minimize sum(((without + layers f0) / y - 1)^2) over f0
+        f0 = float(np.sum(w * (1 - without / y)) / np.sum(w * w))
+        err = float(np.sum(((without + layers * f0) / y - 1) ** 2))
+        if best is None or err < best[0]:
+            best = (err, c, f0)
+    return float(best[1]), float(best[2])
+
+
+def check_serving(root) -> "pd.DataFrame":
+    """Every measured trace replay under root against its replay in virtual time: the same config, trace window,
+    rate and KV blocks, the model calibrated on the limits measured in the same benchmark run where the folder
+    above the records has them (bench_serving.json), each step charged the replay's own host time per step
+    (host_step_ms)."""
+    import dataclasses
+    from pathlib import Path
+
+    from harness.serving.metrics import request_table, summarize
+
+    rows = []
+    for path, rec, cfg in _measured_records(root):
+        steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
+        host = host_step_ms(steps)
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
+        projected = virtual_replay(cfg, _measured_calibration(cfg, path))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
         row = {"record": str(Path(path).parent.relative_to(root)), "strategy": cfg.strategy.name,
-               "offered req/s": m["offered_rate"]}
+               "offered req/s": m["offered_rate"], "host ms/step": host}
         for key, name in (("ttft_ms_p50", "TTFT p50"), ("ttft_ms_p99", "TTFT p99"), ("tpot_ms_p50", "TPOT p50"),
                           ("tpot_ms_p99", "TPOT p99")):
             row[f"{name} measured"], row[f"{name} projected"] = m[key], p.latency[key]
