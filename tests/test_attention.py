@@ -148,36 +148,3 @@ def test_a_chunk_after_cached_keys_as_two_unmasked_parts_equals_the_masked_math(
     want_out, want_lse = A.attention(q, k, v, causal=True, backend="math", q_offset=40)
     out, lse = A._prefix_and_own(q, k, v, 1 / m.sqrt(16), "sdpa")
     assert torch.allclose(out, want_out, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-5)
-
-
-def test_a_packed_prefill_of_ragged_rows_equals_the_masked_one(monkeypatch):
-    """The serving prefill's packing for variable-length flash (model/parallel/serving_kv.ServingAttention._packed):
-    rows of different starts and lengths packed row after row, attended, scattered back, against the same rows
-    through one mask. The kernel is stood in for on CPU by a per-row attention aligned as flash aligns a row
-    (its queries end where its keys end)."""
-    import model.parallel.serving_kv as serving_kv
-    from model.attention import attention
-    from model.parallel.serving_kv import ServingAttention, ServingPass
-
-    def per_row(q, k, v, cu_q, cu_k, max_q, max_k):
-        out = torch.empty_like(q)
-        for r in range(len(cu_q) - 1):
-            qs, ks = slice(cu_q[r], cu_q[r + 1]), slice(cu_k[r], cu_k[r + 1])
-            rows = [x[s].transpose(0, 1)[None] for x, s in ((q, qs), (k, ks), (v, ks))]  # [1, H, t, D]
-            o, _ = attention(*rows, causal=True, q_offset=rows[1].shape[2] - rows[0].shape[2])
-            out[qs] = o[0].transpose(0, 1)
-        return out
-
-    monkeypatch.setattr(serving_kv, "varlen_causal", per_row)
-    gen = torch.Generator().manual_seed(0)
-    starts, lens = (0, 5, 17, 3), (7, 2, 4, 1)  # a first chunk, later chunks, one token
-    b, heads, dim, width, upto = len(lens), 2, 8, max(lens), max(s + n for s, n in zip(starts, lens))
-    q = torch.randn(b, heads, width, dim, generator=gen)
-    keys, values = (torch.randn(b, heads, upto, dim, generator=gen) for _ in range(2))
-    start, n = torch.tensor(starts), torch.tensor(lens)
-    p = ServingPass(torch.arange(b), start, n, True, width, upto, host_start=starts, host_lens=lens)
-    packed = ServingAttention._packed(q, keys, values, p)
-    masked, _ = attention(q, keys, values, kv_lens=start + n, causal=True, q_offset=start)
-    valid = torch.arange(width)[None, :] < n[:, None]  # [b, width]: a row's padding is not compared
-    assert torch.allclose(packed.transpose(1, 2)[valid], masked.transpose(1, 2)[valid], atol=1e-6)
-    assert packed.transpose(1, 2)[~valid].abs().max() == 0  # padding stays zero

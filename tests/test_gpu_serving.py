@@ -36,28 +36,3 @@ def test_serving_on_gpus_matches_the_plain_model(strategy, gpus, dtype, tmp_path
     assert decode_sizes.nunique() > 2  # requests joined and left: the decode pass changed buckets mid-replay
     if dtype == "float32":
         assert on["tokens_sha256"] == off["tokens_sha256"]
-
-
-@pytest.mark.skipif(GPUS < 1, reason="needs a CUDA GPU")
-def test_a_packed_prefill_through_varlen_flash_matches_the_masked_one():
-    """The serving prefill of more than 2 rows: packed into torch's variable-length flash kernel, against the same
-    rows through one mask (fp32 reference), bf16."""
-    from model.attention import attention
-    from model.parallel import serving_kv
-    from model.parallel.serving_kv import ServingAttention, ServingPass
-
-    if serving_kv.varlen_causal is None:
-        pytest.skip("this torch has no torch.nn.attention.varlen")
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    starts, lens = (0, 130, 517, 64, 2000), (300, 64, 1, 200, 48)
-    b, heads, dim, width, upto = len(lens), 4, 128, max(lens), max(s + n for s, n in zip(starts, lens))
-    q = torch.randn(b, heads, width, dim, generator=gen, device="cuda")
-    keys, values = (torch.randn(b, heads, upto, dim, generator=gen, device="cuda") for _ in range(2))
-    start, n = torch.tensor(starts, device="cuda"), torch.tensor(lens, device="cuda")
-    p = ServingPass(torch.arange(b, device="cuda"), start, n, True, width, upto, host_start=starts, host_lens=lens)
-    packed = ServingAttention._packed(q.bfloat16(), keys.bfloat16(), values.bfloat16(), p).float()
-    masked, _ = attention(q, keys, values, kv_lens=start + n, causal=True, q_offset=start)
-    valid = torch.arange(width, device="cuda")[None, :] < n[:, None]
-    err = (packed.transpose(1, 2)[valid] - masked.transpose(1, 2)[valid]).abs().max().item()
-    assert err < 3e-2, err
-    assert packed.transpose(1, 2)[~valid].abs().max().item() == 0

@@ -12,10 +12,8 @@ through it and attends with a per-row causal offset.
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from model.attention import attention
@@ -86,23 +84,8 @@ class ServingKV:
         self.store.write_token(layer, blocks.reshape(-1), (pos % self.block_size).reshape(-1), flat(k), flat(v))
 
 
-def _varlen_causal():
-    """torch's variable-length flash attention with causal masking, or None where this torch has none (before 2.10;
-    2.10 says is_causal=True, later versions window_size=(-1, 0))."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if "window_size" in inspect.signature(varlen_attn).parameters:
-        return lambda *a: varlen_attn(*a, window_size=(-1, 0))
-    return lambda *a: varlen_attn(*a, is_causal=True)
-
-
-varlen_causal = _varlen_causal()
-
 # a prefill pass of at most this many rows attends row by row with no mask (the fused kernels' causal paths); more
-# rows attend together, so the kernel count stays bounded: packed into one variable-length flash call on CUDA in half
-# precision, elsewhere through one mask (per-row offsets and lengths)
+# rows attend together through one mask (per-row offsets and lengths), so the kernel count stays bounded
 ROWS_ONE_BY_ONE = 2
 
 
@@ -129,34 +112,8 @@ class ServingAttention:
                 return self._chunks(q, table, p)
             width = -(-p.upto // self.kv.block_size)
             keys, values = self.kv.store.dense(self.layer, table[:, :width].long(), p.upto)
-            if varlen_causal is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-                return self._packed(q, keys, values, p)
             return attention(q, keys, values, kv_lens=p.start + p.lens, causal=True, backend=self.backend,
                              q_offset=p.start)[0]
-
-    @staticmethod
-    def _packed(q, keys, values, p):
-        """Every row's chunk in one variable-length flash call: queries and keys packed row after row (no padding,
-        no mask), each row causal from its own start (flash aligns a row's queries to the end of its keys). The
-        packing indices come from the plan's host copy of the rows' starts and lengths, in numpy: one gather and
-        one scatter whatever the number of rows."""
-        b, heads, width, dim = q.shape
-        upto = keys.shape[2]
-        lens = np.asarray(p.host_lens, dtype=np.int64)
-        spans = lens + np.asarray(p.host_start, dtype=np.int64)  # each row's keys: the earlier ones and its chunk
-        q_at = np.repeat(np.arange(b) * width - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
-        k_at = np.repeat(np.arange(b) * upto - (np.cumsum(spans) - spans), spans) + np.arange(spans.sum())
-        q_at, k_at = (torch.from_numpy(x).to(q.device, non_blocking=True) for x in (q_at, k_at))
-        cu_q, cu_k = (torch.from_numpy(np.concatenate([[0], np.cumsum(x)]).astype(np.int32)).to(q.device, non_blocking=True)
-                      for x in (lens, spans))
-
-        def packed(x, at, t):  # [b, H, t, D] -> [sum of lengths, H, D]
-            return x.transpose(1, 2).reshape(b * t, heads, dim).index_select(0, at)
-
-        out = varlen_causal(packed(q, q_at, width), packed(keys, k_at, upto), packed(values, k_at, upto), cu_q, cu_k,
-                            int(lens.max()), int(spans.max()))
-        padded = torch.zeros(b * width, heads, dim, dtype=q.dtype, device=q.device).index_copy_(0, q_at, out)
-        return padded.view(b, width, heads, dim).transpose(1, 2)
 
     def _chunks(self, q, table, p):
         """Each row's chunk over its own keys, one row at a time: the keys before it and its own are exactly the
