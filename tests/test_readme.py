@@ -183,11 +183,3 @@ def test_each_number_of_the_answer_is_what_its_source_gives(words, compute):
         decimals = len(text.split(".")[1]) if "." in text else 0
         assert f"{value:.{decimals}f}" == text, f"{row['finding']}: README says {text}, {row['source']} gives {value}"
 
-
-def test_every_figure_the_readme_shows_is_committed():
-    import re
-
-    figures = re.findall(r'<img src="([^"]+)"', README.read_text())
-    assert figures, "the answer has a figure"
-    missing = [f for f in figures if not (ROOT / f).is_file()]
-    assert missing == [], missing

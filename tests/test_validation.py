@@ -6,7 +6,7 @@ from hydra.errors import ConfigCompositionException
 from harness.config import ConfigError, validate
 from tests.conftest import cfg_object, compose_cfg
 
-# (id, overrides, words the message must contain). The README's table of refused cases mirrors this list.
+# (id, overrides, words the message must contain). docs/bad_input_and_faults.md's table of refused cases mirrors this list.
 REFUSED = [
     ("heads_not_divisible_by_tp", ["strategy=tp2_pp1", "strategy.tp=3", "strategy.world_size=3"],
      ["model.n_heads=4", "strategy.tp=3"]),
