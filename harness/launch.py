@@ -52,9 +52,10 @@ def describe_rank_failures(out_dir: Path, ranks, without_error) -> str:
     errors = {r: f.read_text().strip() for r, f in files.items() if f.exists()}
     if not errors:
         return "\n".join(without_error(r) for r in ranks)
-    order = sorted(errors, key=lambda r: (bool(CONSEQUENCE.search(errors[r])), files[r].stat().st_mtime))
+    consequence = {r: bool(CONSEQUENCE.search(text)) for r, text in errors.items()}
+    order = sorted(errors, key=lambda r: (consequence[r], files[r].stat().st_mtime))
     silent = [r for r in ranks if r not in errors]
-    if CONSEQUENCE.search(errors[order[0]]) and silent:  # no rank raised on its own: a silent one died first
+    if consequence[order[0]] and silent:  # no rank raised on its own: a silent one died first
         parts = [f"rank {r}: {without_error(r)}" for r in silent]
         parts += [f"[rank {r}, a consequence] {_last_line(errors[r])}" for r in order]
         return "\n".join(parts)

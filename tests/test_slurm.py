@@ -34,9 +34,9 @@ def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path
 
 
 def _job_state(job_id):
-    out = subprocess.run(["scontrol", "show", "job", str(job_id)], capture_output=True, text=True).stdout
-    fields = dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
-    return fields.get("JobState"), int(fields.get("Restarts", "0"))
+    from harness.slurm import job_field
+
+    return job_field(job_id, "JobState"), int(job_field(job_id, "Restarts") or 0)
 
 
 def requeued_run(overrides, out_dir):

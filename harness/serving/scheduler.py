@@ -492,9 +492,10 @@ class Scheduler:
         resumed = resumed[self.generated[resumed] > 0]  # a preempted request's first token after its recompute
         at = self.offset[reqs] + self.generated[reqs]
         self.generated[reqs] += 1
-        finished = reqs[self.generated[reqs] >= self.req.output_len[reqs]]
-        for slot in emit_slots[self.generated[reqs] >= self.req.output_len[reqs]]:
-            self.prompts.pop(int(self.slot_req[slot]), None)
+        done = self.generated[reqs] >= self.req.output_len[reqs]
+        finished = reqs[done]
+        for r, slot in zip(finished, emit_slots[done]):
+            self.prompts.pop(int(r), None)
             self._free_slot(int(slot))
         state = {"step": plan.index, "start": self._step_start, "running": self.running, "waiting": len(self.waiting),
                  "blocks_used": self.kv_blocks - self.n_free, "prefill_tokens": int(plan.prefill_len.sum()),
