@@ -10,6 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from harness.config import ConfigError, file_in_the_way, load, register_configs, validate
+from harness.preflight import preflight
 from harness.launch import launch_local, record_failure
 from harness.plan import PLANNED, plan_line
 from harness.record import read_record, run_id, write_record
@@ -46,6 +47,7 @@ def run(cfg: DictConfig, out_dir: str):
     try:
         cfg_obj = load(cfg)
         validate(cfg_obj)
+        preflight(cfg_obj)
     except ConfigError as e:
         world, device = cfg_dict["strategy"]["world_size"], cfg_dict["hardware"]["device"]
         return read_record(record_failure(cfg_dict, "invalid", str(e), world, device, out_dir))
@@ -69,9 +71,10 @@ def run(cfg: DictConfig, out_dir: str):
         project_serving(cfg_obj, cfg_dict, out_dir)
         return read_record(Path(out_dir) / "result.json")
     if cfg_obj.launcher.kind == "model":  # projected: nothing runs
+        from harness.calibration import default_calibration
         from harness.perfmodel import project
 
-        return read_record(write_record(project(cfg_obj, cfg_dict), out_dir))
+        return read_record(write_record(project(cfg_obj, cfg_dict, default_calibration()), out_dir))
     if cfg_obj.launcher.kind == "slurm":
         from harness.slurm import launch_slurm
 

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from harness.collect import collect, natural_key
+from harness.strategies import family_of
 
 log = logging.getLogger("fapool")
 
@@ -42,7 +43,7 @@ def comparison_table(df) -> str:
     varied = [c for c in varied_fields(df) if c not in cols]
     # the reference of a row: an ok reference run of the same workload and the same swept fields (strategy ones aside)
     same = ["config.workload.name"] + [c for c in varied if not c.startswith("config.strategy.")]
-    ref = df[(df["config.strategy.kind"] == "reference") & (df["status"] == "ok")]
+    ref = df[(df["config.strategy.kind"].map(family_of) == "reference") & (df["status"] == "ok")]
     ref_tpot = {tuple(k): t for k, t in zip(ref[same].astype(str).itertuples(index=False), ref["metrics.mean_tpot_ms"])}
     speedups = []
     for k, t in zip(df[same].astype(str).itertuples(index=False), df["metrics.mean_tpot_ms"]):

@@ -5,112 +5,26 @@ combinations that are well-typed but cannot run, before anything is launched.
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from harness.memory import check_fits
+from harness.fields import ConfigError, above, at_least, need
+from harness.record import current_config
+from harness.strategies import SPECS, StrategyConfig, spec_of
 from harness.traces import TraceConfig, TraceError, load_trace
 from model.config import ModelConfig
 
-STRATEGY_KINDS = ("reference", "static", "dcp", "fa_pool")
-SCHEDULES = ("continuous", "gpipe")  # the pipeline schedules of model/parallel/static.py
+__all__ = ["ConfigError", "StrategyConfig", "above", "at_least", "need"]  # re-exported for the config's users
+
 FAULTS = ("none", "raise", "kill", "hang", "wrong_token", "perturb_weight")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the field, the value and the fix."""
-
-
-def need(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def at_least(group: str, obj, low, *names: str) -> None:
-    """Each of obj's fields `names` is >= low (NaN is refused too)."""
-    for n in names:
-        v = getattr(obj, n)
-        need(v >= low, f"{group}.{n}={v} must be >= {low}")
-
-
-def above(group: str, obj, low, *names: str) -> None:
-    for n in names:
-        v = getattr(obj, n)
-        need(v > low, f"{group}.{n}={v} must be > {low}")
-
-
-@dataclass
-class PoolConfig:
-    size: int = 0  # attention-pool ranks in the world (beyond the base group)
-    max_size: int = 32  # cap on the ranks one sequence may use (paper: 32)
-    threshold: int = 4096  # sequences with more context tokens than this attend in the pool
-    block_size: int = 256  # tokens per KV block in the pool
-    policy: str = "proportional"  # pool ranks per sequence: proportional (ceil(len / tokens_per_rank)) | all
-    tokens_per_rank: int = 4096  # the proportional policy's tokens per pool rank
-    hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
-    async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
-    # with async_overlap: micro-batch m of layer l + 1 starts when m of layer l finished, not after all of layer l
-    # (the pool never waits for a whole layer of base work); CPU-tested; off until the GPU test of its tokens
-    # (tests/test_gpu_strategies.py) has passed
-    wavefront: bool = False
-    # the prefill's rows in this many consecutive groups (at most one per row), taken through each chunk's layers in
-    # wavefront order: the pool attends one group's layer while the base runs another's dense work (1: one group,
-    # base and pool take turns); 2 by default: more groups stopped lowering the measured TTFT
-    prefill_micro_batches: int = 2
-    gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
-    kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
-
-    def __post_init__(self):
-        g = "strategy.pool"
-        at_least(g, self, 0, "size")
-        at_least(g, self, 1, "max_size", "gpus_per_node", "prefill_micro_batches")
-        above(g, self, 0, "threshold", "block_size", "tokens_per_rank")
-        need(self.size <= self.max_size, f"strategy.pool.size={self.size} exceeds strategy.pool.max_size={self.max_size}")
-        need(self.policy in ("proportional", "all"), f"strategy.pool.policy={self.policy!r}: choose proportional or all")
-        need(self.async_overlap or not self.wavefront,
-             "strategy.pool.wavefront=true needs strategy.pool.async_overlap=true (it orders the overlapped units)")
-        need(0 < self.kv_memory_fraction <= 1, f"strategy.pool.kv_memory_fraction={self.kv_memory_fraction} must be in (0, 1]")
-
-
-@dataclass
-class StrategyConfig:
-    name: str = "reference"
-    kind: str = "reference"  # reference | static | dcp (static with sharded-KV attention) | fa_pool
-    tp: int = 1  # tensor-parallel ranks (the base group's size for fa_pool)
-    kv_shards: int = 1  # dcp: ranks of a TP group that split every sequence's KV (divides tp; 1 = plain TP)
-    pp: int = 1  # pipeline stages
-    micro_batches: int = 1  # decode micro-batches (pipeline stages or pool/base overlap)
-    world_size: int = 1  # declared ranks; must equal tp * pp (+ pool.size)
-    schedule: str = "continuous"  # pipeline: continuous (step k+1 enters as its tokens return) | gpipe (a bubble per step)
-    cuda_graphs: bool = True  # static and reference on CUDA: each micro-batch's stage pass replayed from a CUDA graph
-    kv_block: int = 256  # tokens per block of a static rank's KV cache (the paged kernel's unit)
-    prefill_chunk: int = 0  # prompt tokens per prefill pass (0: whole prompts), whole KV blocks; bounds the
-    #                         attention mask at batch x chunk x prompt length instead of batch x prompt length^2
-    pool: PoolConfig = field(default_factory=PoolConfig)
-
-    def __post_init__(self):
-        need(self.kind in STRATEGY_KINDS, f"strategy.kind={self.kind!r} is unknown; choose one of {', '.join(STRATEGY_KINDS)}")
-        at_least("strategy", self, 1, "tp", "pp", "micro_batches", "world_size", "kv_block", "kv_shards")
-        need(self.tp % self.kv_shards == 0,
-             f"strategy.kv_shards={self.kv_shards} does not divide strategy.tp={self.tp}: KV-shard groups split the TP group")
-        need(self.kv_shards == 1 or self.kind == "dcp",
-             f"strategy.kv_shards={self.kv_shards} applies to strategy.kind=dcp only (got kind={self.kind!r}); set it to 1")
-        need(self.schedule in SCHEDULES, f"strategy.schedule={self.schedule!r}: choose {' or '.join(SCHEDULES)}")
-        at_least("strategy", self, 0, "prefill_chunk")
-        unit = ("strategy.pool.block_size", self.pool.block_size) if self.kind == "fa_pool" else ("strategy.kv_block", self.kv_block)
-        need(self.prefill_chunk % unit[1] == 0,
-             f"strategy.prefill_chunk={self.prefill_chunk} must be a multiple of {unit[0]}={unit[1]} "
-             f"(a chunk fills whole KV blocks)")
-
-
 WORKLOAD_KINDS = ("batch", "trace")
-SERVING_KINDS = ("reference", "static", "dcp", "fa_pool")  # strategy kinds whose engines serve a changing batch (workload.kind=trace)
 
 
 @dataclass
@@ -209,15 +123,6 @@ class LauncherConfig:
         at_least("launcher", self, 1, "cpus_per_task")
 
 
-def slurm_layout(launcher: "LauncherConfig", world: int) -> tuple[int, int]:
-    """(nodes, tasks per node) of a run of `world` ranks under this launcher."""
-    if launcher.nodes and not launcher.tasks_per_node:  # nodes alone: the tasks spread evenly over them
-        return launcher.nodes, math.ceil(world / launcher.nodes)
-    per_node = launcher.tasks_per_node or min(world, launcher.gpus_per_node or world)
-    nodes = launcher.nodes or math.ceil(world / per_node)
-    return nodes, per_node
-
-
 @dataclass
 class HardwareConfig:
     name: str = "cpu"
@@ -262,7 +167,8 @@ class BenchConfig:
         {"launcher": "local"}, {"hardware": "cpu"}, "_self_",
     ])
     model: ModelConfig = field(default_factory=ModelConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    # a strategy kind's own schema (harness/strategies/), which its preset names: any kind's, so typed Any here
+    strategy: Any = MISSING
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -291,82 +197,45 @@ def register_configs() -> None:
                                     replace=True)
     cs = ConfigStore.instance()
     cs.store(name="bench_schema", node=BenchConfig)
-    for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("workload", WorkloadConfig),
-                        ("launcher", LauncherConfig), ("hardware", HardwareConfig)):
+    for group, node in (("model", ModelConfig), ("workload", WorkloadConfig), ("launcher", LauncherConfig),
+                        ("hardware", HardwareConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)
-
-
-def check_topology(cfg: BenchConfig) -> None:
-    """GPUs per node is stated by the hardware, the Slurm launcher and the FA Pool (which reduces partials
-    within a node first). Where they describe real nodes they must agree: the launcher's GPUs are the
-    hardware's, and the pool's reduction groups must tile the real nodes (divide their size), or a
-    'within-node' reduction would cross nodes. The local launcher runs every rank on this one machine: there
-    the pool's gpus_per_node only groups ranks (tests pretend 2 to exercise both reduction levels)."""
-    s, L, hw = cfg.strategy, cfg.launcher, cfg.hardware
-    pool_node = s.pool.gpus_per_node if s.kind == "fa_pool" and s.pool.hierarchical else None
-    if L.kind == "slurm":
-        _, per_node = slurm_layout(L, s.world_size)
-        if hw.device == "cuda":
-            need(L.gpus_per_node == hw.gpus_per_node,
-                 f"launcher.gpus_per_node={L.gpus_per_node} but hardware.gpus_per_node={hw.gpus_per_node} "
-                 f"({hw.name}): set them equal, to the GPUs a node of your partition has")
-        if pool_node is not None:
-            need(per_node % pool_node == 0,
-                 f"strategy.pool.gpus_per_node={pool_node} but the job runs {per_node} tasks per node: the "
-                 f"hierarchical reduction's groups would cross nodes; set strategy.pool.gpus_per_node={per_node} "
-                 f"(or a divisor of it)")
-    if L.kind == "model" and pool_node is not None and hw.device == "cuda":
-        need(hw.gpus_per_node % pool_node == 0,
-             f"strategy.pool.gpus_per_node={pool_node} but hardware.gpus_per_node={hw.gpus_per_node} ({hw.name}): the "
-             f"reduction's groups would cross the hardware's nodes; set strategy.pool.gpus_per_node={hw.gpus_per_node} "
-             f"(or a divisor of it)")
-
-
-# Keys that configs of earlier versions hold and this one dropped: (path, what it was). Committed records keep them.
-RETIRED_KEYS = [(("strategy", "pool", "capture_tp_base"), "FA Pool capture with a TP base, a diagnostic switch "
-                 "(894ce9d-fafcee2); captured steps are the default for every base since")]
-# Keys added with a default other than how earlier versions ran: (path, the value a config without the key ran
-# with). A committed record from before the key is read as it ran, not with today's default.
-EARLIER_BEHAVIOUR = [(("strategy", "pool", "prefill_micro_batches"), 1)]  # records from before the field ran one group
+    for kind, spec in SPECS.items():  # a strategy preset names its kind's schema: `defaults: [<kind>_schema, _self_]`
+        cs.store(group="strategy", name=f"{kind}_schema", node=spec.config)
 
 
 def from_dict(cfg_dict: dict) -> BenchConfig:
-    """The typed config of a run's config as a record or a launcher holds it (retired keys dropped, keys added
-    since filled with how it ran)."""
-    cfg_dict = copy.deepcopy(dict(cfg_dict))  # the caller's config is left as it was
-
-    def parent(path):
-        node = cfg_dict
-        for key in path[:-1]:
-            node = node.get(key) if isinstance(node, dict) else None
-        return node if isinstance(node, dict) else None
-
-    for path, _ in RETIRED_KEYS:
-        if (node := parent(path)) is not None:
-            node.pop(path[-1], None)
-    for path, value in EARLIER_BEHAVIOUR:
-        if (node := parent(path)) is not None:
-            node.setdefault(path[-1], value)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchConfig), cfg_dict))
+    """The typed config of a run's config as a launcher or a record holds it (a record of an earlier version is
+    read as it ran: harness/record.py's current_config). The strategy takes its kind's schema."""
+    cfg_dict = current_config(cfg_dict)
+    schema = OmegaConf.merge(OmegaConf.structured(BenchConfig),
+                             {"strategy": OmegaConf.structured(spec_of(cfg_dict["strategy"]).config)})
+    return OmegaConf.to_object(OmegaConf.merge(schema, cfg_dict))
 
 
 def load(cfg) -> BenchConfig:
     """The typed config of a composed one; a field out of its range (each group's __post_init__) is a ConfigError."""
     try:
-        return OmegaConf.to_object(cfg)
+        typed = OmegaConf.to_object(cfg)
     except ConfigError:
         raise
     except ValueError as e:  # ModelConfig lives in model/, which does not know ConfigError
         raise ConfigError(str(e)) from None
+    schema = spec_of(typed.strategy).config
+    need(type(typed.strategy) is schema,
+         f"strategy {typed.strategy.name!r} (kind {typed.strategy.kind}) was composed without its kind's schema: start "
+         f"its preset with `defaults: [{typed.strategy.kind}_schema, _self_]` (see conf/strategy/)")
+    return typed
 
 
 def validate_serving(cfg: BenchConfig) -> None:
     """A trace replay: a strategy that serves, a trace that loads (its file and lines checked here), a context
     that fits a slot."""
     s, w, sv = cfg.strategy, cfg.workload, cfg.serving
-    need(s.kind in SERVING_KINDS,
+    serving = [kind for kind, spec in SPECS.items() if spec.serves]
+    need(spec_of(s).serves,
          f"strategy.kind={s.kind!r} ({s.name}) does not serve a changing batch yet; workload.kind=trace runs "
-         f"strategies of kind {', '.join(SERVING_KINDS)} (e.g. strategy=reference, tp2_pp1, tp2_pp2)")
+         f"strategies of kind {', '.join(serving)} (e.g. strategy=reference, tp2_pp1, tp2_pp2)")
     need(not w.synthetic_kv, "workload.synthetic_kv=true has no prompts to serve; set it false for a trace")
     need(cfg.attention_backend not in ("sdpa_flash", "flash_attn"),
          f"attention_backend={cfg.attention_backend} takes no mask, and a serving prefill chunk needs one (its rows start "
@@ -399,7 +268,8 @@ def file_in_the_way(directory: str | Path) -> Path | None:
 
 
 def validate(cfg: BenchConfig) -> None:
-    """Refuse what cannot run, before anything is launched. Raises ConfigError."""
+    """Refuse combinations of fields that cannot run, before anything is launched (ConfigError). What depends on
+    the machine, the memory or the Slurm layout is harness/preflight.py's, which the app runs next."""
     m, s, w = cfg.model, cfg.strategy, cfg.workload
     if cfg.results_dir is not None:
         blocker = file_in_the_way(cfg.results_dir)
@@ -415,17 +285,13 @@ def validate(cfg: BenchConfig) -> None:
     need(s.micro_batches <= w.batch_size,
          f"strategy.micro_batches={s.micro_batches} exceeds workload.batch_size={w.batch_size}: a micro-batch would be "
          f"empty; set strategy.micro_batches <= {w.batch_size}")
-    if s.kind == "reference":
-        need(s.tp == 1 and s.pp == 1, f"strategy.kind=reference runs on one device; got tp={s.tp}, pp={s.pp}")
-    pool_ranks = s.pool.size if s.kind == "fa_pool" else 0
-    if s.kind == "fa_pool":
-        need(s.pp == 1, f"strategy.pp={s.pp}: the FA Pool base group is tensor-parallel only; set strategy.pp=1")
-    expected = s.tp * s.pp + pool_ranks
+    spec = spec_of(s)
+    spec.check(cfg)
+    expected = spec.world_size(s)
     need(s.world_size == expected,
-         f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if pool_ranks else ''} = {expected}; set strategy.world_size={expected}")
+         f"strategy.world_size={s.world_size} but tp*pp{' + pool.size' if spec.pool_ranks(s) else ''} = {expected} "
+         f"({s.kind}); set strategy.world_size={expected}")
     need(0 <= cfg.fault.rank < s.world_size, f"fault.rank={cfg.fault.rank} is outside 0..{s.world_size - 1}")
-    if cfg.fault.kind == "perturb_weight" and s.kind == "fa_pool":
-        need(cfg.fault.rank < s.tp, f"fault.rank={cfg.fault.rank} is a pool rank, which holds no weights; pick a base rank 0..{s.tp - 1}")
     need(not (cfg.attention_backend == "flash_attn" and not w.synthetic_kv),
          "attention_backend=flash_attn cannot prefill ragged prompts (flash-attn aligns its causal mask to the bottom "
          "right); use attention_backend=sdpa, or workload.synthetic_kv=true")
@@ -446,34 +312,3 @@ def validate(cfg: BenchConfig) -> None:
     need(not (cfg.check_reference and w.synthetic_kv),
          "check_reference=true needs a real prefill, but workload.synthetic_kv=true fills the KV cache with random "
          "values the reference never sees; set workload.synthetic_kv=false or check_reference=false")
-    check_topology(cfg)
-    if cfg.launcher.kind == "slurm":
-        L = cfg.launcher
-        need(bool(L.partition), f"launcher {L.name!r} has no partition; set launcher.partition=<your partition>")
-        nodes, per_node = slurm_layout(L, s.world_size)
-        need(nodes * per_node == s.world_size,
-             f"strategy.world_size={s.world_size} != launcher nodes {nodes} x tasks_per_node {per_node}; "
-             f"set launcher.nodes and launcher.tasks_per_node so that their product is {s.world_size}")
-        if cfg.hardware.device == "cuda":
-            need(per_node <= L.gpus_per_node,
-                 f"launcher.tasks_per_node={per_node} exceeds launcher.gpus_per_node={L.gpus_per_node}: one task per GPU; "
-                 f"use more nodes")
-    if cfg.launcher.kind != "model" and w.kind == "batch":  # a projection that cannot fit is recorded as projected oom
-        too_big = check_fits(cfg)
-        need(too_big is None, str(too_big))
-    if cfg.launcher.kind == "local":  # what running here needs of this machine (Slurm nodes are checked there)
-        import torch
-
-        from model.attention import BackendUnavailable, check_backend
-
-        if cfg.hardware.device == "cuda":
-            need(torch.cuda.is_available(), "hardware.device=cuda but no CUDA device is visible; use hardware=cpu")
-        if cfg.launcher.dist_backend == "nccl":
-            need(cfg.hardware.device == "cuda" and torch.cuda.is_available(),
-                 "launcher.dist_backend=nccl needs CUDA GPUs; use gloo on CPU")
-        if cfg.hardware.dtype == "bfloat16" and cfg.hardware.device == "cuda":
-            need(torch.cuda.is_bf16_supported(), "hardware.dtype=bfloat16 is not supported by this GPU; use float32")
-        try:
-            check_backend(cfg.attention_backend, cfg.hardware.device)
-        except BackendUnavailable as e:
-            raise ConfigError(f"attention_backend: {e}") from None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from harness.record import RunRecord, environment, run_id, write_record
+from harness.strategies import plugin_modules
 
 log = logging.getLogger("fapool.launch")
 
@@ -83,7 +84,8 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
     # so that starting 8 ranks does not import torch 8 times
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "torch.distributed", "harness.runner"])
-    procs = [ctx.Process(target=rank_main, args=(cfg_dict, r, world, init_method, str(out_dir)), daemon=False)
+    plugins = plugin_modules()
+    procs = [ctx.Process(target=rank_main, args=(cfg_dict, r, world, init_method, str(out_dir), plugins), daemon=False)
              for r in range(world)]
     for p in procs:
         p.start()

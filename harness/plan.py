@@ -6,7 +6,7 @@ PLANNED: list[dict] = []  # plan=true: what each point of this process's sweep w
 
 def plan_line(cfg) -> dict:
     """Jobs, nodes, GPUs and an upper bound of GPU-hours (the time limit), plus the projected run time."""
-    from harness.config import slurm_layout
+    from harness.preflight import slurm_layout
 
     world = cfg.strategy.world_size
     if cfg.launcher.kind == "slurm":
@@ -18,9 +18,10 @@ def plan_line(cfg) -> dict:
     line = {"strategy": cfg.strategy.name, "workload": cfg.workload.name, "launcher": cfg.launcher.name,
             "nodes": nodes, "tasks_per_node": per_node, "gpus": gpus, "gpu_hours_limit": gpus * limit_h}
     if cfg.hardware.hbm_gbps:  # a GPU preset: the performance model can say how long it should take
+        from harness.calibration import default_calibration
         from harness.perfmodel import predict_step
 
-        pred = predict_step(cfg)
+        pred = predict_step(cfg, default_calibration())
         steps = cfg.workload.warmup_steps * 2 + cfg.workload.output_tokens
         prefills = 0 if cfg.workload.synthetic_kv else 2  # warm-up and measured generation
         line["projected_run_s"] = pred["prefill_s"] * prefills + pred["step_s"] * steps

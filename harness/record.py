@@ -152,3 +152,46 @@ def environment(world_size: int, device: str, dist_backend: Optional[str] = None
         except Exception:  # NVML is optional
             env["driver"] = None
     return env
+
+
+# ---- configs of earlier versions, as committed records hold them ------------------------------------------------
+# Keys that configs of earlier versions hold and this one dropped: (path, what it was).
+RETIRED_KEYS = [(("strategy", "pool", "capture_tp_base"), "FA Pool capture with a TP base, a diagnostic switch; "
+                 "captured steps are the default for every base")]
+# Keys added with a default other than how earlier versions ran: (path, the value a config without the key ran
+# with). A record from before the key is read as it ran, not with today's default.
+EARLIER_BEHAVIOUR = [(("strategy", "pool", "prefill_micro_batches"), 1)]  # records from before the field ran one group
+# Earlier versions had one strategy schema, the union of every kind's fields; a kind's schema now holds its own.
+# These fields of that union are dropped from a strategy whose kind's schema does not have them.
+UNION_STRATEGY_FIELDS = ("kv_shards", "pool", "schedule", "kv_block")
+
+
+def current_config(cfg_dict: dict) -> dict:
+    """A run's config dict as this version's schema reads it: retired keys dropped, keys added since filled with
+    how it ran, and the strategy's fields of other kinds (the earlier union schema) dropped. A copy."""
+    import copy
+    from dataclasses import fields
+
+    from harness.strategies import spec_of
+
+    cfg_dict = copy.deepcopy(dict(cfg_dict))  # the caller's config is left as it was
+
+    def parent(path):
+        node = cfg_dict
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, dict) else None
+
+    for path, _ in RETIRED_KEYS:
+        if (node := parent(path)) is not None:
+            node.pop(path[-1], None)
+    strategy = cfg_dict.get("strategy")
+    if isinstance(strategy, dict):
+        own = {f.name for f in fields(spec_of(strategy).config)}
+        for key in UNION_STRATEGY_FIELDS:
+            if key not in own:
+                strategy.pop(key, None)
+    for path, value in EARLIER_BEHAVIOUR:
+        if (node := parent(path)) is not None:
+            node.setdefault(path[-1], value)
+    return cfg_dict

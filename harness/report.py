@@ -23,6 +23,7 @@ import pandas as pd  # noqa: E402
 
 from harness.collect import collect  # noqa: E402
 from harness.measure import PHASES, TIMELINE_FIELDS  # noqa: E402
+from harness.strategies import family_of  # noqa: E402
 from harness.serving.report import plot_serving, serving_table  # noqa: E402
 
 CLAIMS = Path(__file__).resolve().parent.parent / "results" / "reference" / "paper_claims.csv"
@@ -66,11 +67,14 @@ def ok_runs(df: pd.DataFrame) -> pd.DataFrame:
     d = df[(df["status"] == "ok") & ~trace].copy()
     d["strategy"] = d["config.strategy.name"]
     d["kind"] = d["config.strategy.kind"]
+    d["family"] = d["kind"].map(family_of)  # reference | baseline | offload (harness/strategies/spec.py)
     return d
 
 
-def pick(d: pd.DataFrame, wanted: str | None, kind: str) -> str | None:
-    names = sorted(d.loc[d["kind"] == kind, "strategy"].unique()) if not d.empty else []
+def pick(d: pd.DataFrame, wanted: str | None, column: str, value: str) -> str | None:
+    """`wanted` if a strategy of that name ran with d[column] == value (its kind or family), else the first such
+    strategy by name."""
+    names = sorted(d.loc[d[column] == value, "strategy"].unique()) if not d.empty else []
     if wanted in names:
         return wanted
     return names[0] if names else None
@@ -94,7 +98,7 @@ def paper_layout(df: pd.DataFrame, claims: pd.DataFrame, baseline: str | None = 
     d = ok_runs(df)
     if d.empty:
         return pd.DataFrame()
-    base, fa = pick(d, baseline or "tp8_pp2", "static"), pick(d, fa_pool or "fa_pool", "fa_pool")
+    base, fa = pick(d, baseline or "tp8_pp2", "kind", "static"), pick(d, fa_pool or "fa_pool", "family", "offload")
     if not base or not fa:
         return pd.DataFrame()
     m = _mean_by(d[d["strategy"].isin([base, fa])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.decode_tps"])
@@ -123,13 +127,13 @@ def static_vs_fapool(df: pd.DataFrame, fa_pool: str | None = None) -> pd.DataFra
     """Every static TP x PP and DCP strategy (the `static` column; `family` says which) against FA Pool, per source
     and length: TPOT and TPS ratios."""
     d = ok_runs(df)
-    fa = pick(d, fa_pool or "fa_pool", "fa_pool") if not d.empty else None
+    fa = pick(d, fa_pool or "fa_pool", "family", "offload") if not d.empty else None
     if not fa:
         return pd.DataFrame()
-    m = _mean_by(d[d["kind"].isin(["static", "dcp", "fa_pool"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
+    m = _mean_by(d[d["family"].isin(["baseline", "offload"])], KEY, ["metrics.mean_tpot_ms", "metrics.tps", "metrics.num_gpus"])
     split = ["config." + c for c in m.attrs["split_by"]]
-    family = dict(zip(d["strategy"], d["kind"]))
-    statics = {s for s, k in family.items() if k in ("static", "dcp")}
+    family = dict(zip(d["strategy"], d["kind"]))  # shown per row: which baseline kind
+    statics = set(d.loc[d["family"] == "baseline", "strategy"])
     s, f = m[m["strategy"].isin(statics)], m[m["strategy"] == fa]
     t = pd.merge(s, f, on=["source", "seq_len"] + _shared(split), suffixes=("_s", "_f"))
     if t.empty:
@@ -211,7 +215,7 @@ def swept(df: pd.DataFrame, field: str) -> pd.DataFrame:
     d = ok_runs(df)
     if d.empty or field not in d:
         return pd.DataFrame()
-    d = d[d["kind"] == "fa_pool"]
+    d = d[d["family"] == "offload"]
     m = _mean_by(d, ["source", "seq_len", field], ["metrics.mean_tpot_ms", "metrics.decode_tps", "pool_utilization_mean"])
     return m.sort_values(["source", "seq_len", field]).reset_index(drop=True)
 

@@ -15,12 +15,10 @@ bytes per rank, sorted; harness/bench_multi.py measures it.
 """
 from __future__ import annotations
 
-import bisect
-import math
-
 import torch
 
-from harness.workload import prompt_lengths
+from harness.costs import op_time
+from harness.strategies import spec_of
 
 # CommStats keys (model/parallel/) -> the calibrated operation they are
 # counted traffic -> calibrated operation; everything else is a point-to-point message
@@ -28,39 +26,9 @@ OP_OF = {"tp_allreduce": "all_reduce", "tp_allgather": "all_gather", "dcp_allgat
          "dcp_alltoall": "all_to_all"}
 
 
-def op_time(comm: dict, op: str, group: int, nbytes: float) -> float:
-    """Seconds of one `op` of `nbytes` per rank in a group of `group` ranks: log-log interpolation between the
-    calibrated sizes; below the smallest, its time (latency-bound); above the largest, its bandwidth."""
-    if op not in comm and op == "all_to_all":  # calibrations before it was measured: the same bytes per peer
-        op = "all_gather"
-    table = comm[op].get(str(group)) or comm[op][max(comm[op], key=int)]  # an uncalibrated size: the largest group
-    sizes = [b for b, _ in table]
-    if nbytes <= sizes[0]:
-        return table[0][1]
-    if nbytes >= sizes[-1]:
-        return table[-1][1] * nbytes / sizes[-1]
-    i = bisect.bisect_right(sizes, nbytes)
-    (b0, t0), (b1, t1) = table[i - 1], table[i]
-    f = (math.log(nbytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
-    return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
-
-
-def context_tokens(cfg) -> tuple[list[int], float]:
-    """(prompt lengths, mean number of new tokens in the cache over the measured decode steps)."""
-    return prompt_lengths(cfg.workload), cfg.workload.output_tokens / 2
-
-
 def kv_tokens_read(cfg, rank: dict) -> float:
     """Tokens of KV (all heads of one layer = 1) that this rank reads per step, summed over the layers it holds."""
-    s, m = cfg.strategy, cfg.model
-    lens, grown = context_tokens(cfg)
-    if s.kind in ("reference", "static", "dcp"):  # a DCP rank reads k x the heads for 1/k of the tokens: the same
-        return (sum(lens) + grown * len(lens)) * (m.n_layers // s.pp) / s.tp
-    pooled = [n > s.pool.threshold for n in lens] if s.pool.size else [False] * len(lens)
-    if rank["role"] == "base":
-        return sum(n + grown for n, p in zip(lens, pooled) if not p) * m.n_layers / s.tp
-    # a pool rank: the pooled tokens spread over the pool (the mean, which the fullest rank meets or exceeds)
-    return sum(n + grown for n, p in zip(lens, pooled) if p) * m.n_layers / s.pool.size
+    return spec_of(cfg.strategy).kv_tokens_read(cfg, rank)
 
 
 def weight_bytes_read(cfg, rank: dict) -> float:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from harness.check import RTOL, compare_logits, reference_decode, verdict
 from harness.config import BenchConfig, from_dict
+from harness.strategies import load_plugins, spec_of
 from harness.measure import (DECODE_RANGE, PREFILL_RANGE, PhaseTimer, StepClock, breakdown, compute_metrics,
                              device_events, nvml_utilization, pool_utilization, profile_summary)
 from harness.record import RunRecord, environment, placement_of, run_id, where_this_rank_runs, write_record
@@ -44,25 +45,7 @@ def dist_backend(cfg: BenchConfig) -> str:
 
 
 def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
-    dtype = getattr(torch, cfg.hardware.dtype)
-    kind = cfg.strategy.kind
-    if kind in ("reference", "static"):  # the reference is the static engine on one device (tp = pp = 1)
-        from model.parallel.static import StaticEngine
-
-        return StaticEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
-    if kind == "dcp":
-        from model.parallel.dcp import DCPEngine
-
-        return DCPEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
-    if kind == "fa_pool" and cfg.workload.kind == "trace":  # a changing batch: the serving program of each role
-        from model.parallel.fa_pool_serving import serving_engine
-
-        return serving_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
-    if kind == "fa_pool":
-        from model.parallel.fa_pool import FAPoolEngine
-
-        return FAPoolEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
-    raise ValueError(f"unknown strategy kind {kind!r}")
+    return spec_of(cfg.strategy).build_engine(cfg, rank, world, device, getattr(torch, cfg.hardware.dtype), timer)
 
 
 def inject_fault(fault, rank: int, step: int) -> None:
@@ -248,7 +231,7 @@ def check_placement(cfg: BenchConfig, places: list[dict]) -> None:
     tasks landed otherwise: by Slurm's node index where the task knows it, and by host in any case."""
     if cfg.launcher.kind != "slurm":
         return
-    from harness.config import slurm_layout
+    from harness.preflight import slurm_layout
 
     _, per_node = slurm_layout(cfg.launcher, len(places))
     hosts = [p["host"] for p in places]
@@ -377,21 +360,23 @@ def build_record(cfg, cfg_dict, reports, step_times, prompts, tokens, elasticity
     )
 
 
-def rank_main(cfg_dict, rank, world, init_method, out_dir):
+def rank_main(cfg_dict, rank, world, init_method, out_dir, plugins=()):
     """A local process's entry: run, and leave the traceback in out_dir for the launcher on failure. On SIGUSR1
     (the launcher's, at a timeout) it writes every thread's Python stack to out_dir/rank<r>.stack: where it hung."""
     stack_file = open(Path(out_dir, f"rank{rank}.stack"), "w")
     faulthandler.register(signal.SIGUSR1, file=stack_file, all_threads=True)
-    run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, catch=BaseException)
+    run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, catch=BaseException, plugins=plugins)
 
 
-def run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, local_rank=None, catch=Exception):
+def run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, local_rank=None, catch=Exception, plugins=()):
     """run_rank; on failure this rank's traceback goes to out_dir/rank<r>.error before the process ends (before
     its peers can fail for want of it), so the launcher can tell the first failure from its consequences.
-    catch: what counts as this rank's failure (a Slurm task lets submitit's requeue signals through)."""
+    catch: what counts as this rank's failure (a Slurm task lets submitit's requeue signals through).
+    plugins: modules that register strategy kinds outside harness/strategies/ (strategies.plugin_modules())."""
     error = Path(out_dir, f"rank{rank}.error")
     error.unlink(missing_ok=True)  # an earlier attempt's (a requeued job) is not this one's
     try:
+        load_plugins(plugins)
         run_rank(cfg_dict, rank, world, init_method, out_dir, local_rank=local_rank)
     except catch:
         where = where_this_rank_runs()

@@ -25,9 +25,11 @@ from pathlib import Path
 
 import submitit
 
-from harness.config import BenchConfig, slurm_layout
+from harness.config import BenchConfig
+from harness.preflight import slurm_layout
 from harness.launch import describe_rank_failures, record_failure
 from harness.record import read_record
+from harness.strategies import plugin_modules
 
 log = logging.getLogger("fapool.slurm")
 
@@ -35,8 +37,8 @@ log = logging.getLogger("fapool.slurm")
 class SlurmRun(submitit.helpers.Checkpointable):
     """What each Slurm task runs. Checkpointable: on preemption or time-out submitit requeues it as is."""
 
-    def __init__(self, cfg_dict: dict, out_dir: str):
-        self.cfg_dict, self.out_dir = cfg_dict, out_dir
+    def __init__(self, cfg_dict: dict, out_dir: str, plugins=()):
+        self.cfg_dict, self.out_dir, self.plugins = cfg_dict, out_dir, tuple(plugins)
 
     def __call__(self):
         from harness.runner import run_rank_leaving_error
@@ -44,7 +46,8 @@ class SlurmRun(submitit.helpers.Checkpointable):
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         Path(self.out_dir).mkdir(parents=True, exist_ok=True)
         Path(self.out_dir, STARTED).touch()  # the waiter's clock starts here, not at submission
-        run_rank_leaving_error(self.cfg_dict, env.rank, env.world_size, "env://", self.out_dir, local_rank=env.local_rank)
+        run_rank_leaving_error(self.cfg_dict, env.rank, env.world_size, "env://", self.out_dir, local_rank=env.local_rank,
+                               plugins=self.plugins)
         return env.rank
 
 
@@ -90,7 +93,7 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
 def submit(cfg: BenchConfig, cfg_dict: dict, out_dir: str) -> Pending:
     for stale in (STARTED, "result.json", *(f.name for f in Path(out_dir).glob("rank*.error"))):
         Path(out_dir, stale).unlink(missing_ok=True)  # an earlier run's marker, record or errors are not this run's
-    job = executor_for(cfg, out_dir).submit(SlurmRun(cfg_dict, out_dir))
+    job = executor_for(cfg, out_dir).submit(SlurmRun(cfg_dict, out_dir, plugin_modules()))
     log.info("submitted %s x %s as Slurm job %s", cfg.strategy.name, cfg.workload.name, job.job_id)
     p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device, cfg.launcher.timeout_s)
     PENDING.append(p)

@@ -50,11 +50,13 @@ def test_cli_static_tp2_pp2_end_to_end(tmp_path):
 
 def test_paper_scale_presets_validate():
     from harness.config import validate
+    from harness.preflight import preflight
     from tests.conftest import cfg_object
 
     for name, world in (("tp8_pp2", 16), ("tp16_pp2", 32), ("tp8_pp4", 32), ("fa_pool", 40), ("fa_pool_iso16", 16)):
         cfg = cfg_object([f"strategy={name}", "model=paper"])
         validate(cfg)
+        preflight(cfg)
         assert cfg.strategy.world_size == world
 
 

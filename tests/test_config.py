@@ -3,6 +3,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from harness.config import BenchConfig, validate
+from harness.preflight import preflight
 from tests.conftest import cfg_object, compose_cfg
 
 
@@ -11,6 +12,7 @@ def test_default_config_composes_and_validates():
     assert isinstance(cfg, BenchConfig)
     assert cfg.model.name == "tiny" and cfg.strategy.kind == "reference"
     validate(cfg)
+    preflight(cfg)
 
 
 def test_paper_model_preset():
@@ -45,7 +47,8 @@ def test_a_record_config_with_a_retired_key_still_loads():
     """Committed records of earlier versions keep keys this version dropped (harness/config.RETIRED_KEYS)."""
     from omegaconf import OmegaConf
 
-    from harness.config import RETIRED_KEYS, from_dict
+    from harness.config import from_dict
+    from harness.record import RETIRED_KEYS
     from tests.conftest import compose_cfg
 
     cfg_dict = OmegaConf.to_container(compose_cfg(["strategy=fa_pool_b2_p2"]), resolve=True)
@@ -71,7 +74,8 @@ def test_a_record_config_from_before_a_key_reads_as_it_ran():
 
 
 def test_slurm_layout_derives_tasks_per_node_from_nodes_alone():
-    from harness.config import LauncherConfig, slurm_layout
+    from harness.config import LauncherConfig
+    from harness.preflight import slurm_layout
 
     assert slurm_layout(LauncherConfig(kind="slurm", nodes=2, gpus_per_node=8), 16) == (2, 8)
     assert slurm_layout(LauncherConfig(kind="slurm", nodes=2, gpus_per_node=8), 4) == (2, 2)
@@ -123,6 +127,7 @@ def test_paper_serving_h200_preset_composes_and_validates_at_every_point():
     for strategy in params["strategy"].split(","):
         cfg = cfg_object(["experiment=paper_serving_h200", f"strategy={strategy}"])
         validate(cfg)
+        preflight(cfg)
         assert cfg.hardware.name == "h200" and cfg.launcher.kind == "model" and cfg.workload.kind == "trace"
     gpus = {s: cfg_object(["experiment=paper_serving_h200", f"strategy={s}"]).strategy.world_size
             for s in ("tp8_pp2", "dcp_t8_k8_pp2", "fa_pool_iso16", "tp8_pp4", "tp16_pp2")}

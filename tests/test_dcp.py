@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from harness.config import ConfigError, from_dict
-from harness.memory import memory_by_role
+from harness.preflight import memory_by_role
 from model.parallel.dcp import shard_length, shard_lengths
 from tests.conftest import cfg_object, launch, run_cli
 
@@ -26,7 +26,7 @@ def test_shard_lengths_count_the_blocks_each_shard_holds():
 @pytest.mark.parametrize("tp,shards,pp,chunk", CASES)
 def test_dcp_matches_reference(tp, shards, pp, chunk, tmp_path):
     layers = 4
-    rec = launch([f"strategy.name=dcp_t{tp}_k{shards}", "strategy.kind=dcp", f"strategy.tp={tp}", f"strategy.pp={pp}",
+    rec = launch([f"strategy.name=dcp_t{tp}_k{shards}", "strategy=dcp_t2_k2", f"strategy.tp={tp}", f"strategy.pp={pp}",
                   f"strategy.kv_shards={shards}", f"strategy.world_size={tp * pp}", f"strategy.micro_batches={pp}",
                   f"model.n_layers={layers}", "strategy.kv_block=16", f"strategy.prefill_chunk={chunk}",
                   "model.init_std=0.3", "workload=tiny_mixed", "workload.output_tokens=9", "workload.warmup_steps=1",
@@ -57,7 +57,7 @@ def test_dcp_matches_reference(tp, shards, pp, chunk, tmp_path):
 
 def test_dcp_matches_tp_on_one_shard(tmp_path):
     """kv_shards=1 is TP: the same logits as the reference and no DCP traffic."""
-    rec = launch(["strategy.name=dcp_t2_k1", "strategy.kind=dcp", "strategy.tp=2", "strategy.kv_shards=1",
+    rec = launch(["strategy=dcp_t2_k2", "strategy.name=dcp_t2_k1", "strategy.tp=2", "strategy.kv_shards=1",
                   "strategy.world_size=2", "strategy.kv_block=16", "model.init_std=0.3", "workload=tiny_mixed",
                   "check_reference=true"], tmp_path)
     assert rec["status"] == "ok", rec["error"]
@@ -75,10 +75,20 @@ def test_dcp_run_prints_no_deprecation_warning(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["strategy.kind=dcp", "strategy.tp=4", "strategy.kv_shards=3", "strategy.world_size=4"], "does not divide strategy.tp=4"),
-    (["strategy.kind=static", "strategy.tp=2", "strategy.kv_shards=2", "strategy.world_size=2"], "applies to strategy.kind=dcp only"),
-    (["strategy.kind=dcp", "strategy.tp=2", "strategy.kv_shards=0", "strategy.world_size=2"], "kv_shards"),
+    (["strategy=dcp_t2_k2", "strategy.tp=4", "strategy.kv_shards=3", "strategy.world_size=4"], "does not divide strategy.tp=4"),
+    (["strategy=dcp_t2_k2", "strategy.tp=2", "strategy.kv_shards=0", "strategy.world_size=2"], "kv_shards"),
+    (["strategy=tp2_pp1", "strategy.kind=dcp"], "strategy.kind='dcp' but this strategy's schema is kind 'static'"),
 ])
 def test_dcp_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         cfg_object(overrides)
+
+
+def test_a_field_of_another_kind_is_refused_by_the_schema():
+    """kv_shards is DCP's field: a static strategy's schema has no such key, so composition refuses it by name."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="strategy.kv_shards"):
+        cfg_object(["strategy=tp2_pp1", "strategy.kv_shards=2"])
+    with pytest.raises(ConfigCompositionException, match="strategy.pool"):
+        cfg_object(["strategy=dcp_t2_k2", "strategy.pool.size=2"])

@@ -1,5 +1,5 @@
 """The performance model's memory per role, pinned on a hand-computed case (what the engines allocate)."""
-from harness.memory import memory_by_role
+from harness.preflight import memory_by_role
 from tests.conftest import cfg_object
 
 
@@ -21,7 +21,8 @@ import dataclasses  # noqa: E402
 
 import pytest  # noqa: E402
 
-from harness.perfmodel import Calibration, predict_step  # noqa: E402
+from harness.calibration import Calibration  # noqa: E402
+from harness.perfmodel import predict_step  # noqa: E402
 
 TABLE = {op: {"2": [[1, t], [1 << 40, t]]} for op, t in (("all_reduce", 1e-5), ("all_gather", 2e-5), ("p2p", 5e-5))}
 FLAT = {"graph": TABLE, "eager": TABLE}  # every size takes the same time: a constant per operation
@@ -84,7 +85,7 @@ def test_fa_pool_messages_per_layer_and_micro_batch(hierarchical, per_unit):
 
 def test_paper_scale_fit():
     """At batch 1024 and 32K (A100 80 GB) TP8/PP2 cannot hold its KV; FA Pool 8+32 can (README)."""
-    from harness.memory import check_fits
+    from harness.preflight import check_fits
 
     paper = ["model=paper", "hardware=a100_80gb", "launcher=model", "workload=len32768"]
     assert "does not fit" in check_fits(cfg_object(["strategy=tp8_pp2", *paper]))
@@ -181,7 +182,7 @@ def test_fa_pool_prefill_copy_rates_fitted_on_two_records_come_back():
     """The rates of FA Pool's prefill copies (perfmodel._fit_prefill_copies): TTFTs predicted with known rates, on
     a record the pool side decides (2+2 in one group) and one the base decides (1+3 in groups), give those rates
     back; slower copies make a longer prefill."""
-    from harness.perfmodel import _fit_prefill_copies, with_limits
+    from harness.calibration import _fit_prefill_copies, with_limits
 
     over = FA_POOL_PREFILL
     pool_decided = small(*over, "strategy.pool.prefill_micro_batches=1")
@@ -219,7 +220,7 @@ def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
     extra kernels in every layer; a call without the file ran the fused ones."""
     import json
 
-    from harness.perfmodel import SMALL_KERNELS_PER_LAYER, _limits_of, with_limits
+    from harness.calibration import SMALL_KERNELS_PER_LAYER, limits_of, with_limits
 
     assert SMALL_KERNELS_PER_LAYER["unfused"] > SMALL_KERNELS_PER_LAYER["fused"]
     limits = {"read_bytes_per_s": {"used": 1e12}, "comm": FLAT}
@@ -227,8 +228,8 @@ def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
         (tmp_path / call / "records" / "r").mkdir(parents=True)
         (tmp_path / call / "limits.json").write_text(json.dumps(limits))
     (tmp_path / "old" / "kernels.json").write_text(json.dumps({"norm_rope": "unfused", "why": "before fusing"}))
-    old = with_limits(simple_cal(kernel_s=1e-6), _limits_of(tmp_path / "old" / "records" / "r" / "result.json"))
-    new = with_limits(simple_cal(kernel_s=1e-6), _limits_of(tmp_path / "new" / "records" / "r" / "result.json"))
+    old = with_limits(simple_cal(kernel_s=1e-6), limits_of(tmp_path / "old" / "records" / "r" / "result.json"))
+    new = with_limits(simple_cal(kernel_s=1e-6), limits_of(tmp_path / "new" / "records" / "r" / "result.json"))
     assert new.layer_fixed_s == pytest.approx(1e-6 * SMALL_KERNELS_PER_LAYER["fused"])
     cfg = small("strategy=tp2_pp1")
     extra = predict_step(cfg, old)["step_s"] - predict_step(cfg, new)["step_s"]
@@ -237,7 +238,8 @@ def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
 
 
 def _serving_pricer(table_tokens=0, **cal_fields):
-    from harness.perfmodel import ServingPricer, default_calibration, serving_config
+    from harness.calibration import default_calibration
+    from harness.perfmodel import ServingPricer, serving_config
 
     cal = dataclasses.replace(default_calibration(), **cal_fields)
     return ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", "strategy=reference"])), cal,
@@ -265,12 +267,12 @@ def test_serving_decode_attention_takes_the_longest_program_of_the_table_wide_sp
     bare = _serving_pricer(87616, paged_token_s=0.0, serving_layer_s=0.0)
     layers = bare.cfg.model.n_layers
     assert wide.decode_s(ctx, [False]) == pytest.approx(bare.decode_s(ctx, [False]) + layers * (
-        1408 * wide.cal.paged_token_s - (bare.decode_s(ctx, [False]) - bare.static_decode_s(1, 0, 6000)) / layers
+        1408 * wide.cal.paged_token_s - (bare.decode_s(ctx, [False]) - bare.decode_totals_s(1, 0, 6000)) / layers
         + wide.cal.serving_layer_s))
 
 
 def test_serving_decode_terms_are_the_fit_on_the_measured_serving_steps():
-    from harness.perfmodel import SERVING_DECODE_SET, Calibration
+    from harness.calibration import SERVING_DECODE_SET, Calibration
     from harness.serving.virtual import fit_serving_decode
 
     token_s, layer_s = fit_serving_decode(SERVING_DECODE_SET)

@@ -165,7 +165,7 @@ def test_unlike_records_are_not_averaged_and_the_tables_say_why(tmp_path):
 
 
 def test_a_missing_results_directory_is_an_error_not_an_empty_report(tmp_path):
-    from harness.perfmodel import main as perfmodel_main
+    from harness.perfmodel_check import main as perfmodel_main
     from harness.report import main as report_main
 
     for main in (report_main, perfmodel_main):
@@ -174,7 +174,7 @@ def test_a_missing_results_directory_is_an_error_not_an_empty_report(tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
-@pytest.mark.parametrize("module", ["harness.report", "harness.perfmodel"])
+@pytest.mark.parametrize("module", ["harness.report", "harness.perfmodel_check"])
 def test_a_missing_results_directory_exits_non_zero_naming_it(tmp_path, module):
     proc = subprocess.run([sys.executable, "-m", module, str(tmp_path / "typo")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -183,7 +183,7 @@ def test_a_missing_results_directory_exits_non_zero_naming_it(tmp_path, module):
 
 
 def test_perfmodel_on_a_set_without_gpu_records_says_why_its_table_is_empty(capsys):
-    from harness.perfmodel import main as perfmodel_main
+    from harness.perfmodel_check import main as perfmodel_main
 
     perfmodel_main([str(ROOT / "results" / "measured" / "cpu")])
     out = capsys.readouterr().out

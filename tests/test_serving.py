@@ -110,7 +110,7 @@ def test_a_crashed_rank_is_a_record(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["strategy=dcp_t2_k2", "strategy.kind=fa_pool"], "strategy.kv_shards=2 applies to strategy.kind=dcp only"),
+    (["strategy=dcp_t2_k2", "strategy.kind=fa_pool"], "strategy.kind='fa_pool' but this strategy's schema is kind 'dcp'"),
     (["workload.trace.path=missing.jsonl"], "workload.trace.path='missing.jsonl': no such file"),
     (["serving.token_budget=4", "serving.max_batch=8"], "serving.token_budget=4 < serving.max_batch=8"),
     (["serving.on_kv_full=drop"], "serving.on_kv_full='drop'"),
@@ -134,7 +134,8 @@ def test_virtual_time_replay_writes_a_projected_record(tmp_path):
 def test_serving_step_price_grows_with_context_and_tokens():
     import numpy as np
 
-    from harness.perfmodel import default_calibration, predict_serving_step, serving_config
+    from harness.calibration import default_calibration
+    from harness.perfmodel import predict_serving_step, serving_config
     from tests.conftest import cfg_object
 
     cal = default_calibration()

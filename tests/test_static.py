@@ -24,7 +24,7 @@ def expected_weight_bytes(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
 @pytest.mark.parametrize("tp,pp,schedule", CASES)
 def test_static_matches_reference(tp, pp, schedule, tmp_path):
     mb = 2 if pp > 1 else 1
-    rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy.kind=static", f"strategy.tp={tp}", f"strategy.pp={pp}",
+    rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy=tp2_pp1", f"strategy.tp={tp}", f"strategy.pp={pp}",
                   f"strategy.world_size={tp * pp}", f"strategy.micro_batches={mb}", "model.n_layers=4",
                   f"strategy.schedule={schedule}", "strategy.kv_block=16", "model.init_std=0.3",
                   "workload.output_tokens=9", "workload.warmup_steps=1", "check_reference=true"], tmp_path)
@@ -54,7 +54,7 @@ def test_static_matches_reference(tp, pp, schedule, tmp_path):
 def test_chunked_prefill_matches_the_reference(tp, pp, prompts, tmp_path):
     """Prompts of 12-80 tokens (ragged) or all of 48 (equal: every chunk full, no length mask) prefilled 16 at a
     time: the same logits and tokens as the plain model's whole-prompt prefill, teacher-forced and free-running."""
-    rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy.kind=static", f"strategy.tp={tp}", f"strategy.pp={pp}",
+    rec = launch([f"strategy.name=tp{tp}_pp{pp}", "strategy=tp2_pp1", f"strategy.tp={tp}", f"strategy.pp={pp}",
                   f"strategy.world_size={tp * pp}", f"strategy.micro_batches={pp}", "model.n_layers=4",
                   "strategy.kv_block=16", "strategy.prefill_chunk=16", "model.init_std=0.3", "workload=tiny_mixed",
                   *(["workload.prompt_lens=[48]"] if prompts == "equal" else []), "check_reference=true"], tmp_path)

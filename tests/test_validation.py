@@ -3,8 +3,15 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from harness.config import ConfigError, validate
+from harness.config import ConfigError, validate as validate_fields
+from harness.preflight import preflight
 from tests.conftest import cfg_object, compose_cfg
+
+
+def validate(cfg):
+    """What the app checks before it launches: the config's fields, then the preflight (memory, Slurm, machine)."""
+    validate_fields(cfg)
+    preflight(cfg)
 
 # (id, overrides, words the message must contain). docs/bad_input_and_faults.md's table of refused cases mirrors this list.
 REFUSED = [
@@ -115,7 +122,9 @@ def test_paper_configs_that_fit_are_accepted_at_paper_scale():
     validate(cfg)
 
 
-SCHEMAS = ["harness.config:PoolConfig", "harness.config:StrategyConfig", "harness.config:WorkloadConfig",
+SCHEMAS = ["harness.strategies.fa_pool:PoolConfig", "harness.strategies.fa_pool:FAPoolConfig",
+           "harness.strategies.static:StaticConfig", "harness.strategies.reference:ReferenceConfig",
+           "harness.strategies.dcp:DCPConfig", "harness.config:WorkloadConfig",
            "harness.config:LauncherConfig", "harness.config:HardwareConfig", "harness.config:FaultConfig",
            "model.config:ModelConfig"]
 

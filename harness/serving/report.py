@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from harness.collect import natural_key
+from harness.strategies import family_of
 
 COLUMNS = {  # frame column -> table header
     "source": "source", "strategy": "strategy", "gpus": "GPUs", "config.workload.name": "workload",
@@ -122,7 +123,7 @@ def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
     twin.legend(fontsize=7, loc="upper right")
     files += _save(fig, out, "kv_occupancy")
 
-    pools = d[d["config.strategy.kind"] == "fa_pool"].head(6)
+    pools = d[d["config.strategy.kind"].map(family_of) == "offload"].head(6)
     if not pools.empty:  # FA Pool's dynamic adaptation: pool ranks in use against the long requests present
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
         for _, row in pools.iterrows():

@@ -13,26 +13,21 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from harness.memory import DTYPE_BYTES, memory_by_role
-from harness.perfmodel import ServingPricer, default_calibration, serving_config
+from harness.preflight import memory_by_role
+from harness.calibration import default_calibration
+from harness.perfmodel import ServingPricer, serving_config
 from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
+from harness.strategies import spec_of
 from harness.traces import load_trace
-from model.parallel.fa_pool_serving import pool_placement
 
 WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
 
 
 def block_bytes(cfg) -> tuple[int, int, int]:
     """(tokens of a request per scheduler block, bytes of one block on a base/static rank, on a pool rank)."""
-    m, s, sv = cfg.model, cfg.strategy, cfg.serving
-    b = DTYPE_BYTES[cfg.hardware.dtype]
-    per_token_layer = 2 * m.hidden * b  # K and V of one token, one layer, all heads
-    if s.kind == "fa_pool":
-        return sv.block_size, sv.block_size * per_token_layer * m.n_layers // s.tp, sv.block_size * per_token_layer * m.n_layers
-    k = s.kv_shards if s.kind == "dcp" else 1
-    return sv.block_size * k, sv.block_size * per_token_layer * (m.n_layers // s.pp) * k // s.tp, 0
+    return spec_of(cfg.strategy).serving_block_bytes(cfg)
 
 
 def capacity(cfg, requests):
@@ -43,9 +38,8 @@ def capacity(cfg, requests):
     cap = cfg.hardware.memory_gb * 1e9 * sv.kv_memory_fraction
     weights = max(r.weight_bytes for r in memory_by_role(cfg))
     blocks = sv.kv_blocks or (min(useful, int(max(cap - weights - WORKSPACE_BYTES, 0) // base_bytes)) if cap else useful)
-    placement, pool_blocks = None, 0
-    if s.kind == "fa_pool" and s.pool.size:
-        placement = pool_placement(s.pool, tokens)
+    placement, pool_blocks = spec_of(s).serving_placement(cfg, tokens), 0
+    if placement is not None:
         pool_blocks = sv.kv_blocks or (min(useful, int(max(cap - WORKSPACE_BYTES, 0) // pool_bytes)) if cap else useful)
     return blocks, pool_blocks, per_slot, placement
 
@@ -101,8 +95,8 @@ def _decode_until_event(sched, price, now: float, host_s: float, closed: int, co
     for j in range(steps):
         if arrival is not None and now >= arrival:
             break  # `begin` releases it
-        if price.static:  # what price.step gives for these rows, from their row count and total context
-            cost = host_s + price.static_decode_s(rows, ctx_sum + rows * j, ctx_max + j)
+        if price.by_totals:  # what price.step gives for these rows, from their row count and total context
+            cost = host_s + price.decode_totals_s(rows, ctx_sum + rows * j, ctx_max + j)
         else:
             cost = host_s + price.step((), (), (), ctx + j, pooled)
         now += cost
@@ -214,9 +208,9 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
         bare = ServingPricer(serving_config(cfg), dataclasses.replace(cal, paged_token_s=0.0), table_tokens=price.table_tokens)
         for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
             walk = price.longest_program_s(st.decode_rows, st.ctx_max)  # tokens: paged_token_s = 1
-            cols.append((st.device_ms / 1e3, bare.static_decode_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
-                         bare.static_decode_s(st.decode_rows, st.ctx_sum, st.ctx_max) -
-                         bare.static_decode_s(st.decode_rows, 0, st.ctx_max), cfg.model.n_layers // cfg.strategy.pp))
+            cols.append((st.device_ms / 1e3, bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
+                         bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max) -
+                         bare.decode_totals_s(st.decode_rows, 0, st.ctx_max), cfg.model.n_layers // cfg.strategy.pp))
     y, base, walk, attn, layers = (np.array(c, dtype=float) for c in zip(*cols))
     best = None
     for c in np.linspace(0, 200e-9, 2001):

@@ -1,0 +1,103 @@
+"""The cost primitives every strategy's performance model is built from: a GEMM, a decode attention kernel, a
+layer's GEMMs, one GPU's step, a collective or message at NCCL's measured time (or the link model across nodes),
+and a hardware preset's rates under a calibration (harness/calibration.py)."""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+from harness.memory import DTYPE_BYTES
+
+LINK_LATENCY_S = {"nvlink": 5e-6, "ib": 10e-6}  # per message (assumed; NCCL small-message latency order)
+
+
+def op_time(comm: dict, op: str, group: int, nbytes: float) -> float:
+    """Seconds of one `op` of `nbytes` per rank in a group of `group` ranks: log-log interpolation between the
+    calibrated sizes; below the smallest, its time (latency-bound); above the largest, its bandwidth."""
+    if op not in comm and op == "all_to_all":  # calibrations before it was measured: the same bytes per peer
+        op = "all_gather"
+    table = comm[op].get(str(group)) or comm[op][max(comm[op], key=int)]  # an uncalibrated size: the largest group
+    sizes = [b for b, _ in table]
+    if nbytes <= sizes[0]:
+        return table[0][1]
+    if nbytes >= sizes[-1]:
+        return table[-1][1] * nbytes / sizes[-1]
+    i = bisect.bisect_right(sizes, nbytes)
+    (b0, t0), (b1, t1) = table[i - 1], table[i]
+    f = (math.log(nbytes) - math.log(b0)) / (math.log(b1) - math.log(b0))
+    return math.exp(math.log(t0) + f * (math.log(t1) - math.log(t0)))
+
+
+def gemm_s(cal, rows, k, n, b, bw, flops):
+    nbytes = (k * n + rows * (k + n)) * b
+    return max(2 * rows * k * n / flops, nbytes / (bw * cal.gemm_bw_fraction)) + cal.gemm_fixed_s
+
+
+def attn_s(cal, kv_bytes, bw, eager=False):
+    if kv_bytes <= 0:
+        return 0.0
+    if eager:
+        return kv_bytes / (bw * cal.attn_bw_fraction_eager) + cal.attn_fixed_eager_s
+    return kv_bytes / (bw * cal.attn_bw_fraction) + cal.attn_fixed_s
+
+
+def layer_gemms_s(cal, m, rows, tp, b, bw, flops):
+    h, f = m.hidden, m.ffn_hidden
+    return (gemm_s(cal, rows, h, 3 * h // tp, b, bw, flops) + gemm_s(cal, rows, h // tp, h, b, bw, flops)
+            + gemm_s(cal, rows, h, f // tp, b, bw, flops) + gemm_s(cal, rows, f // tp, h, b, bw, flops))
+
+
+def gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b, eager=False):
+    """One GPU's decode step over `rows` sequences of contexts `ctx`, weights split tp ways (no comm)."""
+    kv = sum(ctx) * 2 * m.hidden * b // tp
+    per_layer = layer_gemms_s(cal, m, rows, tp, b, bw, flops) + attn_s(cal, kv, bw, eager) + cal.layer_fixed_s
+    head = gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
+    return m.n_layers * per_layer + head
+
+
+@dataclass
+class Links:
+    nvlink_bw: float
+    ib_bw: float
+
+    def send_s(self, nbytes: float, cross_node: bool) -> float:
+        if nbytes <= 0:
+            return 0.0
+        bw, lat = (self.ib_bw, LINK_LATENCY_S["ib"]) if cross_node else (self.nvlink_bw, LINK_LATENCY_S["nvlink"])
+        return lat + nbytes / bw
+
+    def allreduce_s(self, nbytes: float, n: int, cross_node: bool) -> float:
+        if n <= 1:
+            return 0.0  # ring: 2 (n-1) steps of nbytes / n each
+        return 2 * (n - 1) * self.send_s(nbytes / n, cross_node)
+
+
+def collective_s(cal, links, op, group, nbytes, cross_node, graphed=True):
+    """One collective or message of `nbytes` per rank: NCCL's measured time (cal.comm, one node) where there is
+    one, else the link model (latency + bytes / bandwidth; always across nodes: no inter-node measurement)."""
+    if group <= 1 or nbytes <= 0:
+        return 0.0
+    if cal.comm and not cross_node:
+        return op_time(cal.comm["graph" if graphed else "eager"], op, group, nbytes)
+    if op == "all_reduce":
+        return links.allreduce_s(nbytes, group, cross_node)
+    if op in ("all_gather", "all_to_all"):
+        return (group - 1) * links.send_s(nbytes, cross_node)
+    return links.send_s(nbytes, cross_node)
+
+
+def rates(cfg, cal):
+    """(element bytes, read bandwidth, GEMM FLOP/s, links, GPUs per node) of cfg's hardware under cal."""
+    hw = cfg.hardware
+    bw = cal.read_bw or (hw.hbm_gbps * 1e9 * cal.read_bw_fraction if hw.hbm_gbps else 2.9e12)
+    flops = hw.peak_tflops * 1e12 * cal.gemm_flops_fraction if hw.peak_tflops else 750e12
+    links = Links(hw.nvlink_gbps * 1e9 or 300e9, hw.ib_gbps * 1e9 or 25e9)
+    return DTYPE_BYTES[hw.dtype], bw, flops, links, (hw.gpus_per_node if hw.gpus_per_node > 1 else 8)
+
+
+def eager_collectives(cal, links):
+    """collective_s at NCCL's eager time (prefill passes run eagerly): f(op, group, nbytes, cross_node)."""
+    def eager(op, group, nbytes, cross):
+        return collective_s(cal, links, op, group, nbytes, cross, graphed=False)
+    return eager
