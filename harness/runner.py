@@ -59,9 +59,9 @@ def build_engine(cfg: BenchConfig, rank: int, world: int, device, timer):
 
         return serving_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
     if kind == "fa_pool":
-        from model.parallel.fa_pool import FAPoolEngine
+        from model.parallel.fa_pool import fa_pool_engine
 
-        return FAPoolEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+        return fa_pool_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
     raise ValueError(f"unknown strategy kind {kind!r}")
 
 
