@@ -282,7 +282,7 @@ def test_a_replayed_base_step_posts_and_waits_for_each_layers_own_unit(async_ove
     layer's unit (GPU decode wrong from the first step after prefill with CUDA graphs, right without)."""
     import torch
 
-    from model.parallel.fa_pool import FAPoolEngine
+    from model.parallel.fa_pool_base_rank import FAPoolBaseRank
 
     log = []
 
@@ -318,7 +318,7 @@ def test_a_replayed_base_step_posts_and_waits_for_each_layers_own_unit(async_ove
             return self.tensors[name]
 
     layers = 3
-    engine = object.__new__(FAPoolEngine)  # only what _base_step reads
+    engine = object.__new__(FAPoolBaseRank)  # only what _base_step reads
     engine.x, engine.ones, engine.tokens_in = torch.zeros(4, 1, 8), torch.ones(4, dtype=torch.long), torch.zeros(4)
     engine.embed = lambda tokens: torch.zeros(4, 1, 8)
     engine.blocks = [FakeBlock(layer) for layer in range(layers)]
@@ -342,10 +342,10 @@ def test_pool_blocks_on_a_gpu_do_not_shrink_by_what_the_allocator_caches(monkeyp
     the same, or a measured generation gets fewer blocks than the warm-up's and runs out."""
     import torch
 
-    from model.parallel.fa_pool import FAPoolEngine
+    from model.parallel.fa_pool_pool_rank import FAPoolPoolRank
 
     gib = 2**30
-    engine = object.__new__(FAPoolEngine)  # only what _pool_slots reads
+    engine = object.__new__(FAPoolPoolRank)  # only what _pool_slots reads
     engine.batch, engine.block_size, engine.n_layers, engine.n_heads, engine.head_dim = 16, 256, 4, 32, 128
     engine.dtype, engine.device, engine.kv_memory_fraction = torch.bfloat16, torch.device("cuda"), 0.9
     block = 2 * 4 * 32 * 256 * 128 * 2
@@ -355,7 +355,7 @@ def test_pool_blocks_on_a_gpu_do_not_shrink_by_what_the_allocator_caches(monkeyp
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: reserved)
         monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: allocated)
 
-    engine.pool_kv = None
+    engine.kv = None
     device(free=30 * gib, reserved=0, allocated=0)  # the first generation: little memory free, nothing cached yet
     first = engine._pool_slots(32768 + 256)
     assert first == int(30 * gib * 0.9) // block < 16 * 129  # capped by memory, not by the batch
@@ -364,7 +364,7 @@ def test_pool_blocks_on_a_gpu_do_not_shrink_by_what_the_allocator_caches(monkeyp
         def nbytes(self):
             return first * block
 
-    engine.pool_kv = Held()
+    engine.kv = Held()
     # the next generation: the blocks held, and 2 GiB of the last prefill's temporaries cached by the allocator
     taken = first * block + 2 * gib
     device(free=30 * gib - taken, reserved=taken, allocated=first * block)

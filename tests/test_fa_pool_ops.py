@@ -29,15 +29,15 @@ class OpCounter(TorchDispatchMode):
 
 
 def _rank(rank, init, batch, block, out):
-    from model.parallel.fa_pool import FAPoolEngine
+    from model.parallel.fa_pool import fa_pool_engine
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     pool = PoolConfig(size=2, max_size=2, threshold=32, block_size=block, policy="proportional", tokens_per_rank=16,
                       hierarchical=True, async_overlap=True, gpus_per_node=2)
     strategy = StrategyConfig(name="t", kind="fa_pool", tp=2, micro_batches=2, world_size=WORLD, pool=pool)
-    engine = FAPoolEngine(ModelConfig(), strategy, rank, WORLD, torch.device("cpu"), torch.float32, "math",
-                          PhaseTimer("cpu"))
+    engine = fa_pool_engine(ModelConfig(), strategy, rank, WORLD, torch.device("cpu"), torch.float32, "math",
+                            PhaseTimer("cpu"))
     lens = torch.tensor([40, 10] * (batch // 2))  # half pooled, half on the base, in every micro-batch
     tok = engine.synthetic_prefill(lens, max_len=64, seed=0)
     tok = engine.decode(tok)  # a first step: every peer has spoken once

@@ -102,9 +102,9 @@ class FAPoolSpec(StrategySpec):
             from model.parallel.fa_pool_serving import serving_engine
 
             return serving_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
-        from model.parallel.fa_pool import FAPoolEngine
+        from model.parallel.fa_pool import fa_pool_engine  # the base's or a pool rank's program, by rank
 
-        return FAPoolEngine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
+        return fa_pool_engine(cfg.model, cfg.strategy, rank, world, device, dtype, cfg.attention_backend, timer)
 
     # ---- memory and roofline ------------------------------------------------------------------------------
     def memory_by_role(self, cfg) -> list[RoleMemory]:

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from model.attention import attention, masked_attention, merge_partials
 from model.paged_attention import paged_decode
 from model.parallel.engine import Engine
+from model.parallel.fa_pool import role_of
 from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StaticEngine
 from model.parallel.tp import CommStats, new_groups
@@ -55,32 +56,12 @@ class FAPoolServing:
     def serve_placement(self, block_tokens: int):
         return pool_placement(self.pool_cfg, block_tokens)
 
-    def _migrate(self, migrations, heads_per_base: int, send: bool):
-        """Base: send each pool rank its moved blocks (this rank's heads); pool: receive and store them."""
-        if migrations is None or not len(migrations):
-            return
-        works = []
-        for peer in (self.pool_ranks if send else range(self.tp)):
-            dest = peer if send else self.rank
-            lo = pool_range(dest, self.tp, self.base_blocks, self.pool_blocks)
-            mine = (migrations[:, 1] >= lo) & (migrations[:, 1] < lo + self.pool_blocks)
-            n = int(mine.sum())
-            if not n:
-                continue
-            pairs = migrations[mine]
-            store = self.serving.store
-            if send:
-                blocks = store.read_blocks(pairs[:, 0].to(self.device)).contiguous()
-                self.stats.add("migration", blocks.nbytes)
-                works.append(dist.isend(blocks, dst=peer))
-            else:
-                shape = (store.kv.shape[0], 2, n, heads_per_base, store.block_size, store.kv.shape[-1])
-                blocks = torch.empty(shape, dtype=store.kv.dtype, device=self.device)
-                dist.recv(blocks, src=peer)
-                heads = slice(peer * heads_per_base, (peer + 1) * heads_per_base)
-                store.write_blocks((pairs[:, 1] - lo).to(self.device), blocks, heads)
-        for w in works:
-            w.wait()
+    def _moved_to(self, migrations, dest: int):
+        """The (base block, pool block) pairs of a step's migrations whose pool block pool rank `dest` (a world
+        rank) holds, and the first block id of its range."""
+        lo = pool_range(dest, self.tp, self.base_blocks, self.pool_blocks)
+        mine = (migrations[:, 1] >= lo) & (migrations[:, 1] < lo + self.pool_blocks)
+        return migrations[mine], lo
 
 
 class PooledServingAttention:
@@ -149,8 +130,23 @@ class FAPoolServingBase(FAPoolServing, StaticEngine):
 
     @torch.no_grad()
     def serve_step(self, passes, table_updates, migrations=None):
-        self._migrate(migrations, self.blocks[0].attn.n_heads, send=True)
+        self._send_migrated(migrations)
         return super().serve_step(passes, table_updates)
+
+    def _send_migrated(self, migrations):
+        """Send each pool rank its moved blocks, this rank's heads, all posted at once."""
+        if migrations is None or not len(migrations):
+            return
+        works, store = [], self.serving.store
+        for peer in self.pool_ranks:
+            pairs, _ = self._moved_to(migrations, peer)
+            if not len(pairs):
+                continue
+            blocks = store.read_blocks(pairs[:, 0].to(self.device)).contiguous()
+            self.stats.add("migration", blocks.nbytes)
+            works.append(dist.isend(blocks, dst=peer))
+        for w in works:
+            w.wait()
 
     def report(self):
         return {**super().report(), "role": "base"}
@@ -189,12 +185,26 @@ class FAPoolServingPool(FAPoolServing, Engine):
     def serve_step(self, passes, table_updates, migrations=None):
         self.serving.update_table(table_updates)
         with self.timer("resource_management"):
-            self._migrate(migrations, self.heads_per_base, send=False)
+            self._receive_migrated(migrations)
         for p, _ in passes:
             if self.rank in p.pool_ranks:
                 for layer in range(self.n_layers):
                     self._attend(layer, p)
         return None
+
+    def _receive_migrated(self, migrations):
+        """Receive the blocks moved to this rank from each base rank in turn (its heads) and store them."""
+        if migrations is None or not len(migrations):
+            return
+        pairs, lo = self._moved_to(migrations, self.rank)
+        if not len(pairs):
+            return
+        store, h = self.serving.store, self.heads_per_base
+        for peer in range(self.tp):
+            shape = (store.kv.shape[0], 2, len(pairs), h, store.block_size, store.kv.shape[-1])
+            blocks = torch.empty(shape, dtype=store.kv.dtype, device=self.device)
+            dist.recv(blocks, src=peer)
+            store.write_blocks((pairs[:, 1] - lo).to(self.device), blocks, slice(peer * h, (peer + 1) * h))
 
     def _attend(self, layer: int, p) -> None:
         """One layer of a pass: q, k, v of the pooled rows from every base rank, partials back to each."""
@@ -240,6 +250,6 @@ class FAPoolServingPool(FAPoolServing, Engine):
 
 
 def serving_engine(model_cfg, strategy, rank, world, device, dtype, backend, timer):
-    """The FA Pool rank of a trace replay: base or pool by rank."""
-    cls = FAPoolServingBase if rank < strategy.tp else FAPoolServingPool
+    """The FA Pool rank of a trace replay: a base rank's serving program or a pool rank's, by the rank's role."""
+    cls = FAPoolServingBase if role_of(rank, strategy) == "base" else FAPoolServingPool
     return cls(model_cfg, strategy, rank, world, device, dtype, backend, timer)
