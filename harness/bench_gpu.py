@@ -161,11 +161,11 @@ def prefills(cfg, device, dtype, lim, points, kv_block: int) -> list[dict]:
 
 
 def _prefill_point(cfg, device, dtype, lim, kv_block: int, length: int, batch: int, chunk: int) -> dict:
-    from harness.config import StrategyConfig
     from harness.measure import PhaseTimer
+    from harness.strategies.reference import ReferenceConfig
     from model.parallel.static import StaticEngine
 
-    strategy = StrategyConfig(name="reference", kind="reference", kv_block=kv_block, prefill_chunk=chunk)
+    strategy = ReferenceConfig(kv_block=kv_block, prefill_chunk=chunk)
     engine = StaticEngine(cfg, strategy, 0, 1, device, dtype, "sdpa", PhaseTimer(device))
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, cfg.vocab_size, (length,), generator=gen) for _ in range(batch)]

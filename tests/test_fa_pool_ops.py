@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.config import PoolConfig, StrategyConfig
+from harness.strategies.fa_pool import FAPoolConfig, PoolConfig
 from harness.measure import PhaseTimer
 from model.config import ModelConfig
 
@@ -35,7 +35,7 @@ def _rank(rank, init, batch, block, out):
     torch.set_num_threads(1)
     pool = PoolConfig(size=2, max_size=2, threshold=32, block_size=block, policy="proportional", tokens_per_rank=16,
                       hierarchical=True, async_overlap=True, gpus_per_node=2)
-    strategy = StrategyConfig(name="t", kind="fa_pool", tp=2, micro_batches=2, world_size=WORLD, pool=pool)
+    strategy = FAPoolConfig(name="t", tp=2, micro_batches=2, world_size=WORLD, pool=pool)
     engine = fa_pool_engine(ModelConfig(), strategy, rank, WORLD, torch.device("cpu"), torch.float32, "math",
                             PhaseTimer("cpu"))
     lens = torch.tensor([40, 10] * (batch // 2))  # half pooled, half on the base, in every micro-batch
