@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from harness.config import ConfigError, file_in_the_way, load, register_configs, validate
 from harness.preflight import preflight
 from harness.launch import launch_local, record_failure
-from harness.plan import PLANNED, plan_line
+from harness.plan import Sweep, plan_line
 from harness.record import read_record, run_id, write_record
 
 log = logging.getLogger("fapool")
@@ -53,8 +53,9 @@ def run(cfg: DictConfig, out_dir: str):
         return read_record(record_failure(cfg_dict, "invalid", str(e), world, device, out_dir))
     world = cfg_obj.strategy.world_size
     if cfg_obj.plan:
-        PLANNED.append(plan_line(cfg_obj))
-        print("PLAN", PLANNED[-1])
+        planned = Sweep.current().planned
+        planned.append(plan_line(cfg_obj))
+        print("PLAN", planned[-1])
         return None
     existing = Path(out_dir) / "result.json"
     if cfg_obj.resume and existing.exists():
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, out_dir: str):
     if cfg_obj.launcher.kind == "slurm":
         from harness.slurm import launch_slurm
 
-        return launch_slurm(cfg_obj, cfg_dict, out_dir)
+        return launch_slurm(cfg_obj, cfg_dict, out_dir, Sweep.current().pending)
     path = launch_local(cfg_dict, world, out_dir, cfg_obj.launcher.timeout_s, cfg_obj.hardware.device)
     return read_record(path)
 

@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from harness.collect import collect, natural_key
+from harness.plan import Sweep
 from harness.strategies import family_of
 
 log = logging.getLogger("fapool")
@@ -116,34 +117,32 @@ class PrintComparison(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.before = snapshot(Path(config.hydra.run.dir))
+        self.sweep = Sweep.start()
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.plan import PLANNED
-
-        if PLANNED:
-            PLANNED.clear()
-            if self.before[0] is not None:  # a run folder that existed before is left as it is
-                remove_new(Path(config.hydra.run.dir), self.before)
+        planned = self.sweep.planned
+        Sweep.close()
+        if planned and self.before[0] is not None:  # a run folder that existed before is left as it is
+            remove_new(Path(config.hydra.run.dir), self.before)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.before = snapshot(Path(config.hydra.sweep.dir))
+        self.sweep = Sweep.start()
         if config.get("plan"):
             LAUNCHER_LOG.setLevel(logging.WARNING)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from harness.plan import PLANNED
-
-        if PLANNED:
-            print_plan(PLANNED)
-            PLANNED.clear()
+        sweep = self.sweep
+        Sweep.close()
+        if sweep.planned:
+            print_plan(sweep.planned)
             remove_new(Path(config.hydra.sweep.dir), self.before)
             return
-        if "harness.slurm" in sys.modules:  # Slurm jobs of this sweep still queued or running
-            from harness.slurm import PENDING, wait_all
+        if sweep.pending:  # Slurm jobs of this sweep still queued or running
+            from harness.slurm import wait_all
 
-            if PENDING:
-                print(f"waiting for {len(PENDING)} Slurm jobs ...", flush=True)
-                wait_all()
+            print(f"waiting for {len(sweep.pending)} Slurm jobs ...", flush=True)
+            wait_all(sweep.pending)
         df, bad = collect(config.hydra.sweep.dir)
         trace = df["config.workload.kind"].eq("trace") if "config.workload.kind" in df else df.index.isin([])
         print("\nResults of this sweep ('measured' on this machine, or 'projected' by harness/perfmodel.py; "

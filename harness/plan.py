@@ -1,7 +1,31 @@
 """plan=true: what a run or a sweep would take (jobs, nodes, GPUs, GPU-hours); nothing is submitted."""
 from __future__ import annotations
 
-PLANNED: list[dict] = []  # plan=true: what each point of this process's sweep would take
+
+
+class Sweep:
+    """What one run or sweep of this process has planned (plan=true) and submitted to Slurm without waiting.
+    The multirun callback (harness/callbacks.py) opens one at the sweep's start and reads it at its end; the app
+    adds to the open one. Outside a callback (a test calling the app directly) one opens on first use."""
+
+    _open: "Sweep | None" = None
+
+    def __init__(self):
+        self.planned: list[dict] = []  # plan=true: what each point would take
+        self.pending: list = []  # harness.slurm.Pending: submitted, not yet waited for
+
+    @classmethod
+    def start(cls) -> "Sweep":
+        cls._open = cls()
+        return cls._open
+
+    @classmethod
+    def current(cls) -> "Sweep":
+        return cls._open or cls.start()
+
+    @classmethod
+    def close(cls) -> None:
+        cls._open = None
 
 
 def plan_line(cfg) -> dict:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
@@ -59,9 +59,9 @@ class Pending:
     world: int
     device: str
     timeout_s: float  # from the job's start
+    pending: list | None = field(default=None, compare=False, repr=False)  # the sweep's list it is in until waited for
 
 
-PENDING: list[Pending] = []  # submitted by this process and not yet waited for
 STARTED = "started"  # marker a job's tasks leave in the run directory when they start
 CANCEL_GRACE_S = 60.0  # how long a cancelled job may take to end before its record is written anyway
 
@@ -90,13 +90,15 @@ def executor_for(cfg: BenchConfig, out_dir: str) -> submitit.AutoExecutor:
     return ex
 
 
-def submit(cfg: BenchConfig, cfg_dict: dict, out_dir: str) -> Pending:
+def submit(cfg: BenchConfig, cfg_dict: dict, out_dir: str, pending: list | None = None) -> Pending:
+    """Submit one run's job; `pending` (a sweep's list, harness/plan.Sweep) holds it until `wait` ends it."""
     for stale in (STARTED, "result.json", *(f.name for f in Path(out_dir).glob("rank*.error"))):
         Path(out_dir, stale).unlink(missing_ok=True)  # an earlier run's marker, record or errors are not this run's
     job = executor_for(cfg, out_dir).submit(SlurmRun(cfg_dict, out_dir, plugin_modules()))
     log.info("submitted %s x %s as Slurm job %s", cfg.strategy.name, cfg.workload.name, job.job_id)
-    p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device, cfg.launcher.timeout_s)
-    PENDING.append(p)
+    p = Pending(job, cfg_dict, out_dir, cfg.strategy.world_size, cfg.hardware.device, cfg.launcher.timeout_s, pending)
+    if pending is not None:
+        pending.append(p)
     return p
 
 
@@ -135,8 +137,8 @@ def wait(p: Pending, poll_s: float = 1.0):
         # written here, on the submitter: the record names the job and its nodes, not this machine
         record_failure(p.cfg_dict, status, error, p.world, p.device, p.out_dir, slurm_job_id=str(p.job.job_id),
                        placement={"hosts": job_hosts(p.job.job_id) or []})
-    if p in PENDING:
-        PENDING.remove(p)
+    if p.pending is not None and p in p.pending:
+        p.pending.remove(p)
     return read_record(record)
 
 
@@ -207,15 +209,15 @@ def _wait_until_ended(ended: JobEnd, poll_s: float) -> None:
         time.sleep(poll_s)
 
 
-def wait_all():
-    """Wait for every job this process submitted; returns their records."""
-    return [wait(p) for p in list(PENDING)]
+def wait_all(pending: list) -> list:
+    """Wait for every job of a sweep's pending list; returns their records."""
+    return [wait(p) for p in list(pending)]
 
 
-def launch_slurm(cfg: BenchConfig, cfg_dict: dict, out_dir: str):
-    """Submit; wait unless the launcher says not to (a multirun waits for all jobs at its end)."""
+def launch_slurm(cfg: BenchConfig, cfg_dict: dict, out_dir: str, pending: list | None = None):
+    """Submit; wait unless the launcher says not to (a multirun waits for all of `pending` at its end)."""
     try:
-        p = submit(cfg, cfg_dict, out_dir)
+        p = submit(cfg, cfg_dict, out_dir, pending)
     except Exception as e:  # noqa: BLE001 - sbatch refused (no such partition, no Slurm here...): a record says so
         return read_record(record_failure(cfg_dict, "failed", f"Slurm submission failed: {type(e).__name__}: {e}",
                                           cfg.strategy.world_size, cfg.hardware.device, out_dir,
