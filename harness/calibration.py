@@ -21,8 +21,8 @@ CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  
 MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
 SERVING_DECODE_SET = ROOT / "results" / "measured" / "h200-x1" / "serve"  # one GPU: serving decode steps (Calibration)
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
-# runs RMSNorm and rotary: "unfused" (code before 2da58f1, and the one-GPU benchmark that fits the floor per
-# kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
+# runs RMSNorm and rotary: "unfused" (engines without the fused kernels, and the one-GPU benchmark that fits
+# the floor per kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
 # 17 (its angle table, fp32 casts of both halves, 6 products and sums, a concatenation, a cast); "fused": one
 # kernel per norm (F.rms_norm), the angle table once per layer (7) and one Triton kernel per q and k. Both also
 # launch 6 others (2 residual adds, GELU, the cache write of k and v, the new lengths).
@@ -67,8 +67,8 @@ class Calibration:
     prefill_pool_copy_bw_fraction: float = 1.0
     prefill_base_copy_bw_fraction: float = 1.0
     prefill_calibration_records: tuple = ()  # records the prefill's copy rates were fitted on (not validation)
-    # A serving decode pass (harness/perfmodel.ServingPricer), fitted on the one-H200 serving set's decode steps at
-    # 0.5 and 1 req/s (harness/serving/virtual.fit_serving_decode, 1 to 23 rows; SERVING_DECODE_SET):
+    # A serving decode pass (harness/perfmodel.ServingPricer), fitted on the decode steps of a measured serving set
+    # (SERVING_DECODE_SET; harness/serving/virtual.fit_serving_decode):
     # - paged_token_s: one program of the paged kernel walks its split of a row at this time per token (a head's K
     #   and V: 512 bytes in bf16); the kernel sizes its splits by the block table's width, not the rows' lengths,
     #   so a few rows' attention takes the longest program's walk however little KV they hold in all

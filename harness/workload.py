@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # only a type: config imports nothing of the harness, and nothing here imports back
+if TYPE_CHECKING:  # only a type: the config imports this module (prompt lengths for memory), not the reverse
     from harness.config import WorkloadConfig
 
 # The paper's sequence buckets (section 4.5); "32768+" is capped at 2x its lower bound here.

@@ -26,12 +26,11 @@ class PoolConfig:
     hierarchical: bool = True  # merge partials within a node, then across nodes; False = flat
     async_overlap: bool = True  # overlap pool attention of one micro-batch with base work of another
     # with async_overlap: micro-batch m of layer l + 1 starts when m of layer l finished, not after all of layer l
-    # (the pool never waits for a whole layer of base work); CPU-tested; off until the GPU test of its tokens
-    # (tests/test_gpu_strategies.py) has passed
+    # (the pool never waits for a whole layer of base work); off by default
     wavefront: bool = False
     # the prefill's rows in this many consecutive groups (at most one per row), taken through each chunk's layers in
     # wavefront order: the pool attends one group's layer while the base runs another's dense work (1: one group,
-    # base and pool take turns); 2 by default: more groups stopped lowering the measured TTFT
+    # base and pool take turns)
     prefill_micro_batches: int = 2
     gpus_per_node: int = 8  # ranks per node, for the hierarchical reduction (tests pretend 2)
     kv_memory_fraction: float = 0.9  # of a pool GPU's free memory preallocated as KV blocks (capped at what the batch can use)
@@ -186,8 +185,7 @@ class FAPoolSpec(StrategySpec):
             part_msg = len(long) / M * (h * 4 + m.n_heads * 4) / s.tp  # fp32 partials + LSE back to one base rank
             # each hop: its transfer on the device (NCCL's in-graph time for the bytes) and, once, the host's handoff
             # (message_s: the exchange posted and waited on between captured segments). NCCL's eager time is no
-            # transfer time: host-bound below a few MB (35-65 us for any size up to 4 MB in limits.json), it would
-            # count the host a second time
+            # transfer time: host-bound for small messages (limits.json), it would count the host a second time
             messages = (collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=True)
                         + collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=True) + 2 * cal.message_s)
             if p.hierarchical and p.size > 1:  # members -> leader first

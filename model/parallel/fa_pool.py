@@ -111,8 +111,8 @@ class FAPoolRank(Engine):
         self.stats = CommStats()
         self.transport = Transport(self.stats)
         self.elasticity = []
-        # Captured steps with a tensor-parallel base once "hung" on 4 H200s: they had measured and recorded, and
-        # destroy_process_group hung at teardown (pytorch/pytorch#115388), which the runner now bounds.
+        # destroy_process_group can hang at teardown after captured steps (pytorch/pytorch#115388): the runner
+        # bounds it.
         self.use_graphs = strategy.cuda_graphs and torch.device(device).type == "cuda"
         self._forget_captured_steps()
         base_group = new_groups([list(range(self.tp))], rank)  # every rank takes part in creating it

@@ -14,7 +14,7 @@ The parts:
   On CUDA each micro-batch's pass is captured in a CUDA graph (its TP all-reduces and the LM head's
   all-gather inside) after one eager step has created the communicators, and replayed from then on.
   Pipeline messages stay eager between replays: the point-to-point order between stages depends on the
-  schedule, and an eager send/recv costs ~50-100 us against a whole stage pass.
+  schedule, and an eager send/recv is small against a whole stage pass.
 - `StaticEngine.decode_steps`: the pipeline schedule over a whole generation.
   * `continuous` (default): stage 0 starts micro-batch m of step k+1 as soon as the last stage has sent back
     m's tokens of step k, so the stages stay busy across steps (no bubble per step once micro_batches >= pp).
