@@ -213,13 +213,14 @@ def _fit_prefill_copies(cal: Calibration, pool_decided, base_decided, rounds: in
 
 
 def measured_items(root: str | Path) -> list:
-    """(path, record, its call's limits or None) of every measured GPU record under root."""
+    """(path, record, its call's limits or None) of every measured static-batch GPU record under root."""
     from harness.collect import find_records
 
     good, _ = find_records(root)
     return [(path, rec, limits_of(path)) for path, rec in good
             if rec.status == "ok" and rec.env.get("source", "measured") == "measured"
-            and rec.config["hardware"]["device"] == "cuda"]  # CPU/gloo runs measure mechanics, not a GPU
+            and rec.config["hardware"]["device"] == "cuda"  # CPU/gloo runs measure mechanics, not a GPU
+            and rec.config["workload"].get("kind", "batch") == "batch"]  # trace replays: `fapool-perfmodel --serving`
 
 
 @functools.lru_cache(maxsize=None)

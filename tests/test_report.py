@@ -227,3 +227,13 @@ def test_plots_of_the_paper_grid_label_points_and_keep_tick_labels_short(monkeyp
     assert sorted({t.get_text() for t in figs["pareto"].axes[0].texts}) == ["16K", "2K", "512", "8K"]
     ticks = [t.get_text() for t in figs["breakdown"].axes[0].get_xticklabels()]
     assert "fa_pool:pool 16K" in ticks and not any("\n" in t for t in ticks)
+
+
+def test_perfmodel_check_leaves_trace_replays_to_its_serving_table(capsys):
+    """A set holding both static-batch records and trace replays (which have no TPOT mean): the static check
+    prices the static records and leaves the replays out."""
+    from harness.perfmodel_check import main as perfmodel_main
+
+    perfmodel_main([str(ROOT / "results" / "measured" / "h100-x1")])
+    out = capsys.readouterr().out
+    assert "| graphed L=" in out and "serve_closed" not in out
