@@ -10,7 +10,10 @@
 # State, spool, logs and the config live under DIR (default /tmp/fapool-slurm). One partition, `a100`, named like
 # the A100 preset; each node advertises 8 CPUs whatever the machine has (config_overrides), so that multi-task
 # jobs of the scaled strategies fit on a 2-core machine. The controller's and slurmd's ports are picked free at
-# start, so another Slurm on the same machine does not collide with this one. Emulated nodes are node1..nodeN on a
+# start, so another Slurm on the same machine does not collide with this one, and its job ids start at the
+# controller's port times 1000 (below Slurm's MaxJobId), so that two clusters number their jobs apart: submitit seeds
+# a job's rendezvous port with its id, and two one-node clusters' jobs of the same id would meet on the same port
+# of this host (pytest-xdist workers each start their own cluster). Emulated nodes are node1..nodeN on a
 # private /24 of 10.77.x.0 that no interface here uses yet; traffic stays on the addresses this script creates.
 set -Eeuo pipefail
 cmd=${1:-start}
@@ -121,6 +124,7 @@ AccountingStorageType=accounting_storage/none
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
+FirstJobId=$((ctl_port * 1000))
 EOF
   printf '%s\n' "$@"
 }

@@ -37,6 +37,25 @@ def run_cli(args, tmp_path, timeout=300, env=None):
     return proc, records
 
 
+# Modules whose tests wait longest (a Slurm cluster's queue, timeouts, multi-process runs), started first.
+LONG_FIRST = ("test_slurm_multinode.py", "test_slurm.py", "test_faults.py", "test_fa_pool_ops.py", "test_app.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n`), the longest tests first: workers take tests in collection order, and a long test
+    started last would run on alone after the others are done. A serial run keeps pytest's order."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
+    def rank(item):
+        name = item.path.name
+        if name in LONG_FIRST:
+            return LONG_FIRST.index(name)
+        return len(LONG_FIRST) + (0 if item.get_closest_marker("slow") else 1)
+
+    items.sort(key=rank)  # stable: a module's tests stay in their order
+
+
 @pytest.fixture
 def compose_config():
     return compose_cfg

@@ -3,7 +3,8 @@ import torch
 
 from model.attention import BackendUnavailable, attention, backend_available, check_backend, merge_partials
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                reason="needs CUDA")])]
 
 
 def rand_qkv(b=3, h=4, tq=1, tk=37, d=16, seed=0, device="cpu", dtype=torch.float32):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from harness.collect import collect
-from harness.record import RunRecord, write_record
 from tests.conftest import launch, run_cli
+from tests.record_writers import write_many
 
 TIMEOUT_S = 20  # the launcher's limit in these tests
 
@@ -48,17 +48,9 @@ def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
     assert "timeout" in proc.stdout  # the comparison table lists the failed point too
 
 
-def _write_many(directory: str, writer: int, n: int):
-    for i in range(n):
-        rec = RunRecord(run_id=f"w{writer}", status="ok", config={"writer": writer, "i": i},
-                        metrics={"mean_tpot_ms": float(i)}, step_times_ms=[1.0] * 200)
-        write_record(rec, Path(directory) / f"task{writer}")
-        write_record(rec, Path(directory) / "shared")  # all writers race on the same file too
-
-
 def test_sixteen_concurrent_writers_leave_sixteen_whole_records(tmp_path):
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_write_many, args=(str(tmp_path), w, 20)) for w in range(16)]
+    procs = [ctx.Process(target=write_many, args=(str(tmp_path), w, 20)) for w in range(16)]
     for p in procs:
         p.start()
     for p in procs:

@@ -9,9 +9,10 @@ from model.config import ModelConfig
 from model.gpu_decode import GraphedDecodeStep
 from model.transformer import Step, build_model
 
-CASES = [("cpu", torch.float32, "math", False)]
-if torch.cuda.is_available():
-    CASES += [("cuda", torch.bfloat16, "sdpa_cudnn", True), ("cuda", torch.bfloat16, "sdpa_flash", True)]
+NEEDS_CUDA = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+CASES = [("cpu", torch.float32, "math", False),
+         pytest.param("cuda", torch.bfloat16, "sdpa_cudnn", True, marks=NEEDS_CUDA),
+         pytest.param("cuda", torch.bfloat16, "sdpa_flash", True, marks=NEEDS_CUDA)]
 
 
 @pytest.mark.parametrize("device,dtype,backend,graph", CASES)
@@ -61,6 +62,7 @@ def test_prefill_flops_by_hand():
     assert bench_gpu.prefill_flops(cfg, 3, 5) == dense + causal + head
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["sdpa", "sdpa_flash"])
@@ -79,6 +81,7 @@ def test_a_full_chunk_after_cached_keys_takes_no_mask_and_equals_the_masked_math
     assert (lse - want_lse).abs().max().item() < 1e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_queries_over_keys_before_them_take_cudnn_and_equal_the_math():
     """A pool rank's prefill: a chunk's queries over its blocks of the row, all before the chunk (no mask, not
@@ -92,6 +95,7 @@ def test_queries_over_keys_before_them_take_cudnn_and_equal_the_math():
     assert (out.float() - want_out).abs().max().item() < 2e-2 and (lse - want_lse).abs().max().item() < 1e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_whole_prompt_attention_and_rotary_kernel_equal_the_math(dtype):
@@ -120,6 +124,7 @@ def test_whole_prompt_attention_and_rotary_kernel_equal_the_math(dtype):
     assert got.shape == want.shape and ((got.float() - want.float()).abs() <= ulp * want.float().abs().clamp_min(1)).all()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_merge_of_two_partials_equals_merge_partials(dtype):

@@ -5,6 +5,8 @@ import torch
 
 from tests.conftest import launch
 
+pytestmark = pytest.mark.gpu
+
 GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 CASES = [  # name, overrides, GPUs
     ("reference", ["strategy=reference"], 1),
