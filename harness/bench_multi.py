@@ -123,7 +123,7 @@ STATIC = ("reference", "static")  # the kinds a speed-up is measured against: pl
 def catalog() -> dict[str, dict]:
     """Every run the benchmark knows: the experiment presets under conf/experiment/bench_multi/ (one per run, named
     as the run), each with its strategy's kind and GPU count as Hydra composes them; ordered by GPUs, then family
-    (FAMILIES), then name."""
+    (FAMILIES, other kinds after them), then name."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -133,7 +133,8 @@ def catalog() -> dict[str, dict]:
         for path in sorted(RUN_PRESETS.glob("*.yaml")):
             strategy = compose(config_name="config", overrides=[f"experiment=bench_multi/{path.stem}"]).strategy
             runs[path.stem] = {"kind": strategy.kind, "gpus": int(OmegaConf.select(strategy, "world_size"))}
-    return dict(sorted(runs.items(), key=lambda kv: (kv[1]["gpus"], FAMILIES.index(kv[1]["kind"]), kv[0])))
+    rank = {kind: i for i, kind in enumerate(FAMILIES)}  # a kind not listed goes after them
+    return dict(sorted(runs.items(), key=lambda kv: (kv[1]["gpus"], rank.get(kv[1]["kind"], len(rank)), kv[0])))
 
 
 def strategies(gpus: int, smoke: bool) -> dict:
