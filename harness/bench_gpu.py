@@ -14,20 +14,19 @@ Prints and writes (bench_gpu.json, bench_gpu.md, profile.txt):
   5. a torch.profiler summary of one eager decode step
   6. the harness's eager engine step
   7. prefill (the static engine, whole prompts and in chunks) over its FLOP roofline: FLOPs / GEMM peak
-Each number is a median of timed repetitions (CUDA events on GPU, perf_counter on CPU).
+Each number is a median of timed calls (harness/benchlib.timeit: triton's do_bench on a GPU,
+torch.utils.benchmark on the CPU); the device and its driver, CUDA, torch, NCCL and Triton versions head bench_gpu.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import platform
-import socket
-import statistics
-import time
 from pathlib import Path
 
 import torch
+
+from harness.benchlib import bench_setup, describe_device, md_table, timeit
+from harness.record import device_environment
 
 from model.attention import attention, backend_available, merge_partials
 from model.config import PRESETS
@@ -35,45 +34,6 @@ from model.gpu_decode import GraphedDecodeStep
 from model.transformer import build_model
 
 HEADS, HEAD_DIM = 32, 128
-
-
-def timeit(fn, reps: int = 20, warmup: int = 3) -> float:
-    """Median seconds of fn() over reps, after warmup calls."""
-    cuda = torch.cuda.is_available()
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def device_info(device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
-    if device.type == "cuda":
-        info.update(device_name=torch.cuda.get_device_name(), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
-                    memory_gb=torch.cuda.get_device_properties(0).total_memory / 1e9)
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            info["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:
-            info["driver"] = None
-    else:
-        info["device_name"] = platform.processor() or platform.machine()
-    return info
 
 
 def limits(device, dtype, smoke: bool) -> dict:
@@ -148,10 +108,9 @@ def prefills(cfg, device, dtype, lim, points, kv_block: int) -> list[dict]:
 
     own_group = not dist.is_initialized()
     if own_group:  # the engine makes its (one-rank) process groups
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+        from harness.launch import free_port
+
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                 rank=0, world_size=1)
     try:
         return [_prefill_point(cfg, device, dtype, lim, kv_block, *point) for point in points]
@@ -292,33 +251,6 @@ def engine_steps(cfg, device, dtype, points, backend, out: Path) -> list[dict]:
     return rows
 
 
-def fmt_table(rows, cols) -> str:
-    rows = [r for r in rows if "error" not in r]
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |\n" for r in rows)
-    return head + body
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return str(v)
-
-
-def bench_setup(doc: str, argv, extra) -> tuple:
-    """The GPU benchmarks' common command line (--out, --smoke, and `extra`'s arguments), the output folder,
-    and the device and dtype they measure: bf16 on a GPU, fp32 on the CPU (smoke runs)."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device there is")
-    extra(ap)
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return args, out, device, torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def main(argv=None):
     args, out, device, dtype = bench_setup(__doc__, argv, lambda ap: ap.add_argument(
         "--skip", default="", help="comma-separated sections to skip: shards,steps,merge,gemms,profile,engine,prefill"))
@@ -334,14 +266,14 @@ def main(argv=None):
         tps, batches, prof = [1, 2, 4, 8, 16], [64, 256, 1024], (32, 16384)
     backends = [b for b in ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash_attn") if backend_available(b, device)] or ["sdpa"]
     fast = backends[0]
-    res = {"device": device_info(device), "dtype": str(dtype), "model": cfg.name, "backends": backends}
+    res = {"device": device_environment(device), "dtype": str(dtype), "model": cfg.name, "backends": backends}
     res["limits"] = lim = limits(device, dtype, args.smoke)
     print(f"# {res['device'].get('device_name')}  read {lim['read_bytes_per_s'] / 1e12:.2f} TB/s  "
           f"copy {lim['copy_bytes_per_s'] / 1e12:.2f} TB/s  GEMM {lim['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
-    md = [f"# GPU benchmark on {res['device'].get('device_name')}\n", f"limits: {json.dumps(lim)}\n"]
+    md = [f"# GPU benchmark on {describe_device(res['device'])}\n", f"limits: {json.dumps(lim)}\n"]
     if "shards" not in skip:
         res["attention_shards"] = attention_shards(device, dtype, lim["read_bytes_per_s"], contexts, shard_counts, backends, total)
-        md.append("## 1. decode attention over a KV shard\n" + fmt_table(res["attention_shards"], ["context", "shards", "batch", "backend", "time_us", "ratio_to_read_bw"]))
+        md.append("## 1. decode attention over a KV shard\n" + md_table(res["attention_shards"], ["context", "shards", "batch", "backend", "time_us", "ratio_to_read_bw"]))
         print(md[-1], flush=True)
     model = build_model(cfg, dtype, device)
     if "steps" not in skip:
@@ -351,15 +283,15 @@ def main(argv=None):
             rows += decode_steps(model, device, lim, step_points[3:6:2], "sdpa_flash", True)
             rows += decode_steps(model, device, lim, step_points[3:6:2], fast, False)  # eager, for the graph's gain
         res["decode_steps"] = rows
-        md.append("## 2. decode step of the model\n" + fmt_table(rows, ["context", "batch", "backend", "graph", "tpot_ms", "roofline_ms", "ratio_to_roofline", "ratio_flops_to_peak"]))
+        md.append("## 2. decode step of the model\n" + md_table(rows, ["context", "batch", "backend", "graph", "tpot_ms", "roofline_ms", "ratio_to_roofline", "ratio_flops_to_peak"]))
         print(md[-1], flush=True)
     if "merge" not in skip:
         res["merge"] = merge_cost(device, dtype, contexts[-2:], [2, 4, 8, 32] if not args.smoke else [2, 4], total, fast)
-        md.append("## 3. LSE merge cost\n" + fmt_table(res["merge"], ["context", "shards", "batch", "attention_us", "merge_us", "merge_fraction", "merge_graph_us", "merge_graph_fraction"]))
+        md.append("## 3. LSE merge cost\n" + md_table(res["merge"], ["context", "shards", "batch", "attention_us", "merge_us", "merge_fraction", "merge_graph_us", "merge_graph_fraction"]))
         print(md[-1], flush=True)
     if "gemms" not in skip:
         res["gemms"] = gemms(device, dtype, lim, cfg, tps, batches)
-        md.append("## 4. GEMMs at TP shard shapes\n" + fmt_table(res["gemms"], ["tp", "batch", "gemm", "time_us", "tflops", "efficiency"]))
+        md.append("## 4. GEMMs at TP shard shapes\n" + md_table(res["gemms"], ["tp", "batch", "gemm", "time_us", "tflops", "efficiency"]))
         print(md[-1], flush=True)
     if "profile" not in skip:
         res["profile"] = profile_step(model, *prof, fast, out)
@@ -369,13 +301,13 @@ def main(argv=None):
         points = [(32, 2), (64, 4)] if args.smoke else [(16384, 24), (4096, 32), (16384, 8), (32768, 16), (2048, 128),
                                                           (4096, 8), (8192, 16), (2048, 32), (32768, 4), (1024, 64)]
         res["engine_steps"] = engine_steps(cfg, device, dtype, points, "sdpa", out)
-        md.append("## 6. the harness's eager engine step (attention_backend=sdpa)\n" + fmt_table(res["engine_steps"], ["context", "batch", "backend", "engine_step_ms"]))
+        md.append("## 6. the harness's eager engine step (attention_backend=sdpa)\n" + md_table(res["engine_steps"], ["context", "batch", "backend", "engine_step_ms"]))
         print(md[-1], flush=True)
     if "prefill" not in skip:
         points = [(64, 2, 0), (64, 2, 32)] if args.smoke else [
             (8192, 8, 0), (8192, 8, 2048), (16384, 4, 0), (16384, 4, 4096), (32768, 2, 0), (32768, 2, 4096)]
         res["prefill"] = prefills(cfg, device, dtype, lim, points, 16 if args.smoke else 256)
-        md.append("## 7. prefill over its FLOP roofline (FLOPs / bf16 GEMM peak)\n" + fmt_table(
+        md.append("## 7. prefill over its FLOP roofline (FLOPs / bf16 GEMM peak)\n" + md_table(
             res["prefill"], ["length", "batch", "chunk", "prefill_ms", "roofline_ms", "ratio_to_roofline", "tflops", "peak_gb"]))
         print(md[-1], flush=True)
     (out / "bench_gpu.json").write_text(json.dumps(res, indent=1, default=str))

@@ -12,7 +12,9 @@
    tp2, tp1_pp2, tp4, tp2_pp2, tp1_pp4 (each pipeline also with twice the micro-batches), DCP (TP2 and TP4 with the
    KV split over 2 or 4 ranks), FA Pool 1+1, 2+2, 1+3, 2+1
    (threshold below the context: every sequence in the pool; one micro-batch) and FA Pool 2+2 with two
-   micro-batches overlapping pool and base (async_overlap).
+   micro-batches overlapping pool and base (async_overlap). Each run is an experiment preset,
+   conf/experiment/bench_multi/<run>.yaml (`fapool-bench experiment=bench_multi/<run>` runs one alone); its
+   family (reference, static, dcp, fa_pool) is its strategy's kind.
    `--prefill-chunk N` runs the same points with a real prefill in chunks of N tokens instead of synthetic KV
    (TTFT and the paper's TPS in the records and the table; records tagged `_prefill`).
 3. Each ok record gets its roofline (harness/roofline.py) written into it; the table (bench_multi.md/json)
@@ -20,8 +22,8 @@
 """
 from __future__ import annotations
 
+import functools
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,9 +34,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from harness.bench_gpu import bench_setup, device_info, fmt_table, limits, timeit
-from harness.config import from_dict
+from harness.bench_gpu import limits
+from harness.benchlib import bench_setup, describe_device, md_table, timeit_fixed
+from harness.config import from_dict, register_configs
+from harness.launch import free_port
 from harness.measure import DECODE_RANGE, PREFILL_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
+from harness.record import RunRecord, device_environment, write_record
 from harness.roofline import roofline
 from model.config import PRESETS
 from model.parallel.tp import all_gather_single
@@ -46,12 +51,6 @@ STEPS = 16  # output tokens per sequence: 15 timed decode steps
 
 
 # -- 1. NCCL per operation ----------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _time_op(fn, graphed: bool, reps: int = 20) -> float:
     """Seconds per call of fn: `reps` calls eagerly, or captured in one CUDA graph and replayed; median of 5."""
     cuda = torch.cuda.is_available()
@@ -72,7 +71,7 @@ def _time_op(fn, graphed: bool, reps: int = 20) -> float:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             run()
         run = graph.replay
-    return timeit(run, reps=5, warmup=2) / reps
+    return timeit_fixed(run, reps=5, warmup=2) / reps  # every rank replays as often: the collectives pair up
 
 
 def _calibrate_rank(rank, world, port, sizes, path):
@@ -110,52 +109,42 @@ def _calibrate_rank(rank, world, port, sizes, path):
 
 def calibrate_nccl(world: int, sizes: list[int], out: Path) -> dict:
     path = out / "nccl_calibration.json"
-    mp.spawn(_calibrate_rank, args=(world, _free_port(), sizes, str(path)), nprocs=world, join=True)
+    mp.spawn(_calibrate_rank, args=(world, free_port(), sizes, str(path)), nprocs=world, join=True)
     return json.loads(path.read_text())
 
 
 # -- 2. the runs -------------------------------------------------------------------------------------------------
+RUN_PRESETS = Path(__file__).resolve().parent.parent / "conf" / "experiment" / "bench_multi"
+FAMILIES = ("reference", "static", "dcp", "fa_pool")  # strategy kinds, in the order the runs of a point go
+STATIC = ("reference", "static")  # the kinds a speed-up is measured against: plain TP x PP
+
+
+@functools.lru_cache(maxsize=1)
+def catalog() -> dict[str, dict]:
+    """Every run the benchmark knows: the experiment presets under conf/experiment/bench_multi/ (one per run, named
+    as the run), each with its strategy's kind and GPU count as Hydra composes them; ordered by GPUs, then family
+    (FAMILIES, other kinds after them), then name."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    register_configs()
+    runs = {}
+    with initialize_config_dir(config_dir=str(RUN_PRESETS.parent.parent), version_base="1.3"):
+        for path in sorted(RUN_PRESETS.glob("*.yaml")):
+            strategy = compose(config_name="config", overrides=[f"experiment=bench_multi/{path.stem}"]).strategy
+            runs[path.stem] = {"kind": strategy.kind, "gpus": int(OmegaConf.select(strategy, "world_size"))}
+    rank = {kind: i for i, kind in enumerate(FAMILIES)}  # a kind not listed goes after them
+    return dict(sorted(runs.items(), key=lambda kv: (kv[1]["gpus"], rank.get(kv[1]["kind"], len(rank)), kv[0])))
+
+
 def strategies(gpus: int, smoke: bool) -> dict:
-    """name -> fapool-bench overrides. FA Pool: every sequence in the pool, spread over all of it, one-level merge
-    (one node: a second level would add a hop and merge nothing)."""
-    pool = ["strategy.pool.threshold=16" if smoke else "strategy.pool.threshold=1024", "strategy.pool.policy=all",
-            "strategy.pool.block_size=16" if smoke else "strategy.pool.block_size=256",
-            "strategy.pool.hierarchical=false", f"strategy.pool.gpus_per_node={gpus}"]
-
-    width = {"reference": 1, "tp2": 2, "tp1_pp2": 2, "tp1_pp2_mb4": 2, "dcp_t2_k2": 2}  # GPUs; the rest 4 or FA Pool's
-
-    def fa(tp, size, micro_batches=1, wavefront=False, prefill_groups=1):  # one micro-batch: the base's share is
-        # small, and micro-batches overlapped layer by layer take turns with the pool. The
-        # prefill groups are always named: a plain name is one group, as in the records made before the default became 2
-        name = (f"fa_pool_b{tp}_p{size}" + ("_mb2" if micro_batches == 2 else "") + ("_wavefront" if wavefront else "")
-                + (f"_pmb{prefill_groups}" if prefill_groups > 1 else ""))
-        width[name] = tp + size
-        return [f"strategy.name={name}", "strategy=fa_pool_b2_p2", f"strategy.tp={tp}", f"strategy.pool.size={size}",
-                f"strategy.pool.max_size={size}", f"strategy.micro_batches={micro_batches}",
-                f"strategy.pool.wavefront={str(wavefront).lower()}",
-                f"strategy.pool.prefill_micro_batches={prefill_groups}", *pool]
-
-    runs = {"reference": ["strategy=reference"], "tp2": ["strategy=tp2_pp1"], "tp1_pp2": ["strategy=tp1_pp2"],
-            "tp1_pp2_mb4": ["strategy=tp1_pp2", "strategy.name=tp1_pp2_mb4", "strategy.micro_batches=4"],
-            "tp4": ["strategy=tp4_pp1"], "tp2_pp2": ["strategy=tp2_pp2"],
-            "tp1_pp4": ["strategy=tp1_pp2", "strategy.name=tp1_pp4", "strategy.pp=4", "strategy.world_size=4",
-                        "strategy.micro_batches=4"],
-            # twice the micro-batches: more in flight than the ring of stages and hops has stations, so that a
-            # stage need not idle while a micro-batch travels
-            "tp2_pp2_mb4": ["strategy=tp2_pp2", "strategy.name=tp2_pp2_mb4", "strategy.micro_batches=4"],
-            "tp1_pp4_mb8": ["strategy=tp1_pp2", "strategy.name=tp1_pp4_mb8", "strategy.pp=4", "strategy.world_size=4",
-                            "strategy.micro_batches=8"],
-            "dcp_t2_k2": ["strategy=dcp_t2_k2"], "dcp_t4_k2": ["strategy=dcp_t4_k2"], "dcp_t4_k4": ["strategy=dcp_t4_k4"],
-            "fa_pool_b1_p1": fa(1, 1), "fa_pool_b2_p2": fa(2, 2), "fa_pool_b1_p3": fa(1, 3), "fa_pool_b2_p1": fa(2, 1),
-            "fa_pool_b2_p2_mb2": fa(2, 2, micro_batches=2), "fa_pool_b1_p1_mb2": fa(1, 1, micro_batches=2),
-            # the next layer's micro-batch enters the pool while the base finishes this layer
-            "fa_pool_b1_p1_mb2_wavefront": fa(1, 1, 2, wavefront=True),
-            "fa_pool_b2_p2_mb2_wavefront": fa(2, 2, 2, wavefront=True),
-            "fa_pool_b1_p3_mb2_wavefront": fa(1, 3, 2, wavefront=True),
-            # the prefill's rows in 2 or 4 groups: the pool attends one while the base runs another's dense layers
-            **{f"fa_pool_b{tp}_p{size}_pmb{groups}": fa(tp, size, prefill_groups=groups) for tp, size in
-               ((1, 1), (2, 2), (1, 3), (2, 1)) for groups in (2, 4)}}
-    return {name: o for name, o in runs.items() if width.get(name, 4) <= gpus}
+    """name -> fapool-bench overrides of the runs that fit on `gpus`: the run's experiment preset and, for FA Pool,
+    nodes of this machine's GPUs (one node: no second merge level) and, in smoke runs, the tiny model's threshold
+    and block size in place of the paper's."""
+    small_pool = ["strategy.pool.threshold=16", "strategy.pool.block_size=16"] if smoke else []
+    return {name: [f"experiment=bench_multi/{name}",
+                   *([f"strategy.pool.gpus_per_node={gpus}", *small_pool] if run["kind"] == "fa_pool" else [])]
+            for name, run in catalog().items() if run["gpus"] <= gpus}
 
 
 def points(smoke: bool, gpu_bytes: int) -> list[tuple[int, int]]:
@@ -223,11 +212,18 @@ def roofline_comm(limits: dict) -> dict:
 
 
 def attach_roofline(run: dict, read_bw: float, comm: dict) -> None:
-    rec = run["record"]
-    if rec.get("status") != "ok":
+    """An ok run's roofline, written into its record (atomically, harness/record.write_record)."""
+    if run["record"].get("status") != "ok":
         return
-    rec["roofline"] = roofline(from_dict(rec["config"]), rec, read_bw, comm)
-    Path(run["path"]).write_text(json.dumps(rec, indent=1, sort_keys=True, default=str))
+    rec = RunRecord.from_dict(run["record"])
+    rec.roofline = roofline(from_dict(rec.config), run["record"], read_bw, comm)
+    write_record(rec, Path(run["path"]).parent)
+    run["record"] = json.loads(rec.to_json())
+
+
+def family(record: dict) -> str | None:
+    """The run's strategy kind (reference, static, dcp, fa_pool), from its record's config."""
+    return ((record.get("config") or {}).get("strategy") or {}).get("kind")
 
 
 def table_rows(runs: list[dict]) -> list[dict]:
@@ -236,7 +232,8 @@ def table_rows(runs: list[dict]) -> list[dict]:
         rec = r["record"]
         m, roof = rec.get("metrics") or {}, rec.get("roofline") or {}
         gpus = m.get("num_gpus") or rec.get("config", {}).get("strategy", {}).get("world_size")
-        rows.append({"run": r["name"], "tag": r["tag"], "context": r["context"], "batch": r["batch"], "gpus": gpus,
+        rows.append({"run": r["name"], "tag": r["tag"], "kind": family(rec), "context": r["context"],
+                     "batch": r["batch"], "gpus": gpus,
                      "status": rec.get("status"), "ttft_ms": m.get("ttft_ms"), "tps_per_gpu": m.get("tps_per_gpu"),
                      "tpot_ms": m.get("mean_tpot_ms"), "median_tpot_ms": m.get("median_tpot_ms"),
                      "decode_tps_per_gpu": (m["decode_tps"] / gpus) if m.get("decode_tps") else None,
@@ -244,7 +241,7 @@ def table_rows(runs: list[dict]) -> list[dict]:
                      "note": (rec.get("error") or "")[:120]})
     for row in rows:  # the best static strategy at the same point and GPU count
         static = [o["tpot_ms"] for o in rows if (o["context"], o["batch"], o["gpus"]) == (row["context"], row["batch"], row["gpus"])
-                  and o["tpot_ms"] and not o["run"].startswith(("fa_pool", "dcp"))]
+                  and o["tpot_ms"] and o["kind"] in STATIC]
         row["speedup_vs_best_static"] = min(static) / row["tpot_ms"] if static and row["tpot_ms"] else None
     return rows
 
@@ -270,11 +267,11 @@ def main(argv=None):
     smoke = args.smoke
     gpus = args.gpus or (2 if smoke or device.type != "cuda" else torch.cuda.device_count())
     (out / "logs").mkdir(exist_ok=True)
-    res = {"device": device_info(device), "gpus": gpus, "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None}
+    res = {"device": device_environment(device), "gpus": gpus}
     reads = []
     for i in range(gpus if device.type == "cuda" else 1):
         if device.type == "cuda":
-            torch.cuda.set_device(i)  # timeit's events are the current device's
+            torch.cuda.set_device(i)  # limits() times on the current device
         reads.append(limits(torch.device("cuda", i) if device.type == "cuda" else device, dtype, smoke)["read_bytes_per_s"])
     res["read_bytes_per_s"] = {"per_gpu": reads, "used": min(reads)}
     res["comm"] = calibrate_nccl(gpus, SMOKE_SIZES if smoke else SIZES, out)
@@ -302,10 +299,9 @@ def write_tables(out: Path, res: dict, runs: list[dict], prefill: bool) -> None:
     (out / "bench_multi.json").write_text(json.dumps({"limits": res, "rows": rows}, indent=1, default=str))
     cols = ["run", "context", "batch", "gpus", "status", *(["ttft_ms", "tps_per_gpu"] if prefill else []),
             "tpot_ms", "median_tpot_ms", "decode_tps_per_gpu", "roofline_ms", "ratio", "speedup_vs_best_static", "note"]
-    env = next((r["record"].get("env") for r in runs if r["record"].get("env")), {}) or {}
-    text = (f"# Multi-GPU benchmark ({res['device']['device_name']}, x{res['gpus']}, torch "
-            f"{env.get('torch', torch.__version__)}, CUDA {res['device'].get('cuda')}, driver {res['device'].get('driver')})\n\nread bandwidth used: "
-            f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s; NCCL {res['nccl']}\n\n" + fmt_table(rows, cols))
+    device = {"nccl": res.get("nccl"), **res["device"]}  # limits.json from before the device carried NCCL's version
+    text = (f"# Multi-GPU benchmark on {describe_device(device)}, x{res['gpus']}\n\nread bandwidth used: "
+            f"{res['read_bytes_per_s']['used'] / 1e12:.2f} TB/s\n\n" + md_table(rows, cols))
     (out / "bench_multi.md").write_text(text + "\n")
     (out / "profile.md").write_text(profile_table(runs) + "\n\n" + profile_table(runs, "profile_prefill") + "\n")
     print(text)
@@ -335,6 +331,11 @@ def rebuild(out: Path) -> None:
     write_tables(out, res, runs, prefill=any(not r["record"].get("synthetic_kv", True) for r in runs))
 
 
+# harness/measure.timeline_summary's fields as profile.md names them
+PROFILE_TIMELINE_COLUMNS = {"window_ms": "window ms", "compute_ms": "compute ms", "nccl_only_ms": "NCCL only ms",
+                            "idle_ms": "idle ms", "compute_share": "compute share"}
+
+
 def profile_table(runs: list[dict], key: str = "profile") -> str:
     """Per run and role (the role's first rank): device time per decode step (key `profile`) or per prefill
     (`profile_prefill`) by kind of kernel, and where the wall time went on that GPU
@@ -346,9 +347,8 @@ def profile_table(runs: list[dict], key: str = "profile") -> str:
              "kernels by kind (NCCL includes a receive spinning on its peer); then the step's window on this GPU: "
              "compute = the union of non-NCCL work, NCCL only = transfers or waits with no compute beside them, "
              "idle = nothing issued.", "",
-             "| run | role | rank | NCCL ms | attention ms | gemm ms | other ms | window ms | compute ms | NCCL only ms "
-             "| idle ms | compute share | top kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ""]
+    rows = []
     for r in runs:
         seen = set()
         for rank in sorted(r["record"].get("ranks", []), key=lambda x: x["rank"]):
@@ -358,12 +358,15 @@ def profile_table(runs: list[dict], key: str = "profile") -> str:
             seen.add(rank["role"])
             tl = prof.get("timeline") or {}
             steps = tl.get("steps") or 1  # older records: the whole profiled generation, prefill included
-            d = {k: f"{v * 1e3 / steps:.3f}" for k, v in prof["device_s"].items()}
-            t = {k: f"{tl[k]:.3f}" if tl.get(k) is not None else "" for k in TIMELINE_FIELDS}
-            top = prof["top_kernels"][0]["name"][:40] if prof["top_kernels"] else ""
-            lines.append(f"| {r['tag']} | {rank['role']} | {rank['rank']} | {d['communication']} | {d['attention']} | "
-                         f"{d['gemm']} | {d['other']} | {t['window_ms']} | {t['compute_ms']} | {t['nccl_only_ms']} | "
-                         f"{t['idle_ms']} | {t['compute_share']} | {top} |")
+            device_ms = {k: v * 1e3 / steps for k, v in prof["device_s"].items()}
+            rows.append({"run": r["tag"], "role": rank["role"], "rank": rank["rank"],
+                         "NCCL ms": device_ms["communication"], "attention ms": device_ms["attention"],
+                         "gemm ms": device_ms["gemm"], "other ms": device_ms["other"],
+                         **{PROFILE_TIMELINE_COLUMNS[k]: tl.get(k) for k in TIMELINE_FIELDS},
+                         "top kernel": prof["top_kernels"][0]["name"][:40] if prof["top_kernels"] else ""})
+    cols = ["run", "role", "rank", "NCCL ms", "attention ms", "gemm ms", "other ms",
+            *(PROFILE_TIMELINE_COLUMNS[k] for k in TIMELINE_FIELDS), "top kernel"]
+    lines.append(md_table(rows, cols, floatfmt=".3f").rstrip("\n"))
     return "\n".join(lines)
 
 

@@ -19,25 +19,14 @@ import json
 
 import torch
 
-from harness.bench_gpu import HEAD_DIM, HEADS, bench_setup, device_info, fmt_table, limits, timeit
+from harness.bench_gpu import HEAD_DIM, HEADS, limits
+from harness.benchlib import bench_setup, describe_device, md_table, timeit
+from harness.record import device_environment
 from model.attention import attention, backend_available
 from model.paged_attention import STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
 
 
 REPS, WARMUP = 100, 25  # ~0.5 ms calls: enough of them that clocks settle and the median is stable
-
-
-def versions() -> dict:
-    info = {}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    if torch.cuda.is_available():
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
-    return info
 
 
 def paged_layout(batch, context, block, dtype, device, seed=0, heads=HEADS, shuffled=True):
@@ -131,24 +120,24 @@ def main(argv=None):
     if args.splits:
         return splits_main(args, out, device, dtype)
     contexts, blocks, total = ([64, 128], [16, 64], 1 << 20) if args.smoke else ([8192, 16384, 32768], [16, 64, 256], 2 << 30)
-    res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
+    res = {"device": device_environment(device), "dtype": str(dtype)}
     res["limits"] = lim = limits(device, dtype, args.smoke)
     print(f"# {res['device']}\n# read {lim['read_bytes_per_s'] / 1e12:.3f} TB/s", flush=True)
     res["points"] = rows = kernel_points(device, dtype, lim["read_bytes_per_s"], contexts, blocks, total, args.sweep)
     cols = ["context", "block", "batch", "kv_gib", "splits", "tile", "warps", "stages", "paged_us", "paged_ratio_to_read_bw",
             "cudnn_us", "cudnn_ratio_to_read_bw", "paged_over_cudnn"]
     defaults = [r for r in rows if r.get("default")]
-    md = [f"# Paged decode attention on {res['device'].get('device_name')}\n",
+    md = [f"# Paged decode attention on {describe_device(res['device'])}\n",
           f"versions: {json.dumps(res['device'])}\n", f"read bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s\n",
-          "## default kernel settings\n" + fmt_table(defaults, cols)]
+          "## default kernel settings\n" + md_table(defaults, cols)]
     if args.sweep:
         best = {}
         for r in (r for r in rows if "error" not in r):
             key = (r["context"], r["block"])
             if key not in best or r["paged_us"] < best[key]["paged_us"]:
                 best[key] = r
-        md.append("## best of the sweep per point\n" + fmt_table(list(best.values()), cols))
-        md.append("## sweep\n" + fmt_table(rows, cols))
+        md.append("## best of the sweep per point\n" + md_table(list(best.values()), cols))
+        md.append("## sweep\n" + md_table(rows, cols))
     text = "\n".join(md)
     print(text, flush=True)
     (out / "paged.json").write_text(json.dumps(res, indent=1, default=str))
@@ -157,16 +146,16 @@ def main(argv=None):
 
 
 def splits_main(args, out, device, dtype) -> dict:
-    res = {"device": {**device_info(device), **versions()}, "dtype": str(dtype)}
+    res = {"device": device_environment(device), "dtype": str(dtype)}
     res["limits"] = lim = limits(device, dtype, args.smoke)
     res["points"] = rows = split_points(device, dtype, lim["read_bytes_per_s"], split_shapes(args.smoke),
                                         16 if args.smoke else 256)
     cols = ["context", "heads", "rows", "programs_unsplit", "unsplit_ratio_to_read_bw", "chosen_splits",
             "chosen_ratio_to_read_bw", "best_splits", "best_ratio_to_read_bw", "chosen_over_best"]
-    text = (f"# Paged decode attention: splits at engine shapes on {res['device'].get('device_name')}\n\n"
+    text = (f"# Paged decode attention: splits at engine shapes on {describe_device(res['device'])}\n\n"
             f"versions: {json.dumps(res['device'])}\n\nread bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s; "
             f"blocks of {16 if args.smoke else 256} tokens; chosen = model/paged_attention.choose_splits\n\n"
-            + fmt_table(rows, cols))
+            + md_table(rows, cols))
     print(text, flush=True)
     (out / "splits.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "splits.md").write_text(text + "\n")

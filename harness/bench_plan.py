@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.record import device_environment
 from harness.workload import PAPER_BUCKETS
 from model.parallel.block_table import BlockTable
 from model.parallel.engine import micro_batches
@@ -41,6 +42,8 @@ def scheduler(lens: np.ndarray, out_tokens: int, me: int, p=PAPER) -> Scheduler:
 def time_steps(lens: np.ndarray, steps: int, me: int) -> dict:
     sched = scheduler(lens, steps + 1, me)
     times, admitted = [], 0
+    # each step changes the scheduler (lengths grow, sequences cross the threshold): every step is timed once, in
+    # order, rather than one call repeated by a benchmark timer
     for _ in range(steps):
         t0 = time.perf_counter()
         crossing = sched.crossing()
@@ -71,8 +74,8 @@ def main(argv=None):
             rows.append({"case": name, "role": role, **PAPER, **time_steps(lens, args.steps, me)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
-        machine = {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                   "numpy": np.__version__, "torch": torch.__version__, "threads": torch.get_num_threads()}
+        machine = {**device_environment("cpu"), "cpu": platform.processor() or platform.machine(),
+                   "numpy": np.__version__, "threads": torch.get_num_threads()}
         Path(args.out).mkdir(parents=True, exist_ok=True)
         Path(args.out, "bench_plan.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     return rows

@@ -41,6 +41,8 @@ def ms_per_step(waiting: int, running: int, steps: int) -> float:
     assert len(sched.waiting) == waiting and sched.running == running
     times = []
     now = 1e6
+    # each step moves the batch on (tokens, blocks): every step is timed once, in order, rather than one call
+    # repeated by a benchmark timer
     for _ in range(steps):
         t0 = time.perf_counter()
         plan = sched.begin(now, now, stamp_arrivals=True)

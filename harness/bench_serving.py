@@ -25,9 +25,11 @@ import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from harness.bench_gpu import device_info, limits, timeit
+from harness.bench_gpu import limits
+from harness.benchlib import describe_device, timeit
 from harness.config import load, register_configs, validate
 from harness.measure import PhaseTimer
+from harness.record import device_environment
 from harness.runner import build_engine
 from harness.serving.replay import replay, warmup_requests
 from harness.serving.run import STEPS_FILE, write_serving_record
@@ -85,9 +87,7 @@ def main(argv=None):
     backend = "nccl" if device.type == "cuda" else "gloo"
     store = tempfile.mktemp(prefix="fapool_bench_serving_")
     dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
-    info = device_info(device)
-    if device.type == "cuda":
-        info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+    info = device_environment(device)
     lim = limits(device, getattr(torch, cfg.hardware.dtype), smoke=args.smoke)
     engine = build_engine(cfg, 0, 1, device, PhaseTimer(device, enabled=False))
     requests = load_trace(cfg.workload.trace)
@@ -145,7 +145,7 @@ def main(argv=None):
     result = {"device": info, "limits": lim, "config": base, "replays": rows, "steps_alone": compared,
               "trace": requests.summary()}
     (out / "bench_serving.json").write_text(json.dumps(result, indent=1, default=str))
-    md = [f"# Serving on {info.get('device_name')} ({info})", "",
+    md = [f"# Serving on {describe_device(info)}", "", f"device: {json.dumps(info)}", "",
           f"Limits measured in this run: read {lim['read_bytes_per_s'] / 1e12:.2f} TB/s, GEMM "
           f"{lim['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s. Config: {' '.join(base)}", "",
           "## Replays by rate (SLO: TTFT <= %g ms, TPOT <= %g ms)" % (cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms), "",

@@ -17,10 +17,22 @@ from harness.strategies import plugin_modules
 log = logging.getLogger("fapool.launch")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """`n` distinct TCP ports free on `host` now: each socket stays bound until all are picked, so that the
+    system cannot hand out one port twice (""; every interface)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (a rendezvous for torch.distributed's tcp:// init)."""
+    return free_ports(1, host)[0]
 
 
 def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: str, **where) -> RunRecord:

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import gzip
 import json
-import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
+import numpy as np
 import torch
 
 PHASES = ("attention", "communication", "synchronization", "resource_management", "other")
@@ -186,45 +188,58 @@ def nvml_utilization() -> float | None:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
-    xs = sorted(values)
-    if len(xs) == 1:
-        return xs[0]
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    """Linear-interpolated percentile (numpy.percentile), q in [0, 100]."""
+    return float(np.percentile(values, q))
+
+
+@dataclass
+class DecodeMetrics:
+    """A decode run's metrics (the record's `metrics`; the README's metric table defines each)."""
+    ttft_ms: Optional[float]  # the prefill (first token of the whole batch); None when the KV was synthetic
+    mean_tpot_ms: float  # = (e2e - TTFT) / (output tokens - 1)
+    median_tpot_ms: float
+    p90_tpot_ms: float
+    p99_tpot_ms: float
+    e2e_ms: float
+    tps: Optional[float]  # (input + output tokens) / e2e; None without a measured prefill
+    decode_tps: float
+    tps_per_gpu: Optional[float]
+    num_gpus: int
+    input_tokens: int
+    output_tokens: int
+
+    @classmethod
+    def from_times(cls, ttft_s: float | None, decode_step_s: list[float], input_tokens: int, batch_size: int,
+                   num_gpus: int) -> "DecodeMetrics":
+        """ttft_s: prefill time, None when the KV was synthetic. decode_step_s: wall time of each decode step (each
+        step yields one token per sequence)."""
+        if not decode_step_s:
+            raise ValueError("no decode steps were measured: TPOT needs at least 2 output tokens")
+        decode_s = sum(decode_step_s)
+        e2e_s = (ttft_s or 0.0) + decode_s
+        output_tokens = batch_size * (len(decode_step_s) + 1)
+        tpot = np.asarray(decode_step_s, dtype=np.float64) * 1e3
+        p50, p90, p99 = (float(x) for x in np.percentile(tpot, (50, 90, 99)))
+        tps = (input_tokens + output_tokens) / e2e_s if ttft_s is not None else None
+        return cls(ttft_ms=None if ttft_s is None else ttft_s * 1e3, mean_tpot_ms=decode_s * 1e3 / len(decode_step_s),
+                   median_tpot_ms=p50, p90_tpot_ms=p90, p99_tpot_ms=p99, e2e_ms=e2e_s * 1e3, tps=tps,
+                   decode_tps=batch_size * len(decode_step_s) / decode_s,
+                   tps_per_gpu=None if tps is None else tps / num_gpus, num_gpus=num_gpus, input_tokens=input_tokens,
+                   output_tokens=output_tokens)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, metrics: dict) -> "DecodeMetrics":
+        """A decode record's `metrics` back into the dataclass (to_dict's inverse)."""
+        return cls(**{f.name: metrics[f.name] for f in fields(cls)})
 
 
 def compute_metrics(ttft_s: float | None, decode_step_s: list[float], input_tokens: int, batch_size: int,
                     num_gpus: int) -> dict:
-    """The record's metrics from measured times. See the README's metric table for each definition.
-
-    ttft_s: prefill time (first token for the whole batch), None when the KV was synthetic.
-    decode_step_s: wall time of each decode step (each step yields one token per sequence).
-    """
-    if not decode_step_s:
-        raise ValueError("no decode steps were measured: TPOT needs at least 2 output tokens")
-    decode_s = sum(decode_step_s)
-    e2e_s = (ttft_s or 0.0) + decode_s
-    output_per_seq = len(decode_step_s) + 1
-    output_tokens = batch_size * output_per_seq
-    tpot = [t * 1e3 for t in decode_step_s]
-    tps = (input_tokens + output_tokens) / e2e_s if ttft_s is not None else None
-    return {
-        "ttft_ms": None if ttft_s is None else ttft_s * 1e3,
-        "mean_tpot_ms": decode_s * 1e3 / len(decode_step_s),  # = (e2e - TTFT) / (output tokens - 1)
-        "median_tpot_ms": statistics.median(tpot),
-        "p90_tpot_ms": percentile(tpot, 90),
-        "p99_tpot_ms": percentile(tpot, 99),
-        "e2e_ms": e2e_s * 1e3,
-        "tps": tps,
-        "decode_tps": batch_size * len(decode_step_s) / decode_s,
-        "tps_per_gpu": None if tps is None else tps / num_gpus,
-        "num_gpus": num_gpus,
-        "input_tokens": input_tokens,
-        "output_tokens": output_tokens,
-    }
+    """The record's metrics from measured times, as a dict (DecodeMetrics.from_times(...).to_dict())."""
+    return DecodeMetrics.from_times(ttft_s, decode_step_s, input_tokens, batch_size, num_gpus).to_dict()
 
 
 def pool_utilization(attention_s: float, resource_management_s: float, wall_s: float) -> float:

@@ -123,35 +123,74 @@ def placement_of(reports: list[dict]) -> dict:
             "rank_slurm_node_ids": [r.get("slurm_node_id") for r in by_rank]}
 
 
-def environment(world_size: int, device: str, dist_backend: Optional[str] = None, placement: Optional[dict] = None,
-                slurm_job_id: Optional[str] = None) -> dict:
-    """The record's `env`: versions, device, and where the run ran (`placement`: placement_of(reports), else this
-    host; `slurm_job_id`: for a record written outside the job, by its submitter)."""
+def device_environment(device) -> dict:
+    """What a measurement on `device` ran with: python and torch everywhere; on a GPU also its name, the driver, CUDA,
+    cuDNN and NCCL versions, SMs and memory; Triton's version wherever it imports. A version that cannot be read
+    is None. Used by the records' `env` (environment) and by every benchmark's output."""
     import torch
 
-    env: dict[str, Any] = {
+    device = torch.device(device)
+    info: dict[str, Any] = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+                            "triton": _triton_version()}
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(device_name=torch.cuda.get_device_name(index), driver=_driver_version(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version(), nccl=_nccl_version(), sm_count=props.multi_processor_count,
+                    memory_gb=props.total_memory / 1e9)
+    else:  # a CPU names its processor; a GPU asked for where CUDA is not available names nothing
+        info["device_name"] = None if device.type == "cuda" else platform.processor() or platform.machine()
+    return info
+
+
+def _triton_version() -> Optional[str]:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _nccl_version() -> Optional[str]:
+    import torch
+
+    try:
+        return ".".join(map(str, torch.cuda.nccl.version()))
+    except Exception:  # a build without NCCL
+        return None
+
+
+def _driver_version() -> Optional[str]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # NVML is optional
+        return None
+
+
+def environment(world_size: int, device: str, dist_backend: Optional[str] = None, placement: Optional[dict] = None,
+                slurm_job_id: Optional[str] = None) -> dict:
+    """The record's `env`: versions and device (device_environment; `device` stays the config's "cuda" or "cpu"),
+    and where the run ran (`placement`: placement_of(reports), else this host; `slurm_job_id`: for a record written
+    outside the job, by its submitter)."""
+    import torch
+
+    versions = device_environment(device)
+    if not (device == "cuda" and torch.cuda.is_available()):  # a CPU record names its CPU under `cpu` alone
+        versions.pop("device_name")
+    return {
         **(placement or {"hosts": [socket.gethostname()]}),
         "world_size": world_size,
+        **versions,
         "device": device,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
         "dist_backend": dist_backend,
         "slurm_job_id": slurm_job_id or os.environ.get("SLURM_JOB_ID"),
         "git_commit": git_commit(),
         "cpu": platform.processor() or platform.machine(),
     }
-    if device == "cuda" and torch.cuda.is_available():
-        env["device_name"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if hasattr(torch.cuda, "nccl") else None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception:  # NVML is optional
-            env["driver"] = None
-    return env
 
 
 # ---- configs of earlier versions, as committed records hold them ------------------------------------------------

@@ -54,11 +54,9 @@ fail() {  # the real cause, from the daemons' own logs, then nothing left runnin
   exit 1
 }
 
-free_ports() {  # two distinct TCP ports free on this machine now
-  python3 -c 'import socket
-s = [socket.socket() for _ in range(2)]
-[x.bind(("", 0)) for x in s]
-print(*(x.getsockname()[1] for x in s))'
+free_ports() {  # two distinct TCP ports free on this machine now (on every interface)
+  PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" python3 -c \
+    'from harness.launch import free_ports; print(*free_ports(2, ""))'
 }
 
 start_emulated_nodes() {  # sets SUBNET, BRIDGE, NETNS; one namespace per node with a veth to the bridge

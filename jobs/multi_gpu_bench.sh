@@ -14,7 +14,7 @@ BENCH_ARGS=("$@")  # kept apart: the checks below reuse the positional parameter
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
+  python3 -c "import json; from harness.record import device_environment; print(json.dumps(device_environment('cuda')))"
 } > "$OUT/versions.txt" 2>&1
 skip() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 if ! skip tests; then  # the GPU side of the test suite: kernels and the graphed step against the plain model

@@ -8,7 +8,7 @@ OUT=${1:?output directory}; shift
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
+  python3 -c "import json; from harness.record import device_environment; print(json.dumps(device_environment('cuda')))"
 } > "$OUT/versions.txt" 2>&1
 [ -n "${SKIP_TESTS:-}" ] || timeout ${TEST_S:-150} python3 -m pytest -q -x ${TESTS:-tests/test_gpu_serving.py} > "$OUT/gpu_tests.txt" 2>&1 \
   || echo "GPU serving tests failed or timed out (see gpu_tests.txt)"

@@ -18,7 +18,7 @@ if [ -n "${SMOKE:-}" ]; then
 else
   GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'nccl', torch.cuda.nccl.version(), 'triton', triton.__version__)"
+    python3 -c "import json; from harness.record import device_environment; print(json.dumps(device_environment('cuda')))"
   } > "$OUT/versions.txt" 2>&1
   COMMON="model=paper hardware=cuda attention_backend=sdpa workload=mooncake_conversation workload.trace.first_n=${REQUESTS:-32}
           serving.max_batch=64 serving.token_budget=2112 serving.prefill_chunk=2048 serving.block_size=64 check_reference=false"

@@ -233,3 +233,22 @@ def test_a_profiled_generation_profiles_its_prefill_or_its_decode_steps_alone(ph
     expected = {"prefill": ["start", "prefill", "stop", "decode", "decode", "finish"],
                 "decode_steps": ["prefill", "start", "decode", "decode", "stop", "finish"]}
     assert calls == expected[phase]
+
+
+def test_decode_metrics_dataclass_writes_the_records_keys():
+    """DecodeMetrics.to_dict gives a committed measured record's `metrics` back, key for key."""
+    import json
+    from pathlib import Path
+
+    from harness.measure import DecodeMetrics
+
+    records = Path(__file__).resolve().parent.parent / "results" / "measured" / "h200-x4" / "bench" / "call_a" / "records"
+    paths = sorted(records.glob("*/result.json"))
+    assert paths
+    for path in paths:
+        metrics = json.loads(path.read_text())["metrics"]
+        if metrics:  # a failed run has none
+            assert DecodeMetrics.from_dict(metrics).to_dict() == metrics
+    m = DecodeMetrics.from_times(0.5, [0.1, 0.2, 0.3, 0.4], input_tokens=100, batch_size=2, num_gpus=4)
+    assert m.to_dict() == compute_metrics(0.5, [0.1, 0.2, 0.3, 0.4], 100, 2, 4)
+    assert list(m.to_dict())[:3] == ["ttft_ms", "mean_tpot_ms", "median_tpot_ms"]

@@ -184,3 +184,27 @@ def test_virtual_replay_skipping_decode_steps_changes_nothing(overrides, monkeyp
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert all(np.array_equal(a[:n], b[:n]) for a, b, n in zip(fast.kv.stacks, slow.kv.stacks, slow.kv.n_free))
     assert np.array_equal(fast.kv.n_free, slow.kv.n_free) and fast.blocks_accounted()
+
+
+def test_serving_metrics_dataclass_writes_the_records_keys():
+    """ServingSummary.to_metrics gives a committed serving record's `metrics` back, key for key (records sort them), and
+    Stats are numpy's percentiles (None without samples)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from harness.serving.metrics import ServingSummary, Stats
+
+    paths = sorted((Path(__file__).resolve().parent.parent / "results" / "measured" / "h200-x1" / "serve").rglob("result.json"))
+    assert paths
+    for path in paths:
+        metrics = json.loads(path.read_text())["metrics"]
+        summary = ServingSummary.from_metrics(metrics)
+        assert summary.to_metrics() == metrics
+        assert summary.latency["ttft_ms_p99"] == summary.latency.ttft_ms.p99 == metrics["ttft_ms_p99"]
+    values = [5.0, 1.0, np.nan, 3.0, 10.0]
+    s = Stats.of(values)
+    finite = [5.0, 1.0, 3.0, 10.0]
+    assert (s.mean, s.p50, s.p90, s.p99) == pytest.approx((np.mean(finite), *np.percentile(finite, (50, 90, 99))))
+    assert Stats.of([]).flat("itl_ms") == {"itl_ms_mean": None, "itl_ms_p50": None, "itl_ms_p90": None, "itl_ms_p99": None}

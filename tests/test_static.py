@@ -66,12 +66,12 @@ def test_chunked_prefill_matches_the_reference(tp, pp, prompts, tmp_path):
 def test_chunked_prefill_bounds_the_attention_mask(monkeypatch):
     """Peak attention memory of a prefill: the mask is batch x chunk x length, not batch x length^2 (counted by
     the elements of every mask built, not by time)."""
-    import socket
 
     import torch
     import torch.distributed as dist
 
     import model.attention as attn
+    from harness.launch import free_port
     from harness.measure import PhaseTimer
     from model.parallel.static import StaticEngine
     from tests.conftest import cfg_object
@@ -79,10 +79,7 @@ def test_chunked_prefill_bounds_the_attention_mask(monkeypatch):
     sizes = []
     real = attn.visible_mask
     monkeypatch.setattr(attn, "visible_mask", lambda *a, **k: sizes.append(a[:2]) or real(*a, **k))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         prompts = [torch.arange(64) % 50, torch.arange(40) % 50]
         peaks = {}

@@ -14,7 +14,8 @@ Percentiles are numpy's (linear interpolation).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -43,16 +44,59 @@ def request_table(sched: Scheduler) -> pd.DataFrame:
     return table
 
 
-def _stats(values: np.ndarray, name: str) -> dict:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if not len(v):
-        return {f"{name}_mean": None} | {f"{name}_p{p}": None for p in PERCENTILES}
-    return {f"{name}_mean": float(v.mean())} | {f"{name}_p{p}": float(np.percentile(v, p)) for p in PERCENTILES}
+LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "queue_ms")
+
+
+@dataclass
+class Stats:
+    """One latency's mean and percentiles (PERCENTILES, numpy's linear interpolation); None without samples."""
+    mean: Optional[float]
+    p50: Optional[float]
+    p90: Optional[float]
+    p99: Optional[float]
+
+    @classmethod
+    def of(cls, values) -> "Stats":
+        v = np.asarray(values, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        if not len(v):
+            return cls(None, None, None, None)
+        return cls(float(v.mean()), *(float(x) for x in np.percentile(v, PERCENTILES)))
+
+    def flat(self, name: str) -> dict:
+        """The record's keys: `<name>_mean`, `<name>_p50`, ..."""
+        return {f"{name}_mean": self.mean} | {f"{name}_p{p}": getattr(self, f"p{p}") for p in PERCENTILES}
+
+
+@dataclass
+class Latency:
+    """TTFT, TPOT, ITL, end-to-end and queueing time of a replay (ms; see the module docstring)."""
+    ttft_ms: Stats
+    tpot_ms: Stats
+    itl_ms: Stats
+    e2e_ms: Stats
+    queue_ms: Stats
+
+    def flat(self) -> dict:
+        """As the record's metrics hold them: `ttft_ms_mean`, `ttft_ms_p50`, ... in LATENCIES order."""
+        out = {}
+        for name in LATENCIES:
+            out |= getattr(self, name).flat(name)
+        return out
+
+    def __getitem__(self, key: str) -> Optional[float]:
+        """A flat key's value (`latency["ttft_ms_p99"]`)."""
+        return self.flat()[key]
+
+    @classmethod
+    def from_flat(cls, metrics: dict) -> "Latency":
+        return cls(**{name: Stats(metrics[f"{name}_mean"], *(metrics[f"{name}_p{p}"] for p in PERCENTILES))
+                      for name in LATENCIES})
 
 
 @dataclass
 class ServingSummary:
+    """A replay's summary; the record's `metrics` are its to_metrics()."""
     requests: int
     completed: int
     refused: int  # by the scheduler (can never fit), plus the trace's over_context=refuse
@@ -75,7 +119,17 @@ class ServingSummary:
     kv_occupancy_mean: float  # blocks held / blocks, over steps
     kv_occupancy_max: float
     batch_mean: float  # running requests per step
-    latency: dict  # ttft_ms, tpot_ms, itl_ms, e2e_ms, queue_ms: mean and percentiles
+    latency: Latency  # ttft_ms, tpot_ms, itl_ms, e2e_ms, queue_ms: mean and percentiles
+
+    def to_metrics(self) -> dict:
+        """The record's flat `metrics` dict: the fields in order, then the latency keys (Latency.flat)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "latency"} | self.latency.flat()
+
+    @classmethod
+    def from_metrics(cls, metrics: dict) -> "ServingSummary":
+        """A serving record's `metrics` back into the summary (to_metrics' inverse)."""
+        return cls(**{f.name: metrics[f.name] for f in fields(cls) if f.name != "latency"},
+                   latency=Latency.from_flat(metrics))
 
 
 def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: float, slo_tpot_ms: float) -> ServingSummary:
@@ -87,10 +141,8 @@ def summarize(sched: Scheduler, table: pd.DataFrame, world: int, slo_ttft_ms: fl
     tpot_ok = done.tpot_ms.isna() | (done.tpot_ms <= slo_tpot_ms)  # one output token: no TPOT to miss
     good = int(((done.ttft_ms <= slo_ttft_ms) & tpot_ok).sum())
     itl = np.concatenate(sched.itl) * 1e3 if sched.itl else np.zeros(0)
-    latency = {}
-    for name, values in (("ttft_ms", done.ttft_ms), ("tpot_ms", done.tpot_ms), ("itl_ms", itl), ("e2e_ms", done.e2e_ms),
-                         ("queue_ms", done.queue_ms)):
-        latency |= _stats(values, name)
+    latency = Latency(ttft_ms=Stats.of(done.ttft_ms), tpot_ms=Stats.of(done.tpot_ms), itl_ms=Stats.of(itl),
+                      e2e_ms=Stats.of(done.e2e_ms), queue_ms=Stats.of(done.queue_ms))
     used = np.asarray(sched.log["blocks_used"], dtype=np.float64) / max(sched.kv_blocks, 1)
     out_tokens = float(done.output_tokens.sum())
     return ServingSummary(
@@ -114,8 +166,7 @@ def offered_rate(arrival: np.ndarray) -> float:
 
 def flat_metrics(summary: ServingSummary) -> dict:
     """The summary as the record's flat `metrics` dict (latency fields at the top level)."""
-    d = asdict(summary)
-    return {k: v for k, v in d.items() if k != "latency"} | d["latency"]
+    return summary.to_metrics()
 
 
 def step_table(sched: Scheduler) -> pd.DataFrame:
