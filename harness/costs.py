@@ -101,3 +101,21 @@ def eager_collectives(cal, links):
     def eager(op, group, nbytes, cross):
         return collective_s(cal, links, op, group, nbytes, cross, graphed=False)
     return eager
+
+
+def prefill_chunks(cfg, flops):
+    """The workload's prefill chunk by chunk as the engines run it (strategy.prefill_chunk tokens; whole prompts
+    when 0): per chunk (start, rows with tokens in it, tokens, and at `flops` the seconds of attention over the
+    keys before it, of its causal attention over itself, and of its layer's GEMMs), the whole model, all heads."""
+    from harness.workload import prompt_lengths
+
+    m, s = cfg.model, cfg.strategy
+    h = m.hidden
+    lens = prompt_lengths(cfg.workload)
+    chunk = s.prefill_chunk or max(lens)
+    dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)  # one layer's GEMM FLOPs per token
+    for start in range(0, max(lens), chunk):
+        new = [min(chunk, max(0, n - start)) for n in lens]
+        tokens = sum(new)
+        yield (start, sum(1 for q in new if q), tokens, sum(4 * h * q * start for q in new) / flops,
+               sum(4 * h * q * (q + 1) / 2 for q in new) / flops, tokens * dense_per_token / flops)

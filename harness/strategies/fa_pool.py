@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from harness.costs import attn_s, collective_s, eager_collectives, gemm_s
+from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, prefill_chunks
 from harness.fields import above, at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -264,23 +264,13 @@ class FAPoolSpec(StrategySpec):
         (strategy.pool.prefill_micro_batches): a layer costs the busier side, plus one group's turn of the other
         side at each end of a chunk; both sides' copies at their calibrated rates."""
         m, s = cfg.model, cfg.strategy
-        h = m.hidden
         b = DTYPE_BYTES[cfg.hardware.dtype]
-        lens = prompt_lengths(cfg.workload)
-        chunk = s.prefill_chunk or max(lens)
         flops = flops * cal.prefill_flops_fraction
-        dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)  # one layer's GEMM FLOPs per token
         eager = eager_collectives(cal, links)
-        per_layer = []
-        for start in range(0, max(lens), chunk):
-            new = [min(chunk, max(0, n - start)) for n in lens]
-            tokens = sum(new)
-            before = sum(4 * h * q * start for q in new) / flops
-            own = sum(4 * h * q * (q + 1) / 2 for q in new) / flops
-            dense = tokens * dense_per_token / flops
-            rows = sum(1 for q in new if q)  # rows with tokens in this chunk: their keys before it are gathered
-            per_layer.append(self.prefill_layer_s(cfg, cal, eager, bw, rows, tokens, dense, before, own, start, gpn, b))
-        head = 2 * len(lens) * h * m.vocab_size / (flops * s.tp)
+        per_layer = [self.prefill_layer_s(cfg, cal, eager, bw, rows, tokens, dense, before, own, start, gpn, b)
+                     for start, rows, tokens, before, own, dense in prefill_chunks(cfg, flops)]
+        lens = prompt_lengths(cfg.workload)
+        head = 2 * len(lens) * m.hidden * m.vocab_size / (flops * s.tp)
         return m.n_layers * sum(per_layer) + head
 
     def serving_config(self, s):

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s
+from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, prefill_chunks
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -176,22 +176,15 @@ class StaticSpec(StrategySpec):
         m, s = cfg.model, cfg.strategy
         h, layers, d = m.hidden, m.n_layers, m.head_dim
         b = DTYPE_BYTES[cfg.hardware.dtype]
-        lens = prompt_lengths(cfg.workload)
-        chunk = s.prefill_chunk or max(lens)
         flops = flops * cal.prefill_flops_fraction
-        dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)  # one layer's GEMM FLOPs per token
         eager = eager_collectives(cal, links)
         tp, k = s.tp, self.kv_shards(s)
         cross = tp > gpn
         per_layer = []  # (seconds of one layer of this chunk on the critical path)
-        for start in range(0, max(lens), chunk):
-            new = [min(chunk, max(0, n - start)) for n in lens]
-            tokens = sum(new)
-            before = sum(4 * h * q * start for q in new) / flops  # whole model, all heads: split below
-            own = sum(4 * h * q * (q + 1) / 2 for q in new) / flops
-            dense = tokens * dense_per_token / flops
+        for start, rows, tokens, before, own, dense in prefill_chunks(cfg, flops):
             layer = (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
             per_layer.append(self.add_prefill_exchange(layer, eager, s, tokens, h, d, b, cross))
+        lens = prompt_lengths(cfg.workload)
         head = 2 * len(lens) * h * m.vocab_size / (flops * s.tp)
         if s.pp == 1:
             return layers * sum(per_layer) + head
