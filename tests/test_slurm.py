@@ -10,8 +10,10 @@ import pytest
 
 from tests.conftest import compose_cfg, run_cli, slurm_cluster
 
-pytestmark = pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
-                                reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)")
+pytestmark = [pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
+                                 reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)"),
+              # under pytest-xdist one worker runs them all, one after another, on one cluster
+              pytest.mark.xdist_group("slurm1")]
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +80,9 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
     t0 = time.monotonic()
     # the hung point first: the waiter waits for the jobs in submission order and starts a job's clock when it
     # finds the job started, so the healthy point, which runs meanwhile, is done before its clock starts and the
-    # limit can be short (20 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
+    # limit can be short (30 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
     proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
-                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=20"], tmp_path, timeout=400)
+                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=30"], tmp_path, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     by_fault = {r["config"]["fault"]["kind"]: r for r in records}
     assert by_fault["none"]["status"] == "ok"

@@ -17,6 +17,9 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's slurm-wlm, munge and iproute2, as root (.ci/run installs them)")
 
 NODES = 3
+# Under pytest-xdist the tests run in two groups, each on one worker with its own cluster, one test after another:
+# two chains of about the same length instead of one twice as long.
+CHAIN_A, CHAIN_B = pytest.mark.xdist_group("slurm3a"), pytest.mark.xdist_group("slurm3b")
 
 
 def _can_make_network_namespaces() -> bool:
@@ -64,6 +67,7 @@ def by_strategy(records):
     return {r["config"]["strategy"]["name"]: r for r in records}
 
 
+@CHAIN_B
 def test_every_kind_across_two_nodes_matches_the_reference(cluster, tmp_path):
     proc, records = run_cli(["-m", "launcher=slurm_local", "launcher.nodes=2", "workload=tiny_short",
                              "strategy=tp2_pp2,fa_pool_b2_p2,dcp_t2_k2"], tmp_path, timeout=500)
@@ -81,6 +85,7 @@ def test_every_kind_across_two_nodes_matches_the_reference(cluster, tmp_path):
     assert all(r["env"]["hosts"] == sorted(set(r["env"]["rank_hosts"])) for r in records)
 
 
+@CHAIN_A
 def test_fa_pool_reduction_across_three_nodes_keeps_block_placement_under_a_cyclic_environment(cluster, tmp_path):
     # sbatch passes SLURM_DISTRIBUTION on to the job; the harness's srun asks for blocks, which the topology needs:
     # base TP2 on node1, the pool's two node-level reduction groups on node2 and node3
@@ -95,13 +100,14 @@ def test_fa_pool_reduction_across_three_nodes_keeps_block_placement_under_a_cycl
     assert rec["elasticity"], "the pool served long sequences"
 
 
+@CHAIN_B
 def test_failures_on_the_second_node_end_as_records_naming_their_cause(cluster, tmp_path):
     # the hung point first: the waiter waits for the jobs in submission order and starts a job's clock when it
     # finds the job started, so the failing points, which run meanwhile, have ended before their clocks start and
-    # the limit can be short (20 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
+    # the limit can be short (30 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
     proc, records = run_cli(["-m", "launcher=slurm_local", "launcher.nodes=2", "strategy=tp2_pp2",
                              "workload=tiny_short", "fault.kind=hang,raise,kill", "fault.rank=2",
-                             "launcher.timeout_s=20"], tmp_path, timeout=500)
+                             "launcher.timeout_s=30"], tmp_path, timeout=500)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     runs = {r["config"]["fault"]["kind"]: r for r in records}
     raised, killed, hung = runs["raise"], runs["kill"], runs["hang"]
@@ -116,6 +122,7 @@ def test_failures_on_the_second_node_end_as_records_naming_their_cause(cluster, 
     assert left_running(cluster) == []
 
 
+@CHAIN_A
 def test_a_requeued_two_node_job_ends_with_exactly_one_record(cluster, tmp_path):
     rec, restarts = requeued_run(["launcher.nodes=2", "strategy=tp2_pp2", "workload=tiny",
                                   "workload.output_tokens=800"], tmp_path)
