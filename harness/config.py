@@ -5,7 +5,6 @@ combinations that are well-typed but cannot run, before anything is launched.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional

@@ -5,7 +5,6 @@ is launched, and the performance model's projected records carry it.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
