@@ -11,10 +11,14 @@ model/attention.py, so that `merge_partials` combines the partials of several ra
 kv_len 0 (this rank holds none of the sequence) gets out = 0 and lse = -inf.
 
 Two implementations of one API:
-- on CUDA with Triton (an optional GPU dependency): a split-KV (flash-decoding) kernel. The grid is
-  rows x heads x splits, so that a small batch of long sequences still fills the GPU; each program walks its
-  share of the row's tokens in tiles, gathering slots through the block table, with an online softmax; a
-  second kernel merges the splits by their LSE. No host synchronization: the launch depends only on shapes.
+- on CUDA with Triton (an optional GPU dependency): a split-KV (flash-decoding) kernel, with two work plans.
+  plan="splits" (the default): the grid is rows x heads x splits, one split count for the batch (choose_splits)
+  and splits of the table's width, so that a small batch of long sequences still fills the GPU.
+  plan="ragged" (RaggedPlan): each row is cut into work items of a bounded token count computed from the batch's
+  total tokens, so that a long row among short ones is spread over as many programs as its length asks; the grid
+  is a static max_items x heads and the item list is built on the device. Either way each program walks its
+  tokens in tiles, gathering slots through the block table, with an online softmax, and a second kernel merges
+  a row's partials by their LSE. No host synchronization: the launches depend only on shapes.
 - elsewhere (and as the tests' reference): gather the blocks and run the math backend.
 """
 from __future__ import annotations
