@@ -40,6 +40,7 @@ WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 PROGRAMS_PER_SM = 8
+PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
 
 def paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens):
@@ -138,10 +139,20 @@ class RaggedPlan:
         self._items = torch.arange(self.max_items, dtype=torch.int64, device=self.device)
         self.part_out = self.part_lse = None
 
-    def build(self, kv_lens) -> "RaggedPlan":
+    def build(self, kv_lens, use_triton: bool | None = None) -> "RaggedPlan":
         """Fill the buffers in place for these lengths ([rows], on the plan's device). Lengths past the table's
-        width x block count as width x block, as in paged_decode_reference."""
+        width x block count as width x block, as in paged_decode_reference. use_triton (None: where Triton runs
+        on the device) writes them with one kernel (_plan_kernel) instead of some thirty small torch ops."""
         assert kv_lens.shape == (self.rows,), f"kv_lens {tuple(kv_lens.shape)} for a plan of {self.rows} rows"
+        if use_triton is None:
+            use_triton = triton_available(self.device)
+        if use_triton and self.rows:
+            rows_p2 = triton.next_power_of_2(self.rows)
+            _plan_kernel[(1,)](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
+                               self.item_end, self.rows, self.row_tokens, self.target_items, self.min_chunk,
+                               self.max_items, TILE=self.tile, ROWS=rows_p2,
+                               ITEMS=max(1, min(128, PLAN_TILE_ELEMENTS // rows_p2)), num_warps=4)
+            return self
         lens = kv_lens.to(torch.int64).clamp(0, self.row_tokens)
         chunk = (lens.sum() + self.target_items - 1) // self.target_items
         chunk = (chunk.clamp(min=self.min_chunk) + self.tile - 1) // self.tile * self.tile
@@ -264,6 +275,39 @@ if triton is not None:
         ln2 = 0.6931471805599453
         tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
 
+
+    @triton.jit
+    def _plan_kernel(lens_ptr, count_ptr, chunk_ptr, offsets_ptr, item_row_ptr, item_start_ptr, item_end_ptr,
+                     rows, row_tokens, target_items, min_chunk, max_items,
+                     TILE: tl.constexpr, ROWS: tl.constexpr, ITEMS: tl.constexpr):
+        """RaggedPlan.build in one program: the same chunk, counts and offsets, then the items ITEMS at a time;
+        an item's row is the number of rows whose items end at or before it, found by comparing the items with
+        every row's end (no gather from registers in Triton)."""
+        r = tl.arange(0, ROWS)
+        in_batch = r < rows
+        lens = tl.load(lens_ptr + r, mask=in_batch, other=0).to(tl.int64)
+        lens = tl.minimum(tl.maximum(lens, 0), row_tokens)
+        chunk = (tl.sum(lens, axis=0) + target_items - 1) // target_items
+        chunk = (tl.maximum(chunk, min_chunk) + TILE - 1) // TILE * TILE
+        counts = (lens + chunk - 1) // chunk
+        ends = tl.cumsum(counts, axis=0)  # rows past the batch: the count in use, past every item in use
+        starts = ends - counts
+        total = tl.sum(counts, axis=0)
+        tl.store(count_ptr, total.to(tl.int32))
+        tl.store(chunk_ptr, chunk.to(tl.int32))
+        tl.store(offsets_ptr, 0)
+        tl.store(offsets_ptr + 1 + r, ends.to(tl.int32), mask=in_batch)
+        for i0 in range(0, max_items, ITEMS):
+            i = i0 + tl.arange(0, ITEMS)
+            row = tl.sum((ends[None, :] <= i[:, None]).to(tl.int32), axis=1)
+            valid = i < total
+            mine = r[None, :] == row[:, None]  # [ITEMS, ROWS]: one True for an item in use
+            start = (i - tl.sum(tl.where(mine, starts[None, :], 0), axis=1)) * chunk
+            end = tl.minimum(start + chunk, tl.sum(tl.where(mine, lens[None, :], 0), axis=1))
+            inside = i < max_items
+            tl.store(item_row_ptr + i, tl.where(valid, row, -1), mask=inside)
+            tl.store(item_start_ptr + i, tl.where(valid, start, 0).to(tl.int32), mask=inside)
+            tl.store(item_end_ptr + i, tl.where(valid, end, 0).to(tl.int32), mask=inside)
 
     @triton.jit
     def _ragged_kernel(q_ptr, k_ptr, v_ptr, table_ptr, item_row_ptr, item_start_ptr, item_end_ptr, count_ptr,

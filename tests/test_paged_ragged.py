@@ -184,6 +184,26 @@ def test_interpreted_plan_is_reused_for_new_lengths():
 
 
 @interpreted
+@pytest.mark.parametrize("seed", range(8))
+def test_interpreted_plan_kernel_equals_the_torch_build(seed):
+    """_plan_kernel (the build on CUDA) writes the same buffers as the torch ops, over batches of 1 to 300 rows
+    (several item tiles when rows are many), empty rows and lengths past the table."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [1, 2, 300][seed % 3] if seed < 3 else int(torch.randint(1, 300, (1,), generator=gen))
+    heads, sms = int(torch.randint(1, 64, (1,), generator=gen)), int(torch.randint(1, 140, (1,), generator=gen))
+    shape = dict(rows=rows, width=64, block=16, heads=heads, sm_count=sms, device="cpu",
+                 min_chunk=int(torch.randint(1, 600, (1,), generator=gen)))
+    lens = torch.randint(0, 64 * 16 + 50, (rows,), generator=gen).to(torch.int32)
+    lens[torch.rand(rows, generator=gen) < 0.3] = 0
+    by_torch = RaggedPlan(**shape).build(lens, use_triton=False)
+    by_kernel = RaggedPlan(**shape)
+    by_kernel.item_start.fill_(7)  # stale values must be overwritten
+    by_kernel.build(lens, use_triton=True)
+    for name in ("count", "chunk", "offsets", "item_row", "item_start", "item_end"):
+        assert torch.equal(getattr(by_torch, name), getattr(by_kernel, name)), name
+
+
+@interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_interpreted_split_kernel_equals_reference(dtype):
     """The split path shares the ragged kernel's tile loop (_attend): checked here on the same kind of layout."""
