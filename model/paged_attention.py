@@ -102,9 +102,10 @@ class RaggedPlan:
 
     Each row is cut into work items of at most `chunk` tokens (a long row into many, a short row into one, an empty
     row into none); the kernel's grid is max_items x heads, and a merge program per (row, head) combines the row's
-    items, which are contiguous: items offsets[row]..offsets[row+1]. build(kv_lens) computes the list with tensor
-    ops only (no host synchronization, no Python work per row), so an engine can capture build + kernels in a CUDA
-    graph once and replay it after the block table and lengths change in place.
+    items, which are contiguous: items offsets[row]..offsets[row+1]. build(kv_lens) computes the list on the
+    device (one Triton program on CUDA, torch ops elsewhere; no host synchronization, no Python work per row), so
+    an engine can capture build + kernels in a CUDA graph once and replay it after the block table and lengths
+    change in place.
 
     chunk is computed on the device from the batch's total tokens: ceil(total / target_items), at least min_chunk,
     rounded up to the tile, where target_items = ceil(programs_per_sm x SMs / heads) gives every SM about
@@ -395,7 +396,6 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
     _split_kernel[(n, heads, splits)](*args, PRECISION=_precision(q), UPCAST=_upcast(q), **meta)
     _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
     return out, lse
-
 
 
 def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: RaggedPlan | None = None,
