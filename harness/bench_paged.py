@@ -15,8 +15,8 @@ Writes splits.json and splits.md.
 
 `--ragged` times both work plans of the kernel (plan="splits" and plan="ragged", model/paged_attention.RaggedPlan)
 on mixed-length batches: one 131072-token row among 63 rows of 1024, 48 and 4 rows of Mooncake conversation lengths
-(input + output / 2, at most 131072; `--trace`, by default the full trace in ../shared/traces when there is one,
-else the project's 300-request sample), and the uniform 8K x 16, 16K x 8 and 32K x 4, at blocks of 16, 64 and 256
+(input + output / 2, at most 131072; `--trace`, by default the full trace in ../shared/traces or shared/traces when
+there is one, else the project's 300-request sample), and the uniform 8K x 16, 16K x 8 and 32K x 4, at blocks of 16, 64 and 256
 tokens in shuffled slots; each against the read bandwidth measured in the same run. Writes ragged.json and
 ragged.md.
 """
@@ -176,7 +176,8 @@ def splits_main(args, out, device, dtype) -> dict:
     return res
 
 
-FULL_TRACE = PROJECT_ROOT.parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+# the full trace lives in the shared folder beside the checkouts, or inside a checkout that carries one
+FULL_TRACES = [root / "shared" / "traces" / "mooncake_conversation_trace.jsonl" for root in (PROJECT_ROOT.parent, PROJECT_ROOT)]
 SAMPLE_TRACE = PROJECT_ROOT / "results" / "reference" / "traces" / "mooncake_conversation_sample.jsonl"
 MAX_CONTEXT = 131072
 
@@ -258,7 +259,7 @@ def ragged_points(device, dtype, read_bw, batches, blocks, heads=HEADS, reps=REP
 
 
 def ragged_main(args, out, device, dtype) -> dict:
-    trace = Path(args.trace) if args.trace else (FULL_TRACE if FULL_TRACE.is_file() else SAMPLE_TRACE)
+    trace = Path(args.trace) if args.trace else next((t for t in FULL_TRACES if t.is_file()), SAMPLE_TRACE)
     batches = ragged_batches(args.smoke, trace)
     blocks = [16] if args.smoke else [16, 64, 256]
     res = {"device": device_environment(device), "dtype": str(dtype), "trace": str(trace),
