@@ -12,10 +12,19 @@ splits, tiles and warp counts, to tune the defaults. Writes paged.json and paged
 `--splits` instead times every power-of-two split count at the shapes engines give the kernel, rows x heads of
 a micro-batch or a TP shard (split_shapes), and the splits `choose_splits` picks against the best of them.
 Writes splits.json and splits.md.
+
+`--ragged` times both work plans of the kernel (plan="splits" and plan="ragged", model/paged_attention.RaggedPlan)
+on mixed-length batches: one 131072-token row among 63 rows of 1024, 48 and 4 rows of Mooncake conversation lengths
+(input + output / 2, at most 131072; `--trace`, by default the full trace in ../shared/traces or shared/traces when
+there is one, else the project's 300-request sample), and the uniform 8K x 16, 16K x 8 and 32K x 4, at blocks of 16, 64 and 256
+tokens in shuffled slots; each against the read bandwidth measured in the same run. Writes ragged.json and
+ragged.md.
 """
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import torch
 
@@ -23,7 +32,8 @@ from harness.bench_gpu import HEAD_DIM, HEADS, limits
 from harness.benchlib import bench_setup, describe_device, md_table, timeit
 from harness.record import device_environment
 from model.attention import attention, backend_available
-from model.paged_attention import STAGES, TILE_TOKENS, WARPS, choose_splits, paged_decode
+from harness.traces import PROJECT_ROOT, read_mooncake
+from model.paged_attention import PROGRAMS_PER_SM, STAGES, TILE_TOKENS, WARPS, RaggedPlan, choose_splits, paged_decode
 
 
 REPS, WARMUP = 100, 25  # ~0.5 ms calls: enough of them that clocks settle and the median is stable
@@ -115,10 +125,14 @@ def main(argv=None):
     def extra(ap):
         ap.add_argument("--sweep", action="store_true", help="also time other splits, tiles and warps")
         ap.add_argument("--splits", action="store_true", help="only the split counts at engine shapes (splits.md)")
+        ap.add_argument("--ragged", action="store_true", help="only the work plans on mixed-length batches (ragged.md)")
+        ap.add_argument("--trace", default=None, help="Mooncake JSONL trace of the --ragged batches' lengths")
 
     args, out, device, dtype = bench_setup(__doc__, argv, extra)
     if args.splits:
         return splits_main(args, out, device, dtype)
+    if args.ragged:
+        return ragged_main(args, out, device, dtype)
     contexts, blocks, total = ([64, 128], [16, 64], 1 << 20) if args.smoke else ([8192, 16384, 32768], [16, 64, 256], 2 << 30)
     res = {"device": device_environment(device), "dtype": str(dtype)}
     res["limits"] = lim = limits(device, dtype, args.smoke)
@@ -159,6 +173,125 @@ def splits_main(args, out, device, dtype) -> dict:
     print(text, flush=True)
     (out / "splits.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "splits.md").write_text(text + "\n")
+    return res
+
+
+# the full trace lives in the shared folder beside the checkouts, or inside a checkout that carries one
+FULL_TRACES = [root / "shared" / "traces" / "mooncake_conversation_trace.jsonl" for root in (PROJECT_ROOT.parent, PROJECT_ROOT)]
+SAMPLE_TRACE = PROJECT_ROOT / "results" / "reference" / "traces" / "mooncake_conversation_sample.jsonl"
+MAX_CONTEXT = 131072
+
+
+def ragged_layout(lens, block, dtype, device, seed=0, heads=HEADS):
+    """q [n, H, D]; K/V of the rows' blocks at shuffled slots of a pool that holds just them; block table
+    [n, the longest row's blocks], entries past a row's blocks 0; lengths `lens`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    counts = [-(-n // block) for n in lens]
+    slots = max(1, sum(counts))
+    k = torch.randn(slots, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    v = torch.randn(slots, heads, block, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    order = torch.randperm(slots, generator=torch.Generator().manual_seed(seed)).tolist()
+    table = torch.zeros(len(lens), max(1, max(counts)), dtype=torch.int32)
+    first = 0
+    for row, c in enumerate(counts):
+        table[row, :c] = torch.tensor(order[first:first + c], dtype=torch.int32)
+        first += c
+    q = torch.randn(len(lens), heads, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    return q, k, v, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def mooncake_lengths(path: Path, rows: int, cap: int, seed: int = 0) -> list[int]:
+    """Context lengths of `rows` requests drawn (seeded) from a Mooncake trace: input + output / 2 (a request
+    halfway through its decode), at most `cap`."""
+    _, prompts, outputs, _, _ = read_mooncake(path)
+    picked = random.Random(seed).sample(range(len(prompts)), rows)
+    return [min(prompts[i] + outputs[i] // 2, cap) for i in picked]
+
+
+def ragged_batches(smoke: bool, trace: Path) -> list[tuple[str, list[int]]]:
+    if smoke:
+        cap = 512
+        return [("1x256+3x16", [256] + [16] * 3), ("mooncake6", mooncake_lengths(trace, 6, cap)),
+                ("mooncake2", mooncake_lengths(trace, 2, cap, seed=1)), ("64x4", [64] * 4), ("128x2", [128] * 2)]
+    return [("1x128K+63x1K", [MAX_CONTEXT] + [1024] * 63), ("mooncake48", mooncake_lengths(trace, 48, MAX_CONTEXT)),
+            ("mooncake4", mooncake_lengths(trace, 4, MAX_CONTEXT, seed=1)), ("8Kx16", [8192] * 16),
+            ("16Kx8", [16384] * 8), ("32Kx4", [32768] * 4)]
+
+
+def ragged_points(device, dtype, read_bw, batches, blocks, heads=HEADS, reps=REPS, warmup=WARMUP) -> list[dict]:
+    """Each batch x block: plan="splits" (choose_splits) and a RaggedPlan made once for the shapes (as an engine
+    holds one), at the default PROGRAMS_PER_SM and at 4x; achieved KV bytes/s over the read bandwidth."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    rows = []
+    for name, lens in batches:
+        for bs in blocks:
+            q, k, v, table, lens_t = ragged_layout(lens, bs, dtype, device, heads=heads)
+            n, width = table.shape
+            kv_bytes = 2 * sum(lens) * heads * HEAD_DIM * k.element_size()
+            common = {"batch": name, "block": bs, "rows": n, "tokens": sum(lens), "max_len": max(lens),
+                      "kv_gib": kv_bytes / 2**30}
+            base_out = None
+            splits_us = None
+            for label, pps in (("splits", None), ("ragged", PROGRAMS_PER_SM), ("ragged_x4", 4 * PROGRAMS_PER_SM)):
+                row = {**common, "plan": label}
+                if pps is None:
+                    plan = "splits"
+                    row["splits"] = choose_splits(n, heads, width * bs, sms)
+                else:
+                    plan = RaggedPlan(n, width, bs, heads, sms, device, programs_per_sm=pps)
+                    plan.build(lens_t)
+                    row.update(chunk=int(plan.chunk), items=int(plan.count), max_items=plan.max_items)
+                try:
+                    out, _ = paged_decode(q, k, v, table, lens_t, plan=plan)
+                    t = timeit(lambda: paged_decode(q, k, v, table, lens_t, plan=plan), reps=reps, warmup=warmup)
+                except Exception as e:  # a failing plan is reported, the others still run
+                    rows.append({**row, "error": str(e)[:200]})
+                    continue
+                if base_out is None:
+                    base_out = out
+                splits_us = splits_us if pps else t * 1e6
+                row.update(us=t * 1e6, ratio_to_read_bw=kv_bytes / t / read_bw,
+                           max_abs_diff_vs_splits=float((out - base_out).abs().max()),
+                           speedup_over_splits=splits_us / (t * 1e6) if splits_us else None)
+                rows.append(row)
+            del q, k, v, table, lens_t, base_out
+    return rows
+
+
+def ragged_main(args, out, device, dtype) -> dict:
+    trace = Path(args.trace) if args.trace else next((t for t in FULL_TRACES if t.is_file()), SAMPLE_TRACE)
+    batches = ragged_batches(args.smoke, trace)
+    blocks = [16] if args.smoke else [16, 64, 256]
+    res = {"device": device_environment(device), "dtype": str(dtype), "trace": str(trace),
+           "batches": {name: lens for name, lens in batches}}
+    res["limits"] = lim = limits(device, dtype, args.smoke)
+    print(f"# {res['device']}\n# read {lim['read_bytes_per_s'] / 1e12:.3f} TB/s; trace {trace}", flush=True)
+    heads = 2 if args.smoke else HEADS  # smoke: the CPU reference path, a few calls of small shapes
+    res["heads"] = heads
+    res["points"] = rows = ragged_points(device, dtype, lim["read_bytes_per_s"], batches, blocks, heads,
+                                         *((3, 1) if args.smoke else (REPS, WARMUP)))
+    by_point = {}
+    for r in (r for r in rows if "error" not in r):
+        by_point.setdefault((r["batch"], r["block"]), {"batch": r["batch"], "block": r["block"], "rows": r["rows"],
+                                                      "max_len": r["max_len"]})[r["plan"]] = r["ratio_to_read_bw"]
+    for p in by_point.values():
+        p["ragged_over_splits"] = p["ragged"] / p["splits"] if p.get("splits") and p.get("ragged") else None
+    cols = ["batch", "block", "rows", "tokens", "max_len", "kv_gib", "plan", "splits", "chunk", "items", "max_items",
+            "us", "ratio_to_read_bw", "speedup_over_splits", "max_abs_diff_vs_splits"]
+    errors = [r for r in rows if "error" in r]
+    text = (f"# Paged decode attention: work plans on mixed-length batches on {describe_device(res['device'])}\n\n"
+            f"versions: {json.dumps(res['device'])}\n\nread bandwidth: {lim['read_bytes_per_s'] / 1e12:.3f} TB/s; "
+            f"{heads} heads, head dim {HEAD_DIM}, {dtype}, blocks at shuffled slots; Mooncake lengths from {trace.name} "
+            f"(input + output / 2, at most {MAX_CONTEXT}); ratio = KV bytes / time / read bandwidth\n\n"
+            "## ratio to the read bandwidth per plan\n\n"
+            + md_table(list(by_point.values()), ["batch", "block", "rows", "max_len", "splits", "ragged", "ragged_x4",
+                                                 "ragged_over_splits"])
+            + "\n## every point\n\n" + md_table(rows, cols)
+            + ("\n## errors\n\n" + md_table(errors, ["batch", "block", "plan", "error"], skip_errors=False)
+               if errors else ""))
+    print(text, flush=True)
+    (out / "ragged.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "ragged.md").write_text(text)
     return res
 
 

@@ -11,10 +11,14 @@ model/attention.py, so that `merge_partials` combines the partials of several ra
 kv_len 0 (this rank holds none of the sequence) gets out = 0 and lse = -inf.
 
 Two implementations of one API:
-- on CUDA with Triton (an optional GPU dependency): a split-KV (flash-decoding) kernel. The grid is
-  rows x heads x splits, so that a small batch of long sequences still fills the GPU; each program walks its
-  share of the row's tokens in tiles, gathering slots through the block table, with an online softmax; a
-  second kernel merges the splits by their LSE. No host synchronization: the launch depends only on shapes.
+- on CUDA with Triton (an optional GPU dependency): a split-KV (flash-decoding) kernel, with two work plans.
+  plan="splits" (the default): the grid is rows x heads x splits, one split count for the batch (choose_splits)
+  and splits of the table's width, so that a small batch of long sequences still fills the GPU.
+  plan="ragged" (RaggedPlan): each row is cut into work items of a bounded token count computed from the batch's
+  total tokens, so that a long row among short ones is spread over as many programs as its length asks; the grid
+  is a static max_items x heads and the item list is built on the device. Either way each program walks its
+  tokens in tiles, gathering slots through the block table, with an online softmax, and a second kernel merges
+  a row's partials by their LSE. No host synchronization: the launches depend only on shapes.
 - elsewhere (and as the tests' reference): gather the blocks and run the math backend.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 PROGRAMS_PER_SM = 8
+PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
 
 def paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens):
@@ -65,12 +70,20 @@ def triton_available(device) -> bool:
 
 
 def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
-                 warps: int = WARPS, stages: int = STAGES):
+                 warps: int = WARPS, stages: int = STAGES, plan: "str | RaggedPlan" = "splits"):
     """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference.
-    splits (None = chosen from the shapes), tile and warps tune the kernel; they do not change the result."""
+    plan picks the kernel's work split: "splits" (each row cut into `splits` equal shares of the table's width;
+    None = choose_splits) or "ragged" (each row cut into chunks of a bounded token count, RaggedPlan, its buffers
+    allocated for this call), or a RaggedPlan whose buffers this call reuses (its tile then overrides `tile`).
+    splits, tile and warps tune the kernel; they do not change the result."""
+    if not (isinstance(plan, RaggedPlan) or plan in ("splits", "ragged")):
+        raise ValueError(f"plan={plan!r}: expected 'splits', 'ragged' or a RaggedPlan")
     if not triton_available(q.device):
         return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
-    return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages)
+    if plan == "splits":
+        return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages)
+    return paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, None if plan == "ragged" else plan,
+                               tile=tile, warps=warps, stages=stages)
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
@@ -84,33 +97,115 @@ def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
     return splits
 
 
+class RaggedPlan:
+    """The work list of the ragged kernel, in buffers allocated once per shape and refilled on the device.
+
+    Each row is cut into work items of at most `chunk` tokens (a long row into many, a short row into one, an empty
+    row into none); the kernel's grid is max_items x heads, and a merge program per (row, head) combines the row's
+    items, which are contiguous: items offsets[row]..offsets[row+1]. build(kv_lens) computes the list on the
+    device (one Triton program on CUDA, torch ops elsewhere; no host synchronization, no Python work per row), so
+    an engine can capture build + kernels in a CUDA graph once and replay it after the block table and lengths
+    change in place.
+
+    chunk is computed on the device from the batch's total tokens: ceil(total / target_items), at least min_chunk,
+    rounded up to the tile, where target_items = ceil(programs_per_sm x SMs / heads) gives every SM about
+    programs_per_sm programs whatever the lengths. The item count is then bounded by shapes alone: a row of len
+    tokens gives ceil(len / chunk) < len / chunk + 1 items, so the batch gives at most total / chunk + rows <=
+    target_items + rows items; and each row at most ceil(width x block / min_chunk). max_items, the launched grid,
+    is the smaller bound. (A chunk from the table's width instead would be the same for a 128K row among 1K rows as
+    for a batch of 128K rows: the long row would get a few items.)
+
+    Buffers (int32 on `device`): count [1] the items in use; chunk [1]; offsets [rows + 1]; item_row, item_start,
+    item_end [max_items], the item's row and token range [start, end); items past count hold row -1 and an empty
+    range. part_out [max_items, heads, dim] and part_lse [max_items, heads] (log2 domain) hold the partials, made on
+    the first call that knows the head dim.
+    """
+
+    def __init__(self, rows: int, width: int, block: int, heads: int, sm_count: int, device,
+                 tile: int = TILE_TOKENS, programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_SPLIT_TOKENS):
+        self.rows, self.width, self.block, self.heads, self.tile = rows, width, block, heads, tile
+        self.device = torch.device(device)
+        self.row_tokens = width * block  # no row holds more tokens than its table addresses
+        self.target_items = max(1, -(-programs_per_sm * sm_count // heads))
+        self.min_chunk = -(-max(1, min_chunk) // tile) * tile
+        per_row = -(-self.row_tokens // self.min_chunk)
+        self.max_items = min(rows * per_row, rows + self.target_items)
+        i32 = dict(dtype=torch.int32, device=self.device)
+        self.count = torch.zeros(1, **i32)
+        self.chunk = torch.zeros(1, **i32)
+        self.offsets = torch.zeros(rows + 1, **i32)
+        self.item_row = torch.full((self.max_items,), -1, **i32)
+        self.item_start = torch.zeros(self.max_items, **i32)
+        self.item_end = torch.zeros(self.max_items, **i32)
+        self._items = torch.arange(self.max_items, dtype=torch.int64, device=self.device)
+        self.part_out = self.part_lse = None
+
+    def build(self, kv_lens, use_triton: bool | None = None) -> "RaggedPlan":
+        """Fill the buffers in place for these lengths ([rows], on the plan's device). Lengths past the table's
+        width x block count as width x block, as in paged_decode_reference. use_triton (None: where Triton runs
+        on the device) writes them with one kernel (_plan_kernel) instead of some thirty small torch ops."""
+        assert kv_lens.shape == (self.rows,), f"kv_lens {tuple(kv_lens.shape)} for a plan of {self.rows} rows"
+        if use_triton is None:
+            use_triton = triton_available(self.device)
+        if use_triton and self.rows:
+            rows_p2 = triton.next_power_of_2(self.rows)
+            _plan_kernel[(1,)](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
+                               self.item_end, self.rows, self.row_tokens, self.target_items, self.min_chunk,
+                               self.max_items, TILE=self.tile, ROWS=rows_p2,
+                               ITEMS=max(1, min(128, PLAN_TILE_ELEMENTS // rows_p2)), num_warps=4)
+            return self
+        lens = kv_lens.to(torch.int64).clamp(0, self.row_tokens)
+        chunk = (lens.sum() + self.target_items - 1) // self.target_items
+        chunk = (chunk.clamp(min=self.min_chunk) + self.tile - 1) // self.tile * self.tile
+        counts = (lens + chunk - 1) // chunk
+        ends = torch.cumsum(counts, 0)  # ends[r] = offsets[r + 1]
+        total = ends[-1:] if self.rows else counts.new_zeros(1)
+        row = torch.searchsorted(ends, self._items, right=True)  # the row whose items hold item i
+        valid = self._items < total
+        row = row.clamp(max=max(self.rows - 1, 0))
+        start = (self._items - (ends[row] - counts[row])) * chunk
+        end = torch.minimum(start + chunk, lens[row])
+        self.count.copy_(total)
+        self.chunk.copy_(chunk.view(1))
+        self.offsets[1:].copy_(ends)
+        self.item_row.copy_(torch.where(valid, row, -1))
+        self.item_start.copy_(torch.where(valid, start, 0))
+        self.item_end.copy_(torch.where(valid, end, 0))
+        return self
+
+    def partials(self, dim: int):
+        """The partials' buffers for head dim `dim`, made once."""
+        if self.part_out is None or self.part_out.shape[2] != dim:
+            self.part_out = torch.empty(self.max_items, self.heads, dim, dtype=torch.float32, device=self.device)
+            self.part_lse = torch.empty(self.max_items, self.heads, dtype=torch.float32, device=self.device)
+        return self.part_out, self.part_lse
+
+
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
-                          sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
-                          HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
-                          STAGES: tl.constexpr, PRECISION: tl.constexpr):
-        """One program = one (row, head, split): its share of the row's tokens, tile by tile, with an online
-        softmax; the partial out and LSE (log2 domain) go to part_out / part_lse. Both products run on tensor
-        cores: the query is padded to 16 rows (row 0 real, the rest zero), so q k^T and p v are tl.dot; the
-        tiles then stream through shared memory, which the loop's software pipelining overlaps with the math.
-        (A CUDA-core version with tl.sum reductions read at 0.41-0.54 of the bandwidth: paged.md.)"""
-        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        kv_len = tl.load(lens_ptr + row)
-        start = split * split_tokens
-        end = tl.minimum(start + split_tokens, kv_len)
+    def _attend(q_ptr, k_ptr, v_ptr, table_ptr, row, head, start, end, sq_n, sq_h, sk_slot, sk_h, sk_t,
+                sv_slot, sv_h, sv_t, st_n, scale_log2e, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
+                STAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """The query of (row, head) over the row's tokens [start, end), tile by tile, with an online softmax:
+        returns the partial out [DIM] (normalized) and its LSE (log2 domain; out 0 and -inf for no tokens). Both
+        products run on tensor cores: the query is padded to 16 rows (row 0 real, the rest zero), so q k^T and
+        p v are tl.dot; the tiles then stream through shared memory, which the loop's software pipelining
+        overlaps with the math. UPCAST makes the dot operands fp32: set only under Triton's CPU interpreter,
+        whose tl.dot multiplies bf16 operands' raw bits."""
         dims = tl.arange(0, DIM)
         qrow = tl.arange(0, 16)
         q = tl.load(q_ptr + row * sq_n + head * sq_h + qrow[:, None] * 0 + dims[None, :], mask=qrow[:, None] == 0,
                     other=0.0)  # [16, D], only row 0 non-zero
+        if UPCAST:
+            q = q.to(tl.float32)
         m = tl.full([16], float("-inf"), tl.float32)
         l = tl.zeros([16], tl.float32)
         acc = tl.zeros([16, DIM], tl.float32)
         for t0 in tl.range(start, end, TILE, num_stages=STAGES):
             tok = t0 + tl.arange(0, TILE)
             valid = tok < end
-            if BLOCK % TILE == 0:
+            if BLOCK % TILE == 0:  # t0 is a multiple of TILE: the tile lies in one block
                 slot = tl.load(table_ptr + row * st_n + t0 // BLOCK).to(tl.int64)
                 off = (t0 % BLOCK + tl.arange(0, TILE)).to(tl.int64)
                 k_rows = k_ptr + slot * sk_slot + head * sk_h + off[:, None] * sk_t
@@ -122,22 +217,46 @@ if triton is not None:
                 v_rows = v_ptr + slot[:, None] * sv_slot + head * sv_h + off[:, None] * sv_t
             k = tl.load(k_rows + dims[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_rows + dims[None, :], mask=valid[:, None], other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2e  # [16, TILE], log2 domain
             s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(s - m_new[:, None])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            pv = p.to(v.dtype)
+            if UPCAST:
+                pv = pv.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
         first = qrow == 0
         acc0 = tl.sum(tl.where(first[:, None], acc, 0.0), axis=0)
         l0 = tl.sum(tl.where(first, l, 0.0), axis=0)
         m0 = tl.max(tl.where(first, m, float("-inf")), axis=0)
-        base = (row * HEADS + head) * splits + split
         empty = l0 == 0.0
-        tl.store(part_out_ptr + base * DIM + dims, tl.where(empty, 0.0, acc0 / tl.where(empty, 1.0, l0)))
-        tl.store(part_lse_ptr + base, tl.where(empty, float("-inf"), m0 + tl.log2(tl.where(empty, 1.0, l0))))
+        out = tl.where(empty, 0.0, acc0 / tl.where(empty, 1.0, l0))
+        lse2 = tl.where(empty, float("-inf"), m0 + tl.log2(tl.where(empty, 1.0, l0)))
+        return out, lse2
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, part_out_ptr, part_lse_ptr,
+                          sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n, split_tokens, scale_log2e, splits,
+                          HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
+                          STAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """One program = one (row, head, split): its share of the row's tokens (_attend); the partial out and
+        LSE (log2 domain) go to part_out / part_lse.
+        (A CUDA-core version with tl.sum reductions read at 0.41-0.54 of the bandwidth: paged.md.)"""
+        row, head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        kv_len = tl.load(lens_ptr + row)
+        start = split * split_tokens
+        end = tl.minimum(start + split_tokens, kv_len)
+        out, lse2 = _attend(q_ptr, k_ptr, v_ptr, table_ptr, row, head, start, end, sq_n, sq_h, sk_slot, sk_h, sk_t,
+                            sv_slot, sv_h, sv_t, st_n, scale_log2e, BLOCK, DIM, TILE, STAGES, PRECISION, UPCAST)
+        base = (row * HEADS + head) * splits + split
+        tl.store(part_out_ptr + base * DIM + tl.arange(0, DIM), out)
+        tl.store(part_lse_ptr + base, lse2)
 
     @triton.jit
     def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, lse_ptr,
@@ -158,6 +277,101 @@ if triton is not None:
         tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
 
 
+    @triton.jit
+    def _plan_kernel(lens_ptr, count_ptr, chunk_ptr, offsets_ptr, item_row_ptr, item_start_ptr, item_end_ptr,
+                     rows, row_tokens, target_items, min_chunk, max_items,
+                     TILE: tl.constexpr, ROWS: tl.constexpr, ITEMS: tl.constexpr):
+        """RaggedPlan.build in one program: the same chunk, counts and offsets, then the items ITEMS at a time;
+        an item's row is the number of rows whose items end at or before it, found by comparing the items with
+        every row's end (no gather from registers in Triton)."""
+        r = tl.arange(0, ROWS)
+        in_batch = r < rows
+        lens = tl.load(lens_ptr + r, mask=in_batch, other=0).to(tl.int64)
+        lens = tl.minimum(tl.maximum(lens, 0), row_tokens)
+        chunk = (tl.sum(lens, axis=0) + target_items - 1) // target_items
+        chunk = (tl.maximum(chunk, min_chunk) + TILE - 1) // TILE * TILE
+        counts = (lens + chunk - 1) // chunk
+        ends = tl.cumsum(counts, axis=0)  # rows past the batch: the count in use, past every item in use
+        starts = ends - counts
+        total = tl.sum(counts, axis=0)
+        tl.store(count_ptr, total.to(tl.int32))
+        tl.store(chunk_ptr, chunk.to(tl.int32))
+        tl.store(offsets_ptr, 0)
+        tl.store(offsets_ptr + 1 + r, ends.to(tl.int32), mask=in_batch)
+        for i0 in range(0, max_items, ITEMS):
+            i = i0 + tl.arange(0, ITEMS)
+            row = tl.sum((ends[None, :] <= i[:, None]).to(tl.int32), axis=1)
+            valid = i < total
+            mine = r[None, :] == row[:, None]  # [ITEMS, ROWS]: one True for an item in use
+            start = (i - tl.sum(tl.where(mine, starts[None, :], 0), axis=1)) * chunk
+            end = tl.minimum(start + chunk, tl.sum(tl.where(mine, lens[None, :], 0), axis=1))
+            inside = i < max_items
+            tl.store(item_row_ptr + i, tl.where(valid, row, -1), mask=inside)
+            tl.store(item_start_ptr + i, tl.where(valid, start, 0).to(tl.int32), mask=inside)
+            tl.store(item_end_ptr + i, tl.where(valid, end, 0).to(tl.int32), mask=inside)
+
+    @triton.jit
+    def _ragged_kernel(q_ptr, k_ptr, v_ptr, table_ptr, item_row_ptr, item_start_ptr, item_end_ptr, count_ptr,
+                       part_out_ptr, part_lse_ptr, sq_n, sq_h, sk_slot, sk_h, sk_t, sv_slot, sv_h, sv_t, st_n,
+                       scale_log2e, HEADS: tl.constexpr, BLOCK: tl.constexpr, DIM: tl.constexpr, TILE: tl.constexpr,
+                       STAGES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """One program = one (work item, head) of a RaggedPlan: the item's tokens [start, end) of its row
+        (_attend); the partial goes to the item's slot of part_out / part_lse. The grid holds the plan's static
+        max_items; programs past the item count the plan wrote on the device return at once."""
+        item, head = tl.program_id(0), tl.program_id(1)
+        if item >= tl.load(count_ptr):
+            return
+        row = tl.load(item_row_ptr + item)
+        start = tl.load(item_start_ptr + item)
+        end = tl.load(item_end_ptr + item)
+        out, lse2 = _attend(q_ptr, k_ptr, v_ptr, table_ptr, row, head, start, end, sq_n, sq_h, sk_slot, sk_h, sk_t,
+                            sv_slot, sv_h, sv_t, st_n, scale_log2e, BLOCK, DIM, TILE, STAGES, PRECISION, UPCAST)
+        base = item * HEADS + head  # partials are small: int32 offsets
+        tl.store(part_out_ptr + base * DIM + tl.arange(0, DIM), out)
+        tl.store(part_lse_ptr + base, lse2)
+
+    @triton.jit
+    def _ragged_merge_kernel(part_out_ptr, part_lse_ptr, offsets_ptr, out_ptr, lse_ptr,
+                             HEADS: tl.constexpr, DIM: tl.constexpr):
+        """One program = one (row, head): the row's items offsets[row]..offsets[row+1] (contiguous) merged by
+        their LSE with a running maximum; a row with no item (no tokens) gets out 0 and lse -inf."""
+        row, head = tl.program_id(0), tl.program_id(1)
+        lo = tl.load(offsets_ptr + row)
+        hi = tl.load(offsets_ptr + row + 1)
+        dims = tl.arange(0, DIM)
+        m = float("-inf")
+        total = 0.0
+        acc = tl.zeros([DIM], tl.float32)
+        for item in range(lo, hi):
+            base = item * HEADS + head
+            lse2 = tl.load(part_lse_ptr + base)  # log2 domain; finite: an item holds at least one token
+            m_new = tl.maximum(m, lse2)
+            alpha = tl.exp2(m - m_new)
+            w = tl.exp2(lse2 - m_new)
+            acc = acc * alpha + w * tl.load(part_out_ptr + base * DIM + dims)
+            total = total * alpha + w
+            m = m_new
+        empty = total == 0.0
+        tl.store(out_ptr + (row * HEADS + head) * DIM + dims, tl.where(empty, 0.0, acc / tl.where(empty, 1.0, total)))
+        ln2 = 0.6931471805599453
+        tl.store(lse_ptr + row * HEADS + head, tl.where(empty, float("-inf"), (m + tl.log2(tl.where(empty, 1.0, total))) * ln2))
+
+
+def _precision(q) -> str:
+    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 caches keep fp32 products: exact fp32 runs
+
+
+def _upcast(q) -> bool:
+    """Off the GPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1), whose tl.dot multiplies
+    bf16 operands' raw bits: there the kernels make their dot operands fp32."""
+    return q.device.type != "cuda"
+
+
+def _sm_count(device) -> int:
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile=TILE_TOKENS, warps=WARPS,
                          stages=STAGES):
     n, heads, dim = q.shape
@@ -168,7 +382,7 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
     bs = k_blocks.shape[2]
     max_tokens = block_table.shape[1] * bs
     if splits is None:
-        splits = choose_splits(n, heads, max_tokens, torch.cuda.get_device_properties(q.device).multi_processor_count)
+        splits = choose_splits(n, heads, max_tokens, _sm_count(q.device))
     split_tokens = -(-max_tokens // splits)
     split_tokens = -(-split_tokens // tile) * tile
     part_out = torch.empty(n, heads, splits, dim, dtype=torch.float32, device=q.device)
@@ -179,7 +393,34 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
             v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0), split_tokens,
             math.log2(math.e) / math.sqrt(dim), splits)
     meta = dict(HEADS=heads, BLOCK=bs, DIM=dim, TILE=tile, STAGES=stages, num_warps=warps)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 caches keep fp32 products: exact fp32 runs
-    _split_kernel[(n, heads, splits)](*args, PRECISION=precision, **meta)
+    _split_kernel[(n, heads, splits)](*args, PRECISION=_precision(q), UPCAST=_upcast(q), **meta)
     _merge_kernel[(n, heads)](part_out, part_lse, out, lse, HEADS=heads, SPLITS=splits, DIM=dim, num_warps=1)
+    return out, lse
+
+
+def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: RaggedPlan | None = None,
+                        tile: int = TILE_TOKENS, warps: int = WARPS, stages: int = STAGES):
+    """The Triton kernels over a ragged work plan: plan.build(kv_lens), the items' partials, the per-row merge.
+    plan None: one allocated for these shapes (with `tile`); else the plan's buffers are reused (the call then
+    allocates only out and lse), and its shapes must match. Needs Triton: CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1."""
+    n, heads, dim = q.shape
+    bs, width = k_blocks.shape[2], block_table.shape[1]
+    if plan is None:
+        plan = RaggedPlan(n, width, bs, heads, _sm_count(q.device), q.device, tile=tile)
+    assert (plan.rows, plan.width, plan.block, plan.heads) == (n, width, bs, heads), "plan made for other shapes"
+    out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)
+    if n == 0 or plan.max_items == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
+    plan.build(kv_lens)
+    part_out, part_lse = plan.partials(dim)
+    _ragged_kernel[(plan.max_items, heads)](
+        q, k_blocks, v_blocks, block_table, plan.item_row, plan.item_start, plan.item_end, plan.count, part_out,
+        part_lse, q.stride(0), q.stride(1), k_blocks.stride(0), k_blocks.stride(1), k_blocks.stride(2),
+        v_blocks.stride(0), v_blocks.stride(1), v_blocks.stride(2), block_table.stride(0),
+        math.log2(math.e) / math.sqrt(dim), HEADS=heads, BLOCK=bs, DIM=dim, TILE=plan.tile, STAGES=stages,
+        PRECISION=_precision(q), UPCAST=_upcast(q), num_warps=warps)
+    _ragged_merge_kernel[(n, heads)](part_out, part_lse, plan.offsets, out, lse, HEADS=heads, DIM=dim, num_warps=1)
     return out, lse

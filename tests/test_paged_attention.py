@@ -128,3 +128,14 @@ def test_split_sweep_smoke(tmp_path):
     res = bench_paged.main(["--smoke", "--splits", "--out", str(tmp_path)])
     assert len(res["points"]) == 2 and all(p["by_splits"] and p["chosen_splits"] in p["by_splits"] for p in res["points"])
     assert "chosen_over_best" in (tmp_path / "splits.md").read_text()
+
+
+def test_ragged_bench_smoke(tmp_path):
+    from harness import bench_paged
+
+    res = bench_paged.main(["--smoke", "--ragged", "--out", str(tmp_path)])
+    plans = {(p["batch"], p["plan"]) for p in res["points"] if "error" not in p}
+    assert {plan for _, plan in plans} == {"splits", "ragged", "ragged_x4"} and len(plans) == 3 * len(res["batches"])
+    assert all(p["max_abs_diff_vs_splits"] < 1e-5 and p["items"] <= p["max_items"] for p in res["points"]
+               if p["plan"] != "splits")
+    assert "ragged_over_splits" in (tmp_path / "ragged.md").read_text()
