@@ -95,14 +95,14 @@ def test_chunked_prefill_bounds_the_attention_mask(monkeypatch):
     assert peaks[16] == 16 * 64  # chunks of 16: at most chunk x length
 
 
-@pytest.mark.parametrize("strategy,world", [("tp1_pp2", 2), ("fa_pool_b2_p2", 4)])
-def test_uneven_micro_batches_match_the_reference(strategy, world, tmp_path):
+@pytest.mark.parametrize("strategy,block", [("tp1_pp2", "strategy.kv_block=16"), ("fa_pool_b2_p2", "strategy.pool.block_size=8")])
+def test_uneven_micro_batches_match_the_reference(strategy, block, tmp_path):
     """4 sequences in 3 micro-batches (2, 1, 1 rows): the pipeline and FA Pool's overlap take any batch."""
     from model.parallel.engine import micro_batches
 
     assert micro_batches(4, 3) == [range(0, 2), range(2, 3), range(3, 4)]
     assert micro_batches(140, 8)[-1] == range(123, 140) and sum(map(len, micro_batches(140, 8))) == 140
-    rec = launch([f"strategy={strategy}", "strategy.micro_batches=3", "strategy.kv_block=16", "model.init_std=0.3",
+    rec = launch([f"strategy={strategy}", "strategy.micro_batches=3", block, "model.init_std=0.3",
                   "workload=tiny_mixed", "check_reference=true"], tmp_path)
     assert rec["status"] == "ok", rec["error"]
     check = rec["reference_check"]

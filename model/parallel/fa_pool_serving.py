@@ -116,7 +116,10 @@ class FAPoolServingBase(FAPoolServing, StaticEngine):
 
     def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
         self._setup_roles(strategy)
-        StaticEngine.__init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer)
+        # the static engine's fields for one tensor-parallel stage: no pipeline to schedule, and blocks of the pool's
+        # size (serving keeps its KV in serve_setup's blocks; these size only a static batch's cache)
+        one_stage = SimpleNamespace(**vars(strategy), schedule="continuous", kv_block=strategy.pool.block_size)
+        StaticEngine.__init__(self, model_cfg, one_stage, rank, world, device, dtype, backend, timer)
         self.rank, self.role = rank, "base"
 
     def serve_setup(self, slots: int, kv_blocks: int, block_size: int, max_blocks: int, pool_blocks: int = 0) -> None:
