@@ -40,6 +40,13 @@ WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 PROGRAMS_PER_SM = 8
+# The ragged plan's programs per SM where a call does not bring its own plan: 4x the split plan's, which read
+# mixed-length batches closer to the bandwidth (results/measured/h100-x1/paged_ragged/)
+RAGGED_PROGRAMS_PER_SM = 4 * PROGRAMS_PER_SM
+# The plan for a serving step's decode rows, whose lengths differ from row to row: ragged. The split plan collapses
+# where one long row sits among short ones and stays 1-3% ahead only on uniform rows (the same measured set), which
+# the static-batch engines keep it for.
+SERVING_PLAN = "ragged"
 PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
 
@@ -407,7 +414,8 @@ def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: Ragge
     n, heads, dim = q.shape
     bs, width = k_blocks.shape[2], block_table.shape[1]
     if plan is None:
-        plan = RaggedPlan(n, width, bs, heads, _sm_count(q.device), q.device, tile=tile)
+        plan = RaggedPlan(n, width, bs, heads, _sm_count(q.device), q.device, tile=tile,
+                          programs_per_sm=RAGGED_PROGRAMS_PER_SM)
     assert (plan.rows, plan.width, plan.block, plan.heads) == (n, width, bs, heads), "plan made for other shapes"
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(n, heads, dtype=torch.float32, device=q.device)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention, masked_attention, merge_pair, merge_partials
-from model.paged_attention import paged_decode
+from model.paged_attention import SERVING_PLAN, paged_decode
 from model.parallel.paged_kv import to_blocks
 from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StageKV, StaticEngine
@@ -153,7 +153,7 @@ class ShardedServingAttention(ShardedAttention):
             table = self.kv.local_table(p.slots)
             if not p.prefill:
                 lens = shard_lengths(p.start + 1, self.shard, self.shards, bs).to(torch.int32)
-                out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens)
+                out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=SERVING_PLAN)
                 out, lse = out[:, :, None], lse[:, :, None]
             else:
                 out, lse = self._chunk(qg, table, p)

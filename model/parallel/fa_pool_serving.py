@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention, masked_attention, merge_partials
-from model.paged_attention import paged_decode
+from model.paged_attention import SERVING_PLAN, paged_decode
 from model.parallel.engine import Engine
 from model.parallel.fa_pool import role_of
 from model.parallel.serving_kv import ServingKV
@@ -87,7 +87,7 @@ class PooledServingAttention:
                 out, lse = attention(q, keys, values, kv_lens=lens, causal=True, backend=e.backend, q_offset=p.start)
             else:
                 lens = torch.where(p.pooled, zero, p.start + 1).to(torch.int32)
-                out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens)
+                out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens, plan=SERVING_PLAN)
                 out, lse = out[:, :, None], lse[:, :, None]
         if not p.pool_ranks:
             return out.to(q.dtype)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model.attention import attention
-from model.paged_attention import paged_decode
+from model.paged_attention import SERVING_PLAN, paged_decode
 from model.parallel.paged_kv import PagedKV
 
 
@@ -106,7 +106,7 @@ class ServingAttention:
             table = self.kv.local_table(p.slots)
             if not p.prefill:
                 out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
-                                      (p.start + 1).to(torch.int32))
+                                      (p.start + 1).to(torch.int32), plan=SERVING_PLAN)
                 return out.to(q.dtype)[:, :, None]
             if len(p.host_lens) <= ROWS_ONE_BY_ONE:
                 return self._chunks(q, table, p)
