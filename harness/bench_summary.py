@@ -1,6 +1,6 @@
 """One table from several calls of the multi-GPU benchmark (harness/bench_multi.py) on one machine kind.
 
-    python -m harness.bench_summary results/measured/h200-x4/bench first_call call_a call_c ...
+    python -m harness.bench_summary <set> <call> <call> ...
 
 Calls are named oldest first. A row is (run, context, batch, captured or eager, synthetic KV or a real
 prefill): the newest call that has it gives it, so a rerun replaces what it reran and an eager run stays beside a captured one. `graphs` comes from

@@ -146,7 +146,7 @@ def with_limits(cal: Calibration, limits: dict) -> Calibration:
 
 def set_calibration(items: dict, base: Calibration | None = None) -> Calibration:
     """A measured set's own calibration, from {record key: (record, its call's limits.json)}; a key is the
-    record's folder relative to the set (`call_c/records/fa_pool_b1_p3_L8192_B140`). The limits (harness/
+    record's folder relative to the set (`<call>/records/<record>`). The limits (harness/
     bench_multi.py) give the read bandwidth and NCCL's time per operation, measured in the same job. The 1-GPU
     reference records give the paged kernel's share of that bandwidth and a floor per layer (least squares of
     step - GEMMs over KV bytes / bandwidth). Two FA Pool records (SET_CALIBRATION) give the host's cost of an
@@ -285,7 +285,7 @@ def invalid_of(path: Path) -> dict:
 
 
 def record_key(path: Path, root) -> str:
-    """A record's folder relative to the set: `call_c/records/fa_pool_b1_p3_L8192_B140`."""
+    """A record's folder relative to the set: `<call>/records/<record>`."""
     folder = Path(path).resolve().parent
     try:
         return folder.relative_to(Path(root).resolve()).as_posix()

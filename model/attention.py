@@ -128,7 +128,7 @@ def _flash_tail(q, k, v, scale):
 def _prefix_and_own(q, k, v, scale, backend):
     """The same as _flash_tail, from two unmasked kernels: the chunk over the cached keys before it (nothing
     hidden) and over itself (causal, square), merged by LSE. On CUDA both run cuDNN, which takes no bottom-right
-    mask but runs faster than flash on Hopper (results/measured/ READMEs)."""
+    mask but runs faster than flash on Hopper."""
     start = k.shape[2] - q.shape[2]  # views, no copies: cuDNN takes the strides
     before = _sdpa(q, k[:, :, :start], v[:, :, :start], None, scale, backend)
     own = _sdpa(q, k[:, :, start:], v[:, :, start:], None, scale, backend, is_causal=True)

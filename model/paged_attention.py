@@ -40,12 +40,12 @@ WARPS = 4
 STAGES = 2  # software pipelining of the tile loop's loads
 MIN_SPLIT_TOKENS = 512  # a split shorter than this spends more on its partial than it saves
 PROGRAMS_PER_SM = 8
-# The ragged plan's programs per SM where a call does not bring its own plan: 4x the split plan's, which read
-# mixed-length batches closer to the bandwidth (results/measured/h100-x1/paged_ragged/)
+# The ragged plan's programs per SM where a call does not bring its own plan: more than the split plan's, since
+# chunks of mixed-length rows finish unevenly and more of them keep every SM busy to the end
 RAGGED_PROGRAMS_PER_SM = 4 * PROGRAMS_PER_SM
-# The plan for a serving step's decode rows, whose lengths differ from row to row: ragged. The split plan collapses
-# where one long row sits among short ones and stays 1-3% ahead only on uniform rows (the same measured set), which
-# the static-batch engines keep it for.
+# The plan for a serving step's decode rows, whose lengths differ from row to row: ragged. The split plan sizes its
+# work by the table's width, so one long row among short ones runs on few programs; it stays for the static-batch
+# engines, whose rows are uniform.
 SERVING_PLAN = "ragged"
 PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
