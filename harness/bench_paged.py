@@ -33,7 +33,8 @@ from harness.benchlib import bench_setup, describe_device, md_table, timeit
 from harness.record import device_environment
 from model.attention import attention, backend_available
 from harness.traces import PROJECT_ROOT, read_mooncake
-from model.paged_attention import PROGRAMS_PER_SM, STAGES, TILE_TOKENS, WARPS, RaggedPlan, choose_splits, paged_decode
+from model.paged_attention import (PROGRAMS_PER_SM, STAGES, TILE_TOKENS, WARPS, RaggedPlan, choose_splits, paged_decode,
+                                    sm_count)
 
 
 REPS, WARMUP = 100, 25  # ~0.5 ms calls: enough of them that clocks settle and the median is stable
@@ -57,7 +58,7 @@ def paged_layout(batch, context, block, dtype, device, seed=0, heads=HEADS, shuf
 
 def kernel_points(device, dtype, read_bw, contexts, blocks, total_bytes, sweep: bool) -> list[dict]:
     rows = []
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     cudnn = "sdpa_cudnn" if backend_available("sdpa_cudnn", device) else "sdpa"
     for L in contexts:
         per_seq = L * HEADS * HEAD_DIM * 2 * torch.finfo(dtype).bits // 8
@@ -102,7 +103,7 @@ def split_shapes(smoke: bool) -> list[tuple[int, int, int]]:
 
 
 def split_points(device, dtype, read_bw, shapes, block: int) -> list[dict]:
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     rows = []
     for context, heads, n in shapes:
         q, k, v, table, lens = paged_layout(n, context, block, dtype, device, heads=heads, shuffled=False)
@@ -221,7 +222,7 @@ def ragged_batches(smoke: bool, trace: Path) -> list[tuple[str, list[int]]]:
 def ragged_points(device, dtype, read_bw, batches, blocks, heads=HEADS, reps=REPS, warmup=WARMUP) -> list[dict]:
     """Each batch x block: plan="splits" (choose_splits) and a RaggedPlan made once for the shapes (as an engine
     holds one), at the default PROGRAMS_PER_SM and at 4x; achieved KV bytes/s over the read bandwidth."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     rows = []
     for name, lens in batches:
         for bs in blocks:

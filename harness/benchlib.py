@@ -39,15 +39,17 @@ def timeit_fixed(fn: Callable[[], object], reps: int = 20, warmup: int = 3) -> f
         return _timer_median(fn, reps, warmup)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(_event_seconds(fn) for _ in range(reps))
+
+
+def _event_seconds(fn) -> float:
+    """Seconds of one fn() call between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
 
 
 def _timer_median(fn, reps: int, warmup: int) -> float:
@@ -63,12 +65,7 @@ def _do_bench(do_bench, fn, reps: int, warmup: int) -> float:
     """do_bench picks its call counts from time budgets (ms) over its own estimate of one call; budgets from a
     first call's time ask it for at least `reps` timed and `warmup` untimed calls."""
     fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    once_ms = max(start.elapsed_time(end), 1e-3)
+    once_ms = max(_event_seconds(fn) * 1e3, 1e-3)
     ms = do_bench(fn, warmup=max(25.0, warmup * once_ms * 1.5), rep=max(100.0, reps * once_ms * 1.5),
                   return_mode="median")
     return ms / 1e3

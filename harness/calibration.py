@@ -14,6 +14,7 @@ from pathlib import Path
 from harness.config import BenchConfig, from_dict
 from harness.costs import gpu_step_s
 from harness.memory import DTYPE_BYTES, mean_context_lengths
+from harness.perfmodel import predict_step
 from model.config import PRESETS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
             bare = dataclasses.replace(with_limits(cal, lim), attn_bw_fraction=1e9, attn_fixed_s=0.0)
             kv = sum(mean_context_lengths(cfg)) * 2 * cfg.model.hidden * DTYPE_BYTES[cfg.hardware.dtype]
             xs.append(cfg.model.n_layers * kv / bare.read_bw)
-            ys.append(meas - _predict_step(cfg, bare)["step_s"])
+            ys.append(meas - predict_step(cfg, bare)["step_s"])
         cal.attn_bw_fraction = sum(x * x for x in xs) / sum(x * y for x, y in zip(xs, ys))
         cal.attn_fixed_s = 0.0
         used += [key for key, (r, _) in items.items() if r.config["strategy"]["kind"] == "reference"]
@@ -171,13 +172,13 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
     if prefilled:  # one unknown: the FLOP rate of a prefill on one GPU (no collectives) against the GEMM rate
         whole = dataclasses.replace(cal, prefill_flops_fraction=1.0)
         cal.prefill_flops_fraction = statistics.median(
-            _predict_step(cfg, with_limits(whole, lim))["prefill_s"] / ttft for cfg, ttft, lim in prefilled)
+            predict_step(cfg, with_limits(whole, lim))["prefill_s"] / ttft for cfg, ttft, lim in prefilled)
     by_name = items
     if SET_CALIBRATION["message_s"] in by_name:  # the step's one unknown: 2 messages per unit (one micro-batch, flat)
         rec, lim = by_name[SET_CALIBRATION["message_s"]]
         cfg = record_config(rec)
         units = cfg.model.n_layers * max(1, cfg.strategy.micro_batches)
-        cal.message_s = max(0.0, (steady_tpot_s(rec) - _predict_step(cfg, with_limits(cal, lim), graphed=True)["step_s"])
+        cal.message_s = max(0.0, (steady_tpot_s(rec) - predict_step(cfg, with_limits(cal, lim), graphed=True)["step_s"])
                             / (2 * units))
         used.append(SET_CALIBRATION["message_s"])
     cal.eager_unit_s = {}
@@ -204,7 +205,7 @@ def _fit_prefill_copies(cal: Calibration, pool_decided, base_decided, rounds: in
         for _ in range(40):
             mid = (lo + hi) / 2
             setattr(cal, field, math.exp(mid))
-            lo, hi = (mid, hi) if _predict_step(cfg, with_limits(cal, lim))["prefill_s"] > ttft else (lo, mid)
+            lo, hi = (mid, hi) if predict_step(cfg, with_limits(cal, lim))["prefill_s"] > ttft else (lo, mid)
         setattr(cal, field, math.exp((lo + hi) / 2))
 
     for _ in range(rounds):
@@ -291,9 +292,3 @@ def record_key(path: Path, root) -> str:
         return folder.relative_to(Path(root).resolve()).as_posix()
     except ValueError:
         return folder.name
-
-
-def _predict_step(cfg, cal, **kw):
-    from harness.perfmodel import predict_step  # the model prices what the calibration fits
-
-    return predict_step(cfg, cal, **kw)

@@ -374,7 +374,8 @@ def _upcast(q) -> bool:
     return q.device.type != "cuda"
 
 
-def _sm_count(device) -> int:
+def sm_count(device) -> int:
+    """Streaming multiprocessors of `device` (1 off CUDA): what the kernels size their grids by."""
     device = torch.device(device)
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
@@ -389,7 +390,7 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
     bs = k_blocks.shape[2]
     max_tokens = block_table.shape[1] * bs
     if splits is None:
-        splits = choose_splits(n, heads, max_tokens, _sm_count(q.device))
+        splits = choose_splits(n, heads, max_tokens, sm_count(q.device))
     split_tokens = -(-max_tokens // splits)
     split_tokens = -(-split_tokens // tile) * tile
     part_out = torch.empty(n, heads, splits, dim, dtype=torch.float32, device=q.device)
@@ -414,7 +415,7 @@ def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: Ragge
     n, heads, dim = q.shape
     bs, width = k_blocks.shape[2], block_table.shape[1]
     if plan is None:
-        plan = RaggedPlan(n, width, bs, heads, _sm_count(q.device), q.device, tile=tile,
+        plan = RaggedPlan(n, width, bs, heads, sm_count(q.device), q.device, tile=tile,
                           programs_per_sm=RAGGED_PROGRAMS_PER_SM)
     assert (plan.rows, plan.width, plan.block, plan.heads) == (n, width, bs, heads), "plan made for other shapes"
     out = torch.empty(n, heads, dim, dtype=torch.float32, device=q.device)

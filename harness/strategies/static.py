@@ -108,6 +108,12 @@ class StaticSpec(StrategySpec):
         """What a layer adds per micro-batch beyond TP's GEMMs, all-reduces and attention (DCP's exchange)."""
         return 0.0
 
+    def tp_prefill_layer_s(self, eager, s, tokens, h, b, cross, dense, before, own) -> float:
+        """A prefill chunk's layer on one TP rank: its share of the GEMMs and attention (a KV shard attends over the
+        chunk's own keys for k times the heads) and the two all-reduces of the chunk's activations."""
+        tp, k = s.tp, self.kv_shards(s)
+        return (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
+
     def add_prefill_exchange(self, layer, eager, s, tokens, h, d, b, cross) -> float:
         """A prefill chunk's layer with what it adds beyond TP's (DCP's gather and partials)."""
         return layer
@@ -178,11 +184,11 @@ class StaticSpec(StrategySpec):
         b = DTYPE_BYTES[cfg.hardware.dtype]
         flops = flops * cal.prefill_flops_fraction
         eager = eager_collectives(cal, links)
-        tp, k = s.tp, self.kv_shards(s)
+        tp = s.tp
         cross = tp > gpn
         per_layer = []  # (seconds of one layer of this chunk on the critical path)
         for start, rows, tokens, before, own, dense in prefill_chunks(cfg, flops):
-            layer = (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
+            layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own)
             per_layer.append(self.add_prefill_exchange(layer, eager, s, tokens, h, d, b, cross))
         lens = prompt_lengths(cfg.workload)
         head = 2 * len(lens) * h * m.vocab_size / (flops * s.tp)
@@ -250,9 +256,9 @@ class StaticSpec(StrategySpec):
         eager = eager_collectives(cal, links)
         gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
         copy_bw = bw * cal.prefill_base_copy_bw_fraction
-        tp, k = s.tp, self.kv_shards(s)
+        tp = s.tp
         cross = tp > gpn
-        layer = (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
+        layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own)
         layer += 2 * gathered / tp / copy_bw
         layer = self.add_prefill_exchange(layer, eager, s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
