@@ -465,11 +465,11 @@ def step_main(args, out, device, dtype) -> dict:
     res = {"device": device_environment(device), "dtype": str(dtype), "trace": str(trace), "heads": heads,
            "layers": layers, "step_gb": args.step_gb, "lens": lens, "kv_bytes": kv_bytes, "points": []}
     head = (f"# Paged decode attention: a whole serving step on {describe_device(res['device'])}\n\n"
-            f"versions: {json.dumps(res['device'])}\n\n{len(lens)} rows drawn from {trace.name} (input + output / 2, at "
-            f"most {MAX_CONTEXT}; {sum(lens)} tokens, longest {max(lens)}): {kv_bytes / 1e9:.1f} GB of KV over {layers} "
-            f"layers ({heads} heads, head dim {HEAD_DIM}, {dtype}), one pool [layers, 2, slots, heads, block, head_dim] "
-            f"with the rows' blocks at shuffled slots. A step = one call per layer view of the pool (the same block "
-            f"table), timed together; ratio = the step's KV bytes / its time / read bandwidth.\n\n")
+            f"versions: {json.dumps(res['device'])}\n\n{len(lens)} rows drawn from {trace.name} (input + output / 2, "
+            f"at most {MAX_CONTEXT}; {sum(lens)} tokens, longest {max(lens)}): {kv_bytes / 1e9:.1f} GB of KV over "
+            f"{layers} layers ({heads} heads, head dim {HEAD_DIM}, {dtype}), one pool [layers, 2, slots, heads, block, "
+            f"head_dim] with the rows' blocks at shuffled slots. A step = one call per layer view of the pool (the same "
+            f"block table), timed together; ratio = the step's KV bytes / its time / read bandwidth.\n\n")
     res["skipped"] = step_skip_reason(kv_bytes, device)
     if res["skipped"]:
         text = head + f"skipped: {res['skipped']}\n"
