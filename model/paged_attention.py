@@ -512,9 +512,18 @@ class CudnnGraphUnsupported(RuntimeError):
 
 class _PagedGraph:
     """One built cuDNN paged-SDPA graph and what its executions reuse: the graph's tensors, a workspace and the query
-    lengths (all 1)."""
+    lengths (all 1). Any failure to describe or build it raises CudnnGraphUnsupported with cuDNN's message."""
 
     def __init__(self, cudnn, handle, q, k_blocks, v_blocks, block_table):
+        try:
+            self._build(cudnn, handle, q, k_blocks, v_blocks, block_table)
+        except Exception as e:  # cudnnGraphNotSupportedError, a cuDNN error raised as RuntimeError, an API mismatch
+            raise CudnnGraphUnsupported(f"{type(e).__name__}: {e}") from e
+        self.handle = handle
+        self.workspace = torch.empty(max(1, self.graph.get_workspace_size()), dtype=torch.uint8, device=q.device)
+        self.ones = torch.ones(q.shape[0], 1, 1, 1, dtype=torch.int32, device=q.device)
+
+    def _build(self, cudnn, handle, q, k_blocks, v_blocks, block_table):
         n, heads, dim = q.shape
         width, block = block_table.shape[1], k_blocks.shape[2]
         io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[q.dtype]
@@ -540,17 +549,12 @@ class _PagedGraph:
         self.o.set_output(True).set_dim([n, heads, 1, dim]).set_stride([heads * dim, dim, heads * dim, 1])
         self.o.set_data_type(io)
         self.stats.set_output(True).set_dim([n, heads, 1, 1]).set_stride([heads, 1, heads, 1]).set_data_type(f32)
-        try:
-            g.validate()
-            g.build_operation_graph()
-            g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-            g.check_support()
-            g.build_plans()
-        except Exception as e:  # cudnnGraphNotSupportedError, or a cudnn error raised as RuntimeError
-            raise CudnnGraphUnsupported(f"{type(e).__name__}: {e}") from e
-        self.graph, self.handle = g, handle
-        self.workspace = torch.empty(max(1, g.get_workspace_size()), dtype=torch.uint8, device=q.device)
-        self.ones = torch.ones(n, 1, 1, 1, dtype=torch.int32, device=q.device)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.graph = g
 
 
 class CudnnPagedDecode:
@@ -561,9 +565,10 @@ class CudnnPagedDecode:
     A graph is built once per key (device, dtype, rows, heads, head dim, table width, the pool's shapes and strides,
     the query's strides: the block size is the pools' dim 2) and kept; each call then clamps the table and lengths and
     executes the graph with a preallocated workspace on the current torch stream (the cuDNN handle's stream is set to
-    it on every call). Nothing reads a tensor on the host and the graph's buffers are fixed, so a torch CUDA graph
-    capture of a step records cuDNN's kernels (stream capture), and a replay after the block table, lengths and query
-    changed in place reads the new values. The first call of a key builds the graph (host work, a workspace and a
+    it on every call). Nothing reads a tensor on the host, and what a call allocates (the clamped table and lengths,
+    out, stats) comes from the capture's pool when captured, so a torch CUDA graph capture of a step records cuDNN's
+    kernels (stream capture) with fixed pointers, and a replay after the block table, lengths and query changed in
+    place reads the new values. The first call of a key builds the graph (host work, a workspace and a
     device allocation): make it outside any capture, as the engines' eager warm-up step does; a capture that meets an
     unbuilt key raises.
 
