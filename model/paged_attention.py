@@ -127,8 +127,9 @@ def choose_backend(device, dtype, plan: "str | RaggedPlan" = "splits", cudnn_imp
     of differing lengths, which cuDNN's paged SDPA reads at a fraction of the bandwidth while the ragged plan spreads
     a long row over many programs), fp32 (no cuDNN kernel), no CUDA (the Triton path then runs the reference), no
     cuDNN.
-    Depends on the inputs' dtype, device and plan only: the same call always takes the same kernel, so a captured
-    step replays the kernel it captured. cudnn_importable: None asks cudnn_module()."""
+    Depends on the inputs' dtype, device and plan only (paged_decode then takes Triton for a shape cuDNN builds no
+    graph for, decided once per shape): the same call always takes the same kernel, so a captured step replays the
+    kernel its eager warm-up ran. cudnn_importable: None asks cudnn_module()."""
     if torch.device(device).type != "cuda" or dtype not in CUDNN_DTYPES:
         return "triton"
     if isinstance(plan, RaggedPlan) or plan != "splits":
