@@ -19,7 +19,11 @@ Two implementations of one API:
   is a static max_items x heads and the item list is built on the device. Either way each program walks its
   tokens in tiles, gathering slots through the block table, with an online softmax, and a second kernel merges
   a row's partials by their LSE. No host synchronization: the launches depend only on shapes.
+- on CUDA with cuDNN (backend="cudnn"; the optional `nvidia-cudnn-frontend` package, module `cudnn`): cuDNN's
+  paged SDPA reads the same pool through a page table, one graph built per shape (CudnnPagedDecode). bf16/fp16 only
+  (cuDNN has no fp32 SDPA): fp32 calls run Triton.
 - elsewhere (and as the tests' reference): gather the blocks and run the math backend.
+backend="auto" picks one of the two kernels by a rule on the call's inputs (choose_backend), never by timing.
 """
 from __future__ import annotations
 
@@ -32,6 +36,12 @@ try:  # Triton ships with CUDA builds of torch; CPU-only installs run the refere
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
+
+# cuDNN's paged SDPA comes with the optional `nvidia-cudnn-frontend` package (the extra `cudnn` of pyproject.toml). It
+# is imported on first use, not here: the import loads libcudnn, which CPU installs lack.
+CUDNN_INSTALL = "pip install nvidia-cudnn-frontend==1.16.0"
+CUDNN_DTYPES = (torch.bfloat16, torch.float16)  # cuDNN's SDPA has no fp32 kernel
+BACKENDS = ("triton", "cudnn", "auto")
 
 # Defaults from the sweeps of harness/bench_paged.py: 64-token tiles and 4 warps, where larger tiles read slower;
 # splits give each SM at least 8 programs, so that a micro-batch of few rows x heads still fills the GPU.
@@ -47,6 +57,8 @@ RAGGED_PROGRAMS_PER_SM = 4 * PROGRAMS_PER_SM
 # work by the table's width, so one long row among short ones runs on few programs; it stays for the static-batch
 # engines, whose rows are uniform.
 SERVING_PLAN = "ragged"
+# The backend for the static-batch engines' decode rows: "auto", i.e. cuDNN's paged SDPA where choose_backend allows it.
+STATIC_BATCH_BACKEND = "auto"
 PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
 
@@ -77,20 +89,54 @@ def triton_available(device) -> bool:
 
 
 def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
-                 warps: int = WARPS, stages: int = STAGES, plan: "str | RaggedPlan" = "splits"):
-    """(out, lse) of each row's query over its blocks; see the module docstring. Triton on CUDA, else the reference.
-    plan picks the kernel's work split: "splits" (each row cut into `splits` equal shares of the table's width;
+                 warps: int = WARPS, stages: int = STAGES, plan: "str | RaggedPlan" = "splits",
+                 backend: str = "triton"):
+    """(out, lse) of each row's query over its blocks; see the module docstring.
+    backend picks the kernel: "triton" (Triton on CUDA, else the reference), "cudnn" (cuDNN's paged SDPA for bf16/fp16
+    on CUDA; fp32 and non-CUDA tensors take the "triton" path; raises where `cudnn` cannot be imported), or "auto"
+    (choose_backend: the rule on dtype, device and plan; where cuDNN cannot build a graph for these shapes and
+    strides, Triton).
+    plan picks the Triton kernel's work split: "splits" (each row cut into `splits` equal shares of the table's width;
     None = choose_splits) or "ragged" (each row cut into chunks of a bounded token count, RaggedPlan, its buffers
     allocated for this call), or a RaggedPlan whose buffers this call reuses (its tile then overrides `tile`).
-    splits, tile and warps tune the kernel; they do not change the result."""
+    splits, tile, warps and stages tune the Triton kernel; they do not change the result. cuDNN ignores them."""
     if not (isinstance(plan, RaggedPlan) or plan in ("splits", "ragged")):
         raise ValueError(f"plan={plan!r}: expected 'splits', 'ragged' or a RaggedPlan")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "cudnn" and cudnn_module() is None:
+        raise RuntimeError(f"backend='cudnn': the cuDNN frontend cannot be imported ({cudnn_import_error()}); "
+                           f"install it with `{CUDNN_INSTALL}` (or the project's extra: pip install '.[cudnn]'), "
+                           "or use backend='triton'")
+    use_cudnn = backend == "cudnn" and q.device.type == "cuda" and q.dtype in CUDNN_DTYPES
+    if backend == "auto" and choose_backend(q.device, q.dtype, plan) == "cudnn":
+        use_cudnn = CUDNN_PAGED.supports(q, k_blocks, v_blocks, block_table)
+    if use_cudnn:
+        return CUDNN_PAGED(q, k_blocks, v_blocks, block_table, kv_lens)
     if not triton_available(q.device):
         return paged_decode_reference(q, k_blocks, v_blocks, block_table, kv_lens)
     if plan == "splits":
         return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages)
     return paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, None if plan == "ragged" else plan,
                                tile=tile, warps=warps, stages=stages)
+
+
+def choose_backend(device, dtype, plan: "str | RaggedPlan" = "splits", cudnn_importable: bool | None = None) -> str:
+    """The rule behind backend="auto": "cudnn" for the split plan (the plan of static batches, whose rows share one
+    length) in bf16/fp16 on CUDA where the cuDNN frontend imports; "triton" otherwise: the ragged plan (serving rows
+    of differing lengths, which cuDNN's paged SDPA reads at a fraction of the bandwidth while the ragged plan spreads
+    a long row over many programs), fp32 (no cuDNN kernel), no CUDA (the Triton path then runs the reference), no
+    cuDNN.
+    Depends on the inputs' dtype, device and plan only (paged_decode then takes Triton for a shape cuDNN builds no
+    graph for, decided once per shape): the same call always takes the same kernel, so a captured step replays the
+    kernel its eager warm-up ran. cudnn_importable: None asks cudnn_module()."""
+    if torch.device(device).type != "cuda" or dtype not in CUDNN_DTYPES:
+        return "triton"
+    if isinstance(plan, RaggedPlan) or plan != "splits":
+        return "triton"
+    if cudnn_importable is None:
+        cudnn_importable = cudnn_module() is not None
+    return "cudnn" if cudnn_importable else "triton"
 
 
 def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
@@ -433,3 +479,177 @@ def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: Ragge
         PRECISION=_precision(q), UPCAST=_upcast(q), num_warps=warps)
     _ragged_merge_kernel[(n, heads)](part_out, part_lse, plan.offsets, out, lse, HEADS=heads, DIM=dim, num_warps=1)
     return out, lse
+
+
+# --- cuDNN's paged SDPA ---------------------------------------------------------------------------------------------
+
+_cudnn_import = {}  # "module" or "error", filled by the first cudnn_module() call
+
+
+def cudnn_module():
+    """The cuDNN frontend's module `cudnn`, or None where it cannot be imported (not installed, or no libcudnn: the
+    import error is kept for cudnn_import_error). Imported once, on first use."""
+    if not _cudnn_import:
+        try:
+            import cudnn
+            _cudnn_import["module"] = cudnn
+        except Exception as e:  # ImportError, or OSError where libcudnn does not load
+            _cudnn_import["error"] = f"{type(e).__name__}: {e}"
+    return _cudnn_import.get("module")
+
+
+def cudnn_import_error() -> str | None:
+    cudnn_module()
+    return _cudnn_import.get("error")
+
+
+def cudnn_available(device) -> bool:
+    return torch.device(device).type == "cuda" and cudnn_module() is not None
+
+
+class CudnnGraphUnsupported(RuntimeError):
+    """cuDNN built no execution plan for a paged decode of these shapes, strides and dtype."""
+
+
+class _PagedGraph:
+    """One built cuDNN paged-SDPA graph and what its executions reuse: the graph's tensors, a workspace and the query
+    lengths (all 1). Any failure to describe or build it raises CudnnGraphUnsupported with cuDNN's message."""
+
+    def __init__(self, cudnn, handle, q, k_blocks, v_blocks, block_table):
+        try:
+            self._build(cudnn, handle, q, k_blocks, v_blocks, block_table)
+        except Exception as e:  # cudnnGraphNotSupportedError, a cuDNN error raised as RuntimeError, an API mismatch
+            raise CudnnGraphUnsupported(f"{type(e).__name__}: {e}") from e
+        self.handle = handle
+        self.workspace = torch.empty(max(1, self.graph.get_workspace_size()), dtype=torch.uint8, device=q.device)
+        self.ones = torch.ones(q.shape[0], 1, 1, 1, dtype=torch.int32, device=q.device)
+
+    def _build(self, cudnn, handle, q, k_blocks, v_blocks, block_table):
+        n, heads, dim = q.shape
+        width, block = block_table.shape[1], k_blocks.shape[2]
+        io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[q.dtype]
+        i32, f32 = cudnn.data_type.INT32, cudnn.data_type.FLOAT
+        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+        # q [n, H, D] as cuDNN's [n, H, s_q = 1, D]: the sequence stride of a length-1 axis is never stepped
+        self.q = g.tensor(name="q", dim=[n, heads, 1, dim], stride=[q.stride(0), q.stride(1), q.stride(0), 1],
+                          data_type=io)
+        # the pool's blocks as they are: cuDNN's containers are [slots, H, block, D] with any strides
+        self.k = g.tensor(name="k_blocks", dim=list(k_blocks.shape), stride=list(k_blocks.stride()), data_type=io)
+        self.v = g.tensor(name="v_blocks", dim=list(v_blocks.shape), stride=list(v_blocks.stride()), data_type=io)
+        table = dict(dim=[n, 1, width, 1], stride=[width, width, 1, 1], data_type=i32)
+        self.k_table = g.tensor(name="k_table", **table)
+        self.v_table = g.tensor(name="v_table", **table)
+        lens = dict(dim=[n, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32)
+        self.len_q = g.tensor(name="seq_len_q", **lens)
+        self.len_kv = g.tensor(name="seq_len_kv", **lens)
+        self.o, self.stats = g.sdpa(
+            name="paged_decode", q=self.q, k=self.k, v=self.v, attn_scale=1.0 / math.sqrt(dim), generate_stats=True,
+            use_padding_mask=True, seq_len_q=self.len_q, seq_len_kv=self.len_kv, paged_attention_k_table=self.k_table,
+            paged_attention_v_table=self.v_table, paged_attention_max_seq_len_kv=width * block)
+        # out written as [n, H, D] (row-major), stats as [n, H]
+        self.o.set_output(True).set_dim([n, heads, 1, dim]).set_stride([heads * dim, dim, heads * dim, 1])
+        self.o.set_data_type(io)
+        self.stats.set_output(True).set_dim([n, heads, 1, 1]).set_stride([heads, 1, heads, 1]).set_data_type(f32)
+        g.validate()
+        g.build_operation_graph()
+        g.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+        g.check_support()
+        g.build_plans()
+        self.graph = g
+
+
+class CudnnPagedDecode:
+    """paged_decode through cuDNN's paged SDPA, with the same contract: out [n, H, D] fp32 (cuDNN writes it in the
+    inputs' dtype; converted), lse [n, H] fp32, natural log, scale included (cuDNN's softmax stats are exactly that:
+    max + log(sum exp) of the scaled scores), out 0 and lse -inf for a row with kv_len 0.
+
+    A graph is built once per key (device, dtype, rows, heads, head dim, table width, the pool's shapes and strides,
+    the query's strides: the block size is the pools' dim 2) and kept; each call then clamps the table and lengths and
+    executes the graph with a preallocated workspace on the current torch stream (the cuDNN handle's stream is set to
+    it on every call). Nothing reads a tensor on the host, and what a call allocates (the clamped table and lengths,
+    out, stats) comes from the capture's pool when captured, so a torch CUDA graph capture of a step records cuDNN's
+    kernels (stream capture) with fixed pointers, and a replay after the block table, lengths and query changed in
+    place reads the new values. The first call of a key builds the graph (host work, a workspace and a
+    device allocation): make it outside any capture, as the engines' eager warm-up step does; a capture that meets an
+    unbuilt key raises.
+
+    What cuDNN is not given: a row with kv_len 0 runs as a row of length 1 (reading the first slot its table entry
+    names, clamped into the pool) and its out and lse are set afterwards; lengths past the table's width x block count
+    as width x block (as in paged_decode_reference); table entries are clamped into [0, slots), so an entry past a
+    row's blocks that holds anything cannot send a read outside the pool (cuDNN may load a whole tile of table entries
+    whatever the length)."""
+
+    def __init__(self):
+        self.graphs: dict[tuple, _PagedGraph] = {}
+        self.unsupported: dict[tuple, str] = {}  # key -> why cuDNN built no plan
+        self.handles: dict[int, object] = {}
+
+    @staticmethod
+    def key(q, k_blocks, v_blocks, block_table) -> tuple:
+        return (q.device.index, q.dtype, tuple(q.shape), q.stride(0), q.stride(1), block_table.shape[1],
+                tuple(k_blocks.shape), tuple(k_blocks.stride()), tuple(v_blocks.shape), tuple(v_blocks.stride()))
+
+    def _handle(self, cudnn, device):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.handles:
+            with torch.cuda.device(index):
+                self.handles[index] = cudnn.create_handle()
+        return self.handles[index]
+
+    def _graph(self, q, k_blocks, v_blocks, block_table) -> _PagedGraph:
+        key = self.key(q, k_blocks, v_blocks, block_table)
+        graph = self.graphs.get(key)
+        if graph is not None:
+            return graph
+        if key in self.unsupported:
+            raise CudnnGraphUnsupported(self.unsupported[key])
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("paged_decode(backend='cudnn'): the first call of these shapes is being captured; run "
+                               "one call outside the capture first (it builds cuDNN's graph)")
+        cudnn = cudnn_module()
+        assert cudnn is not None, CUDNN_INSTALL
+        with torch.cuda.device(q.device):
+            try:
+                graph = _PagedGraph(cudnn, self._handle(cudnn, q.device), q, k_blocks, v_blocks, block_table)
+            except CudnnGraphUnsupported as e:
+                self.unsupported[key] = str(e)
+                raise
+        self.graphs[key] = graph
+        return graph
+
+    def supports(self, q, k_blocks, v_blocks, block_table) -> bool:
+        """Whether cuDNN builds a graph for this call's shapes (building it, the first time, outside a capture)."""
+        if q.stride(2) != 1 or k_blocks.stride(3) != 1 or v_blocks.stride(3) != 1:
+            return False
+        key = self.key(q, k_blocks, v_blocks, block_table)
+        if key in self.graphs:
+            return True
+        if key in self.unsupported or torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            self._graph(q, k_blocks, v_blocks, block_table)
+        except CudnnGraphUnsupported:
+            return False
+        return True
+
+    def __call__(self, q, k_blocks, v_blocks, block_table, kv_lens):
+        n, heads, dim = q.shape
+        if n == 0 or block_table.shape[1] == 0:
+            return (q.new_zeros(n, heads, dim, dtype=torch.float32),
+                    q.new_full((n, heads), float("-inf"), dtype=torch.float32))
+        assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
+        g = self._graph(q, k_blocks, v_blocks, block_table)
+        width, block, slots = block_table.shape[1], k_blocks.shape[2], k_blocks.shape[0]
+        table = block_table.clamp(0, slots - 1).to(torch.int32).contiguous()  # a fresh [n, width]: strides (width, 1)
+        lens = kv_lens.clamp(1, width * block).to(torch.int32).view(n, 1, 1, 1).contiguous()
+        out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+        stats = torch.empty(n, heads, dtype=torch.float32, device=q.device)
+        cudnn = cudnn_module()
+        cudnn.set_stream(handle=g.handle, stream=torch.cuda.current_stream(q.device).cuda_stream)
+        g.graph.execute({g.q: q, g.k: k_blocks, g.v: v_blocks, g.k_table: table, g.v_table: table, g.len_q: g.ones,
+                         g.len_kv: lens, g.o: out, g.stats: stats}, g.workspace, handle=g.handle)
+        empty = (kv_lens <= 0)[:, None]
+        return (out.float().masked_fill_(empty[..., None], 0.0), stats.masked_fill_(empty, float("-inf")))
+
+
+CUDNN_PAGED = CudnnPagedDecode()  # the process's built graphs, shared by every caller

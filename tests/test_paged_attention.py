@@ -134,8 +134,39 @@ def test_ragged_bench_smoke(tmp_path):
     from harness import bench_paged
 
     res = bench_paged.main(["--smoke", "--ragged", "--out", str(tmp_path)])
-    plans = {(p["batch"], p["plan"]) for p in res["points"] if "error" not in p}
-    assert {plan for _, plan in plans} == {"splits", "ragged", "ragged_x4"} and len(plans) == 3 * len(res["batches"])
+    triton = {(p["batch"], p["plan"]) for p in res["points"] if p["plan"] in ("splits", "ragged", "ragged_x4")
+              and "error" not in p}
+    assert len(triton) == 3 * len(res["batches"])
     assert all(p["max_abs_diff_vs_splits"] < 1e-5 and p["items"] <= p["max_items"] for p in res["points"]
-               if p["plan"] != "splits")
-    assert "ragged_over_splits" in (tmp_path / "ragged.md").read_text()
+               if p["plan"] in ("ragged", "ragged_x4"))
+    # cuDNN: a row per batch, timed where it runs (close to the split plan in bf16), else its reason
+    cudnn = [p for p in res["points"] if p["plan"] == "cudnn"]
+    assert len(cudnn) == len(res["batches"]) and all("error" in p or p["max_abs_diff_vs_splits"] < 2e-2 for p in cudnn)
+    # dense cuDNN for the batches of one length only
+    uniform = {name for name, lens in res["batches"].items() if len(set(lens)) == 1}
+    assert {p["batch"] for p in res["points"] if p["plan"] == "dense_cudnn"} == uniform and uniform
+    text = (tmp_path / "ragged.md").read_text()
+    assert "ragged_over_splits" in text and "cudnn_over_ragged_x4" in text
+
+
+def test_step_bench_smoke(tmp_path):
+    from harness import bench_paged
+
+    res = bench_paged.main(["--smoke", "--step", "--out", str(tmp_path)])
+    assert res["kv_bytes"] >= 2e6 and {p["plan"] for p in res["points"]} == set(bench_paged.STEP_VARIANTS)
+    timed = [p for p in res["points"] if "error" not in p]
+    assert {p["plan"] for p in timed} >= {"splits", "ragged_x4"} and all(p["layers"] == 4 for p in timed)
+    assert all(p["max_abs_diff_vs_splits"] < 1e-5 for p in timed if p["plan"] == "ragged_x4")
+    assert "ratio_to_read_bw" in (tmp_path / "step.md").read_text() and (tmp_path / "step.json").is_file()
+
+
+def test_step_bench_skips_where_the_gpu_lacks_the_memory(monkeypatch):
+    """A step whose pool exceeds the GPU's free memory is not attempted; its reason says what it needs (no CUDA here:
+    a stand-in for the memory query)."""
+    from harness import bench_paged
+
+    monkeypatch.setattr(bench_paged.torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 81 * 10**9))
+    reason = bench_paged.step_skip_reason(100 * 10**9, "cuda")
+    assert reason.startswith("needs 102.1 GB free") and "80.0 GB of 81.0 GB are free" in reason
+    assert bench_paged.step_skip_reason(25 * 10**9, "cuda") is None
+    assert bench_paged.step_skip_reason(100 * 10**9, "cpu") is None

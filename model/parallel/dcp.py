@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention, masked_attention, merge_pair, merge_partials
-from model.paged_attention import SERVING_PLAN, paged_decode
+from model.paged_attention import SERVING_PLAN, STATIC_BATCH_BACKEND, paged_decode
 from model.parallel.paged_kv import to_blocks
 from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StageKV, StaticEngine
@@ -87,7 +87,8 @@ class ShardedAttention:
         local = torch.where(block % self.shards == self.shard, block // self.shards * bs + pos % bs, c.spare_position)
         c.write_token(self.layer, rows, local, k[:, :, 0], v[:, :, 0])
         lens = shard_lengths(pos + 1, self.shard, self.shards, bs).to(torch.int32)
-        out, lse = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], lens)
+        out, lse = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], lens,
+                                backend=STATIC_BATCH_BACKEND)
         return out[:, :, None], lse[:, :, None]  # fp32
 
     def _prefill(self, q, k, v, step: Step):

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention
-from model.paged_attention import paged_decode
+from model.paged_attention import STATIC_BATCH_BACKEND, paged_decode
 from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
@@ -112,7 +112,8 @@ class StageAttention:
             rows = torch.arange(step.rows.start, step.rows.stop, device=q.device)
             pos = step.cache_lens
             c.write_token(self.layer, rows, pos, k[:, :, 0], v[:, :, 0])
-            out, _ = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], (pos + 1).to(torch.int32))
+            out, _ = paged_decode(q[:, :, 0], *c.paged[self.layer], c.table[step.rows], (pos + 1).to(torch.int32),
+                                  backend=STATIC_BATCH_BACKEND)
             return out.to(q.dtype)[:, :, None]
 
 
