@@ -14,6 +14,7 @@ from harness.memory import mean_context_lengths
 from harness.preflight import check_fits, memory_by_role
 from harness.strategies import spec_of
 from harness.workload import prompt_lengths
+from model.paged_attention import SERVING_PLAN
 
 if TYPE_CHECKING:
     from harness.calibration import Calibration
@@ -64,10 +65,12 @@ class ServingPricer:
     """predict_serving_step for one config (serving_config's) and calibration, with the rates computed once and
     a cache the strategy's spec keeps its per-row-count parts in."""
 
-    def __init__(self, cfg: BenchConfig, cal: Calibration, table_tokens: int = 0):
+    def __init__(self, cfg: BenchConfig, cal: Calibration, table_tokens: int = 0, decode_plan: str | None = None):
         """table_tokens: a row's block table holds this many tokens (the longest context a slot is sized for);
-        0: the step's longest row's, rounded up to a block."""
+        0: the step's longest row's, rounded up to a block. decode_plan: the paged kernel's work plan of a decode
+        pass ("ragged" or "splits"); None: the one the serving engines run (model/paged_attention.SERVING_PLAN)."""
         self.cfg, self.cal, self.table_tokens = cfg, cal, table_tokens
+        self.decode_plan = decode_plan or SERVING_PLAN
         self.b, self.bw, self.flops, self.links, self.gpn = rates(cfg, cal)
         self.spec = spec_of(cfg.strategy)
         self.graphed = self.spec.serving_graphed(cfg.strategy)
@@ -95,9 +98,9 @@ class ServingPricer:
         """A decode pass over `rows` rows attending to ctx_sum tokens in all, ctx_max the longest (by_totals kinds)."""
         return self.spec.decode_totals_s(self, rows, ctx_sum, ctx_max)
 
-    def longest_program_s(self, rows: int, ctx_max: int) -> float:
+    def longest_program_s(self, rows: int, ctx_max: int, ctx_sum: int | None = None) -> float:
         """The paged kernel's longest program for these rows (by_totals kinds: the attention's floor)."""
-        return self.spec.longest_program_s(self, rows, ctx_max)
+        return self.spec.longest_program_s(self, rows, ctx_max, ctx_sum)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -237,13 +237,13 @@ def test_layer_floor_counts_the_small_kernels_the_engines_launch(tmp_path):
     assert extra == pytest.approx(cfg.model.n_layers * kernels * 1e-6, rel=1e-9)
 
 
-def _serving_pricer(table_tokens=0, **cal_fields):
+def _serving_pricer(table_tokens=0, decode_plan="splits", **cal_fields):
     from harness.calibration import default_calibration
     from harness.perfmodel import ServingPricer, serving_config
 
     cal = dataclasses.replace(default_calibration(), **cal_fields)
     return ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", "strategy=reference"])), cal,
-                         table_tokens)
+                         table_tokens, decode_plan=decode_plan)
 
 
 def test_serving_prefill_pass_runs_its_gemms_on_rows_padded_to_the_longest_chunk():
@@ -269,6 +269,26 @@ def test_serving_decode_attention_takes_the_longest_program_of_the_table_wide_sp
     assert wide.decode_s(ctx, [False]) == pytest.approx(bare.decode_s(ctx, [False]) + layers * (
         1408 * wide.cal.paged_token_s - (bare.decode_s(ctx, [False]) - bare.decode_totals_s(1, 0, 6000)) / layers
         + wide.cal.serving_layer_s))
+
+
+def test_ragged_plan_floor_is_a_chunk_of_the_pass_total_whatever_the_table():
+    import torch
+
+    from model.paged_attention import RAGGED_PROGRAMS_PER_SM, RaggedPlan
+
+    wide, narrow = _serving_pricer(87616, "ragged"), _serving_pricer(8192, "ragged")
+    token_s = wide.cal.paged_token_s
+    # one 6,000-token row: the plan's minimum chunk, in a wide table as in a narrow one
+    assert wide.longest_program_s(1, 6000, 6000) == narrow.longest_program_s(1, 6000, 6000) == 512 * token_s
+    # a 128K row among 63 rows of 1K: the long row is cut into chunks of the pass's total over the target items,
+    # the chunk RaggedPlan builds for these lengths (torch path, 132 SMs, 32 heads)
+    lens = [131072] + [1024] * 63
+    plan = RaggedPlan(len(lens), 131072 // 64, 64, 32, 132, "cpu", programs_per_sm=RAGGED_PROGRAMS_PER_SM)
+    plan.build(torch.tensor(lens, dtype=torch.int32))
+    assert wide.longest_program_s(64, 131072, sum(lens)) == int(plan.chunk) * token_s
+    assert wide.longest_program_s(64, 131072, sum(lens)) < wide.longest_program_s(64, 131072, 131072 * 64)
+    # the split plan of the same pass walks a split of the table's width
+    assert _serving_pricer(131072).longest_program_s(64, 131072) > wide.longest_program_s(64, 131072, sum(lens))
 
 
 def test_serving_decode_terms_are_the_fit_on_the_measured_serving_steps():

@@ -44,9 +44,10 @@ def capacity(cfg, requests):
     return blocks, pool_blocks, per_slot, placement
 
 
-def virtual_replay(cfg, cal=None) -> Replay:
+def virtual_replay(cfg, cal=None, decode_plan: str | None = None) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
-    default the committed one). The step log's device_ms holds each step's price."""
+    default the committed one; decode_plan: the paged kernel's plan, default the serving engines'). The step log's
+    device_ms holds each step's price."""
     sv, w = cfg.serving, cfg.workload
     requests = load_trace(w.trace)
     blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
@@ -55,7 +56,7 @@ def virtual_replay(cfg, cal=None) -> Replay:
                       closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement,
                       pool_blocks=pool_blocks)
     cal = cal or default_calibration()
-    price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0])
+    price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
@@ -141,6 +142,15 @@ def _measured_calibration(cfg, path):
     return cal
 
 
+# A measured replay whose record does not name its decode plan ran before the serving engines took the ragged plan.
+EARLIER_DECODE_PLAN = "splits"
+
+
+def recorded_decode_plan(rec) -> str:
+    """The paged kernel's plan a measured replay's decode passes ran."""
+    return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
+
+
 def _measured_records(root):
     """(record path, record, its config with the KV blocks it ran with) of every measured trace replay under root."""
     import dataclasses
@@ -204,10 +214,12 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
             continue
         cal = dataclasses.replace(_measured_calibration(cfg, path), paged_token_s=1.0, serving_layer_s=0.0)
         steps = measured_steps(cfg, path)
-        price = ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]))
-        bare = ServingPricer(serving_config(cfg), dataclasses.replace(cal, paged_token_s=0.0), table_tokens=price.table_tokens)
+        plan = recorded_decode_plan(rec)
+        price = ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]), decode_plan=plan)
+        bare = ServingPricer(serving_config(cfg), dataclasses.replace(cal, paged_token_s=0.0),
+                             table_tokens=price.table_tokens, decode_plan=plan)
         for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
-            walk = price.longest_program_s(st.decode_rows, st.ctx_max)  # tokens: paged_token_s = 1
+            walk = price.longest_program_s(st.decode_rows, st.ctx_max, st.ctx_sum)  # tokens: paged_token_s = 1
             cols.append((st.device_ms / 1e3, bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
                          bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max) -
                          bare.decode_totals_s(st.decode_rows, 0, st.ctx_max), cfg.model.n_layers // cfg.strategy.pp))
@@ -239,7 +251,7 @@ def check_serving(root) -> "pd.DataFrame":
         steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
-        projected = virtual_replay(cfg, _measured_calibration(cfg, path))
+        projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
