@@ -158,6 +158,32 @@ def test_static_prefill_by_hand(strategy, tp, chunk):
     assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
 
 
+def _linear(per_byte_s):
+    """An NCCL table whose every size takes per_byte_s per byte (log-log interpolation keeps it exact)."""
+    return {"2": [[1, per_byte_s], [1 << 40, (1 << 40) * per_byte_s]]}
+
+
+DCP_PREFILL = ["strategy.prefill_chunk=32", "strategy.kv_block=16", "hardware.peak_tflops=1"]
+
+
+def test_dcp_prefill_all_to_all_is_priced_by_the_bytes_each_peer_gets():
+    """A DCP rank sends each peer of its KV-shard group the fp32 partials (and LSE) of that peer's heads: one rank's
+    heads of the chunk's tokens. NCCL's all-to-all is calibrated by the bytes to and from each peer, so that is the
+    size it is priced at, not the whole send buffer (k peers' worth)."""
+    cfg = small("strategy=dcp_t2_k2", *DCP_PREFILL)
+    m = cfg.model
+
+    def prefill(per_byte_s):
+        table = {**TABLE, "all_to_all": _linear(per_byte_s)}
+        cal = simple_cal(prefill_flops_fraction=1.0, comm={"graph": table, "eager": table})
+        return predict_step(cfg, cal)["prefill_s"]
+
+    tokens_by_chunk = [4 * min(32, 100 - start) for start in range(0, 100, 32)]  # 4 rows, chunks of 32
+    # one rank's heads of the chunk's tokens, fp32 with the LSE
+    per_peer_bytes = [t * (m.hidden // 2) * (m.head_dim + 1) // m.head_dim * 4 for t in tokens_by_chunk]
+    assert prefill(2e-12) - prefill(1e-12) == pytest.approx(m.n_layers * sum(per_peer_bytes) * 1e-12, rel=1e-9)
+
+
 FA_POOL_PREFILL = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
                    "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
 

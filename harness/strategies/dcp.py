@@ -55,11 +55,12 @@ class DCPSpec(StaticSpec):
         return gather + partials + (cal.merge_s if merge else 0.0)
 
     def add_prefill_exchange(self, layer, eager, s, tokens, h, d, b, cross) -> float:
-        """The group's q, k, v gathered; the fp32 partials (and LSE) of the group's heads exchanged."""
+        """The group's q, k, v gathered; the fp32 partials (and LSE) of the group's heads exchanged: each peer
+        gets one rank's heads (NCCL's all-to-all is timed by the bytes to and from each peer)."""
         k, tp = s.kv_shards, s.tp
         if k > 1:
             layer += eager("all_gather", k, 3 * tokens * h // tp * b, cross)
-            layer += eager("all_to_all", k, k * tokens * (h // tp) * (d + 1) // d * 4, cross)
+            layer += eager("all_to_all", k, tokens * (h // tp) * (d + 1) // d * 4, cross)
         return layer
 
 
