@@ -64,7 +64,8 @@ class Calibration:
     prefill_flops_fraction: float = 1.0
     # FA Pool's prefill copies (a pool rank gathers its blocks into dense keys, a base rank
     # packs its messages and unpacks the partials) at these fractions of the read bandwidth: fitted on two FA Pool
-    # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them
+    # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them. The pool's rate
+    # also prices DCP's copies around its prefill exchange (costs.prefill_copy_s): the same kinds of kernels
     prefill_pool_copy_bw_fraction: float = 1.0
     prefill_base_copy_bw_fraction: float = 1.0
     prefill_calibration_records: tuple = ()  # records the prefill's copy rates were fitted on (not validation)

@@ -184,6 +184,29 @@ def test_dcp_prefill_all_to_all_is_priced_by_the_bytes_each_peer_gets():
     assert prefill(2e-12) - prefill(1e-12) == pytest.approx(m.n_layers * sum(per_peer_bytes) * 1e-12, rel=1e-9)
 
 
+def test_dcp_prefill_charges_the_copies_around_its_exchange_and_tp_none():
+    """What a DCP rank copies beyond TP's attention (q, k, v stacked and the gathered shards reordered, the chunk's
+    K and V cut into blocks, the partials converted to fp32, packed, ordered by destination, merged and cast back)
+    costs its bytes at the prefill copy rate, for every chunk and layer; TP makes none of these copies. The bytes grow
+    with the chunk's tokens and with the group's heads (k times a rank's own)."""
+    from harness.strategies import spec_of
+
+    tp_cfg, dcp_cfg = small("strategy=tp2_pp1", *DCP_PREFILL), small("strategy=dcp_t2_k2", *DCP_PREFILL)
+    fast, slow = simple_cal(prefill_flops_fraction=1.0), simple_cal(prefill_flops_fraction=1.0,
+                                                                     prefill_pool_copy_bw_fraction=0.5)
+    assert predict_step(tp_cfg, slow)["prefill_s"] == pytest.approx(predict_step(tp_cfg, fast)["prefill_s"], rel=1e-12)
+    spec, s, m = spec_of(dcp_cfg.strategy), dcp_cfg.strategy, dcp_cfg.model
+    tokens_by_chunk = [4 * min(32, 100 - start) for start in range(0, 100, 32)]
+    copied = sum(spec.exchange_copy_bytes(s, t, m.hidden, 4) for t in tokens_by_chunk)
+    extra = predict_step(dcp_cfg, slow)["prefill_s"] - predict_step(dcp_cfg, fast)["prefill_s"]
+    assert extra == pytest.approx(m.n_layers * copied / 1e12, rel=1e-9)  # at half the rate: twice the time
+    one = 128 * m.hidden // s.tp * 4  # a rank's q (or k or v) of 128 tokens
+    assert spec.exchange_copy_bytes(s, 256, m.hidden, 4) == 2 * spec.exchange_copy_bytes(s, 128, m.hidden, 4)
+    wider = dataclasses.replace(s, tp=4, kv_shards=4)  # the same heads per rank, twice the group
+    assert spec.exchange_copy_bytes(wider, 128, 2 * m.hidden, 4) > spec.exchange_copy_bytes(s, 128, m.hidden, 4)
+    assert spec.exchange_copy_bytes(s, 128, m.hidden, 4) > 12 * s.kv_shards * one  # the gather's and partials' passes
+
+
 FA_POOL_PREFILL = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
                    "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
 
