@@ -118,7 +118,10 @@ class Calibration:
 
 
 SET_CALIBRATION = {  # the records of the measured multi-GPU set that calibrate FA Pool's host costs (not validation)
-    "message_s": "call_c/records/fa_pool_b1_p3_L8192_B140",  # captured steps, eager messages on the critical path
+    # captured steps, eager messages on the critical path: at the smallest batch, where the messages weigh most in
+    # the step (at a large batch the pool's attention is most of it, and a few percent of its time would be taken
+    # for host time)
+    "message_s": "call_h/records/fa_pool_b1_p3_L8192_B16",
     "eager_unit_s": ("call_a/records/fa_pool_b2_p2_L8192_B16",  # eager steps at a small batch: the host per unit,
                      "call_a/records/fa_pool_b1_p3_L8192_B16"),  # for a base of 2 ranks and of 1
     # FA Pool's prefill copies: one prefill the pool's side decides (one group: base and pool take turns, 2+2) and

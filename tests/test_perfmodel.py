@@ -158,6 +158,19 @@ def test_static_prefill_by_hand(strategy, tp, chunk):
     assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
 
 
+def test_fa_pool_message_cost_is_fitted_where_messages_weigh_most():
+    """message_s (the host's handoff per hop) is fitted on a captured FA Pool record of the set's smallest batch: at
+    a large batch the pool's attention is most of the step, and a few percent of it would be taken for host time."""
+    from harness.calibration import MEASURED_SET, SET_CALIBRATION, measured_items, record_key
+
+    items = {record_key(path, MEASURED_SET): rec for path, rec, _ in measured_items(MEASURED_SET)}
+    fitted = items[SET_CALIBRATION["message_s"]]
+    captured_pools = [r for r in items.values() if r.config["strategy"]["kind"] == fitted.config["strategy"]["kind"]
+                      and all(rank.get("cuda_graphs", False) for rank in r.ranks)]
+    assert all(rank.get("cuda_graphs", False) for rank in fitted.ranks)
+    assert fitted.config["workload"]["batch_size"] == min(r.config["workload"]["batch_size"] for r in captured_pools)
+
+
 def _linear(per_byte_s):
     """An NCCL table whose every size takes per_byte_s per byte (log-log interpolation keeps it exact)."""
     return {"2": [[1, per_byte_s], [1 << 40, (1 << 40) * per_byte_s]]}
