@@ -158,6 +158,25 @@ def test_static_prefill_by_hand(strategy, tp, chunk):
     assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
 
 
+@pytest.mark.parametrize("wavefront", [False, True])
+def test_fa_pool_pool_rank_is_busy_for_every_units_transfers(wavefront):
+    """A pool rank runs its units one after another on one stream, each unit's receive and send between its attention
+    kernels: where the pool decides the layer (its attention far longer than the base's work), each of the M units
+    adds both transfers, whichever order the base issues them in."""
+    over = ["strategy=fa_pool_b2_p2", "workload.prompt_lens=[100]", "strategy.micro_batches=2", "strategy.tp=1",
+            "strategy.pool.hierarchical=false", "strategy.cuda_graphs=true", "strategy.pool.size=2",
+            "strategy.pool.max_size=2", "strategy.world_size=3", f"strategy.pool.wavefront={str(wavefront).lower()}"]
+    cfg = small(*over)
+
+    def step(p2p_s):
+        table = {**TABLE, "p2p": {"2": [[1, p2p_s], [1 << 40, p2p_s]]}}
+        cal = simple_cal(attn_bw_fraction=1e-6, comm={"graph": table, "eager": table})  # the pool's attention decides
+        return predict_step(cfg, cal, graphed=True)["step_s"]
+
+    # 2 layers x 2 units x 2 transfers (q out, partials back)
+    assert step(2e-5) - step(1e-5) == pytest.approx(cfg.model.n_layers * 2 * 2 * 1e-5, rel=1e-6)
+
+
 def test_fa_pool_message_cost_is_fitted_where_messages_weigh_most():
     """message_s (the host's handoff per hop) is fitted on a captured FA Pool record of the set's smallest batch: at
     a large batch the pool's attention is most of the step, and a few percent of it would be taken for host time."""
