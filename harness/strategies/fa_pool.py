@@ -158,7 +158,8 @@ class FAPoolSpec(StrategySpec):
         and runs the FFN (2 all-reduces). A unit's critical path is that chain. With async_overlap and M > 1 a
         layer's units overlap: the layer costs the busier side's M units plus one chain's messages; with wavefront
         the next layer's units start while this one finishes, so a layer costs the busier side's M units or one
-        micro-batch's whole chain, whichever is longer (not yet checked against a GPU measurement). Eager steps
+        micro-batch's whole chain, whichever is longer. A pool unit lasts its attention and both its transfers (a
+        pool rank receives, attends and sends unit after unit on one stream). Eager steps
         (a base of more than one rank) also pay the host's time per unit (cal.eager_unit_s): the host issues every
         kernel and message, so a step cannot be shorter than units x that time."""
         m, s = cfg.model, cfg.strategy
