@@ -64,7 +64,8 @@ class Calibration:
     prefill_flops_fraction: float = 1.0
     # FA Pool's prefill copies (a pool rank gathers its blocks into dense keys, a base rank
     # packs its messages and unpacks the partials) at these fractions of the read bandwidth: fitted on two FA Pool
-    # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them
+    # prefill records (SET_CALIBRATION), 1.0 (the bandwidth itself, a lower bound) without them. The pool's rate
+    # also prices DCP's copies around its prefill exchange (costs.prefill_copy_s): the same kinds of kernels
     prefill_pool_copy_bw_fraction: float = 1.0
     prefill_base_copy_bw_fraction: float = 1.0
     prefill_calibration_records: tuple = ()  # records the prefill's copy rates were fitted on (not validation)
@@ -117,7 +118,10 @@ class Calibration:
 
 
 SET_CALIBRATION = {  # the records of the measured multi-GPU set that calibrate FA Pool's host costs (not validation)
-    "message_s": "call_c/records/fa_pool_b1_p3_L8192_B140",  # captured steps, eager messages on the critical path
+    # captured steps, eager messages on the critical path: at the smallest batch, where the messages weigh most in
+    # the step (at a large batch the pool's attention is most of it, and a few percent of its time would be taken
+    # for host time)
+    "message_s": "call_h/records/fa_pool_b1_p3_L8192_B16",
     "eager_unit_s": ("call_a/records/fa_pool_b2_p2_L8192_B16",  # eager steps at a small batch: the host per unit,
                      "call_a/records/fa_pool_b1_p3_L8192_B16"),  # for a base of 2 ranks and of 1
     # FA Pool's prefill copies: one prefill the pool's side decides (one group: base and pool take turns, 2+2) and

@@ -103,6 +103,14 @@ def eager_collectives(cal, links):
     return eager
 
 
+def prefill_copy_s(cal, bw):
+    """Seconds of a prefill's elementwise copies (conversions, packing, transposes) that read and write `nbytes` in
+    all: f(nbytes), at the rate fitted on FA Pool's pool-side prefill copies, which are kernels of the same kinds."""
+    def copy_s(nbytes):
+        return nbytes / (bw * cal.prefill_pool_copy_bw_fraction)
+    return copy_s
+
+
 def prefill_chunks(cfg, flops):
     """The workload's prefill chunk by chunk as the engines run it (strategy.prefill_chunk tokens; whole prompts
     when 0): per chunk (start, rows with tokens in it, tokens, and at `flops` the seconds of attention over the

@@ -158,6 +158,87 @@ def test_static_prefill_by_hand(strategy, tp, chunk):
     assert predict_step(cfg, cal)["prefill_s"] == pytest.approx(_prefill_by_hand(tp, chunk), rel=1e-9)
 
 
+@pytest.mark.parametrize("wavefront", [False, True])
+def test_fa_pool_pool_rank_is_busy_for_every_units_transfers(wavefront):
+    """A pool rank runs its units one after another on one stream, each unit's receive and send between its attention
+    kernels: where the pool decides the layer (its attention far longer than the base's work), each of the M units
+    adds both transfers, whichever order the base issues them in."""
+    over = ["strategy=fa_pool_b2_p2", "workload.prompt_lens=[100]", "strategy.micro_batches=2", "strategy.tp=1",
+            "strategy.pool.hierarchical=false", "strategy.cuda_graphs=true", "strategy.pool.size=2",
+            "strategy.pool.max_size=2", "strategy.world_size=3", f"strategy.pool.wavefront={str(wavefront).lower()}"]
+    cfg = small(*over)
+
+    def step(p2p_s):
+        table = {**TABLE, "p2p": {"2": [[1, p2p_s], [1 << 40, p2p_s]]}}
+        cal = simple_cal(attn_bw_fraction=1e-6, comm={"graph": table, "eager": table})  # the pool's attention decides
+        return predict_step(cfg, cal, graphed=True)["step_s"]
+
+    # 2 layers x 2 units x 2 transfers (q out, partials back)
+    assert step(2e-5) - step(1e-5) == pytest.approx(cfg.model.n_layers * 2 * 2 * 1e-5, rel=1e-6)
+
+
+def test_fa_pool_message_cost_is_fitted_where_messages_weigh_most():
+    """message_s (the host's handoff per hop) is fitted on a captured FA Pool record of the set's smallest batch: at
+    a large batch the pool's attention is most of the step, and a few percent of it would be taken for host time."""
+    from harness.calibration import MEASURED_SET, SET_CALIBRATION, measured_items, record_key
+
+    items = {record_key(path, MEASURED_SET): rec for path, rec, _ in measured_items(MEASURED_SET)}
+    fitted = items[SET_CALIBRATION["message_s"]]
+    captured_pools = [r for r in items.values() if r.config["strategy"]["kind"] == fitted.config["strategy"]["kind"]
+                      and all(rank.get("cuda_graphs", False) for rank in r.ranks)]
+    assert all(rank.get("cuda_graphs", False) for rank in fitted.ranks)
+    assert fitted.config["workload"]["batch_size"] == min(r.config["workload"]["batch_size"] for r in captured_pools)
+
+
+def _linear(per_byte_s):
+    """An NCCL table whose every size takes per_byte_s per byte (log-log interpolation keeps it exact)."""
+    return {"2": [[1, per_byte_s], [1 << 40, (1 << 40) * per_byte_s]]}
+
+
+DCP_PREFILL = ["strategy.prefill_chunk=32", "strategy.kv_block=16", "hardware.peak_tflops=1"]
+
+
+def test_dcp_prefill_all_to_all_is_priced_by_the_bytes_each_peer_gets():
+    """A DCP rank sends each peer of its KV-shard group the fp32 partials (and LSE) of that peer's heads: one rank's
+    heads of the chunk's tokens. NCCL's all-to-all is calibrated by the bytes to and from each peer, so that is the
+    size it is priced at, not the whole send buffer (k peers' worth)."""
+    cfg = small("strategy=dcp_t2_k2", *DCP_PREFILL)
+    m = cfg.model
+
+    def prefill(per_byte_s):
+        table = {**TABLE, "all_to_all": _linear(per_byte_s)}
+        cal = simple_cal(prefill_flops_fraction=1.0, comm={"graph": table, "eager": table})
+        return predict_step(cfg, cal)["prefill_s"]
+
+    tokens_by_chunk = [4 * min(32, 100 - start) for start in range(0, 100, 32)]  # 4 rows, chunks of 32
+    # one rank's heads of the chunk's tokens, fp32 with the LSE
+    per_peer_bytes = [t * (m.hidden // 2) * (m.head_dim + 1) // m.head_dim * 4 for t in tokens_by_chunk]
+    assert prefill(2e-12) - prefill(1e-12) == pytest.approx(m.n_layers * sum(per_peer_bytes) * 1e-12, rel=1e-9)
+
+
+def test_dcp_prefill_charges_the_copies_around_its_exchange_and_tp_none():
+    """What a DCP rank copies beyond TP's attention (q, k, v stacked and the gathered shards reordered, the chunk's
+    K and V cut into blocks, the partials converted to fp32, packed, ordered by destination, merged and cast back)
+    costs its bytes at the prefill copy rate, for every chunk and layer; TP makes none of these copies. The bytes grow
+    with the chunk's tokens and with the group's heads (k times a rank's own)."""
+    from harness.strategies import spec_of
+
+    tp_cfg, dcp_cfg = small("strategy=tp2_pp1", *DCP_PREFILL), small("strategy=dcp_t2_k2", *DCP_PREFILL)
+    fast, slow = simple_cal(prefill_flops_fraction=1.0), simple_cal(prefill_flops_fraction=1.0,
+                                                                     prefill_pool_copy_bw_fraction=0.5)
+    assert predict_step(tp_cfg, slow)["prefill_s"] == pytest.approx(predict_step(tp_cfg, fast)["prefill_s"], rel=1e-12)
+    spec, s, m = spec_of(dcp_cfg.strategy), dcp_cfg.strategy, dcp_cfg.model
+    tokens_by_chunk = [4 * min(32, 100 - start) for start in range(0, 100, 32)]
+    copied = sum(spec.exchange_copy_bytes(s, t, m.hidden, 4) for t in tokens_by_chunk)
+    extra = predict_step(dcp_cfg, slow)["prefill_s"] - predict_step(dcp_cfg, fast)["prefill_s"]
+    assert extra == pytest.approx(m.n_layers * copied / 1e12, rel=1e-9)  # at half the rate: twice the time
+    one = 128 * m.hidden // s.tp * 4  # a rank's q (or k or v) of 128 tokens
+    assert spec.exchange_copy_bytes(s, 256, m.hidden, 4) == 2 * spec.exchange_copy_bytes(s, 128, m.hidden, 4)
+    wider = dataclasses.replace(s, tp=4, kv_shards=4)  # the same heads per rank, twice the group
+    assert spec.exchange_copy_bytes(wider, 128, 2 * m.hidden, 4) > spec.exchange_copy_bytes(s, 128, m.hidden, 4)
+    assert spec.exchange_copy_bytes(s, 128, m.hidden, 4) > 12 * s.kv_shards * one  # the gather's and partials' passes
+
+
 FA_POOL_PREFILL = ["strategy=fa_pool_b2_p2", "strategy.pool.threshold=8", "strategy.pool.block_size=16",
                    "strategy.prefill_chunk=32", "hardware.peak_tflops=1", "workload.prompt_lens=[128]"]
 

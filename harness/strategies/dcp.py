@@ -54,13 +54,36 @@ class DCPSpec(StaticSpec):
         partials = collective_s(cal, links, "all_to_all", k, heads_bytes * 4 + rows * m.n_heads // s.tp * 4, cross, graphed)
         return gather + partials + (cal.merge_s if merge else 0.0)
 
-    def add_prefill_exchange(self, layer, eager, s, tokens, h, d, b, cross) -> float:
-        """The group's q, k, v gathered; the fp32 partials (and LSE) of the group's heads exchanged."""
+    def add_prefill_exchange(self, layer, eager, copy_s, s, tokens, h, d, b, cross) -> float:
+        """The group's q, k, v gathered; the fp32 partials (and LSE) of the group's heads exchanged: each peer
+        gets one rank's heads (NCCL's all-to-all is timed by the bytes to and from each peer); the copies around
+        both (exchange_copy_bytes)."""
         k, tp = s.kv_shards, s.tp
         if k > 1:
             layer += eager("all_gather", k, 3 * tokens * h // tp * b, cross)
-            layer += eager("all_to_all", k, k * tokens * (h // tp) * (d + 1) // d * 4, cross)
+            layer += eager("all_to_all", k, tokens * (h // tp) * (d + 1) // d * 4, cross)
+            layer += copy_s(self.exchange_copy_bytes(s, tokens, h, b))
         return layer
+
+    def exchange_copy_bytes(self, s, tokens, h, b) -> float:
+        """Bytes a DCP rank reads and writes per prefill chunk and layer in copies that TP's attention does not make
+        (model/parallel/dcp.ShardedAttention), in units of one of its own q, k, v (tokens x h / tp elements):
+        - the gather: q, k, v stacked into one send buffer (3 read, 3 written), the gathered shards reordered into
+          the group's head order (3k, 3k);
+        - the chunk's K and V: padded to whole blocks over the group's heads (2k, 2k), this shard's blocks picked
+          out (2, 2), as TP then stores them;
+        - on the shard that takes the chunk's own keys, the merge of its two partials runs over k times TP's heads
+          (2(k-1) read, k-1 written);
+        - the partials: converted to fp32 (k read, 2k written), packed with the LSE (2k, 2k), ordered by destination
+          (2k, 2k); after the all-to-all, the k partials of its heads weighted (2k, 2k) and summed (2k, 2) in fp32
+          (the unfused merge), and the result cast back (2, 1)."""
+        k = s.kv_shards
+        one = tokens * h // s.tp * b
+        gather = 6 + 6 * k
+        cache_write = 4 * k + 4
+        own_merge = 3 * (k - 1)
+        partials = 3 * k + 4 * k + 4 * k + 4 * k + (2 * k + 2) + 3
+        return one * (gather + cache_write + own_merge + partials)
 
 
 register(DCPSpec())

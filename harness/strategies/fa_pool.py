@@ -158,7 +158,8 @@ class FAPoolSpec(StrategySpec):
         and runs the FFN (2 all-reduces). A unit's critical path is that chain. With async_overlap and M > 1 a
         layer's units overlap: the layer costs the busier side's M units plus one chain's messages; with wavefront
         the next layer's units start while this one finishes, so a layer costs the busier side's M units or one
-        micro-batch's whole chain, whichever is longer (not yet checked against a GPU measurement). Eager steps
+        micro-batch's whole chain, whichever is longer. A pool unit lasts its attention and both its transfers (a
+        pool rank receives, attends and sends unit after unit on one stream). Eager steps
         (a base of more than one rank) also pay the host's time per unit (cal.eager_unit_s): the host issues every
         kernel and message, so a step cannot be shorter than units x that time."""
         m, s = cfg.model, cfg.strategy
@@ -177,7 +178,7 @@ class FAPoolSpec(StrategySpec):
             attn_s(cal, sum(short) / M * 2 * h * b / s.tp, bw, eager) + cal.layer_fixed_s / 2
         post = (gemm_s(cal, rows, h // s.tp, h, b, bw, flops) + gemm_s(cal, rows, h, f // s.tp, b, bw, flops)
                 + gemm_s(cal, rows, f // s.tp, h, b, bw, flops) + 2 * ar + cal.layer_fixed_s / 2)
-        pool_attn = messages = merge = 0.0
+        pool_attn = transfers = handoffs = merge = 0.0
         if long:
             pool_attn = attn_s(cal, sum(long) / M * 2 * h * b / p.size, bw, eager)  # one unit's share
             pool_cross = (s.tp + p.size) > gpn
@@ -186,18 +187,26 @@ class FAPoolSpec(StrategySpec):
             # each hop: its transfer on the device (NCCL's in-graph time for the bytes) and, once, the host's handoff
             # (message_s: the exchange posted and waited on between captured segments). NCCL's eager time is no
             # transfer time: host-bound for small messages (limits.json), it would count the host a second time
-            messages = (collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=True)
-                        + collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=True) + 2 * cal.message_s)
+            transfers = (collective_s(cal, links, "p2p", 2, q_msg, pool_cross, graphed=True)
+                         + collective_s(cal, links, "p2p", 2, part_msg, pool_cross, graphed=True))
+            handoffs = 2 * cal.message_s
             if p.hierarchical and p.size > 1:  # members -> leader first
-                messages += collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=True) + cal.message_s
+                transfers += collective_s(cal, links, "p2p", 2, part_msg * s.tp, False, graphed=True)
+                handoffs += cal.message_s
             merge = cal.merge_s
+        messages = transfers + handoffs
         base_unit = pre + post + merge
+        # a pool rank runs its units one after another on one stream, each unit's receive and send between its
+        # attention kernels (model/parallel/fa_pool_pool_rank.py): a unit keeps the pool busy for both transfers
+        pool_unit = pool_attn + transfers
         if p.async_overlap and p.wavefront and M > 1 and long:
             # a micro-batch's own chain (base unit, messages, pool unit) is the shortest cycle per layer; the M
             # micro-batches in flight keep the base and the pool busy otherwise
-            layer = max(M * base_unit, M * pool_attn, base_unit + messages + pool_attn)
+            layer = max(M * base_unit, M * pool_unit, base_unit + messages + pool_attn)
         elif p.async_overlap and M > 1 and long:
-            layer = max(M * base_unit, M * pool_attn) + messages + min(base_unit, pool_attn)
+            # the base's M units then the last one's messages and pool attention, or the first one's base unit and
+            # handoffs then the pool's M units
+            layer = max(M * base_unit + messages + pool_attn, base_unit + handoffs + M * pool_unit)
         else:
             layer = M * (base_unit + messages + pool_attn)
         embed = ar

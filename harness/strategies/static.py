@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, prefill_chunks
+from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, prefill_chunks,
+                           prefill_copy_s)
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -114,8 +115,9 @@ class StaticSpec(StrategySpec):
         tp, k = s.tp, self.kv_shards(s)
         return (dense + before) / tp + own * k / tp + 2 * eager("all_reduce", tp, tokens * h * b, cross)
 
-    def add_prefill_exchange(self, layer, eager, s, tokens, h, d, b, cross) -> float:
-        """A prefill chunk's layer with what it adds beyond TP's (DCP's gather and partials)."""
+    def add_prefill_exchange(self, layer, eager, copy_s, s, tokens, h, d, b, cross) -> float:
+        """A prefill chunk's layer with what it adds beyond TP's (DCP's gather and partials, and the copies around
+        them at copy_s(bytes read and written))."""
         return layer
 
     def decode_step(self, cfg, cal, links, bw, flops, b, ctx, gpn, eager, graphed):
@@ -186,10 +188,11 @@ class StaticSpec(StrategySpec):
         eager = eager_collectives(cal, links)
         tp = s.tp
         cross = tp > gpn
+        copy_s = prefill_copy_s(cal, bw)
         per_layer = []  # (seconds of one layer of this chunk on the critical path)
         for start, rows, tokens, before, own, dense in prefill_chunks(cfg, flops):
             layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own)
-            per_layer.append(self.add_prefill_exchange(layer, eager, s, tokens, h, d, b, cross))
+            per_layer.append(self.add_prefill_exchange(layer, eager, copy_s, s, tokens, h, d, b, cross))
         lens = prompt_lengths(cfg.workload)
         head = 2 * len(lens) * h * m.vocab_size / (flops * s.tp)
         if s.pp == 1:
@@ -275,7 +278,7 @@ class StaticSpec(StrategySpec):
         cross = tp > gpn
         layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own)
         layer += 2 * gathered / tp / copy_bw
-        layer = self.add_prefill_exchange(layer, eager, s, tokens, h, d, b, cross)
+        layer = self.add_prefill_exchange(layer, eager, prefill_copy_s(cal, bw), s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
         return m.n_layers * layer + hops + 2 * len(lens) * h * m.vocab_size / (flops_p * tp)
 
