@@ -208,3 +208,18 @@ def test_serving_metrics_dataclass_writes_the_records_keys():
     finite = [5.0, 1.0, 3.0, 10.0]
     assert (s.mean, s.p50, s.p90, s.p99) == pytest.approx((np.mean(finite), *np.percentile(finite, (50, 90, 99))))
     assert Stats.of([]).flat("itl_ms") == {"itl_ms_mean": None, "itl_ms_p50": None, "itl_ms_p90": None, "itl_ms_p99": None}
+
+
+def test_virtual_replay_cost_bench_counts_the_window_it_replays(capsys):
+    from harness.bench_virtual import main, replay_cost
+
+    sample = "results/reference/traces/mooncake_conversation_sample.jsonl"
+    cost = replay_cost(["experiment=paper_serving", "strategy=tp8_pp2", "workload.trace.first_n=30",
+                        "workload.trace.rate=8"])
+    assert cost["requests"] == 30 and cost["steps"] > 0 and cost["CPU s"] > 0
+    main(["--trace", sample, "--windows", "20,40"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")][2:]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert [(row[0], row[1]) for row in rows] == [("20", "20"), ("40", "40")]  # window, requests replayed
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["--trace", "no/such/trace.jsonl"])
