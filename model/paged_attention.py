@@ -59,6 +59,10 @@ RAGGED_PROGRAMS_PER_SM = 4 * PROGRAMS_PER_SM
 SERVING_PLAN = "ragged"
 # The backend for the static-batch engines' decode rows: "auto", i.e. cuDNN's paged SDPA where choose_backend allows it.
 STATIC_BATCH_BACKEND = "auto"
+# GPUs (torch.cuda.get_device_name) on which the paged benchmark (harness/bench_paged.py) measured cuDNN's paged SDPA
+# faster than the split plan on uniform batches at every block size; backend="auto" takes cuDNN only on these, and a
+# GPU not measured takes Triton. Where cuDNN was measured slower, on uniform and ragged batches alike, it is absent.
+CUDNN_FASTER_ON: frozenset = frozenset()
 PLAN_TILE_ELEMENTS = 8192  # items x rows compared at once by the plan kernel: 64 values a thread at 4 warps
 
 
@@ -121,18 +125,23 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
                                tile=tile, warps=warps, stages=stages)
 
 
-def choose_backend(device, dtype, plan: "str | RaggedPlan" = "splits", cudnn_importable: bool | None = None) -> str:
+def choose_backend(device, dtype, plan: "str | RaggedPlan" = "splits", cudnn_importable: bool | None = None,
+                   device_name: str | None = None) -> str:
     """The rule behind backend="auto": "cudnn" for the split plan (the plan of static batches, whose rows share one
-    length) in bf16/fp16 on CUDA where the cuDNN frontend imports; "triton" otherwise: the ragged plan (serving rows
-    of differing lengths, which cuDNN's paged SDPA reads at a fraction of the bandwidth while the ragged plan spreads
-    a long row over many programs), fp32 (no cuDNN kernel), no CUDA (the Triton path then runs the reference), no
-    cuDNN.
+    length) in bf16/fp16 on a CUDA GPU listed in CUDNN_FASTER_ON where the cuDNN frontend imports; "triton"
+    otherwise: the ragged plan (serving rows of differing lengths, which cuDNN's paged SDPA reads at a fraction of
+    the bandwidth while the ragged plan spreads a long row over many programs), fp32 (no cuDNN kernel), no CUDA (the
+    Triton path then runs the reference), a GPU not measured faster with cuDNN, no cuDNN.
     Depends on the inputs' dtype, device and plan only (paged_decode then takes Triton for a shape cuDNN builds no
     graph for, decided once per shape): the same call always takes the same kernel, so a captured step replays the
-    kernel its eager warm-up ran. cudnn_importable: None asks cudnn_module()."""
+    kernel its eager warm-up ran. cudnn_importable: None asks cudnn_module(); device_name: None asks torch."""
     if torch.device(device).type != "cuda" or dtype not in CUDNN_DTYPES:
         return "triton"
     if isinstance(plan, RaggedPlan) or plan != "splits":
+        return "triton"
+    if device_name is None:
+        device_name = torch.cuda.get_device_name(device)
+    if device_name not in CUDNN_FASTER_ON:
         return "triton"
     if cudnn_importable is None:
         cudnn_importable = cudnn_module() is not None

@@ -25,21 +25,37 @@ BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 # --- the rule and the guard (CPU) -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device,dtype,plan,importable,expected", [
-    ("cuda", BF16, "splits", True, "cudnn"),  # a static batch in bf16: cuDNN
-    ("cuda", FP16, "splits", True, "cudnn"),
-    ("cuda", BF16, "ragged", True, "triton"),  # serving rows: the ragged plan
-    ("cuda", FP32, "splits", True, "triton"),  # no fp32 SDPA in cuDNN
-    ("cuda", BF16, "splits", False, "triton"),  # the frontend not installed
-    ("cpu", BF16, "splits", True, "triton"),  # off CUDA the Triton path runs the reference
+MEASURED_FASTER = "a GPU measured faster with cuDNN"
+
+
+@pytest.fixture
+def cudnn_faster_here(monkeypatch):
+    monkeypatch.setattr(pa, "CUDNN_FASTER_ON", frozenset({MEASURED_FASTER}))
+
+
+@pytest.mark.parametrize("device,dtype,plan,importable,name,expected", [
+    ("cuda", BF16, "splits", True, MEASURED_FASTER, "cudnn"),  # a static batch in bf16 where cuDNN measured faster
+    ("cuda", FP16, "splits", True, MEASURED_FASTER, "cudnn"),
+    ("cuda", BF16, "splits", True, "a GPU not measured", "triton"),  # not in CUDNN_FASTER_ON: Triton
+    ("cuda", BF16, "ragged", True, MEASURED_FASTER, "triton"),  # serving rows: the ragged plan
+    ("cuda", FP32, "splits", True, MEASURED_FASTER, "triton"),  # no fp32 SDPA in cuDNN
+    ("cuda", BF16, "splits", False, MEASURED_FASTER, "triton"),  # the frontend not installed
+    ("cpu", BF16, "splits", True, MEASURED_FASTER, "triton"),  # off CUDA the Triton path runs the reference
 ])
-def test_auto_rule(device, dtype, plan, importable, expected):
-    assert choose_backend(device, dtype, plan, cudnn_importable=importable) == expected
+def test_auto_rule(cudnn_faster_here, device, dtype, plan, importable, name, expected):
+    assert choose_backend(device, dtype, plan, cudnn_importable=importable, device_name=name) == expected
 
 
-def test_auto_rule_sends_a_ragged_plan_object_to_triton():
+def test_auto_rule_sends_a_ragged_plan_object_to_triton(cudnn_faster_here):
     plan = RaggedPlan(rows=2, width=4, block=16, heads=2, sm_count=4, device="cpu")
-    assert choose_backend("cuda", BF16, plan, cudnn_importable=True) == "triton"
+    assert choose_backend("cuda", BF16, plan, cudnn_importable=True, device_name=MEASURED_FASTER) == "triton"
+
+
+def test_no_gpu_is_listed_faster_with_cudnn_where_it_was_measured_slower():
+    """The H100's paged measurement (bench_paged) found cuDNN's paged SDPA slower than the split plan on uniform
+    batches at blocks 16, 64 and 256, so the rule keeps it on Triton."""
+    assert "NVIDIA H100 80GB HBM3" not in pa.CUDNN_FASTER_ON
+    assert choose_backend("cuda", BF16, "splits", cudnn_importable=True, device_name="NVIDIA H100 80GB HBM3") == "triton"
 
 
 def test_the_static_engines_take_the_rule_and_serving_keeps_the_ragged_plan():
@@ -119,7 +135,8 @@ def test_cudnn_equals_reference_on_the_cpu_tests_layouts(name):
 
 @pytest.mark.gpu
 @GPU_CUDNN
-def test_auto_takes_cudnn_for_the_split_plan_in_bf16():
+def test_auto_takes_cudnn_for_the_split_plan_in_bf16(monkeypatch):
+    monkeypatch.setattr(pa, "CUDNN_FASTER_ON", frozenset({torch.cuda.get_device_name()}))
     q, k, v, table, lens = hostile_layout([300, 17, 0, 64], heads=8, dim=128, block=16, dtype=BF16, device="cuda")
     key = pa.CUDNN_PAGED.key(q, k, v, table)
     out, lse = paged_decode(q, k, v, table, lens, backend="auto")
