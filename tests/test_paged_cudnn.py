@@ -17,7 +17,7 @@ from model import paged_attention as pa
 from model.paged_attention import (CUDNN_INSTALL, RaggedPlan, choose_backend, cudnn_available, paged_decode,
                                    paged_decode_reference)
 from tests.test_paged_attention import LAYOUTS, hostile_layout
-from tests.test_paged_ragged import assert_matches_reference, garbage_past_rows
+from tests.test_paged_ragged import assert_matches_reference, assert_replays_after_in_place_change, garbage_past_rows
 
 CUDA = torch.cuda.is_available()
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -195,19 +195,5 @@ def test_cudnn_replays_in_a_cuda_graph_after_tables_and_lengths_change(capture_e
                                              spare=200, seed=1)
     width = table.shape[1]
     table2 = garbage_past_rows(torch.nn.functional.pad(table2, (0, width - table2.shape[1]))[:, :width], lens2, block)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # builds cuDNN's graph and warms the allocator, outside the capture
-        paged_decode(q, k, v, table, lens, backend="cudnn")
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
-        out, lse = paged_decode(q, k, v, table, lens, backend="cudnn")
-    graph.replay()
-    assert_matches_reference(out, lse, q, k, v, table, lens)
-    q.copy_(q2)
-    table.copy_(table2)
-    lens.copy_(lens2)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_matches_reference(out, lse, q, k, v, table, lens)
+    assert_replays_after_in_place_change(lambda: paged_decode(q, k, v, table, lens, backend="cudnn"),
+                                         (q, k, v, table, lens), (q2, table2, lens2), capture_error_mode)

@@ -156,6 +156,28 @@ def assert_matches_reference(out, lse, q, k, v, table, lens):
 INTERPRETED_CASES = [*LAYOUTS, "garbage_past_rows"]
 
 
+def assert_replays_after_in_place_change(call, inputs, changed, capture_error_mode="global"):
+    """call() (returning out, lse over inputs = q, k, v, table, lens) run once eagerly on a side stream (kernels
+    compiled, graphs built, the allocator warmed, outside the capture), captured in a CUDA graph and replayed:
+    it matches the reference, and again after q, table and lens are overwritten in place by changed."""
+    q, k, v, table, lens = inputs
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
+        out, lse = call()
+    graph.replay()
+    assert_matches_reference(out, lse, q, k, v, table, lens)
+    for tensor, new in zip((q, table, lens), changed):
+        tensor.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_matches_reference(out, lse, q, k, v, table, lens)
+
+
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("block", [4, 32])  # blocks shorter than a tile, and tiles inside a block
@@ -246,19 +268,6 @@ def test_ragged_kernel_replays_in_a_cuda_graph_after_tables_and_lengths_change()
     width = table.shape[1]
     table2 = torch.nn.functional.pad(table2, (0, width - table2.shape[1]))[:, :width]
     plan = RaggedPlan(len(first), width, block, heads, torch.cuda.get_device_properties(0).multi_processor_count, "cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # compiles the kernels and warms the allocator, outside the capture
-        paged_decode(q, k, v, table, lens, plan=plan)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = paged_decode(q, k, v, table, lens, plan=plan)
-    graph.replay()
-    assert_matches_reference(out, lse, q, k, v, table, lens)
-    q.copy_(q2)
-    table.copy_(table2)
-    lens.copy_(lens2)
-    graph.replay()
-    assert_matches_reference(out, lse, q, k, v, table, lens)
+    assert_replays_after_in_place_change(lambda: paged_decode(q, k, v, table, lens, plan=plan),
+                                         (q, k, v, table, lens), (q2, table2, lens2))
 
