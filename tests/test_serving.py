@@ -129,6 +129,17 @@ def test_virtual_time_replay_writes_a_projected_record(tmp_path):
     assert (steps.device_ms > 0).all() and steps.migrated.sum() > 0  # the same scheduler: placement and migration
     # the clock is the priced steps: each step ends its price after it starts
     assert ((steps.end - steps.start) * 1e3 - steps.device_ms).abs().max() < 1e-6
+    # the report draws the pool over the replay and writes its numbers binned (pool_occupancy.csv)
+    from harness.collect import collect
+    from harness.serving.report import plot_serving
+
+    df, _ = collect(tmp_path)
+    (tmp_path / "report").mkdir()
+    files = plot_serving(df, tmp_path / "report")
+    table = pd.read_csv(tmp_path / "report" / "pool_occupancy.csv")
+    assert tmp_path / "report" / "pool_occupancy.csv" in files
+    assert table.steps.sum() == len(steps) and table.pool_ranks_used_max.max() == steps.pool_ranks_used.max()
+    assert set(table.strategy) == {"fa_pool_b2_p2"} and set(table.gpus) == {4}
 
 
 def test_serving_step_price_grows_with_context_and_tokens():
@@ -223,3 +234,18 @@ def test_virtual_replay_cost_bench_counts_the_window_it_replays(capsys):
     assert [(row[0], row[1]) for row in rows] == [("20", "20"), ("40", "40")]  # window, requests replayed
     with pytest.raises(SystemExit, match="no such file"):
         main(["--trace", "no/such/trace.jsonl"])
+
+
+def test_pool_occupancy_bins_a_step_log_by_replay_time():
+    import pandas as pd
+
+    from harness.serving.report import pool_occupancy
+
+    steps = pd.DataFrame({"end": [0.5, 30.0, 59.9, 60.0, 150.0], "pool_ranks_used": [0, 2, 4, 1, 3],
+                          "pool_rows": [0, 1, 3, 1, 2], "pool_blocks_used": [0, 10, 40, 12, 20],
+                          "migrated": [0, 1, 1, 0, 2]})
+    t = pool_occupancy(steps, bin_s=60)
+    assert t.bin_start_s.tolist() == [0.0, 60.0, 120.0]  # empty bins are left out
+    assert t.steps.tolist() == [3, 1, 1] and t.pool_ranks_used_max.tolist() == [4, 1, 3]
+    assert t.pool_ranks_used_mean.tolist() == [2.0, 1.0, 3.0] and t.pool_rows_max.tolist() == [3, 1, 2]
+    assert t.pool_blocks_used_max.tolist() == [40, 12, 20] and t.migrated.tolist() == [2, 0, 2]

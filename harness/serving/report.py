@@ -65,6 +65,21 @@ def _tables(row, name: str) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.is_file() else None
 
 
+POOL_BIN_S = 60.0  # pool_occupancy.csv: one row per this many seconds of replay time
+
+
+def pool_occupancy(steps: pd.DataFrame, bin_s: float = POOL_BIN_S) -> pd.DataFrame:
+    """FA Pool's pool over a replay, from its step log: per bin of bin_s seconds of replay time (by step end), the
+    steps, the mean and largest number of pool ranks in use and of requests in the pool, the largest pool blocks
+    held, and the migrations into it."""
+    d = steps.assign(bin_start_s=(steps["end"] // bin_s) * bin_s)
+    g = d.groupby("bin_start_s")
+    return pd.DataFrame({"steps": g.size(), "pool_ranks_used_mean": g.pool_ranks_used.mean(),
+                         "pool_ranks_used_max": g.pool_ranks_used.max(), "pool_rows_mean": g.pool_rows.mean(),
+                         "pool_rows_max": g.pool_rows.max(), "pool_blocks_used_max": g.pool_blocks_used.max(),
+                         "migrated": g.migrated.sum()}).reset_index()
+
+
 def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
     """The serving figures, where the results hold trace replays (none otherwise)."""
     d = serving_runs(df)
@@ -123,12 +138,17 @@ def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
     twin.legend(fontsize=7, loc="upper right")
     files += _save(fig, out, "kv_occupancy")
 
-    pools = d[d["config.strategy.kind"].map(family_of) == "offload"].head(6)
+    pools = d[d["config.strategy.kind"].map(family_of) == "offload"]
     if not pools.empty:  # FA Pool's dynamic adaptation: pool ranks in use against the long requests present
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-        for _, row in pools.iterrows():
+        binned = []
+        for drawn, (_, row) in enumerate(pools.iterrows()):
             steps = _tables(row, "steps")
             if steps is None:
+                continue
+            binned.append(pool_occupancy(steps).assign(strategy=row["strategy"], gpus=row["gpus"],
+                                                       offered_rate=row["metrics.offered_rate"]))
+            if drawn >= 6:  # the figure shows the first six replays; the table has them all
                 continue
             label = f"{row['strategy']} @ {row['metrics.offered_rate']:.2g}/s" if row['metrics.offered_rate'] else f"{row['strategy']} (arriving together)"
             a1.step(steps["end"], steps["pool_ranks_used"], where="post", label=label)
@@ -141,4 +161,8 @@ def plot_serving(df: pd.DataFrame, out: Path) -> list[Path]:
         a1.legend(fontsize=7)
         a1.set_title("FA Pool occupancy over the replay")
         files += _save(fig, out, "pool_occupancy")
+        if binned:  # the figure's numbers, binned, for sets that keep records but not step logs
+            path = Path(out) / "pool_occupancy.csv"
+            pd.concat(binned, ignore_index=True).to_csv(path, index=False, float_format="%.4g")
+            files.append(path)
     return files
