@@ -60,8 +60,9 @@ def cudnn_not_run(q) -> str | None:
 def cudnn_paged_timing(q, k, v, table, lens, reps=REPS, warmup=WARMUP) -> dict:
     """paged_decode(backend="cudnn") timed: {"us", "out"}, or {"error"} where it cannot run or cuDNN builds no graph
     (the caller records the error in its row and goes on)."""
-    if cudnn_not_run(q):
-        return {"error": cudnn_not_run(q)}
+    why = cudnn_not_run(q)
+    if why:
+        return {"error": why}
     try:
         out, _ = paged_decode(q, k, v, table, lens, backend="cudnn")
         t = timeit(lambda: paged_decode(q, k, v, table, lens, backend="cudnn"), reps=reps, warmup=warmup)

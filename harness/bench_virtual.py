@@ -17,21 +17,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from hydra import compose, initialize_config_dir
-
-from harness.config import load, register_configs, validate
+from harness.bench_serving import config
 from harness.serving.virtual import virtual_replay
 from harness.traces import load_trace
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def replay_cost(overrides: list[str]) -> dict:
     """One virtual replay of the config these overrides compose: CPU seconds, steps, requests."""
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = load(compose(config_name="config", overrides=overrides))
-    validate(cfg)
+    cfg, _ = config(overrides)
     requests = len(load_trace(cfg.workload.trace).arrival_s)
     start = time.process_time()
     replay = virtual_replay(cfg)

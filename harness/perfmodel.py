@@ -98,7 +98,7 @@ class ServingPricer:
         """A decode pass over `rows` rows attending to ctx_sum tokens in all, ctx_max the longest (by_totals kinds)."""
         return self.spec.decode_totals_s(self, rows, ctx_sum, ctx_max)
 
-    def longest_program_s(self, rows: int, ctx_max: int, ctx_sum: int | None = None) -> float:
+    def longest_program_s(self, rows: int, ctx_max: int, ctx_sum: int) -> float:
         """The paged kernel's longest program for these rows (by_totals kinds: the attention's floor)."""
         return self.spec.longest_program_s(self, rows, ctx_max, ctx_sum)
 

@@ -159,6 +159,19 @@ def choose_splits(rows: int, heads: int, max_tokens: int, sm_count: int) -> int:
     return splits
 
 
+def ragged_plan_sizes(heads: int, sm_count: int, tile: int = TILE_TOKENS, programs_per_sm: int = PROGRAMS_PER_SM,
+                      min_chunk: int = MIN_SPLIT_TOKENS) -> tuple[int, int]:
+    """(target_items, min_chunk) of a RaggedPlan: the work items that give every SM programs_per_sm programs over the
+    heads, and the shortest chunk, rounded up to the tile."""
+    return max(1, -(-programs_per_sm * sm_count // heads)), -(-max(1, min_chunk) // tile) * tile
+
+
+def ragged_chunk_tokens(total_tokens: int, target_items: int, min_chunk: int, tile: int = TILE_TOKENS) -> int:
+    """The chunk RaggedPlan.build cuts rows into for a batch of total_tokens in all: the total over the target
+    items, at least min_chunk, rounded up to the tile (build computes the same on the device)."""
+    return -(-max(-(-total_tokens // target_items), min_chunk) // tile) * tile
+
+
 class RaggedPlan:
     """The work list of the ragged kernel, in buffers allocated once per shape and refilled on the device.
 
@@ -188,8 +201,7 @@ class RaggedPlan:
         self.rows, self.width, self.block, self.heads, self.tile = rows, width, block, heads, tile
         self.device = torch.device(device)
         self.row_tokens = width * block  # no row holds more tokens than its table addresses
-        self.target_items = max(1, -(-programs_per_sm * sm_count // heads))
-        self.min_chunk = -(-max(1, min_chunk) // tile) * tile
+        self.target_items, self.min_chunk = ragged_plan_sizes(heads, sm_count, tile, programs_per_sm, min_chunk)
         per_row = -(-self.row_tokens // self.min_chunk)
         self.max_items = min(rows * per_row, rows + self.target_items)
         i32 = dict(dtype=torch.int32, device=self.device)

@@ -342,8 +342,8 @@ def test_serving_decode_attention_takes_the_longest_program_of_the_table_wide_sp
     # one row: 64 splits of a 87,616-token table are 1,408 tokens each, longer to walk than the row's KV is to
     # stream; in a 8,192-token table, splits of 512 tokens are not
     wide, narrow = _serving_pricer(87616), _serving_pricer(8192)
-    assert wide.longest_program_s(1, 6000) == 1408 * wide.cal.paged_token_s
-    assert narrow.longest_program_s(1, 6000) == 512 * narrow.cal.paged_token_s
+    assert wide.longest_program_s(1, 6000, 6000) == 1408 * wide.cal.paged_token_s
+    assert narrow.longest_program_s(1, 6000, 6000) == 512 * narrow.cal.paged_token_s
     assert wide.decode_s(ctx, [False]) > narrow.decode_s(ctx, [False])
     bare = _serving_pricer(87616, paged_token_s=0.0, serving_layer_s=0.0)
     layers = bare.cfg.model.n_layers
@@ -369,7 +369,7 @@ def test_ragged_plan_floor_is_a_chunk_of_the_pass_total_whatever_the_table():
     assert wide.longest_program_s(64, 131072, sum(lens)) == int(plan.chunk) * token_s
     assert wide.longest_program_s(64, 131072, sum(lens)) < wide.longest_program_s(64, 131072, 131072 * 64)
     # the split plan of the same pass walks a split of the table's width
-    assert _serving_pricer(131072).longest_program_s(64, 131072) > wide.longest_program_s(64, 131072, sum(lens))
+    assert _serving_pricer(131072).longest_program_s(64, 131072, sum(lens)) > wide.longest_program_s(64, 131072, sum(lens))
 
 
 def test_serving_decode_terms_are_the_fit_on_the_measured_serving_steps():

@@ -225,15 +225,15 @@ class StaticSpec(StrategySpec):
                                phases=False, attn_floor_s=self.longest_program_s(pricer, rows, ctx_max, ctx_sum),
                                layer_extra_s=pricer.cal.serving_layer_s)
 
-    def longest_program_s(self, pricer, rows: int, ctx_max: int, ctx_sum: int | None = None) -> float:
-        """The paged kernel's longest program under the pricer's decode plan, at paged_token_s per token it walks: the longest row's program walks the row, or its share if shorter.
+    def longest_program_s(self, pricer, rows: int, ctx_max: int, ctx_sum: int) -> float:
+        """The paged kernel's longest program under the pricer's decode plan, at paged_token_s per token it walks:
+        the longest row's program walks the row, or its share if shorter.
         ragged: shares are chunks of the step's total context (ctx_sum) over the plan's target items
         (RaggedPlan: RAGGED_PROGRAMS_PER_SM x SMs programs over the heads), never under its minimum chunk.
         splits: rows x heads x splits programs, the splits sized by the block table's width (a captured pass runs
         its bucket's rows, padding included)."""
         if pricer.decode_plan == "ragged":
-            return min(ctx_max, self.ragged_chunk_tokens(pricer, ctx_max if ctx_sum is None else ctx_sum)) * \
-                pricer.cal.paged_token_s
+            return min(ctx_max, self.ragged_chunk_tokens(pricer, ctx_sum)) * pricer.cal.paged_token_s
         cfg, bs = pricer.cfg, pricer.cfg.serving.block_size
         width = pricer.table_tokens or -(-ctx_max // bs) * bs
         split_tokens = pricer.cache.get(("split", rows, width))
@@ -248,14 +248,13 @@ class StaticSpec(StrategySpec):
         return min(ctx_max, split_tokens) * pricer.cal.paged_token_s
 
     def ragged_chunk_tokens(self, pricer, ctx_sum: int) -> int:
-        """RaggedPlan's chunk for a pass of ctx_sum tokens in all (model/paged_attention.RaggedPlan.build)."""
-        from model.paged_attention import MIN_SPLIT_TOKENS, RAGGED_PROGRAMS_PER_SM, TILE_TOKENS
+        """RaggedPlan's chunk for a pass of ctx_sum tokens in all, at the serving engines' programs per SM."""
+        from model.paged_attention import RAGGED_PROGRAMS_PER_SM, ragged_chunk_tokens, ragged_plan_sizes
 
         cfg = pricer.cfg
-        heads = cfg.model.n_heads // cfg.strategy.tp
-        target = max(1, -(-RAGGED_PROGRAMS_PER_SM * cfg.hardware.sm_count // heads))
-        min_chunk = -(-MIN_SPLIT_TOKENS // TILE_TOKENS) * TILE_TOKENS
-        return -(-max(-(-ctx_sum // target), min_chunk) // TILE_TOKENS) * TILE_TOKENS
+        target, min_chunk = ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, cfg.hardware.sm_count,
+                                              programs_per_sm=RAGGED_PROGRAMS_PER_SM)
+        return ragged_chunk_tokens(ctx_sum, target, min_chunk)
 
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
         """As prefill_s prices a chunk, plus what the serving engine adds: every row's earlier keys and values
