@@ -68,6 +68,28 @@ def alone(engine, passes, updates, migrations, reps: int) -> float:
     return timeit(lambda: engine.serve_step(passes, updates[:0], migrations[:0]), reps=reps, warmup=2)
 
 
+def captured(engine, passes, updates, migrations, reps: int) -> tuple[float, str]:
+    """(median seconds, "") of the passes replayed from one CUDA graph captured at their exact shape, or (nan, why
+    not). A token-count bucket pads a pass up to its size, so this is the most that capturing prefill chunks by
+    buckets could gain over running them eagerly."""
+    run = lambda: engine.serve_step(passes, updates[:0], migrations[:0])  # noqa: E731
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # capture's warm-up, on a side stream as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except RuntimeError as err:
+        torch.cuda.synchronize()
+        return float("nan"), str(err).splitlines()[0]
+    seconds = timeit(graph.replay, reps=reps, warmup=2)
+    del graph
+    return seconds, ""
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -140,6 +162,11 @@ def main(argv=None):
                 parts = [alone(engine, [p], updates, migrations, reps=5) * 1e3 for p in passes]
                 row |= {"alone ms": sum(parts), "prefill pass ms": parts[0], "decode pass ms": parts[-1],
                         "replay / alone": in_replay / sum(parts)}
+                if device.type == "cuda":  # eager prefill against the same pass from a graph of its exact shape
+                    graph_s, why = captured(engine, passes[:1], updates, migrations, reps=5)
+                    row |= {"prefill captured ms": graph_s * 1e3, "eager / captured": parts[0] / (graph_s * 1e3)}
+                    if why:
+                        row["not captured"] = why
             compared.append(row)
     table, steps_table = pd.DataFrame(rows), pd.DataFrame(compared)
     result = {"device": info, "limits": lim, "config": base, "replays": rows, "steps_alone": compared,
@@ -156,6 +183,9 @@ def main(argv=None):
         d = steps_table[steps_table.kind == kind] if len(steps_table) else steps_table
         if len(d):
             md.append(f"{kind}: replay / alone median {d['replay / alone'].median():.3f}, max {d['replay / alone'].max():.3f}")
+        if kind == "mixed" and len(d) and "eager / captured" in d:
+            md.append(f"prefill passes, eager / captured at their exact shape: median {d['eager / captured'].median():.3f}, "
+                      f"max {d['eager / captured'].max():.3f}")
     (out / "bench_serving.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     engine.release_graphs()

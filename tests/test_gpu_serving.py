@@ -36,3 +36,54 @@ def test_serving_on_gpus_matches_the_plain_model(strategy, gpus, dtype, tmp_path
     assert decode_sizes.nunique() > 2  # requests joined and left: the decode pass changed buckets mid-replay
     if dtype == "float32":
         assert on["tokens_sha256"] == off["tokens_sha256"]
+
+
+def test_a_step_does_not_synchronize_with_the_host(tmp_path):
+    """Inside a step (engine.serve_step) nothing waits for the device: the replay reads a step's tokens outside it,
+    and a step goes to the device before the previous step's tokens are read. Counted with torch's sync debug mode;
+    the steps that capture a new decode bucket synchronize by design and are left out."""
+    if GPUS < 1:
+        pytest.skip("needs a CUDA GPU")
+    import tempfile
+    import warnings
+
+    import torch.distributed as dist
+
+    from harness.bench_serving import config
+    from harness.measure import PhaseTimer
+    from harness.runner import build_engine
+    from harness.serving.replay import replay
+
+    cfg, _ = config(["workload=tiny_mooncake", "workload.trace.first_n=12", "hardware=cuda", "attention_backend=sdpa",
+                     "hardware.dtype=bfloat16", "serving.clock=logical", "serving.warmup_requests=0",
+                     "check_reference=false"])
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{tempfile.mktemp(dir=tmp_path)}", rank=0, world_size=1)
+    try:
+        engine = build_engine(cfg, 0, 1, device, PhaseTimer(device, enabled=False))
+        step_of, counts = engine.serve_step, []
+
+        def counted(passes, updates, migrations=None):
+            graphs = len(getattr(engine, "decode_graphs", {}))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    out = step_of(passes, updates, migrations)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+            prefill = any(p.prefill for p, _ in passes)
+            counts.append((prefill, len(engine.decode_graphs) > graphs, syncs))
+            return out
+
+        engine.serve_step = counted
+        result = replay(cfg, engine, 0, device)
+    finally:
+        dist.destroy_process_group()
+    assert result.scheduler.done() and len(counts) == result.scheduler.steps
+    steady = [(prefill, syncs) for prefill, captured, syncs in counts if not captured]
+    assert any(prefill for prefill, _ in steady) and any(not prefill for prefill, _ in steady)
+    assert all(not syncs for _, syncs in steady), [s for _, s in steady if s][:3]
+    assert sum(result.scheduler.log["launched_ahead"]) > len(counts) // 2

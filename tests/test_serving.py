@@ -66,6 +66,8 @@ def test_kv_full_preempts_and_recomputes_without_loss(tmp_path):
     assert (requests.preemptions > 0).any()
     assert_every_request_right(rec, requests)
     assert steps.blocks_used.max() <= 64
+    # steps go to the device before the previous step's tokens are read, except a recompute's, which needs them
+    assert steps.launched_ahead.any() and not steps.launched_ahead.all()
 
 
 @pytest.mark.slow
@@ -93,6 +95,7 @@ def test_logical_clock_gives_the_same_tokens_every_run(tmp_path):
     # a step in which one request joins while another finishes
     assert any(ra.admitted_s.isin([start]).any() and ra.finished_s.isin([end]).any() for start, end in zip(sa.start, sa.end))
     assert list(ra.tokens_sha256) == list(rb.tokens_sha256)
+    assert sa.launched_ahead.sum() > len(sa) // 2 and not sb.launched_ahead.any()  # tp2_pp2: stage 0 feeds itself
     assert sa[["prefill_tokens", "decode_rows", "running", "blocks_used"]].equals(sb[["prefill_tokens", "decode_rows", "running", "blocks_used"]])
 
 

@@ -95,13 +95,21 @@ def _broadcast(packed: np.ndarray | None, device) -> torch.Tensor:
     return body.cpu()
 
 
+def _to_device(host: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device's queued work: a copy from pageable memory would
+    first synchronize the stream, so a CUDA copy goes through pinned memory, asynchronously."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _unpack(host: torch.Tensor, device, first_pool_rank: int):
     """(passes [(ServingPass, tokens)], table updates, migrations, request ids per row, emitting rows) on `device`,
     or None when the replay is done. Counts and pool ranks are read on the host, before anything moves."""
     P, D, U, W, upto, done, M, R, upto_decode = (int(x) for x in host[:HEADER].tolist())
     if done:
         return None
-    t = host.to(device)
+    t = _to_device(host, device)
     at = HEADER
 
     def take(n, shape=None):
@@ -118,7 +126,7 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
     host_pooled = host[HEADER + 5 * P: HEADER + 6 * P], host[HEADER + 6 * P + P * W + 4 * D: HEADER + 6 * P + P * W + 5 * D]
 
     def fa_pool(pooled, pooled_host, ranks):
-        rows = torch.nonzero(pooled_host).flatten().to(device) if R else None
+        rows = _to_device(torch.nonzero(pooled_host).flatten(), device) if R else None
         return pooled.bool(), rows, tuple(first_pool_rank + i for i, used in enumerate(ranks) if used)
 
     passes = []
@@ -166,6 +174,8 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     t0 = time.perf_counter()
     step = 0
     waited = []  # rank 0, per step: whether the host waited for an arrival before planning it (the device idle by choice)
+    launched_ahead = []  # rank 0, per step: whether it went to the device before the previous step's tokens were read
+    feeds_itself = s.overlap_host and getattr(engine, "feeds_decode_tokens", False)
     launched = None  # rank 0: (emission, new tokens on the device, host s, graph passes) of the step in flight
 
     def read_launched():
@@ -199,11 +209,16 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
                 else:
                     time.sleep(max(0.0, nxt - (time.perf_counter() - t0)))
             host_s = time.perf_counter() - t0 - host_start if plan is not None else 0.0
-            read_launched()
-            if plan is not None:
-                sched.refresh_inputs(plan)  # its decode inputs are the tokens just read
+            # launched ahead: this step goes to the device before the one in flight's tokens are read; the engine
+            # takes decode inputs from its own device copy, and a recompute's prefill needs generated tokens
+            ahead = feeds_itself and plan is not None and not sched.recomputes(plan)
+            if not ahead:
+                read_launched()
+                if plan is not None:
+                    sched.refresh_inputs(plan)  # its input tokens that are generated ones, just read
             packed = _pack(plan, sched.slot_req, pool_ranks)
             waited.append(idle)
+            launched_ahead.append(ahead)
         unpacked = _unpack(_broadcast(packed, device), device, cfg.strategy.tp)
         if unpacked is None:
             break
@@ -223,7 +238,9 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             del engine.logits[n_logits:]
             emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
         if rank == 0:
-            launched = (sched.advance(plan), tokens, host_s, getattr(engine, "replayed_passes", 0) - replayed)
+            emission = sched.advance(plan)
+            read_launched()  # the previous step's tokens, if this one was launched ahead of reading them
+            launched = (emission, tokens, host_s, getattr(engine, "replayed_passes", 0) - replayed)
             if not s.overlap_host:
                 read_launched()
             if logical:
@@ -238,6 +255,8 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
         # the device's idle time before each step: from the previous step's end event to this one's start event
         sched.log["gap_ms"] = [float("nan")] + [a[1].elapsed_time(b[0]) for a, b in zip(events, events[1:])]
         sched.log["waited_for_arrival"] = waited[: len(events)]
+    if rank == 0:
+        sched.log["launched_ahead"] = launched_ahead[: sched.steps]
     return Replay(requests, sched, blocks, per_slot, duration, emitted)
 
 

@@ -597,6 +597,12 @@ class Scheduler:
         self.steps += k
         return k
 
+    def recomputes(self, plan: StepPlan) -> bool:
+        """Whether a prefill row of the plan runs past its prompt: a preempted request's recompute, whose input
+        includes tokens it generated."""
+        p_req = self.slot_req[plan.prefill_slots]
+        return bool(np.any(plan.prefill_start + plan.prefill_len > self.req.prompt_len[p_req]))
+
     def refresh_inputs(self, plan: StepPlan) -> None:
         """Re-read a plan's input tokens that are generated tokens: a plan made while the previous step ran (after
         its `advance`, before its `stamp`) read them before they were known. Decode rows: their last token;

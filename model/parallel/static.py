@@ -383,6 +383,14 @@ class StaticEngine(Engine):
         self.pad_slot, self.buckets = slots, decode_buckets(slots)
         self.decode_io, self.decode_graphs, self.graph_pool = {}, {}, None
         self.replayed_passes = self.eager_passes = 0
+        # stage 0: each slot's last emitted token, kept on the device: a decode row's input is read from here, so a
+        # step can be launched before the previous step's tokens reach the host
+        self.next_tokens = torch.zeros(slots + 1, dtype=torch.long, device=self.device) if self.first else None
+
+    @property
+    def feeds_decode_tokens(self) -> bool:
+        """This rank embeds decode rows from its own device copy of the last tokens (not the plan's)."""
+        return self.next_tokens is not None
 
     serve_capturable = True  # decode passes may be captured (FA Pool's base sends eager messages inside attention)
 
@@ -395,11 +403,15 @@ class StaticEngine(Engine):
     @torch.no_grad()
     def serve_step(self, passes, table_updates, migrations=None) -> torch.Tensor | None:
         """One serving step: the table entries allocated for it, then each pass (ServingPass plus its input
-        tokens [b, t] where this rank embeds them) through the stages (migrations: FA Pool's, none here). Returns the tokens of every row, passes in
-        order, where this rank knows them (stage 0 of a pipeline gets them back from the last stage)."""
+        tokens [b, t] where this rank embeds them) through the stages (migrations: FA Pool's, none here). A decode
+        row's input token is the one its slot emitted last, from `next_tokens` (the plan's copy is not read).
+        Returns the tokens of every row, passes in order, where this rank knows them (stage 0 of a pipeline gets them
+        back from the last stage)."""
         self.serving.update_table(table_updates)
         sends, tokens = [], []
         for p, ids in passes:
+            if self.first and not p.prefill:
+                ids = self.next_tokens[p.slots][:, None]
             if not p.prefill and self._graphed_decode():
                 tokens.append((self._decode_captured(p, ids), None))
                 continue
@@ -433,7 +445,12 @@ class StaticEngine(Engine):
             if work is not None:
                 with self.timer("synchronization"):
                     work.wait()
-        return torch.cat([tok for tok, _ in tokens]) if tokens else None
+        if not tokens:
+            return None
+        new = torch.cat([tok for tok, _ in tokens])
+        if self.first:  # a prefill row that did not end its prompt writes a token its own last chunk overwrites
+            self.next_tokens.index_copy_(0, torch.cat([p.slots for p, _ in passes]), new)
+        return new
 
     def _decode_captured(self, p, ids) -> torch.Tensor:
         """A decode pass from the CUDA graph of its bucket: the rows copied into the bucket's static buffers (the rest
