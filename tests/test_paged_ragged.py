@@ -115,6 +115,26 @@ def test_the_plan_argument_is_checked_and_the_cpu_falls_back_to_the_reference():
 # Triton's interpreter works only when TRITON_INTERPRET=1 is set before Triton is first imported (its language
 # functions are defined then): these tests run in a child pytest started with it, or in a run started with it.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _index_a_scalar_under_numpy_2_4():
+    """Triton's interpreter turns a scalar into a Python int with int() of a one-element array, which NumPy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"), so any loop bound read from memory
+    fails there (triton-lang/triton#9171, fixed upstream by squeezing the array first). The same fix, applied to
+    the interpreter this child run uses; where Triton already squeezes it changes nothing."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRETING and pa.triton is not None:
+    _index_a_scalar_under_numpy_2_4()
 interpreted = pytest.mark.skipif(not (INTERPRETING and pa.triton is not None),
                                  reason="runs under TRITON_INTERPRET=1 (test_kernels_under_the_triton_interpreter)")
 
