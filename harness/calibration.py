@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  # one GPU: GEMMs, merge, floors
 MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
 SERVING_DECODE_SET = ROOT / "results" / "measured" / "h200-x1" / "serve"  # one GPU: serving decode steps (Calibration)
+SERVING_HOST_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_ragged"  # one GPU: eager serving passes
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
 # runs RMSNorm and rotary: "unfused" (engines without the fused kernels, and the one-GPU benchmark that fits
 # the floor per kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
@@ -78,6 +79,15 @@ class Calibration:
     #   calibrated streaming rate, the split merge, the table's reads); not broken down: no profile of it yet
     paged_token_s: float = 39.6e-9
     serving_layer_s: float = 56.9e-6
+    # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
+    # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
+    # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)
+    serving_prefill_host_layer_s: float = 2.146e-3
+    # A prefill pass of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE attends through one mask: the
+    # mem-efficient kernel with an additive bias computes every query of every row against every key the pass
+    # spans, at this fraction of the GEMM rate (fitted on one such step of SERVING_HOST_SET:
+    # harness/serving/virtual.fit_masked_attention)
+    masked_attn_flops_fraction: float = 0.275
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):

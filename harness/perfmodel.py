@@ -76,14 +76,40 @@ class ServingPricer:
         self.graphed = self.spec.serving_graphed(cfg.strategy)
         self.cache: dict = {}
 
-    def step(self, prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled) -> float:
-        t = 0.0
+    def step(self, prefill_start, prefill_len, prefill_pooled, decode_ctx, decode_pooled, capture: bool = False) -> float:
+        """Seconds of a step: its prefill pass, then its decode pass. capture: the decode pass is the first of its
+        bucket (captured kinds), run eagerly and then captured (capture_s)."""
+        t = host = 0.0
+        if len(prefill_len):  # eager: the device runs the pass's kernels as the host launches them
+            host = self.spec.serving_prefill_host_s(self.cfg, self.cal)
+            t = max(host, self.spec.serving_prefill_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b,
+                                                      self.gpn, prefill_start, prefill_len, prefill_pooled))
         if len(decode_ctx):
-            t += self.decode_s(decode_ctx, decode_pooled)
-        if len(prefill_len):
-            t += self.spec.serving_prefill_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b, self.gpn,
-                                             prefill_start, prefill_len, prefill_pooled)
+            t = self.capture_s(t, host, self.decode_s(decode_ctx, decode_pooled)) if capture else \
+                t + self.decode_s(decode_ctx, decode_pooled)
         return t
+
+    def bucket(self, rows: int) -> int | None:
+        """The captured bucket a decode pass of `rows` rows replays (model/parallel/static.decode_buckets); None
+        where the kind's serving decode passes are not captured."""
+        if not self.graphed:
+            return None
+        from model.parallel.static import decode_buckets
+
+        return next((b for b in decode_buckets(self.cfg.serving.max_batch) if b >= rows), rows)
+
+    def eager_decode_host_s(self) -> float:
+        """The host's time to walk one decode pass eagerly (launching its kernels, or recording them in a capture):
+        the eager engine's host time per layer (Calibration.eager_cpu_s_per_layer)."""
+        return self.cfg.model.n_layers // self.cfg.strategy.pp * self.cal.eager_cpu_s_per_layer
+
+    def capture_s(self, t: float, host: float, decode_s: float) -> float:
+        """A step that meets a decode bucket for the first time (model/parallel/static._decode_captured), from the
+        step's time t and its host's time host before the decode pass: the pass runs eagerly (its kernels as the host
+        launches them, after what the device has queued), the host waits for the device, then captures the same
+        pass (the host's walk again; the device idles: nothing of the capture runs)."""
+        walk = self.eager_decode_host_s()
+        return max(t + decode_s, host + walk) + walk
 
     def decode_s(self, decode_ctx, decode_pooled) -> float:
         """A decode pass over rows attending to decode_ctx tokens (decode_pooled: which are in FA Pool's pool)."""

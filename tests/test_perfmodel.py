@@ -328,7 +328,7 @@ def _serving_pricer(table_tokens=0, decode_plan="splits", **cal_fields):
 
 
 def test_serving_prefill_pass_runs_its_gemms_on_rows_padded_to_the_longest_chunk():
-    price = _serving_pricer()
+    price = _serving_pricer(serving_prefill_host_layer_s=0.0)  # the device's work (the host's floor aside)
     two = lambda lens: price.step([0] * len(lens), lens, [False] * len(lens), (), ())  # noqa: E731
     # GEMMs: 2 x 2048 positions either way; attention differs by the second row's own keys (64 against 2048)
     assert 0.9 * two([2048, 2048]) < two([2048, 64]) < two([2048, 2048])
@@ -378,3 +378,81 @@ def test_serving_decode_terms_are_the_fit_on_the_measured_serving_steps():
 
     token_s, layer_s = fit_serving_decode(SERVING_DECODE_SET)
     assert (Calibration.paged_token_s, Calibration.serving_layer_s) == pytest.approx((token_s, layer_s), rel=5e-3)
+
+
+def test_serving_prefill_pass_is_no_shorter_than_its_host_launches():
+    price = _serving_pricer()
+    floor = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
+    device = _serving_pricer(serving_prefill_host_layer_s=0.0)
+    short, long = ([0], [64], [False]), ([60000], [2048], [False])
+    assert device.step(*short, (), ()) < floor and price.step(*short, (), ()) == floor
+    assert device.step(*long, (), ()) > floor and price.step(*long, (), ()) == device.step(*long, (), ())
+    # the decode pass of a mixed step follows the prefill pass, host-bound or not
+    ctx = [5000, 9000]
+    assert price.step(*short, ctx, [False] * 2) == pytest.approx(floor + price.decode_s(ctx, [False] * 2))
+
+
+def test_serving_prefill_through_one_mask_spans_every_row_to_the_longest():
+    from harness.strategies.static import StaticSpec
+    from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
+    price = _serving_pricer(serving_prefill_host_layer_s=0.0)
+    spec = price.spec
+    rows = lambda starts, lens: price.step(starts, lens, [False] * len(lens), (), ())  # noqa: E731
+    assert not spec.serving_prefill_masked(ROWS_ONE_BY_ONE) and spec.serving_prefill_masked(ROWS_ONE_BY_ONE + 1)
+    # three rows: a chunk after 40K cached tokens beside two new short prompts. Through one mask every row gathers
+    # and attends over the 42K keys the pass spans, so the pass costs more than the long row alone and more than
+    # the same rows attended one by one; the short rows' cost grows with the long row's start
+    starts, lens = [40000, 0, 0], [2048, 24, 25]
+    assert rows(starts, lens) > rows(starts[:1], lens[:1]) + rows(starts[1:], lens[1:])
+    assert rows([80000, 0, 0], lens) - rows([80000], [2048]) > rows(starts, lens) - rows([40000], [2048])
+    one_by_one = pytest.MonkeyPatch()
+    one_by_one.setattr(StaticSpec, "serving_prefill_masked", lambda self, n: False)
+    try:
+        by_row = rows(starts, lens)
+    finally:
+        one_by_one.undo()
+    assert rows(starts, lens) > 1.5 * by_row
+    # the price of the masked work: rows x longest chunk x keys spanned, at the masked rate
+    fast = _serving_pricer(serving_prefill_host_layer_s=0.0, masked_attn_flops_fraction=1.0)
+    slow = _serving_pricer(serving_prefill_host_layer_s=0.0, masked_attn_flops_fraction=0.5)
+    m = price.cfg.model
+    pairs = 3 * 2048 * 42048
+    assert slow.step(starts, lens, [False] * 3, (), ()) - fast.step(starts, lens, [False] * 3, (), ()) == pytest.approx(
+        m.n_layers * 4 * m.hidden * pairs / fast.flops, rel=1e-9)
+
+
+def test_dcp_serving_prefill_is_not_priced_through_the_serving_mask():
+    from harness.strategies import spec_of
+    from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
+    assert not spec_of("dcp").serving_prefill_masked(ROWS_ONE_BY_ONE + 5)
+
+
+def test_first_pass_of_a_decode_bucket_runs_eagerly_then_is_captured():
+    price = _serving_pricer()
+    walk = price.eager_decode_host_s()
+    assert walk == price.cfg.model.n_layers * price.cal.eager_cpu_s_per_layer
+    ctx = [3000] * 9
+    dec = price.decode_s(ctx, [False] * 9)
+    assert dec < walk  # a small pass: its eager run is the host's walk
+    assert price.step((), (), (), ctx, [False] * 9, capture=True) == pytest.approx(2 * walk)
+    # beside a prefill pass the eager launches follow the prefill's on the host, its kernels the prefill's on the device
+    pre = ([60000], [2048], [False])
+    t = price.step(*pre, (), ())
+    host = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
+    assert price.step(*pre, ctx, [False] * 9, capture=True) == pytest.approx(max(t + dec, host + walk) + walk)
+    assert price.bucket(3) == 4 and price.bucket(1) == 1
+    # a pipeline's decode passes run eagerly every step: no bucket, no capture
+    from harness.perfmodel import ServingPricer, serving_config
+
+    assert ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", "strategy=tp8_pp2"])),
+                         price.cal).bucket(3) is None
+
+
+def test_serving_host_terms_are_the_fit_on_the_measured_serving_steps():
+    from harness.calibration import SERVING_HOST_SET, Calibration
+    from harness.serving.virtual import fit_masked_attention, fit_serving_prefill_host
+
+    assert Calibration.serving_prefill_host_layer_s == pytest.approx(fit_serving_prefill_host(SERVING_HOST_SET), rel=5e-3)
+    assert Calibration.masked_attn_flops_fraction == pytest.approx(fit_masked_attention(SERVING_HOST_SET), rel=5e-3)

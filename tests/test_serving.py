@@ -172,6 +172,7 @@ def test_serving_step_price_grows_with_context_and_tokens():
     ["strategy=tp8_pp2", "workload.trace.arrival=closed", "workload.trace.concurrency=6"],
     ["strategy=tp8_pp2", "workload.trace.rate=8", "serving.kv_blocks=60"],  # admission waits on the KV
     ["strategy=tp8_pp2", "workload.trace.rate=8", "serving.kv_blocks=60", "serving.on_kv_full=preempt"],
+    ["strategy=reference", "hardware=h200", "workload.trace.rate=4"],  # captured buckets: each first pass captures
 ])
 def test_virtual_replay_skipping_decode_steps_changes_nothing(overrides, monkeypatch):
     """The replay in virtual time runs the decode steps between events in one go (Scheduler.skip_decode); the
@@ -198,6 +199,24 @@ def test_virtual_replay_skipping_decode_steps_changes_nothing(overrides, monkeyp
         assert np.array_equal(getattr(fast, name), getattr(slow, name)), name
     assert all(np.array_equal(a[:n], b[:n]) for a, b, n in zip(fast.kv.stacks, slow.kv.stacks, slow.kv.n_free))
     assert np.array_equal(fast.kv.n_free, slow.kv.n_free) and fast.blocks_accounted()
+
+
+def test_virtual_replay_captures_each_decode_bucket_at_its_first_pass(monkeypatch):
+    """A captured kind's replay in virtual time prices the first decode pass of each bucket as the engine runs it
+    (eager, then captured) and every later one as a graph replay: one capture per bucket the replay meets."""
+    from harness.perfmodel import ServingPricer
+    from harness.serving.virtual import virtual_replay
+    from model.parallel.static import decode_buckets
+    from tests.conftest import cfg_object
+
+    cfg = cfg_object(["experiment=paper_serving", "workload.trace.first_n=60", "serving.max_batch=16",
+                      "strategy=reference", "hardware=h200", "workload.trace.rate=4"])
+    captures = []
+    capture = ServingPricer.capture_s
+    monkeypatch.setattr(ServingPricer, "capture_s", lambda self, *a: captures.append(a) or capture(self, *a))
+    log = virtual_replay(cfg).scheduler.log
+    met = {next(b for b in decode_buckets(16) if b >= n) for n in log["decode_rows"] if n}
+    assert len(met) > 1 and len(captures) == len(met)
 
 
 def test_serving_metrics_dataclass_writes_the_records_keys():

@@ -58,7 +58,7 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None) -> Replay:
     cal = cal or default_calibration()
     price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan)
     host_s = sv.host_step_ms / 1e3
-    now, costs = 0.0, []
+    now, costs, captured = 0.0, [], set()  # captured: the decode buckets met so far (ServingPricer.bucket)
     while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
         plan = sched.begin(now, now, stamp_arrivals=bool(closed))
         if plan is None:
@@ -67,22 +67,25 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None) -> Replay:
                 break
             now = max(now, nxt)
             continue
+        bucket = price.bucket(len(plan.decode_pos)) if len(plan.decode_pos) else None
         cost = host_s + price.step(plan.prefill_start, plan.prefill_len, plan.prefill_pooled, plan.decode_pos + 1,
-                                   plan.decode_pooled)
+                                   plan.decode_pooled, capture=bucket is not None and bucket not in captured)
+        captured.add(bucket)
         costs.append(cost * 1e3)
         now += cost
         sched.complete(plan, np.zeros(plan.rows, dtype=np.int64), now, host_s)
-        now = _decode_until_event(sched, price, now, host_s, closed, costs)
+        now = _decode_until_event(sched, price, now, host_s, closed, costs, captured)
     sched.log["device_ms"] = costs
     result = Replay(requests, sched, blocks, per_slot, now, [])
     result.pool_blocks, result.calibration = pool_blocks, cal.source
     return result
 
 
-def _decode_until_event(sched, price, now: float, host_s: float, closed: int, costs: list) -> float:
+def _decode_until_event(sched, price, now: float, host_s: float, closed: int, costs: list, captured: set) -> float:
     """Between events (an arrival, a request's last token) the steps are decode steps of the same rows, one token
     further each: priced here one after another and handed to the scheduler in one go (Scheduler.skip_decode),
-    which leaves what step-by-step planning would. Returns the clock after them."""
+    which leaves what step-by-step planning would (the first of them captures the rows' bucket if none has met it:
+    `captured`). Returns the clock after them."""
     window = sched.decode_window()
     if window is None:
         return now
@@ -92,20 +95,25 @@ def _decode_until_event(sched, price, now: float, host_s: float, closed: int, co
     arrival = None if closed else sched.next_arrival_time(now)
     ctx, pooled = sched.ctx[slots] + 1, np.zeros(len(slots), dtype=bool)
     rows, ctx_sum, ctx_max = len(slots), int(ctx.sum()), int(ctx.max())
+    bucket = price.bucket(rows)
     start, ends, priced = now, [], []
     for j in range(steps):
         if arrival is not None and now >= arrival:
             break  # `begin` releases it
+        capture = j == 0 and bucket is not None and bucket not in captured
         if price.by_totals:  # what price.step gives for these rows, from their row count and total context
-            cost = host_s + price.decode_totals_s(rows, ctx_sum + rows * j, ctx_max + j)
+            cost = price.decode_totals_s(rows, ctx_sum + rows * j, ctx_max + j)
+            cost = host_s + (price.capture_s(0.0, 0.0, cost) if capture else cost)
         else:
-            cost = host_s + price.step((), (), (), ctx + j, pooled)
+            cost = host_s + price.step((), (), (), ctx + j, pooled, capture=capture)
         now += cost
         ends.append(now)
         priced.append(cost * 1e3)
     if not ends:
         return start
     ran = sched.skip_decode(slots, start, ends, host_s)
+    if ran:
+        captured.add(bucket)
     costs.extend(priced[:ran])
     return ends[ran - 1] if ran else start
 
@@ -264,3 +272,56 @@ def check_serving(root) -> "pd.DataFrame":
         row["goodput measured"], row["goodput projected"] = m["goodput"], p.goodput
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _priced_steps(root, records, **cal_fields):
+    """(steps with their composition, pricer, record) of the measured replays under root whose folder (relative to
+    root) is in `records`, each priced on its run's limits with cal_fields set."""
+    import dataclasses
+    from pathlib import Path
+
+    from harness.perfmodel import ServingPricer, serving_config
+
+    for path, rec, cfg in _measured_records(root):
+        if str(Path(path).parent.relative_to(root)) not in records:
+            continue
+        cal = dataclasses.replace(_measured_calibration(cfg, path), **cal_fields)
+        steps = measured_steps(cfg, path)
+        yield steps, ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]),
+                                   decode_plan=recorded_decode_plan(rec)), rec
+
+
+def fit_serving_prefill_host(root, records=("closed256/records/rate_1",), under_s: float = 1e-3) -> float:
+    """Calibration.serving_prefill_host_layer_s: over the steps of these replays whose prefill pass the model
+    prices under `under_s` on the device (short chunks: the pass is its host's launches) and whose decode pass,
+    if any, replayed a graph, the median of the step's device time less its decode pass's price, per layer."""
+    per_layer = []
+    for steps, price, _ in _priced_steps(root, records, serving_prefill_host_layer_s=0.0):
+        layers = price.cfg.model.n_layers // price.cfg.strategy.pp
+        for st in steps[(steps.prefill_tokens > 0) & ((steps.decode_rows == 0) | (steps.replayed > 0))].itertuples():
+            pre = price.step(st.prefill_start, st.prefill_len, np.zeros(len(st.prefill_len), bool), (), ())
+            if pre < under_s:
+                dec = price.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max) if st.decode_rows else 0.0
+                per_layer.append((st.device_ms / 1e3 - dec) / layers)
+    return float(np.median(per_layer))
+
+
+def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
+    """Calibration.masked_attn_flops_fraction: the rate at which the steps of these replays whose prefill pass
+    attends through one mask (and whose decode pass, if any, replayed a graph) are priced at their measured device
+    time in the median (bisection: the price falls as the rate rises)."""
+    chosen = []
+    for steps, price, _ in _priced_steps(root, records):
+        masked = [price.spec.serving_prefill_masked(len(x)) for x in steps.prefill_len]
+        for st in steps[np.array(masked) & ((steps.decode_rows == 0) | (steps.replayed > 0))].itertuples():
+            chosen.append((price, st))
+    lo, hi = np.log(1e-3), np.log(1.0)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        ratios = []
+        for price, st in chosen:
+            price.cal.masked_attn_flops_fraction = float(np.exp(mid))
+            ratios.append(price.step(st.prefill_start, st.prefill_len, np.zeros(len(st.prefill_len), bool),
+                                     st.decode_ctx, np.zeros(len(st.decode_ctx), bool)) * 1e3 / st.device_ms)
+        lo, hi = (mid, hi) if np.median(ratios) > 1 else (lo, mid)
+    return float(np.exp((lo + hi) / 2))

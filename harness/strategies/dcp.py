@@ -65,6 +65,11 @@ class DCPSpec(StaticSpec):
             layer += copy_s(self.exchange_copy_bytes(s, tokens, h, b))
         return layer
 
+    def serving_prefill_masked(self, rows: int) -> bool:
+        """A DCP shard attends through a mask of its own positions at any row count (model/parallel/dcp.py); that
+        price is prefill_s's chunk (own causal work) until a measured DCP replay checks a masked one."""
+        return False
+
     def exchange_copy_bytes(self, s, tokens, h, b) -> float:
         """Bytes a DCP rank reads and writes per prefill chunk and layer in copies that TP's attention does not make
         (model/parallel/dcp.ShardedAttention), in units of one of its own q, k, v (tokens x h / tp elements):

@@ -129,6 +129,10 @@ class StrategySpec:
         """Seconds of a serving decode pass (pricer: harness/perfmodel.ServingPricer, for its rates and caches)."""
         raise NotImplementedError(f"strategy kind {self.kind!r} does not serve")
 
+    def serving_prefill_host_s(self, cfg: BenchConfig, cal) -> float:
+        """The host's time to launch one serving prefill pass (a pass takes at least this); 0: not host-bound."""
+        return 0.0
+
     def serving_prefill_s(self, cfg: BenchConfig, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
         """Seconds of one serving prefill pass: each row's chunk of lens[i] tokens after starts[i] cached ones."""
         raise NotImplementedError(f"strategy kind {self.kind!r} does not serve")

@@ -256,26 +256,54 @@ class StaticSpec(StrategySpec):
                                               programs_per_sm=RAGGED_PROGRAMS_PER_SM)
         return ragged_chunk_tokens(ctx_sum, target, min_chunk)
 
+    # bytes per (row, query, key) of the mask a pass through one mask builds (model/attention.visible_mask: the
+    # boolean mask made and narrowed twice, 7; _aligned_bias: the bias filled and masked, 7; the empty-row test, 1)
+    MASK_BYTES_PER_ELEMENT = 15
+
+    def serving_prefill_masked(self, rows: int) -> bool:
+        """Whether a serving prefill pass of `rows` rows attends through one mask (model/parallel/serving_kv.
+        ServingAttention) rather than row by row."""
+        from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
+        return rows > ROWS_ONE_BY_ONE
+
+    def serving_prefill_host_s(self, cfg, cal) -> float:
+        """The host's time to launch one eager serving prefill pass on a stage: its layers' kernels."""
+        return cfg.model.n_layers // cfg.strategy.pp * cal.serving_prefill_host_layer_s
+
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
         """As prefill_s prices a chunk, plus what the serving engine adds: every row's earlier keys and values
         gathered out of its blocks into a dense copy per layer (read and written at the copy rate), and the rows
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
-        every padded position; attention on each row's own)."""
+        every padded position). Attention, row by row (few rows): each row's own chunk over its own keys. Through
+        one mask (more rows, serving_prefill_masked): every row gathers the keys the pass spans (the longest row's
+        start + chunk), and the mem-efficient kernel computes every padded query against all of them at
+        masked_attn_flops_fraction of the GEMM rate, reading the head-broadcast bias once per head, after the mask
+        and bias are built (MASK_BYTES_PER_ELEMENT per row x query x key, at the read bandwidth)."""
         s, m = cfg.strategy, cfg.model
         h, d = m.hidden, m.head_dim
         flops_p = flops * cal.prefill_flops_fraction
         dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)
         starts, lens = list(starts), list(lens)
-        tokens = len(lens) * max(lens)
-        before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
-        own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
+        rows, width = len(lens), max(lens)
+        tokens = rows * width
+        tp = s.tp
+        if self.serving_prefill_masked(rows):
+            upto = max(a + q for a, q in zip(starts, lens))
+            pairs = rows * width * upto  # (row, query, key) the kernel computes
+            before, own = 0.0, 4 * h * pairs / (flops * cal.masked_attn_flops_fraction)
+            gathered = rows * upto * 2 * h * b
+            mask_s = pairs * (self.MASK_BYTES_PER_ELEMENT + m.n_heads // tp * b) / bw
+        else:
+            before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
+            own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
+            gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
+            mask_s = 0.0
         dense = tokens * dense_per_token / flops_p
         eager = eager_collectives(cal, links)
-        gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
         copy_bw = bw * cal.prefill_base_copy_bw_fraction
-        tp = s.tp
         cross = tp > gpn
-        layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own)
+        layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own) + mask_s
         layer += 2 * gathered / tp / copy_bw
         layer = self.add_prefill_exchange(layer, eager, prefill_copy_s(cal, bw), s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
