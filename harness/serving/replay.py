@@ -153,12 +153,17 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     s, w = cfg.serving, cfg.workload
     requests = requests if requests is not None else load_trace(w.trace)
     blocks, per_slot = capacity(cfg, engine, shaped_by if shaped_by is not None else requests, device)
+    held = getattr(engine, "serving_shape", None)
+    if not s.kv_blocks and held is not None and (held[0], held[2], held[3]) == (s.max_batch, s.block_size, per_slot):
+        blocks = held[1]  # the KV this engine holds was sized by the same rule; free memory now counts it as used
     block_tokens = engine.serve_block_tokens(s.block_size)
     placement = engine.serve_placement(block_tokens)  # FA Pool: its pool ranks hold `blocks` blocks each too
     pool_blocks = blocks if placement else 0
     if not getattr(engine, "serving_shape", None) == (s.max_batch, blocks, s.block_size, per_slot):
         engine.serve_setup(s.max_batch, blocks, s.block_size, per_slot, pool_blocks=pool_blocks)
         engine.serving_shape = (s.max_batch, blocks, s.block_size, per_slot)
+        if hasattr(engine, "serve_capture_buckets"):
+            engine.serve_capture_buckets()
     closed = w.trace.concurrency if w.trace.arrival == "closed" and not warmup else (len(requests) if warmup else 0)
     sched = None
     if rank == 0:

@@ -464,12 +464,7 @@ class StaticEngine(Engine):
         io.load(p, ids[:, 0], self.pad_slot)
         graph = self.decode_graphs.get(bucket)
         if graph is None:
-            self._decode_body(io)  # this step's results; creates what capture needs (kernels, handles)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-                self._decode_body(io)
-            self.graph_pool, self.decode_graphs[bucket] = graph.pool(), graph
+            self._capture_bucket(bucket, io)  # runs the pass eagerly first: this step's results
             self.eager_passes += 1
         else:
             graph.replay()
@@ -477,6 +472,31 @@ class StaticEngine(Engine):
         if self.has_logits and self.keep_logits:
             self.logits.append(io.logits[:n].clone())
         return io.tokens_out[:n].clone()
+
+    def _capture_bucket(self, bucket: int, io: "DecodeIO") -> None:
+        """Run the decode pass loaded in the bucket's buffers eagerly (which creates what capture needs: compiled
+        kernels, handles), then capture it."""
+        self._decode_body(io)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
+            self._decode_body(io)
+        self.graph_pool, self.decode_graphs[bucket] = graph.pool(), graph
+
+    def serve_capture_buckets(self) -> None:
+        """Capture every decode bucket's graph before a replay (every row the padding slot, whose table points at
+        the sink), so that no step of the replay pays for a capture or a kernel's first compile."""
+        if not self._graphed_decode():
+            return
+        for bucket in self.buckets:
+            if bucket in self.decode_graphs:
+                continue
+            io = self.decode_io.setdefault(bucket, DecodeIO(bucket, self.vocab_size, self.device))
+            long = dict(dtype=torch.long, device=self.device)
+            pad = ServingPass(torch.full((bucket,), self.pad_slot, **long), torch.zeros(bucket, **long),
+                              torch.ones(bucket, **long), False, 1, 1)
+            io.load(pad, torch.zeros(bucket, **long), self.pad_slot)
+            self._capture_bucket(bucket, io)
 
     def _decode_body(self, io: "DecodeIO") -> None:
         """One decode pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
