@@ -89,6 +89,14 @@ class ServingPricer:
                 t + self.decode_s(decode_ctx, decode_pooled)
         return t
 
+    def buckets(self) -> list[int]:
+        """Every captured decode bucket (none where the kind's serving decode passes are not captured)."""
+        if not self.graphed:
+            return []
+        from model.parallel.static import decode_buckets
+
+        return list(decode_buckets(self.cfg.serving.max_batch))
+
     def bucket(self, rows: int) -> int | None:
         """The captured bucket a decode pass of `rows` rows replays (model/parallel/static.decode_buckets); None
         where the kind's serving decode passes are not captured."""

@@ -44,10 +44,11 @@ def capacity(cfg, requests):
     return blocks, pool_blocks, per_slot, placement
 
 
-def virtual_replay(cfg, cal=None, decode_plan: str | None = None) -> Replay:
+def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
-    default the committed one; decode_plan: the paged kernel's plan, default the serving engines'). The step log's
-    device_ms holds each step's price."""
+    default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
+    buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
+    a bucket first pays its capture). The step log's device_ms holds each step's price."""
     sv, w = cfg.serving, cfg.workload
     requests = load_trace(w.trace)
     blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
@@ -58,7 +59,8 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None) -> Replay:
     cal = cal or default_calibration()
     price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan)
     host_s = sv.host_step_ms / 1e3
-    now, costs, captured = 0.0, [], set()  # captured: the decode buckets met so far (ServingPricer.bucket)
+    now, costs = 0.0, []
+    captured = set(price.buckets()) if buckets_at_setup else set()  # decode buckets already captured
     while not sched.done() and not (sv.max_steps and sched.steps >= sv.max_steps):
         plan = sched.begin(now, now, stamp_arrivals=bool(closed))
         if plan is None:
@@ -157,6 +159,12 @@ EARLIER_DECODE_PLAN = "splits"
 def recorded_decode_plan(rec) -> str:
     """The paged kernel's plan a measured replay's decode passes ran."""
     return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
+
+
+def recorded_buckets_at_setup(rec) -> bool:
+    """Whether a measured replay's engine captured every decode bucket before it (records without the field: each
+    bucket was captured by the first step that met it)."""
+    return bool(rec.serving.get("buckets_captured_at_setup", False))
 
 
 def _measured_records(root):
@@ -259,7 +267,8 @@ def check_serving(root) -> "pd.DataFrame":
         steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
-        projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec))
+        projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
+                                   recorded_buckets_at_setup(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
