@@ -1,13 +1,13 @@
 """Faults end as records within the timeout, the other ranks are torn down, a sweep goes on, and records
 are never corrupted by many writers."""
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.collect import collect
+from harness.launch import forkserver
 from tests.conftest import launch, run_app
 from tests.record_writers import write_many
 
@@ -49,7 +49,7 @@ def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
 
 
 def test_sixteen_concurrent_writers_leave_sixteen_whole_records(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = forkserver()  # sixteen processes forked from the launcher's forkserver, not sixteen fresh Pythons
     procs = [ctx.Process(target=write_many, args=(str(tmp_path), w, 20)) for w in range(16)]
     for p in procs:
         p.start()
