@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 from harness.bench_gpu import limits
 from harness.benchlib import bench_setup, describe_device, md_table, timeit_fixed
 from harness.config import from_dict, register_configs
-from harness.launch import free_port
+from harness.launch import forkserver, free_port
 from harness.measure import DECODE_RANGE, PREFILL_RANGE, TIMELINE_FIELDS, profile_summary, trace_events
 from harness.record import RunRecord, device_environment, write_record
 from harness.roofline import roofline
@@ -109,7 +109,9 @@ def _calibrate_rank(rank, world, port, sizes, path):
 
 def calibrate_nccl(world: int, sizes: list[int], out: Path) -> dict:
     path = out / "nccl_calibration.json"
-    mp.spawn(_calibrate_rank, args=(world, free_port(), sizes, str(path)), nprocs=world, join=True)
+    forkserver()  # its ranks start as the local launcher's do: forked from a process that has torch imported
+    mp.start_processes(_calibrate_rank, args=(world, free_port(), sizes, str(path)), nprocs=world, join=True,
+                       start_method="forkserver")
     return json.loads(path.read_text())
 
 

@@ -35,6 +35,15 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def forkserver():
+    """The multiprocessing context that rank processes start from: a forkserver, a clean process (no inherited
+    threads or CUDA state) that has torch imported once, so that starting 8 ranks does not import torch 8 times.
+    One per process: the first caller starts it, later ones reuse it."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "harness.runner"])
+    return ctx
+
+
 def failure_record(cfg_dict: dict, status: str, error: str, world: int, device: str, **where) -> RunRecord:
     return RunRecord(run_id=run_id(cfg_dict), status=status, config=cfg_dict, error=error,
                      env=environment(world, device, **where))
@@ -92,10 +101,7 @@ def launch_local(cfg_dict: dict, world: int, out_dir: str | Path, timeout_s: flo
     result = out_dir / "result.json"
     result.unlink(missing_ok=True)
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    # forkserver: a clean process (no inherited threads or CUDA state) that has torch imported once,
-    # so that starting 8 ranks does not import torch 8 times
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "harness.runner"])
+    ctx = forkserver()
     plugins = plugin_modules()
     procs = [ctx.Process(target=rank_main, args=(cfg_dict, r, world, init_method, str(out_dir), plugins), daemon=False)
              for r in range(world)]

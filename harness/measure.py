@@ -7,10 +7,12 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PHASES = ("attention", "communication", "synchronization", "resource_management", "other")
 
@@ -24,7 +26,10 @@ class PhaseTimer:
     """
 
     def __init__(self, device: torch.device | str = "cpu", enabled: bool = True):
+        import torch  # here, not at the top: the collector and the report read this module without torch
+
         self.cuda = torch.device(device).type == "cuda"
+        self._synchronize = torch.cuda.synchronize
         self.enabled = enabled
         self.reset()
 
@@ -35,7 +40,7 @@ class PhaseTimer:
 
     def _now(self):
         if self.cuda and self.enabled:  # an off timer never synchronizes
-            torch.cuda.synchronize()
+            self._synchronize()
         return time.perf_counter()
 
     @contextmanager
@@ -67,13 +72,16 @@ class StepClock:
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
+        import torch
+
         self.cuda = torch.device(device).type == "cuda"
+        self._torch_cuda = torch.cuda
         self.times = []
 
     def _now(self):
         if not self.cuda:
             return time.perf_counter()
-        ev = torch.cuda.Event(enable_timing=True)
+        ev = self._torch_cuda.Event(enable_timing=True)
         ev.record()
         return ev
 
@@ -86,7 +94,7 @@ class StepClock:
     def stop(self):
         """The step times, in seconds, of the marks so far (`times`)."""
         if self.cuda:
-            torch.cuda.synchronize()
+            self._torch_cuda.synchronize()
             self.times = [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         else:
             self.times = [b - a for a, b in zip(self.marks, self.marks[1:])]
@@ -179,6 +187,8 @@ def profile_summary(events: list[tuple[str, float, float]], steps: int) -> dict:
 
 def nvml_utilization() -> float | None:
     """The GPU's utilization in percent as NVML reports it (its own sampling window), if NVML is there."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     try:

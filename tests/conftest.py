@@ -37,6 +37,58 @@ def run_cli(args, tmp_path, timeout=300, env=None):
     return proc, records
 
 
+def call_app(args):
+    """The fapool-bench command's entry (harness.app.main, Hydra parsing sys.argv) called in this process with
+    these arguments: the same Hydra app, callbacks and exit status as the command, without starting a Python (and
+    importing torch) per call. Returns a CompletedProcess with what it printed; the ranks' own output is not in
+    it (they are this process's forkserver's children: run the command for that)."""
+    import io
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from harness import app
+    from harness.config import register_configs
+
+    register_configs()  # as the app's import does in a new process: the schemas of every kind registered by now
+    argv = ["fapool-bench", *args]
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    old_argv, code = sys.argv, 0
+    GlobalHydra.instance().clear()
+    try:
+        sys.argv = argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                app.main()
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        GlobalHydra.instance().clear()
+        for h in root.handlers[:]:  # Hydra's job logging (console and file handlers) goes with the call
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+        for name, lg in logging.root.manager.loggerDict.items():  # plan=true quiets Hydra's launcher log, say
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(name, logging.NOTSET))
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def run_app(args, tmp_path):
+    """run_cli's call through call_app, in this process: (a CompletedProcess, records found)."""
+    proc = call_app([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"])
+    records = [json.loads(p.read_text()) for p in sorted(Path(tmp_path).rglob("result.json"))]
+    return proc, records
+
+
 # Modules whose tests wait longest (a Slurm cluster's queue, timeouts, multi-process runs), started first.
 LONG_FIRST = ("test_slurm_multinode.py", "test_slurm.py", "test_faults.py", "test_fa_pool_ops.py", "test_app.py")
 

@@ -1,6 +1,6 @@
-"""The target of the concurrent-writer processes of tests/test_faults.py, in a module of its own: a spawned
-process imports the module its target lives in, and this one imports only harness.record (light), not the test
-module's pandas, Hydra and torch."""
+"""The target of the concurrent-writer processes of tests/test_faults.py, in a module of its own: a process the
+forkserver starts imports the module its target lives in, and this one imports only harness.record (light), not
+the test module's pandas and Hydra."""
 from pathlib import Path
 
 from harness.record import RunRecord, write_record

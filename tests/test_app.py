@@ -1,4 +1,6 @@
-from tests.conftest import run_cli
+"""The fapool-bench command: its default run through the real command (a Python of its own, as a user starts it);
+the other cases call the same entry in this process (tests/conftest.run_app), each a fresh Hydra run."""
+from tests.conftest import run_app, run_cli
 
 
 def test_default_run_is_a_comparison_with_a_table_and_ok_records(tmp_path):
@@ -22,7 +24,7 @@ def test_default_run_is_a_comparison_with_a_table_and_ok_records(tmp_path):
 
 
 def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
-    proc, records = run_cli(["hydra.mode=RUN", "workload.output_tokens=1"], tmp_path)
+    proc, records = run_app(["hydra.mode=RUN", "workload.output_tokens=1"], tmp_path)
     assert proc.returncode != 0
     assert [r["status"] for r in records] == ["invalid"]
     assert "output_tokens" in records[0]["error"]
@@ -31,7 +33,7 @@ def test_invalid_config_is_recorded_and_refused_before_launch(tmp_path):
 
 def test_results_dir_that_is_a_file_is_refused_with_a_record_in_hydras_directory(tmp_path):
     (tmp_path / "afile").write_text("keep")
-    proc, records = run_cli(["hydra.mode=RUN", f"results_dir={tmp_path / 'afile'}"], tmp_path)
+    proc, records = run_app(["hydra.mode=RUN", f"results_dir={tmp_path / 'afile'}"], tmp_path)
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr and "FileExistsError" not in proc.stderr
     assert f"invalid: results_dir={tmp_path / 'afile'}: {tmp_path / 'afile'} is a file" in proc.stdout
@@ -40,7 +42,7 @@ def test_results_dir_that_is_a_file_is_refused_with_a_record_in_hydras_directory
 
 
 def test_cli_static_tp2_pp2_end_to_end(tmp_path):
-    proc, records = run_cli(["strategy=tp2_pp2", "workload=tiny", "check_reference=true"], tmp_path)
+    proc, records = run_app(["strategy=tp2_pp2", "workload=tiny", "check_reference=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (rec,) = records
     assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]
@@ -61,7 +63,7 @@ def test_paper_scale_presets_validate():
 
 
 def test_cli_fa_pool_end_to_end_with_breakdown_and_elasticity(tmp_path):
-    proc, records = run_cli(["strategy=fa_pool_b2_p4", "workload=tiny_mixed", "check_reference=true"], tmp_path)
+    proc, records = run_app(["strategy=fa_pool_b2_p4", "workload=tiny_mixed", "check_reference=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     (rec,) = records
     assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]
@@ -87,18 +89,18 @@ def test_resume_does_not_take_a_projection_for_a_measurement(tmp_path):
 
 def test_a_multirun_with_a_bad_point_writes_everything_then_exits_non_zero(tmp_path):
     args = ["-m", "strategy=reference", "workload=tiny", "workload.batch_size=0,2"]
-    proc, records = run_cli(args, tmp_path)
+    proc, records = run_app(args, tmp_path)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert sorted(r["status"] for r in records) == ["invalid", "ok"]
     assert list(tmp_path.rglob("report/paper_layout.md"))  # the report was written before the exit
-    proc, _ = run_cli(args + ["fail_on_error=false"], tmp_path / "keep")
+    proc, _ = run_app(args + ["fail_on_error=false"], tmp_path / "keep")
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_the_reference_check_reads_the_tokens_rank0_recorded(tmp_path):
     """A pipeline whose tokens travel back from the last stage: a wrong token in what rank 0 records (as a bug
     in sending tokens back would leave) fails the check although every logit matches."""
-    proc, records = run_cli(["hydra.mode=RUN", "strategy=tp1_pp2", "workload=tiny", "check_reference=true",
+    proc, records = run_app(["hydra.mode=RUN", "strategy=tp1_pp2", "workload=tiny", "check_reference=true",
                              "fault.kind=wrong_token", "fault.rank=0", "fault.step=3"], tmp_path)
     check = records[0]["reference_check"]
     assert records[0]["status"] == "ok", records[0]["error"]
@@ -109,7 +111,7 @@ def test_the_reference_check_reads_the_tokens_rank0_recorded(tmp_path):
 
 def test_the_reference_check_catches_a_perturbed_weight(tmp_path):
     """One base rank's embedding shard x 1.01: a real error, beyond rounding, that no token flip may hide."""
-    proc, records = run_cli(["hydra.mode=RUN", "strategy=fa_pool_b2_p2", "workload=tiny_mixed", "model.init_std=0.3",
+    proc, records = run_app(["hydra.mode=RUN", "strategy=fa_pool_b2_p2", "workload=tiny_mixed", "model.init_std=0.3",
                              "fault.kind=perturb_weight", "fault.rank=1"], tmp_path)
     check = records[0]["reference_check"]
     assert records[0]["status"] == "ok", records[0]["error"]

@@ -2,7 +2,7 @@
 import pandas as pd
 
 from harness.callbacks import comparison_table
-from tests.conftest import run_cli
+from tests.conftest import run_app
 
 
 def _row(strategy, kind, workload, tpot, **config):
@@ -43,12 +43,12 @@ def test_lengths_sort_by_value_not_as_text():
 
 
 def test_plan_mode_prints_the_plan_and_leaves_no_folder(tmp_path):
-    proc, records = run_cli(["plan=true"], tmp_path)  # the default sweep of 6 points
+    proc, records = run_app(["plan=true"], tmp_path)  # the default sweep of 6 points
     assert proc.returncode == 0, proc.stderr
     assert "Plan (nothing was submitted or run)" in proc.stdout and "total: 6 jobs" in proc.stdout
     assert "Launching" not in proc.stdout + proc.stderr
     assert records == [] and list(tmp_path.iterdir()) == []
-    proc, _ = run_cli(["hydra.mode=RUN", "plan=true"], tmp_path)
+    proc, _ = run_app(["hydra.mode=RUN", "plan=true"], tmp_path)
     assert proc.returncode == 0 and "PLAN {'strategy': 'reference'" in proc.stdout, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -57,7 +57,7 @@ def test_plan_mode_keeps_what_a_sweep_folder_held_before(tmp_path):
     kept = tmp_path / "sweep" / "0_reference_tiny_short" / "result.json"
     kept.parent.mkdir(parents=True)
     kept.write_text("{}")
-    proc, _ = run_cli(["plan=true"], tmp_path)
+    proc, _ = run_app(["plan=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0_reference_tiny_short"]
     assert kept.read_text() == "{}"

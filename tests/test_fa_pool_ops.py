@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from harness.launch import forkserver
 from harness.strategies.fa_pool import FAPoolConfig, PoolConfig
 from harness.measure import PhaseTimer
 from model.config import ModelConfig
@@ -50,7 +51,11 @@ def _rank(rank, init, batch, block, out):
 def count_ops(tmp_path, batch, block):
     out = tmp_path / f"b{batch}_bs{block}"
     out.mkdir()
-    mp.spawn(_rank, args=(f"file://{out}/store", batch, block, str(out)), nprocs=WORLD, join=True)
+    # forked from a forkserver that has torch imported, as the local launcher's ranks are (harness/launch.py),
+    # rather than spawned: four imports of torch per count otherwise
+    forkserver()
+    mp.start_processes(_rank, args=(f"file://{out}/store", batch, block, str(out)), nprocs=WORLD, join=True,
+                       start_method="forkserver")
     return [Counter(torch.load(out / f"rank{r}.pt")) for r in range(WORLD)]
 
 

@@ -1,14 +1,14 @@
 """Faults end as records within the timeout, the other ranks are torn down, a sweep goes on, and records
 are never corrupted by many writers."""
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
 import pytest
 
 from harness.collect import collect
-from tests.conftest import launch, run_cli
+from harness.launch import forkserver
+from tests.conftest import launch, run_app
 from tests.record_writers import write_many
 
 TIMEOUT_S = 30  # the launcher's limit in these tests: a raise or kill ends well inside it with -n 4 on 2 cores
@@ -39,8 +39,8 @@ def test_injected_fault_ends_as_a_record_within_the_timeout(kind, status, needle
 
 def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
     # the second point hangs; the first and third still run and the sweep ends with three records
-    proc, records = run_cli(["-m", "strategy=tp2_pp1", "workload=tiny_short", "fault.kind=none,hang,none",
-                             "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=240)
+    proc, records = run_app(["-m", "strategy=tp2_pp1", "workload=tiny_short", "fault.kind=none,hang,none",
+                             "fault.rank=1", "launcher.timeout_s=15"], tmp_path)
     assert proc.returncode == 1, proc.stderr  # the sweep ends, then says that a point failed
     assert "exit status 1" in proc.stdout
     by_fault = sorted((r["config"]["fault"]["kind"], r["status"]) for r in records)
@@ -49,7 +49,7 @@ def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
 
 
 def test_sixteen_concurrent_writers_leave_sixteen_whole_records(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = forkserver()  # sixteen processes forked from the launcher's forkserver, not sixteen fresh Pythons
     procs = [ctx.Process(target=write_many, args=(str(tmp_path), w, 20)) for w in range(16)]
     for p in procs:
         p.start()

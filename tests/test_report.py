@@ -12,7 +12,7 @@ from nbclient import NotebookClient
 from harness.collect import collect
 from harness.record import RunRecord, write_record
 from harness.report import load_claims, paper_layout, report, static_vs_fapool
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_app
 
 PLOTS = ["tpot_vs_length", "tps", "speedup", "pool_scaling", "threshold_sweep", "breakdown", "memory", "pareto", "elasticity"]
 
@@ -113,10 +113,10 @@ def test_claims_cite_their_sections():
 
 def test_notebook_is_paired_and_executes(results, tmp_path, monkeypatch):
     nb_path = ROOT / "notebooks" / "analysis.ipynb"
-    paired = subprocess.run([sys.executable, "-m", "jupytext", "--to", "ipynb", "--output", str(tmp_path / "fresh.ipynb"),
-                             str(ROOT / "notebooks" / "analysis.py")], capture_output=True, text=True)
-    assert paired.returncode == 0, paired.stderr
-    fresh, committed = nbformat.read(tmp_path / "fresh.ipynb", 4), nbformat.read(nb_path, 4)
+    import jupytext
+
+    # what `jupytext --to ipynb analysis.py` writes, made in this process
+    fresh, committed = jupytext.read(ROOT / "notebooks" / "analysis.py"), nbformat.read(nb_path, 4)
     assert [c.source for c in fresh.cells] == [c.source for c in committed.cells], "run: jupytext --sync notebooks/analysis.py"
     git_status = ["git", "-C", str(ROOT), "status", "--porcelain"]
     before = subprocess.run(git_status, capture_output=True, text=True, check=True).stdout
@@ -134,7 +134,7 @@ def test_notebook_is_paired_and_executes(results, tmp_path, monkeypatch):
 
 
 def test_fapool_report_command_on_a_real_sweep(tmp_path):
-    proc, records = run_cli(["-m", "launcher=model", "hardware=a100_80gb", "model=paper", "strategy=tp8_pp2,fa_pool",
+    proc, records = run_app(["-m", "launcher=model", "hardware=a100_80gb", "model=paper", "strategy=tp8_pp2,fa_pool",
                              "workload=len2048,len16384", "workload.batch_size=64"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(records) == 4 and all(r["env"]["source"] == "projected" for r in records)

@@ -90,12 +90,25 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
     assert [r["kind"] for r in rows] == ["reference", "static", "dcp"]  # each run's family: its strategy's kind
 
 
-def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path):
+def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path, monkeypatch):
     """--prefill-chunk: the same runs with a real, chunked prefill instead of synthetic KV: TTFT and the paper's
-    TPS in the table."""
+    TPS in the table. Each run's fapool-bench command is called in this process (the smoke test above starts
+    them as the benchmark does)."""
     import json
+    import subprocess
+    import sys
+    from types import SimpleNamespace
 
     from harness import bench_multi
+    from tests.conftest import call_app
+
+    def app_here(cmd, stdout, stderr, timeout, check):
+        assert cmd[:3] == [sys.executable, "-m", "harness.app"], cmd
+        proc = call_app(cmd[3:])
+        stdout.write(proc.stdout + proc.stderr)
+        return proc
+
+    monkeypatch.setattr(bench_multi, "subprocess", SimpleNamespace(run=app_here, STDOUT=subprocess.STDOUT))
 
     bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+dcp_t2_k2", "--prefill-chunk", "16"])
     rows = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]

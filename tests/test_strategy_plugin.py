@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_app
 
 # the fapool-bench command with the user's module imported first, as a user's own entry point would
 COMMAND = [sys.executable, "-c", "import sys, runpy, tests.toy_strategy; sys.argv[0] = 'fapool-bench'; "
@@ -19,6 +19,13 @@ def bench(args, tmp_path, run="run"):
     proc = subprocess.run([*COMMAND, *args, f"hydra.run.dir={tmp_path}/{run}", f"hydra.sweep.dir={tmp_path}/sweep"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     return proc, [json.loads(p.read_text()) for p in sorted(Path(tmp_path).rglob("result.json"))]
+
+
+def bench_here(args, tmp_path):
+    """The same command's entry called in this process, the user's module imported into it first."""
+    import tests.toy_strategy  # noqa: F401
+
+    return run_app(args, tmp_path)
 
 
 @pytest.mark.slow
@@ -32,7 +39,7 @@ def test_a_kind_registered_outside_the_harness_runs_and_matches_the_reference(tm
 
 
 def test_its_schema_refuses_another_kinds_field(tmp_path):
-    proc, records = bench(["hydra.mode=RUN", "strategy=replica", "strategy.kv_shards=2"], tmp_path)
+    proc, records = bench_here(["hydra.mode=RUN", "strategy=replica", "strategy.kv_shards=2"], tmp_path)
     assert proc.returncode != 0 and "strategy.kv_shards" in proc.stderr and not records
 
 
@@ -46,8 +53,10 @@ def test_it_is_projected_and_reported_beside_fa_pool(tmp_path):
     paper = ["hydra.mode=RUN", "launcher=model", "hardware=a100_80gb", "model=paper", "workload=len2048",
              "workload.batch_size=8"]
     for run, strategy in (("toy", ["strategy=replica", "strategy.step_scale=2"]), ("fa_pool", ["strategy=fa_pool_b2_p2"])):
-        proc, records = bench([*paper, *strategy], tmp_path, run=f"runs/{run}")
+        proc, _ = bench_here([*paper, *strategy], tmp_path / "runs" / run)
         assert proc.returncode == 0, proc.stderr
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").rglob("result.json"))]
+    assert len(records) == 2
     toy = next(r for r in records if r["config"]["strategy"]["kind"] == "toy_replica")
     assert toy["status"] == "ok" and toy["env"]["source"] == "projected"
     # the record's step is the toy's own price (step_scale=2 doubles one GPU's step)
