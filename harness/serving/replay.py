@@ -40,6 +40,27 @@ class Replay:
     emitted: list  # holder of the logits: per step, (request ids of the emitting rows, their logits)
 
 
+class TokensOnTheirWay:
+    """A step's new tokens, copied to the host as soon as the step's work is queued: on CUDA into pinned memory,
+    asynchronously, with an event behind the copy, so that reading them waits for this step alone and not for a
+    step launched after it (a plain copy would queue behind that step's work)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.ready = None
+        if tokens.is_cuda:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = tokens
+
+    def read(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
+
+
 def capacity(cfg, engine, requests: Requests, device) -> tuple[int, int]:
     """(KV blocks every rank allocates, blocks per slot): serving.kv_blocks, or what kv_memory_fraction of this
     GPU's free memory holds, at most what max_batch requests of the longest context can use; the least over
@@ -188,7 +209,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
         nonlocal launched
         if launched is not None:
             emission, new_tokens, host_s, replayed = launched
-            sched.stamp(emission, new_tokens.cpu().numpy(), time.perf_counter() - t0, host_s, replayed)
+            sched.stamp(emission, new_tokens.read(), time.perf_counter() - t0, host_s, replayed)
             launched = None
 
     while True:
@@ -243,7 +264,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
             del engine.logits[n_logits:]
             emitted.append((row_req[emits].cpu(), logits[emits].cpu()))
         if rank == 0:
-            emission = sched.advance(plan)
+            emission, tokens = sched.advance(plan), TokensOnTheirWay(tokens)
             read_launched()  # the previous step's tokens, if this one was launched ahead of reading them
             launched = (emission, tokens, host_s, getattr(engine, "replayed_passes", 0) - replayed)
             if not s.overlap_host:
