@@ -138,6 +138,14 @@ def model_optimism(row):
     return [ttft.min(), ttft.max(), tpot_.min(), tpot_.max()]
 
 
+def model_error(row):
+    from harness.serving.virtual import check_serving
+
+    t = check_serving(source_path(row))
+    ttft, tpot_ = 100 * t["TTFT p99 error"].abs(), 100 * t["TPOT p50 error"].abs()
+    return [ttft.min(), ttft.max(), tpot_.min(), tpot_.max()]
+
+
 def measured_goodput(row):
     df = frame(source_path(row))
     check_requests_and_rates(row["finding"], df, df["metrics.offered_rate"])
@@ -161,6 +169,7 @@ CHECKS = [
     ("best goodput", best_goodput_16),
     ("FA Pool 8+32 (40 GPUs): goodput", fa_pool_40),
     ("how optimistic", model_optimism),
+    ("the newest one-GPU replays", model_error),
     ("peak goodput", measured_goodput),
     ("CUDA graph replay", graph_replay_vs_alone),
 ]
