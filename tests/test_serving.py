@@ -278,3 +278,53 @@ def test_pool_occupancy_bins_a_step_log_by_replay_time():
     assert t.steps.tolist() == [3, 1, 1] and t.pool_ranks_used_max.tolist() == [4, 1, 3]
     assert t.pool_ranks_used_mean.tolist() == [2.0, 1.0, 3.0] and t.pool_rows_max.tolist() == [3, 1, 2]
     assert t.pool_blocks_used_max.tolist() == [40, 12, 20] and t.migrated.tolist() == [2, 0, 2]
+
+
+def test_a_prefill_pass_padded_to_its_token_count_bucket_gives_the_same_tokens_logits_and_kv(tmp_path):
+    """A small prefill pass through one mask replays, on GPUs, a graph of its token-count bucket: rows, chunk width
+    and keys spanned padded (model/parallel/static.PrefillIO). The padded pass, run here eagerly, gives each row the
+    tokens and logits of the pass as it comes, and writes the same KV: a first chunk, then a second chunk after
+    cached keys with rows of different starts."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from harness.bench_serving import config
+    from harness.measure import PhaseTimer
+    from harness.runner import build_engine
+    from model.parallel.serving_kv import ServingPass
+    from model.parallel.static import PrefillIO, prefill_bucket
+
+    cfg, _ = config(["workload=tiny_mooncake", "model.init_std=0.3", "hardware.dtype=float32",
+                     "check_reference=false"])
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(dir=tmp_path)}", rank=0, world_size=1)
+    try:
+        engine = build_engine(cfg, 0, 1, torch.device("cpu"), PhaseTimer("cpu", enabled=False))
+        engine.serve_setup(slots=6, kv_blocks=40, block_size=8, max_blocks=8)
+        engine.keep_logits = True
+        gen = torch.Generator().manual_seed(0)
+        # slots 0, 1, 2 hold blocks 0-7, 8-15, 16-23 (8 blocks of 8 tokens each)
+        updates = torch.tensor([[s, j, 8 * s + j] for s in range(3) for j in range(8)])
+        long = lambda *x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        for starts, lens in (((0, 0, 0), (5, 3, 7)), ((5, 3, 7), (6, 9, 2))):
+            width, upto = max(lens), max(a + n for a, n in zip(starts, lens))
+            p = ServingPass(long(0, 1, 2), long(*starts), long(*lens), True, width, upto, host_start=starts,
+                            host_lens=lens)
+            ids = torch.randint(0, cfg.model.vocab_size, (3, width), generator=gen)
+            kv_before = engine.serving.store.kv.clone()
+            eager = engine.serve_step([(p, ids)], updates)
+            eager_logits, kv_eager = engine.logits.pop(), engine.serving.store.kv.clone()
+            engine.serving.store.kv.copy_(kv_before)
+            bucket = prefill_bucket(3, width, upto)
+            assert bucket[0] >= 4 and bucket[1] >= 16 and bucket[2] >= 64  # every dimension padded
+            io = PrefillIO(bucket, cfg.model.vocab_size, torch.device("cpu"))
+            io.load(p, ids, engine.pad_slot)
+            engine._prefill_body(io)
+            assert torch.equal(io.tokens_out[:3], eager)
+            torch.testing.assert_close(io.logits[:3], eager_logits, rtol=1e-5, atol=1e-5)
+            sink = engine.serving.sink  # padding writes only to the sink block
+            real = [i for i in range(kv_eager.shape[2]) if i != sink]
+            torch.testing.assert_close(engine.serving.store.kv[:, :, real], kv_eager[:, :, real], rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()

@@ -143,6 +143,47 @@ class DecodeIO:
         self.tokens_in[:n].copy_(tokens)
 
 
+# A serving prefill pass of more rows than serving_kv.ROWS_ONE_BY_ONE attends through one mask; where it is small
+# its time is the host's kernel launches, so it is replayed from a graph captured at a token-count bucket: rows,
+# chunk width and the keys it spans, each rounded up to a power of two (at least these), while the chunk width is
+# at most PREFILL_GRAPH_MAX_WIDTH and the keys at most PREFILL_GRAPH_MAX_KEYS; larger passes run eagerly, where
+# the device's work dwarfs the launches.
+PREFILL_GRAPH_MIN = (4, 16, 64)
+PREFILL_GRAPH_MAX_WIDTH = 512
+PREFILL_GRAPH_MAX_KEYS = 8192
+
+
+def prefill_bucket(rows: int, width: int, upto: int) -> tuple[int, int, int]:
+    """The (rows, chunk width, keys) a small prefill pass is padded to."""
+    up = lambda n, least: max(least, 1 << max(n - 1, 0).bit_length())  # noqa: E731
+    return up(rows, PREFILL_GRAPH_MIN[0]), up(width, PREFILL_GRAPH_MIN[1]), up(upto, PREFILL_GRAPH_MIN[2])
+
+
+class PrefillIO:
+    """Static buffers of one prefill bucket: its pass (slots, starts, lengths; rows past the pass's are the padding
+    slot with no tokens) and tokens in [rows, width], tokens and logits out."""
+
+    def __init__(self, bucket: tuple[int, int, int], vocab: int, device):
+        rows, width, upto = bucket
+        long = dict(dtype=torch.long, device=device)
+        self.step = ServingPass(torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, **long), True,
+                                width, upto, host_start=(0,) * rows, host_lens=(0,) * rows)
+        self.tokens_in = torch.zeros(rows, width, **long)
+        self.tokens_out = torch.zeros(rows, **long)
+        self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+
+    def load(self, p, tokens: torch.Tensor, pad_slot: int) -> None:
+        n, w = tokens.shape
+        self.step.slots[:n].copy_(p.slots)
+        self.step.slots[n:].fill_(pad_slot)
+        self.step.start[:n].copy_(p.start)
+        self.step.start[n:].zero_()
+        self.step.lens[:n].copy_(p.lens)
+        self.step.lens[n:].zero_()
+        self.tokens_in.zero_()
+        self.tokens_in[:n, :w].copy_(tokens)
+
+
 class StaticEngine(Engine):
     def __init__(self, model_cfg, strategy, rank, world, device, dtype, backend, timer):
         super().__init__(timer)
@@ -283,7 +324,7 @@ class StaticEngine(Engine):
 
     def release_graphs(self):
         self.graphs = None
-        self.decode_graphs = {}
+        self.decode_graphs, self.prefill_graphs = {}, {}
 
     def _run(self, m: int):
         if self.graphs is None or not self.timer_off():  # the instrumented pass runs eager, phase by phase
@@ -382,6 +423,8 @@ class StaticEngine(Engine):
             block.attn.core = self._serving_core(layer)
         self.pad_slot, self.buckets = slots, decode_buckets(slots)
         self.decode_io, self.decode_graphs, self.graph_pool = {}, {}, None
+        self.prefill_io, self.prefill_graphs = {}, {}
+        self.capture_prefill = True  # small prefill passes from graphs at token-count buckets (where decode is captured)
         self.replayed_passes = self.eager_passes = 0
         # stage 0: each slot's last emitted token, kept on the device: a decode row's input is read from here, so a
         # step can be launched before the previous step's tokens reach the host
@@ -414,6 +457,9 @@ class StaticEngine(Engine):
                 ids = self.next_tokens[p.slots][:, None]
             if not p.prefill and self._graphed_decode():
                 tokens.append((self._decode_captured(p, ids), None))
+                continue
+            if p.prefill and self._graphed_prefill(p):
+                tokens.append((self._prefill_captured(p, ids), None))
                 continue
             self.eager_passes += 1
             self.serving.current = p
@@ -476,12 +522,58 @@ class StaticEngine(Engine):
     def _capture_bucket(self, bucket: int, io: "DecodeIO") -> None:
         """Run the decode pass loaded in the bucket's buffers eagerly (which creates what capture needs: compiled
         kernels, handles), then capture it."""
-        self._decode_body(io)
+        self.decode_graphs[bucket] = self._eager_then_captured(self._decode_body, io)
+
+    def _eager_then_captured(self, body, io) -> "torch.cuda.CUDAGraph":
+        body(io)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.graph_pool, capture_error_mode="thread_local"):
-            self._decode_body(io)
-        self.graph_pool, self.decode_graphs[bucket] = graph.pool(), graph
+            body(io)
+        self.graph_pool = graph.pool()
+        return graph
+
+    def _graphed_prefill(self, p) -> bool:
+        """Whether a prefill pass replays a graph of its token-count bucket (PREFILL_GRAPH_*): a small pass through
+        one mask, whose bucket's keys fit the block table."""
+        from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
+        if not (self.capture_prefill and self._graphed_decode() and len(p.host_lens) > ROWS_ONE_BY_ONE):
+            return False
+        rows, width, upto = prefill_bucket(len(p.host_lens), p.width, p.upto)
+        return (width <= PREFILL_GRAPH_MAX_WIDTH and upto <= PREFILL_GRAPH_MAX_KEYS and rows <= self.pad_slot
+                and upto <= self.serving.max_blocks * self.serving.block_size)
+
+    def _prefill_captured(self, p, ids) -> torch.Tensor:
+        """A prefill pass padded to its token-count bucket and replayed from the bucket's graph (captured the first
+        time the bucket comes, after one eager run that computes this step). Returns the rows' tokens."""
+        n = len(p.host_lens)
+        bucket = prefill_bucket(n, p.width, p.upto)
+        io = self.prefill_io.get(bucket)
+        if io is None:
+            io = self.prefill_io[bucket] = PrefillIO(bucket, self.vocab_size, self.device)
+        io.load(p, ids, self.pad_slot)
+        graph = self.prefill_graphs.get(bucket)
+        if graph is None:
+            self.prefill_graphs[bucket] = self._eager_then_captured(self._prefill_body, io)
+            self.eager_passes += 1
+        else:
+            graph.replay()
+            self.replayed_passes += 1
+        if self.has_logits and self.keep_logits:
+            self.logits.append(io.logits[:n].clone())
+        return io.tokens_out[:n].clone()
+
+    def _prefill_body(self, io: PrefillIO) -> None:
+        """One prefill pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
+        self.serving.current = io.step
+        step = Step(io.step.slots, io.step.start, io.step.lens, prefill=True)
+        x = self.embed(io.tokens_in)
+        for block in self.blocks:
+            x = block(x, step)
+        logits = self.head(self.norm(last_positions(x, io.step.lens.clamp(min=1))))[:, 0]
+        io.logits.copy_(logits)
+        io.tokens_out.copy_(logits.argmax(-1))
 
     def serve_capture_buckets(self) -> None:
         """Capture every decode bucket's graph before a replay (every row the padding slot, whose table points at
