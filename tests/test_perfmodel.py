@@ -392,6 +392,22 @@ def test_serving_prefill_pass_is_no_shorter_than_its_host_launches():
     assert price.step(*short, ctx, [False] * 2) == pytest.approx(floor + price.decode_s(ctx, [False] * 2))
 
 
+def test_a_small_prefill_pass_replayed_from_its_bucket_graph_has_no_host_floor():
+    """Where the engine replays small passes through one mask from token-count bucket graphs (prefill_graphs), they
+    take no host launch time; a pass of few rows (row by row) or past the bucket sizes still runs eagerly."""
+    price = _serving_pricer()
+    price.prefill_graphs = True
+    floor = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
+    device = _serving_pricer(serving_prefill_host_layer_s=0.0)
+    small = ([0] * 4, [64, 32, 100, 16], [False] * 4)
+    assert price.prefill_replayed(*small[:2]) and price.step(*small, (), ()) == device.step(*small, (), ()) < floor
+    one_row, wide = ([0], [64], [False]), ([0] * 4, [2048] * 4, [False] * 4)
+    assert not price.prefill_replayed(*one_row[:2]) and price.step(*one_row, (), ()) == floor
+    assert not price.prefill_replayed(*wide[:2])
+    price.prefill_graphs = False  # records of engines that ran every prefill pass eagerly
+    assert price.step(*small, (), ()) == floor
+
+
 def test_serving_prefill_through_one_mask_spans_every_row_to_the_longest():
     from harness.strategies.static import StaticSpec
     from model.parallel.serving_kv import ROWS_ONE_BY_ONE

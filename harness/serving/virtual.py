@@ -44,11 +44,13 @@ def capacity(cfg, requests):
     return blocks, pool_blocks, per_slot, placement
 
 
-def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True) -> Replay:
+def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True,
+                   prefill_graphs: bool = True) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
     default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
     buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
-    a bucket first pays its capture). The step log's device_ms holds each step's price."""
+    a bucket first pays its capture; prefill_graphs: small prefill passes replay graphs of token-count buckets,
+    as the engines do where decode is captured). The step log's device_ms holds each step's price."""
     sv, w = cfg.serving, cfg.workload
     requests = load_trace(w.trace)
     blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
@@ -57,7 +59,8 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_set
                       closed_concurrency=closed, block_tokens=block_bytes(cfg)[0], placement=placement,
                       pool_blocks=pool_blocks)
     cal = cal or default_calibration()
-    price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan)
+    price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan,
+                          prefill_graphs=prefill_graphs)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     captured = set(price.buckets()) if buckets_at_setup else set()  # decode buckets already captured
@@ -159,6 +162,12 @@ EARLIER_DECODE_PLAN = "splits"
 def recorded_decode_plan(rec) -> str:
     """The paged kernel's plan a measured replay's decode passes ran."""
     return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
+
+
+def recorded_prefill_graphs(rec) -> bool:
+    """Whether a measured replay's engine replayed small prefill passes from token-count bucket graphs (records
+    without the field ran every prefill pass eagerly)."""
+    return bool(rec.serving.get("prefill_graphs", False))
 
 
 def recorded_buckets_at_setup(rec) -> bool:
@@ -268,7 +277,7 @@ def check_serving(root) -> "pd.DataFrame":
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
         projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
-                                   recorded_buckets_at_setup(rec))
+                                   recorded_buckets_at_setup(rec), recorded_prefill_graphs(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics

@@ -37,7 +37,7 @@ from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.parallel.serving_kv import ServingAttention, ServingKV, ServingPass
+from model.parallel.serving_kv import ROWS_ONE_BY_ONE, ServingAttention, ServingKV, ServingPass
 from model.transformer import Step, build_model, keep_prompt_ends, last_positions, pad_prompts
 
 
@@ -157,6 +157,18 @@ def prefill_bucket(rows: int, width: int, upto: int) -> tuple[int, int, int]:
     """The (rows, chunk width, keys) a small prefill pass is padded to."""
     up = lambda n, least: max(least, 1 << max(n - 1, 0).bit_length())  # noqa: E731
     return up(rows, PREFILL_GRAPH_MIN[0]), up(width, PREFILL_GRAPH_MIN[1]), up(upto, PREFILL_GRAPH_MIN[2])
+
+
+def prefill_graph_bucket(rows: int, width: int, upto: int, key_capacity: int, max_rows: int):
+    """The token-count bucket a serving prefill pass of `rows` rows, `width` tokens a row and `upto` keys spanned
+    replays a graph of, or None where it runs eagerly: a pass of at most ROWS_ONE_BY_ONE rows (row by row), or one
+    whose bucket is past the PREFILL_GRAPH_MAX_* sizes, a row's block table (key_capacity) or the batch slots."""
+    if rows <= ROWS_ONE_BY_ONE:
+        return None
+    bucket = prefill_bucket(rows, width, upto)
+    fits = bucket[0] <= max_rows and bucket[1] <= PREFILL_GRAPH_MAX_WIDTH and bucket[2] <= min(PREFILL_GRAPH_MAX_KEYS,
+                                                                                              key_capacity)
+    return bucket if fits else None
 
 
 class PrefillIO:
@@ -536,13 +548,8 @@ class StaticEngine(Engine):
     def _graphed_prefill(self, p) -> bool:
         """Whether a prefill pass replays a graph of its token-count bucket (PREFILL_GRAPH_*): a small pass through
         one mask, whose bucket's keys fit the block table."""
-        from model.parallel.serving_kv import ROWS_ONE_BY_ONE
-
-        if not (self.capture_prefill and self._graphed_decode() and len(p.host_lens) > ROWS_ONE_BY_ONE):
-            return False
-        rows, width, upto = prefill_bucket(len(p.host_lens), p.width, p.upto)
-        return (width <= PREFILL_GRAPH_MAX_WIDTH and upto <= PREFILL_GRAPH_MAX_KEYS and rows <= self.pad_slot
-                and upto <= self.serving.max_blocks * self.serving.block_size)
+        return self.capture_prefill and self._graphed_decode() and prefill_graph_bucket(
+            len(p.host_lens), p.width, p.upto, self.serving.max_blocks * self.serving.block_size, self.pad_slot) is not None
 
     def _prefill_captured(self, p, ids) -> torch.Tensor:
         """A prefill pass padded to its token-count bucket and replayed from the bucket's graph (captured the first
