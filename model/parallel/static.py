@@ -520,9 +520,14 @@ class StaticEngine(Engine):
         if io is None:
             io = self.decode_io[bucket] = DecodeIO(bucket, self.vocab_size, self.device)
         io.load(p, ids[:, 0], self.pad_slot)
-        graph = self.decode_graphs.get(bucket)
+        return self._replay_bucket(self.decode_graphs, bucket, self._decode_body, io, n)
+
+    def _replay_bucket(self, graphs: dict, bucket, body, io, n: int) -> torch.Tensor:
+        """Replay the bucket's graph over the pass loaded in io (the first time: run body eagerly, which computes
+        this step, then capture it); the logits kept where the reference check asks. Returns the n rows' tokens."""
+        graph = graphs.get(bucket)
         if graph is None:
-            self._capture_bucket(bucket, io)  # runs the pass eagerly first: this step's results
+            graphs[bucket] = self._eager_then_captured(body, io)
             self.eager_passes += 1
         else:
             graph.replay()
@@ -537,6 +542,7 @@ class StaticEngine(Engine):
         self.decode_graphs[bucket] = self._eager_then_captured(self._decode_body, io)
 
     def _eager_then_captured(self, body, io) -> "torch.cuda.CUDAGraph":
+        """body(io) run eagerly (it creates what capture needs: compiled kernels, handles), then captured."""
         body(io)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
@@ -560,16 +566,7 @@ class StaticEngine(Engine):
         if io is None:
             io = self.prefill_io[bucket] = PrefillIO(bucket, self.vocab_size, self.device)
         io.load(p, ids, self.pad_slot)
-        graph = self.prefill_graphs.get(bucket)
-        if graph is None:
-            self.prefill_graphs[bucket] = self._eager_then_captured(self._prefill_body, io)
-            self.eager_passes += 1
-        else:
-            graph.replay()
-            self.replayed_passes += 1
-        if self.has_logits and self.keep_logits:
-            self.logits.append(io.logits[:n].clone())
-        return io.tokens_out[:n].clone()
+        return self._replay_bucket(self.prefill_graphs, bucket, self._prefill_body, io, n)
 
     def _prefill_body(self, io: PrefillIO) -> None:
         """One prefill pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
