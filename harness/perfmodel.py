@@ -119,9 +119,7 @@ class ServingPricer:
         where the kind's serving decode passes are not captured."""
         if not self.graphed:
             return None
-        from model.parallel.static import decode_buckets
-
-        return next((b for b in decode_buckets(self.cfg.serving.max_batch) if b >= rows), rows)
+        return next((b for b in self.buckets() if b >= rows), rows)
 
     def eager_decode_host_s(self) -> float:
         """The host's time to walk one decode pass eagerly (launching its kernels, or recording them in a capture):

@@ -180,7 +180,7 @@ def replay(cfg, engine, rank: int, device, requests: Requests | None = None, bef
     block_tokens = engine.serve_block_tokens(s.block_size)
     placement = engine.serve_placement(block_tokens)  # FA Pool: its pool ranks hold `blocks` blocks each too
     pool_blocks = blocks if placement else 0
-    if not getattr(engine, "serving_shape", None) == (s.max_batch, blocks, s.block_size, per_slot):
+    if held != (s.max_batch, blocks, s.block_size, per_slot):
         engine.serve_setup(s.max_batch, blocks, s.block_size, per_slot, pool_blocks=pool_blocks)
         engine.serving_shape = (s.max_batch, blocks, s.block_size, per_slot)
         if hasattr(engine, "serve_capture_buckets"):

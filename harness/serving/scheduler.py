@@ -597,11 +597,15 @@ class Scheduler:
         self.steps += k
         return k
 
-    def recomputes(self, plan: StepPlan) -> bool:
-        """Whether a prefill row of the plan runs past its prompt: a preempted request's recompute, whose input
-        includes tokens it generated."""
+    def _past_prompt(self, plan: StepPlan) -> np.ndarray:
+        """The plan's prefill rows that run past their prompt: a preempted request's recompute, whose input includes
+        tokens it generated."""
         p_req = self.slot_req[plan.prefill_slots]
-        return bool(np.any(plan.prefill_start + plan.prefill_len > self.req.prompt_len[p_req]))
+        return np.nonzero(plan.prefill_start + plan.prefill_len > self.req.prompt_len[p_req])[0]
+
+    def recomputes(self, plan: StepPlan) -> bool:
+        """Whether a prefill row of the plan is a recompute (its input needs the generated tokens read first)."""
+        return len(self._past_prompt(plan)) > 0
 
     def refresh_inputs(self, plan: StepPlan) -> None:
         """Re-read a plan's input tokens that are generated tokens: a plan made while the previous step ran (after
@@ -610,7 +614,7 @@ class Scheduler:
         dec_req = self.slot_req[plan.decode_slots]
         plan.decode_tokens[:] = self.out_tokens[self.offset[dec_req] + self.generated[dec_req] - 1]
         p_req = self.slot_req[plan.prefill_slots]
-        for i in np.nonzero(plan.prefill_start + plan.prefill_len > self.req.prompt_len[p_req])[0]:
+        for i in self._past_prompt(plan):
             n = int(plan.prefill_len[i])
             plan.prefill_tokens[i, :n] = self._context_tokens(int(p_req[i]), int(plan.prefill_start[i]), n)
 

@@ -231,18 +231,14 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
     paged_token_s of a fine grid."""
     import dataclasses
 
-    from harness.perfmodel import ServingPricer, serving_config
+    from harness.perfmodel import ServingPricer
 
     cols = []  # per step: measured s, the price without both terms, the longest program's walk (tokens), layers
-    for path, rec, cfg in _measured_records(root):
-        if rec.config["workload"]["trace"].get("rate") not in rates:
-            continue
-        cal = dataclasses.replace(_measured_calibration(cfg, path), paged_token_s=1.0, serving_layer_s=0.0)
-        steps = measured_steps(cfg, path)
-        plan = recorded_decode_plan(rec)
-        price = ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]), decode_plan=plan)
-        bare = ServingPricer(serving_config(cfg), dataclasses.replace(cal, paged_token_s=0.0),
-                             table_tokens=price.table_tokens, decode_plan=plan)
+    at_rates = lambda folder, rec: rec.config["workload"]["trace"].get("rate") in rates  # noqa: E731
+    for steps, price, rec in _priced_steps(root, at_rates, paged_token_s=1.0, serving_layer_s=0.0):
+        cfg = price.cfg
+        bare = ServingPricer(cfg, dataclasses.replace(price.cal, paged_token_s=0.0), table_tokens=price.table_tokens,
+                             decode_plan=price.decode_plan)
         for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
             walk = price.longest_program_s(st.decode_rows, st.ctx_max, st.ctx_sum)  # tokens: paged_token_s = 1
             cols.append((st.device_ms / 1e3, bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
@@ -292,16 +288,16 @@ def check_serving(root) -> "pd.DataFrame":
     return pd.DataFrame(rows)
 
 
-def _priced_steps(root, records, **cal_fields):
-    """(steps with their composition, pricer, record) of the measured replays under root whose folder (relative to
-    root) is in `records`, each priced on its run's limits with cal_fields set."""
+def _priced_steps(root, keep, **cal_fields):
+    """(steps with their composition, pricer, record) of the measured replays under root that keep(folder relative to
+    root, record) chooses, each priced on its run's limits with cal_fields set."""
     import dataclasses
     from pathlib import Path
 
     from harness.perfmodel import ServingPricer, serving_config
 
     for path, rec, cfg in _measured_records(root):
-        if str(Path(path).parent.relative_to(root)) not in records:
+        if not keep(str(Path(path).parent.relative_to(root)), rec):
             continue
         cal = dataclasses.replace(_measured_calibration(cfg, path), **cal_fields)
         steps = measured_steps(cfg, path)
@@ -314,7 +310,7 @@ def fit_serving_prefill_host(root, records=("closed256/records/rate_1",), under_
     prices under `under_s` on the device (short chunks: the pass is its host's launches) and whose decode pass,
     if any, replayed a graph, the median of the step's device time less its decode pass's price, per layer."""
     per_layer = []
-    for steps, price, _ in _priced_steps(root, records, serving_prefill_host_layer_s=0.0):
+    for steps, price, _ in _priced_steps(root, lambda folder, rec: folder in records, serving_prefill_host_layer_s=0.0):
         layers = price.cfg.model.n_layers // price.cfg.strategy.pp
         for st in steps[(steps.prefill_tokens > 0) & ((steps.decode_rows == 0) | (steps.replayed > 0))].itertuples():
             pre = price.step(st.prefill_start, st.prefill_len, np.zeros(len(st.prefill_len), bool), (), ())
@@ -329,7 +325,7 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
     attends through one mask (and whose decode pass, if any, replayed a graph) are priced at their measured device
     time in the median (bisection: the price falls as the rate rises)."""
     chosen = []
-    for steps, price, _ in _priced_steps(root, records):
+    for steps, price, _ in _priced_steps(root, lambda folder, rec: folder in records):
         masked = [price.spec.serving_prefill_masked(len(x)) for x in steps.prefill_len]
         for st in steps[np.array(masked) & ((steps.decode_rows == 0) | (steps.replayed > 0))].itertuples():
             chosen.append((price, st))

@@ -178,6 +178,8 @@ class PrefillIO:
     def __init__(self, bucket: tuple[int, int, int], vocab: int, device):
         rows, width, upto = bucket
         long = dict(dtype=torch.long, device=device)
+        # host_lens' length is what routes a pass through one mask (ServingAttention): a bucket has more rows than
+        # ROWS_ONE_BY_ONE (PREFILL_GRAPH_MIN); the values are not read on that path
         self.step = ServingPass(torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, **long), True,
                                 width, upto, host_start=(0,) * rows, host_lens=(0,) * rows)
         self.tokens_in = torch.zeros(rows, width, **long)
@@ -536,11 +538,6 @@ class StaticEngine(Engine):
             self.logits.append(io.logits[:n].clone())
         return io.tokens_out[:n].clone()
 
-    def _capture_bucket(self, bucket: int, io: "DecodeIO") -> None:
-        """Run the decode pass loaded in the bucket's buffers eagerly (which creates what capture needs: compiled
-        kernels, handles), then capture it."""
-        self.decode_graphs[bucket] = self._eager_then_captured(self._decode_body, io)
-
     def _eager_then_captured(self, body, io) -> "torch.cuda.CUDAGraph":
         """body(io) run eagerly (it creates what capture needs: compiled kernels, handles), then captured."""
         body(io)
@@ -587,12 +584,14 @@ class StaticEngine(Engine):
         for bucket in self.buckets:
             if bucket in self.decode_graphs:
                 continue
-            io = self.decode_io.setdefault(bucket, DecodeIO(bucket, self.vocab_size, self.device))
+            io = self.decode_io.get(bucket)
+            if io is None:
+                io = self.decode_io[bucket] = DecodeIO(bucket, self.vocab_size, self.device)
             long = dict(dtype=torch.long, device=self.device)
             pad = ServingPass(torch.full((bucket,), self.pad_slot, **long), torch.zeros(bucket, **long),
                               torch.ones(bucket, **long), False, 1, 1)
             io.load(pad, torch.zeros(bucket, **long), self.pad_slot)
-            self._capture_bucket(bucket, io)
+            self.decode_graphs[bucket] = self._eager_then_captured(self._decode_body, io)
 
     def _decode_body(self, io: "DecodeIO") -> None:
         """One decode pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
