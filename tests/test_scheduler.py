@@ -155,7 +155,7 @@ def test_fa_pool_placement_pools_long_requests_and_migrates_the_ones_that_cross(
     # a request of 30 + 6 tokens (9 blocks) fills pool ranks 4 blocks at a time: 3 ranks at its peak
     assert max(sched.log["pool_ranks_used"]) >= 2 and max(sched.log["pool_rows"]) >= 1
     pooled_rows = [p for p in plans if p.decode_pooled.any()]
-    assert all(p.decode_pool_ranks.any() for p in pooled_rows)
+    assert all(p.decode_pool_blocks.any() for p in pooled_rows)
 
 
 def test_a_request_migrated_and_preempted_in_one_step_leaves_no_stale_moves():

@@ -328,3 +328,60 @@ def test_a_prefill_pass_padded_to_its_token_count_bucket_gives_the_same_tokens_l
             torch.testing.assert_close(engine.serving.store.kv[:, :, real], kv_eager[:, :, real], rtol=1e-5, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_pool_rank_attends_over_its_own_blocks_of_a_row_gathered_not_the_rows_span():
+    # a pool rank holding blocks 10..15 (local 0..5): row 0 holds logical blocks 0, 2, 4 here (22 tokens, its last
+    # block elsewhere); row 1 blocks 1, 2 (11 tokens, the last one partly filled) and stale entries past its end
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from model.parallel.fa_pool_serving import FAPoolServingPool
+    from model.parallel.serving_kv import ServingKV, ServingPass
+
+    torch.manual_seed(0)
+    bs, heads, dim = 4, 2, 8
+    kv = ServingKV(1, 2, 6, heads, bs, dim, 8, torch.float32, "cpu", first_id=10)
+    kv.table[0, :6] = torch.tensor([10, 3, 11, 4, 12, 5], dtype=torch.int32)
+    kv.table[1, :5] = torch.tensor([2, 13, 14, 15, 15], dtype=torch.int32)
+    kv.store.kv.normal_()
+    ends = [22, 11]
+    gathered = []
+    dense = kv.store.dense
+    kv.store.dense = lambda layer, slots, upto: gathered.append(upto) or dense(layer, slots, upto)
+    rank = SimpleNamespace(serving=kv, backend="math")
+
+    def expected(q, row, positions):  # math over the row's keys held here, each query at its position
+        own = kv.local_table(torch.tensor([row]))[0].long()
+        keys, values = [], []
+        for pos in range(ends[row]):
+            j = pos // bs
+            if own[j] != kv.sink:
+                keys.append((pos, kv.store.kv[0, 0, own[j], :, pos % bs], kv.store.kv[0, 1, own[j], :, pos % bs]))
+        outs, lses = [], []
+        for t, qpos in enumerate(positions):
+            seen = [(k, v) for p, k, v in keys if p <= qpos]
+            k, v = torch.stack([k for k, _ in seen], 1), torch.stack([v for _, v in seen], 1)  # [H, n, D]
+            scores = torch.einsum("hd,hnd->hn", q[:, t], k) / math.sqrt(dim)
+            outs.append(torch.einsum("hn,hnd->hd", scores.softmax(-1), v))
+            lses.append(scores.logsumexp(-1))
+        return torch.stack(outs, 1), torch.stack(lses, 1)
+
+    long = lambda *x: torch.tensor(x)  # noqa: E731
+    q = torch.randn(2, heads, 1, dim)
+    decode = ServingPass(long(0, 1), long(21, 10), long(1, 1), False, 1, 22)
+    out, lse = FAPoolServingPool._partial(rank, 0, q, decode, 3)
+    for row in (0, 1):
+        want_out, want_lse = expected(q[row], row, [ends[row] - 1])
+        torch.testing.assert_close(out[row], want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row], want_lse, atol=1e-5, rtol=1e-5)
+    q = torch.randn(2, heads, 6, dim)
+    chunk = ServingPass(long(0, 1), long(16, 8), long(6, 3), True, 6, 22)
+    out, lse = FAPoolServingPool._partial(rank, 0, q, chunk, 3)
+    for row, (start, n) in enumerate([(16, 6), (8, 3)]):
+        want_out, want_lse = expected(q[row], row, range(start, start + n))
+        torch.testing.assert_close(out[row, :, :n], want_out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[row, :, :n], want_lse, atol=1e-5, rtol=1e-5)
+    assert gathered == [3 * bs]  # the prefill chunk gathered 3 blocks a row, not the 6 the rows span

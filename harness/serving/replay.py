@@ -95,7 +95,7 @@ def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None, pool_ranks: int
     body = [plan.prefill_slots, plan.prefill_start, plan.prefill_len, plan.prefill_last, req_of_slot[plan.prefill_slots],
             plan.prefill_pooled, plan.prefill_tokens.reshape(-1), plan.decode_slots, plan.decode_pos, plan.decode_tokens,
             req_of_slot[plan.decode_slots], plan.decode_pooled, plan.table_updates.reshape(-1),
-            plan.migrations.reshape(-1), plan.prefill_pool_ranks, plan.decode_pool_ranks]
+            plan.migrations.reshape(-1), plan.prefill_pool_blocks, plan.decode_pool_blocks]
     return np.concatenate([header] + [np.asarray(x, dtype=np.int64) for x in body])
 
 
@@ -146,18 +146,23 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
     p_ranks, d_ranks = host[at: at + R].tolist(), host[at + R: at + 2 * R].tolist()
     host_pooled = host[HEADER + 5 * P: HEADER + 6 * P], host[HEADER + 6 * P + P * W + 4 * D: HEADER + 6 * P + P * W + 5 * D]
 
-    def fa_pool(pooled, pooled_host, ranks):
+    def fa_pool(pooled, pooled_host, blocks):
+        """FA Pool's fields of a pass: the pooled rows (device), and the pool ranks in use with the most blocks a
+        pooled row holds on each (host)."""
         rows = _to_device(torch.nonzero(pooled_host).flatten(), device) if R else None
-        return pooled.bool(), rows, tuple(first_pool_rank + i for i, used in enumerate(ranks) if used)
+        used = [(first_pool_rank + i, n) for i, n in enumerate(blocks) if n]
+        return dict(pooled=pooled.bool(), pool_rows=rows, pool_ranks=tuple(r for r, _ in used),
+                    pool_blocks=tuple(n for _, n in used))
 
     passes = []
     if P:
         host_start, host_lens = host[HEADER + P: HEADER + 2 * P].tolist(), host[HEADER + 2 * P: HEADER + 3 * P].tolist()
-        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, *fa_pool(p_pooled, host_pooled[0], p_ranks),
-                                   tuple(host_start), tuple(host_lens)), p_tokens))
+        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, **fa_pool(p_pooled, host_pooled[0], p_ranks),
+                                   host_start=tuple(host_start), host_lens=tuple(host_lens),
+                                   host_pooled=tuple(bool(x) for x in host_pooled[0].tolist())), p_tokens))
     if D:
         passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, upto_decode,
-                                   *fa_pool(d_pooled, host_pooled[1], d_ranks)), d_tokens[:, None]))
+                                   **fa_pool(d_pooled, host_pooled[1], d_ranks)), d_tokens[:, None]))
     emits = torch.cat([p_last.bool(), torch.ones(D, dtype=torch.bool, device=device)])
     return passes, updates, migrations, torch.cat([p_req, d_req]), emits
 

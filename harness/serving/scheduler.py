@@ -76,8 +76,9 @@ class StepPlan:
     prefill_pooled: np.ndarray = None  # bool per prefill row: its KV is in the pool
     decode_pooled: np.ndarray = None
     migrations: np.ndarray = None  # [M, 2]: (base block id, pool block id) copied before the step's passes
-    prefill_pool_ranks: np.ndarray = None  # bool [pool ranks]: ranks holding blocks of the pass's pooled rows
-    decode_pool_ranks: np.ndarray = None
+    # int [pool ranks]: the most blocks one pooled row of the pass holds on each pool rank (0: the rank is not used)
+    prefill_pool_blocks: np.ndarray = None
+    decode_pool_blocks: np.ndarray = None
 
     @property
     def rows(self) -> int:
@@ -431,11 +432,13 @@ class Scheduler:
         rows.append((slot, start, n))
         return n
 
-    def _pool_ranks_of(self, slots: np.ndarray) -> np.ndarray:
-        """bool [pool ranks]: the ranks holding a block of one of these slots' pooled rows."""
-        if not self.pool_ranks:
-            return np.zeros(0, dtype=bool)
-        return self.rank_blocks[slots[self.pooled[slots]]].sum(0) > 0
+    def _pool_blocks_of(self, slots: np.ndarray) -> np.ndarray:
+        """int [pool ranks]: the most blocks one of these slots' pooled rows holds on each pool rank (a pool rank
+        gathers that many blocks a row: its own, not the rows' whole span)."""
+        pooled = slots[self.pooled[slots]]
+        if not self.pool_ranks or not len(pooled):
+            return np.zeros(self.pool_ranks, dtype=np.int64)
+        return self.rank_blocks[pooled].max(0)
 
     def _build(self, rows, decode, updates, moves) -> StepPlan:
         slots = np.array([s for s, _, _ in rows], dtype=np.int64)
@@ -452,7 +455,7 @@ class Scheduler:
         moves = self._live(np.concatenate(moves), 2)[:, :2] if moves else np.zeros((0, 2), dtype=np.int64)
         plan = StepPlan(self.steps, slots, start, length, last, tokens, decode, self.ctx[decode].copy(),
                         dec_tokens, updates, self.pooled[slots].copy(), self.pooled[decode].copy(), moves,
-                        self._pool_ranks_of(slots), self._pool_ranks_of(decode))
+                        self._pool_blocks_of(slots), self._pool_blocks_of(decode))
         self.ctx[slots] += length  # the chunk's KV is written by the step
         self.ctx[decode] += 1
         return plan

@@ -11,9 +11,10 @@ ranks that receive them (one message per base and pool rank pair).
 
 Per layer of a pass, the base computes q, k, v of its heads for every row, stores the tokens of rows it holds and
 attends over them (pooled rows see no base key: LSE -inf); if the pass has pooled rows it sends their q, k, v
-(one message per pool rank in use) and each pool rank stores the tokens whose blocks it holds, attends over its
-blocks of those rows (a mask by position, so a prefill chunk's queries see exactly the keys before them), and
-sends the partials (fp32 out and LSE) back; the base merges its own and the pool's by LSE (flat: no node level).
+(one message per pool rank in use) and each pool rank stores the tokens whose blocks it holds, gathers each row's
+blocks it holds (at most the count the scheduler sends: its share of the keys, not the rows' span) and attends over
+them (decode: the paged kernel; a prefill chunk: a mask by position, so its queries see exactly the keys before
+them), and sends the partials (fp32 out and LSE) back; the base merges its own and the pool's by LSE (flat: no node level).
 A pool rank that holds no block of the pass's rows is not sent anything: the set of pool ranks in use grows and
 shrinks with the long requests in the batch. Base and pool take turns within a layer (no overlap in serving).
 """
@@ -81,10 +82,16 @@ class PooledServingAttention:
             table = kv.local_table(p.slots)
             zero = torch.zeros_like(p.start)
             if p.prefill:
-                lens = torch.where(p.pooled, zero, p.start + p.lens)
-                width = -(-p.upto // kv.block_size)
-                keys, values = kv.store.dense(self.layer, table[:, :width].long(), p.upto)
-                out, lse = attention(q, keys, values, kv_lens=lens, causal=True, backend=e.backend, q_offset=p.start)
+                # the keys the base's own rows span (the pooled rows' keys are the pool's)
+                span = max((a + n for a, n, pooled in zip(p.host_start, p.host_lens, p.host_pooled) if not pooled),
+                           default=0)
+                if span:
+                    lens = torch.where(p.pooled, zero, p.start + p.lens)
+                    keys, values = kv.store.dense(self.layer, table[:, :-(-span // kv.block_size)].long(), span)
+                    out, lse = attention(q, keys, values, kv_lens=lens, causal=True, backend=e.backend,
+                                         q_offset=p.start)
+                else:  # every row pooled: no key here
+                    out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
             else:
                 lens = torch.where(p.pooled, zero, p.start + 1).to(torch.int32)
                 out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens, plan=SERVING_PLAN)
@@ -222,7 +229,7 @@ class FAPoolServingPool(FAPoolServing, Engine):
         with self.timer("attention"):
             kv.current = rows
             kv.write(layer, rows, k, v)
-            out, lse = self._partial(layer, q, rows)
+            out, lse = self._partial(layer, q, rows, p.pool_blocks[p.pool_ranks.index(self.rank)])
         packed = torch.cat((out, lse[..., None]), dim=-1)  # [n, H, T, D + 1] fp32
         with self.timer("communication"):
             works = [dist.isend(packed[:, b * h:(b + 1) * h].contiguous(), dst=b) for b in range(self.tp)]
@@ -230,19 +237,33 @@ class FAPoolServingPool(FAPoolServing, Engine):
                 w.wait()
         self.stats.add("pool_to_base", packed.nbytes, self.tp)
 
-    def _partial(self, layer, q, rows):
-        """Attention of the rows' queries over the keys of this rank's blocks (the rows' other blocks are elsewhere):
-        a mask by block ownership, position (causal) and length. Gathers each row's table up to the pass's span."""
+    def _partial(self, layer, q, rows, blocks: int):
+        """Attention of the rows' queries over the keys of this rank's blocks (the rows' other blocks are elsewhere).
+        Each row's blocks here are gathered first, in position order, into `blocks` columns (the scheduler's count:
+        the most blocks one of the rows holds on this rank), so the work is this rank's share of the keys, not the
+        rows' span. Decode: the paged kernel over them (all of a row's keys here precede its query; only the row's
+        last block may be partly filled, and it sorts last). A prefill chunk: a mask by position (causal) and
+        length over the gathered keys."""
         kv, bs = self.serving, self.serving.block_size
-        upto = rows.upto
-        width = -(-upto // bs)
-        local = kv.local_table(rows.slots)[:, :width].long()
-        owned = local != kv.sink  # [n, blocks]: the row's blocks this rank holds
-        keys, values = kv.store.dense(layer, local, upto)
-        key_pos = torch.arange(upto, device=q.device)
+        span = -(-rows.upto // bs)
+        local = kv.local_table(rows.slots)[:, :span]
+        ends = rows.start + rows.lens  # [n]: the row's tokens once this pass is stored
+        block_start = torch.arange(span, device=q.device) * bs
+        owned = (local != kv.sink) & (block_start[None, :] < ends[:, None])  # stale entries past a row's end: not its
+        order = torch.sort((~owned).to(torch.uint8), dim=1, stable=True).indices[:, :min(blocks, span)]  # owned first
+        here = owned.gather(1, order)
+        table = torch.where(here, local.gather(1, order), kv.sink)
+        first = block_start[order]  # [n, blocks]: the gathered blocks' first positions
+        if not rows.prefill:
+            filled = (ends[:, None] - first).clamp(0, bs) * here
+            out, lse = paged_decode(q[:, :, 0], *kv.store.layer(layer), table.int(), filled.sum(1).to(torch.int32),
+                                    plan=SERVING_PLAN)
+            return out[:, :, None].float(), lse[:, :, None]
+        keys, values = kv.store.dense(layer, table.long(), table.shape[1] * bs)
+        key_pos = (first[:, :, None] + torch.arange(bs, device=q.device)).flatten(1)  # [n, blocks * bs]
         query_pos = rows.start[:, None] + torch.arange(q.shape[2], device=q.device)  # [n, T]
-        visible = (owned.repeat_interleave(bs, dim=1)[:, None, :upto] & (key_pos <= query_pos[:, :, None])
-                   & (key_pos < (rows.start + rows.lens)[:, None, None]))
+        visible = (here.repeat_interleave(bs, dim=1)[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])
+                   & (key_pos < ends[:, None])[:, None, :])
         out, lse = masked_attention(q, keys, values, visible[:, None], self.backend)
         return out.float(), lse
 

@@ -34,8 +34,10 @@ class ServingPass:
     pooled: torch.Tensor | None = None  # FA Pool: [b] bool, the row's KV is in the pool
     pool_rows: torch.Tensor | None = None  # FA Pool: [n] long, the pooled rows' indices in the pass
     pool_ranks: tuple = ()  # FA Pool (host): the world ranks of the pool that hold blocks of the pooled rows
+    pool_blocks: tuple = ()  # FA Pool (host): per rank in pool_ranks, the most blocks one pooled row holds there
     host_start: tuple = ()  # a prefill pass (host): each row's start and new tokens, as the plan said
     host_lens: tuple = ()
+    host_pooled: tuple = ()  # a prefill pass, FA Pool (host): whether each row's KV is in the pool
 
     def sub(self, index: torch.Tensor) -> "ServingPass":
         """The pass restricted to rows `index`."""
