@@ -73,6 +73,21 @@ class Links:
         return 2 * (n - 1) * self.send_s(nbytes / n, cross_node)
 
 
+# bytes per (row, query, key) of the mask a pass through one mask builds (model/attention.visible_mask: the boolean
+# mask made and narrowed twice, 7; _aligned_bias: the bias filled and masked, 7; the empty-row test, 1)
+MASK_BYTES_PER_ELEMENT = 15
+
+
+def masked_attn_s(cal, flops, bw, pairs, heads, head_dim, b, mask_share=1.0):
+    """One rank's attention through one mask over `pairs` (row, query, key) triples of `heads` heads (the serving
+    engines' prefill passes): the mem-efficient kernel computes every triple at masked_attn_flops_fraction of the
+    GEMM rate and reads the head-broadcast bias once per head, after the mask and bias are built
+    (MASK_BYTES_PER_ELEMENT per triple, times mask_share where the mask spans a share of the keys), at the read
+    bandwidth bw."""
+    return (4 * heads * head_dim * pairs / (flops * cal.masked_attn_flops_fraction)
+            + pairs * (MASK_BYTES_PER_ELEMENT * mask_share + heads * b) / bw)
+
+
 def collective_s(cal, links, op, group, nbytes, cross_node, graphed=True):
     """One collective or message of `nbytes` per rank: NCCL's measured time (cal.comm, one node) where there is
     one, else the link model (latency + bytes / bandwidth; always across nodes: no inter-node measurement)."""

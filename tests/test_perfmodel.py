@@ -438,11 +438,51 @@ def test_serving_prefill_through_one_mask_spans_every_row_to_the_longest():
         m.n_layers * 4 * m.hidden * pairs / fast.flops, rel=1e-9)
 
 
-def test_dcp_serving_prefill_is_not_priced_through_the_serving_mask():
-    from harness.strategies import spec_of
-    from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+def _kind_pricer(strategy, *overrides, **cal_fields):
+    from harness.calibration import default_calibration
+    from harness.perfmodel import ServingPricer, serving_config
 
-    assert not spec_of("dcp").serving_prefill_masked(ROWS_ONE_BY_ONE + 5)
+    cal = dataclasses.replace(default_calibration(), serving_prefill_host_layer_s=0.0, **cal_fields)
+    return ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", f"strategy={strategy}",
+                                                    *overrides])), cal)
+
+
+def _masked_work_s(strategy, starts, lens, pooled, *overrides):
+    """The part of a prefill pass's price that the masked kernel's rate decides (a rate of 1 against 0.5)."""
+    slow, fast = (_kind_pricer(strategy, *overrides, masked_attn_flops_fraction=f) for f in (0.5, 1.0))
+    return slow.step(starts, lens, pooled, (), ()) - fast.step(starts, lens, pooled, (), ())
+
+
+def test_dcp_serving_prefill_attends_through_one_mask_of_its_shard_at_any_row_count():
+    # model/parallel/dcp.ShardedServingAttention: every pass, one row or many, through one mask over the shard's
+    # 1/k of the keys for k times the heads: per rank, TP's heads over every key the pass spans
+    price = _kind_pricer("dcp_t4_k2")
+    m = price.cfg.model
+    assert price.spec.serving_prefill_masked(1)
+    for starts, lens in (([40000], [2048]), ([40000, 0, 0], [2048, 24, 25])):
+        pairs = len(lens) * max(lens) * max(a + q for a, q in zip(starts, lens))
+        assert _masked_work_s("dcp_t4_k2", starts, lens, [False] * len(lens)) == pytest.approx(
+            m.n_layers * 4 * m.hidden // price.cfg.strategy.tp * pairs / price.flops, rel=1e-9)
+
+
+def test_fa_pool_serving_prefill_prices_the_bases_own_span_and_each_pool_ranks_share():
+    # model/parallel/fa_pool_serving: the base attends through one mask over the span of the rows it holds (a pooled
+    # row's keys are the pool's); a pool rank over its blocks of the pooled rows (pool_keys_per_rank), every head
+    pool = ["strategy.pool.size=8", "strategy.pool.threshold=32768", "strategy.pool.tokens_per_rank=16384"]
+    price = _kind_pricer("fa_pool", *pool)
+    m, s = price.cfg.model, price.cfg.strategy
+    starts, lens, pooled = [80000, 0, 0], [2048, 24, 25], [True, False, False]
+    keys = price.spec.pool_keys_per_rank(price.cfg, 82048)
+    assert keys == 16384  # the proportional policy: tokens_per_rank on a rank before the next
+    base_pairs, pool_pairs = 3 * 2048 * 25, 2048 * keys
+    want = m.n_layers * 4 * m.hidden * (base_pairs / s.tp + pool_pairs) / price.flops
+    assert _masked_work_s("fa_pool", starts, lens, pooled, *pool) == pytest.approx(want, rel=1e-9)
+    # round robin over 8 ranks: each holds an eighth of the row's blocks; over 16, a sixteenth
+    robin = [*pool, "strategy.pool.policy=all"]
+    for size in (8, 16):
+        cfg = _kind_pricer("fa_pool", *robin, f"strategy.pool.size={size}").cfg
+        bs = cfg.serving.block_size
+        assert price.spec.pool_keys_per_rank(cfg, 82048) == -(-(-(-82048 // bs)) // size) * bs
 
 
 def test_first_pass_of_a_decode_bucket_runs_eagerly_then_is_captured():

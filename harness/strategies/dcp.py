@@ -66,9 +66,9 @@ class DCPSpec(StaticSpec):
         return layer
 
     def serving_prefill_masked(self, rows: int) -> bool:
-        """A DCP shard attends through a mask of its own positions at any row count (model/parallel/dcp.py); that
-        price is prefill_s's chunk (own causal work) until a measured DCP replay checks a masked one."""
-        return False
+        """A DCP shard's serving prefill pass attends through one mask of its keys' global positions at any row
+        count (model/parallel/dcp.ShardedServingAttention)."""
+        return True
 
     def exchange_copy_bytes(self, s, tokens, h, b) -> float:
         """Bytes a DCP rank reads and writes per prefill chunk and layer in copies that TP's attention does not make

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, prefill_chunks
+from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, masked_attn_s, prefill_chunks
 from harness.fields import above, at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -298,40 +298,54 @@ class FAPoolSpec(StrategySpec):
         return self.decode_step(step_cfg, pricer.cal, pricer.links, pricer.bw, pricer.flops, pricer.b,
                                 [int(n) for n in decode_ctx], pricer.gpn, False, pricer.graphed)[0]
 
+    def pool_keys_per_rank(self, cfg, ctx: int) -> int:
+        """The most keys of a row of ctx tokens that one pool rank holds (the scheduler's placement,
+        model/parallel/fa_pool_serving.pool_placement: blocks_per_rank blocks on a rank before the next, round
+        robin over the pool when the row outgrows it; one block a rank when the policy is not proportional)."""
+        p, bs = cfg.strategy.pool, cfg.serving.block_size
+        blocks = -(-ctx // bs)
+        per_rank = -(-p.tokens_per_rank // bs) if p.policy == "proportional" else 1
+        return min(blocks, -(-blocks // (p.size * per_rank)) * per_rank) * bs
+
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
-        """As prefill_s prices a chunk; the short rows' earlier keys gathered out of the base's blocks, the long
-        rows' attention in the pool ranks that hold their blocks."""
+        """A pass as model/parallel/fa_pool_serving runs it, per layer, base and pool in turn:
+        - the base (tp ranks): the GEMMs and two all-reduces over every row's padded chunk; its rows' earlier keys
+          gathered dense up to the span of its own rows (read and written at the copy rate) and every padded query
+          attended through one mask (costs.masked_attn_s); the pooled rows' q, k, v sent to each pool rank in use
+          and their fp32 partials received (one message each way per pool rank), merged by LSE (the stacked
+          partials zeroed, filled and read: 3 passes);
+        - the busiest pool rank: the tp messages joined (read and written), its blocks of the pooled rows gathered
+          (pool_keys_per_rank of the longest row, read and written), every head's padded queries over them through
+          one mask, the partials packed (read and written)."""
         s, m = cfg.strategy, cfg.model
-        h = m.hidden
+        h, d, tp = m.hidden, m.head_dim, s.tp
         flops_p = flops * cal.prefill_flops_fraction
-        dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)
         starts, lens, pooled = list(starts), list(lens), list(pooled)
-        tokens = len(lens) * max(lens)
-        dense = tokens * dense_per_token / flops_p
+        rows, width = len(lens), max(lens)
+        tokens = rows * width
         eager = eager_collectives(cal, links)
-        copy_bw = bw * cal.prefill_base_copy_bw_fraction
-        long = [i for i, p in enumerate(pooled) if p]
-        short = [i for i, p in enumerate(pooled) if not p]
-        tp = s.tp
-        layer = 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
-        layer += dense / tp + sum(4 * h * lens[i] * starts[i] + 2 * h * lens[i] * (lens[i] + 1) for i in short) / flops_p / tp
-        layer += 2 * sum((starts[i] + lens[i]) * 2 * h * b for i in short) / tp / copy_bw
+        base_bw = bw * cal.prefill_base_copy_bw_fraction
+        layer = tokens * 2 * (4 * h * h + 2 * h * m.ffn_hidden) / flops_p / tp
+        layer += 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
+        span = max((a + q for a, q, p in zip(starts, lens, pooled) if not p), default=0)
+        if span:
+            layer += masked_attn_s(cal, flops, bw, tokens * span, m.n_heads // tp, d, b)
+            layer += 2 * rows * span * 2 * h // tp * b / base_bw
+        long = [a + q for a, q, p in zip(starts, lens, pooled) if p]
         if long:
-            lt = sum(lens[i] for i in long)
-            l_before = sum(4 * h * lens[i] * starts[i] for i in long) / flops_p
-            l_own = sum(2 * h * lens[i] * (lens[i] + 1) for i in long) / flops_p
-            start = int(sum(starts[i] for i in long) / len(long))
-            # the pool ranks the engine sends to: those holding the rows' blocks (proportional: a rank per
-            # tokens_per_rank of the longest row's context), not the whole pool
             p = s.pool
-            used = p.size if p.policy != "proportional" else \
-                min(p.size, max(-(-(starts[i] + lens[i]) // p.tokens_per_rank) for i in long))
-            pool_cfg = dataclasses.replace(cfg, workload=dataclasses.replace(cfg.workload, batch_size=len(long)),
-                                           strategy=dataclasses.replace(s, pool=dataclasses.replace(p, size=used)))
-            # the pool attends over the chunk too (its keys are stored there first): own goes to the pool
-            layer += self.prefill_layer_s(pool_cfg, cal, eager, bw, len(long), lt, 0.0, l_before + l_own, 0.0,
-                                              max(start, 1), gpn, b) - 2 * eager("all_reduce", tp, lt * h * b, tp > gpn)
-        return m.n_layers * layer + 2 * len(lens) * h * m.vocab_size / (flops_p * tp)
+            used = p.size if p.policy != "proportional" else min(p.size, max(-(-c // p.tokens_per_rank) for c in long))
+            cross = tp + p.size > gpn
+            n = len(long)
+            msg = 3 * n * width * h // tp * b  # one base rank's q, k, v of the pooled rows, to one pool rank
+            part = n * width * (h // tp) * (d + 1) * 4  # its heads' fp32 partials and LSE, back from one
+            layer += eager("p2p", 2, used * msg, cross) + eager("p2p", 2, used * part, cross)
+            layer += 3 * (1 + used) * tokens * (h // tp) * (d + 1) * 4 / base_bw
+            keys = max(self.pool_keys_per_rank(cfg, c) for c in long)
+            pool_bw = bw * cal.prefill_pool_copy_bw_fraction
+            pool_copies = 2 * (tp * msg + n * keys * 2 * h * b + tp * part)
+            layer += masked_attn_s(cal, flops, bw, n * width * keys, m.n_heads, d, b) + pool_copies / pool_bw
+        return m.n_layers * layer + 2 * rows * h * m.vocab_size / (flops_p * tp)
 
 
 register(FAPoolSpec())

@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, prefill_chunks,
-                           prefill_copy_s)
+from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, masked_attn_s,
+                           prefill_chunks, prefill_copy_s)
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -256,10 +256,6 @@ class StaticSpec(StrategySpec):
                                               programs_per_sm=RAGGED_PROGRAMS_PER_SM)
         return ragged_chunk_tokens(ctx_sum, target, min_chunk)
 
-    # bytes per (row, query, key) of the mask a pass through one mask builds (model/attention.visible_mask: the
-    # boolean mask made and narrowed twice, 7; _aligned_bias: the bias filled and masked, 7; the empty-row test, 1)
-    MASK_BYTES_PER_ELEMENT = 15
-
     def serving_prefill_masked(self, rows: int) -> bool:
         """Whether a serving prefill pass of `rows` rows attends through one mask (model/parallel/serving_kv.
         ServingAttention) rather than row by row."""
@@ -277,9 +273,8 @@ class StaticSpec(StrategySpec):
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
         every padded position). Attention, row by row (few rows): each row's own chunk over its own keys. Through
         one mask (more rows, serving_prefill_masked): every row gathers the keys the pass spans (the longest row's
-        start + chunk), and the mem-efficient kernel computes every padded query against all of them at
-        masked_attn_flops_fraction of the GEMM rate, reading the head-broadcast bias once per head, after the mask
-        and bias are built (MASK_BYTES_PER_ELEMENT per row x query x key, at the read bandwidth)."""
+        start + chunk), and every padded query attends over all of them (costs.masked_attn_s). A KV shard of k
+        (DCP) gathers 1/k of those keys for k times the heads: the same FLOPs and bias, 1/k of the mask."""
         s, m = cfg.strategy, cfg.model
         h, d = m.hidden, m.head_dim
         flops_p = flops * cal.prefill_flops_fraction
@@ -291,9 +286,9 @@ class StaticSpec(StrategySpec):
         if self.serving_prefill_masked(rows):
             upto = max(a + q for a, q in zip(starts, lens))
             pairs = rows * width * upto  # (row, query, key) the kernel computes
-            before, own = 0.0, 4 * h * pairs / (flops * cal.masked_attn_flops_fraction)
+            before = own = 0.0
             gathered = rows * upto * 2 * h * b
-            mask_s = pairs * (self.MASK_BYTES_PER_ELEMENT + m.n_heads // tp * b) / bw
+            mask_s = masked_attn_s(cal, flops, bw, pairs, m.n_heads // tp, d, b, 1 / self.kv_shards(s))
         else:
             before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
             own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
