@@ -66,15 +66,15 @@ class ServingPricer:
     a cache the strategy's spec keeps its per-row-count parts in."""
 
     def __init__(self, cfg: BenchConfig, cal: Calibration, table_tokens: int = 0, decode_plan: str | None = None,
-                 prefill_graphs: bool = False):
+                 prefill_graph_rows: int = 0):
         """table_tokens: a row's block table holds this many tokens (the longest context a slot is sized for);
         0: the step's longest row's, rounded up to a block. decode_plan: the paged kernel's work plan of a decode
         pass ("ragged" or "splits"); None: the one the serving engines run (model/paged_attention.SERVING_PLAN).
-        prefill_graphs: where decode passes are captured, small prefill passes replay graphs of their token-count
-        buckets (model/parallel/static.prefill_graph_bucket) and take no host launch time; else every prefill pass
-        runs eagerly."""
+        prefill_graph_rows: where decode passes are captured, small prefill passes of at least this many rows replay
+        graphs of their token-count buckets (model/parallel/static.prefill_graph_bucket), through one mask, and take
+        no host launch time; 0: every prefill pass runs eagerly."""
         self.cfg, self.cal, self.table_tokens = cfg, cal, table_tokens
-        self.prefill_graphs = prefill_graphs
+        self.prefill_graph_rows = prefill_graph_rows
         self.decode_plan = decode_plan or SERVING_PLAN
         self.b, self.bw, self.flops, self.links, self.gpn = rates(cfg, cal)
         self.spec = spec_of(cfg.strategy)
@@ -86,10 +86,11 @@ class ServingPricer:
         bucket (captured kinds), run eagerly and then captured (capture_s)."""
         t = host = 0.0
         if len(prefill_len):  # eager: the device runs the pass's kernels as the host launches them
-            host = 0.0 if self.prefill_replayed(prefill_start, prefill_len) else \
-                self.spec.serving_prefill_host_s(self.cfg, self.cal)
+            replayed = self.prefill_replayed(prefill_start, prefill_len)
+            host = 0.0 if replayed else self.spec.serving_prefill_host_s(self.cfg, self.cal)
             t = max(host, self.spec.serving_prefill_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b,
-                                                      self.gpn, prefill_start, prefill_len, prefill_pooled))
+                                                      self.gpn, prefill_start, prefill_len, prefill_pooled,
+                                                      one_mask=replayed))
         if len(decode_ctx):
             t = self.capture_s(t, host, self.decode_s(decode_ctx, decode_pooled)) if capture else \
                 t + self.decode_s(decode_ctx, decode_pooled)
@@ -97,14 +98,14 @@ class ServingPricer:
 
     def prefill_replayed(self, prefill_start, prefill_len) -> bool:
         """Whether the engine replays this prefill pass from a graph of its token-count bucket (priced unpadded)."""
-        if not (self.graphed and self.prefill_graphs):
+        if not (self.graphed and self.prefill_graph_rows):
             return False
         from model.parallel.static import prefill_graph_bucket
 
         upto = max(int(a) + int(q) for a, q in zip(prefill_start, prefill_len))
         capacity = self.table_tokens or float("inf")  # no table size given: the bucket's keys always fit
         return prefill_graph_bucket(len(prefill_len), int(max(prefill_len)), upto, capacity,
-                                    self.cfg.serving.max_batch) is not None
+                                    self.cfg.serving.max_batch, self.prefill_graph_rows) is not None
 
     def buckets(self) -> list[int]:
         """Every captured decode bucket (none where the kind's serving decode passes are not captured)."""

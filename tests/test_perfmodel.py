@@ -393,18 +393,31 @@ def test_serving_prefill_pass_is_no_shorter_than_its_host_launches():
 
 
 def test_a_small_prefill_pass_replayed_from_its_bucket_graph_has_no_host_floor():
-    """Where the engine replays small passes through one mask from token-count bucket graphs (prefill_graphs), they
-    take no host launch time; a pass of few rows (row by row) or past the bucket sizes still runs eagerly."""
+    """Where the engine replays small passes from token-count bucket graphs (prefill_graph_rows: the fewest rows
+    it replays), they take no host launch time and attend through one mask; a pass past the bucket sizes, or of
+    fewer rows than a record's engine replayed, runs eagerly."""
+    from harness.serving.virtual import engines_prefill_graph_rows, recorded_prefill_graph_rows
+    from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
     price = _serving_pricer()
-    price.prefill_graphs = True
+    price.prefill_graph_rows = engines_prefill_graph_rows()
+    assert price.prefill_graph_rows == 1
     floor = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
     device = _serving_pricer(serving_prefill_host_layer_s=0.0)
-    small = ([0] * 4, [64, 32, 100, 16], [False] * 4)
+    small, one_row, wide = ([0] * 4, [64, 32, 100, 16], [False] * 4), ([0], [64], [False]), ([0] * 4, [2048] * 4, [False] * 4)
     assert price.prefill_replayed(*small[:2]) and price.step(*small, (), ()) == device.step(*small, (), ()) < floor
-    one_row, wide = ([0], [64], [False]), ([0] * 4, [2048] * 4, [False] * 4)
+    assert price.prefill_replayed(*one_row[:2]) and not price.prefill_replayed(*wide[:2])
+    # a replayed one-row pass attends through one mask (the bucket graph's path), not row by row
+    by_mask = device.spec.serving_prefill_s(device.cfg, device.cal, device.links, device.bw, device.flops, device.b,
+                                            device.gpn, *one_row, one_mask=True)
+    assert price.step(*one_row, (), ()) == by_mask != device.step(*one_row, (), ())
+    # records: this engine's rule, the rule of engines that replayed only passes through one mask, none
+    rows = [recorded_prefill_graph_rows(type("Rec", (), {"serving": s})) for s in
+            ({"prefill_graph_rows": 1}, {"prefill_graphs": True}, {})]
+    assert rows == [1, ROWS_ONE_BY_ONE + 1, 0]
+    price.prefill_graph_rows = ROWS_ONE_BY_ONE + 1
     assert not price.prefill_replayed(*one_row[:2]) and price.step(*one_row, (), ()) == floor
-    assert not price.prefill_replayed(*wide[:2])
-    price.prefill_graphs = False  # records of engines that ran every prefill pass eagerly
+    price.prefill_graph_rows = 0  # records of engines that ran every prefill pass eagerly
     assert price.step(*small, (), ()) == floor
 
 

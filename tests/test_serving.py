@@ -281,10 +281,10 @@ def test_pool_occupancy_bins_a_step_log_by_replay_time():
 
 
 def test_a_prefill_pass_padded_to_its_token_count_bucket_gives_the_same_tokens_logits_and_kv(tmp_path):
-    """A small prefill pass through one mask replays, on GPUs, a graph of its token-count bucket: rows, chunk width
-    and keys spanned padded (model/parallel/static.PrefillIO). The padded pass, run here eagerly, gives each row the
+    """A small prefill pass replays, on GPUs, a graph of its token-count bucket: rows, chunk width and keys spanned
+    padded (model/parallel/static.PrefillIO), through one mask. The padded pass, run here eagerly, gives each row the
     tokens and logits of the pass as it comes, and writes the same KV: a first chunk, then a second chunk after
-    cached keys with rows of different starts."""
+    cached keys with rows of different starts, then one row (which the pass as it comes attends row by row)."""
     import tempfile
 
     import torch
@@ -307,22 +307,22 @@ def test_a_prefill_pass_padded_to_its_token_count_bucket_gives_the_same_tokens_l
         # slots 0, 1, 2 hold blocks 0-7, 8-15, 16-23 (8 blocks of 8 tokens each)
         updates = torch.tensor([[s, j, 8 * s + j] for s in range(3) for j in range(8)])
         long = lambda *x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        for starts, lens in (((0, 0, 0), (5, 3, 7)), ((5, 3, 7), (6, 9, 2))):
-            width, upto = max(lens), max(a + n for a, n in zip(starts, lens))
-            p = ServingPass(long(0, 1, 2), long(*starts), long(*lens), True, width, upto, host_start=starts,
+        for starts, lens in (((0, 0, 0), (5, 3, 7)), ((5, 3, 7), (6, 9, 2)), ((11,), (4,))):
+            n, width, upto = len(lens), max(lens), max(a + q for a, q in zip(starts, lens))
+            p = ServingPass(long(*range(n)), long(*starts), long(*lens), True, width, upto, host_start=starts,
                             host_lens=lens)
-            ids = torch.randint(0, cfg.model.vocab_size, (3, width), generator=gen)
+            ids = torch.randint(0, cfg.model.vocab_size, (n, width), generator=gen)
             kv_before = engine.serving.store.kv.clone()
             eager = engine.serve_step([(p, ids)], updates)
             eager_logits, kv_eager = engine.logits.pop(), engine.serving.store.kv.clone()
             engine.serving.store.kv.copy_(kv_before)
-            bucket = prefill_bucket(3, width, upto)
-            assert bucket[0] >= 4 and bucket[1] >= 16 and bucket[2] >= 64  # every dimension padded
+            bucket = prefill_bucket(n, width, upto)
+            assert bucket[0] >= n and bucket[1] >= 16 and bucket[2] >= 64  # width and keys padded
             io = PrefillIO(bucket, cfg.model.vocab_size, torch.device("cpu"))
             io.load(p, ids, engine.pad_slot)
             engine._prefill_body(io)
-            assert torch.equal(io.tokens_out[:3], eager)
-            torch.testing.assert_close(io.logits[:3], eager_logits, rtol=1e-5, atol=1e-5)
+            assert torch.equal(io.tokens_out[:n], eager)
+            torch.testing.assert_close(io.logits[:n], eager_logits, rtol=1e-5, atol=1e-5)
             sink = engine.serving.sink  # padding writes only to the sink block
             real = [i for i in range(kv_eager.shape[2]) if i != sink]
             torch.testing.assert_close(engine.serving.store.kv[:, :, real], kv_eager[:, :, real], rtol=1e-5, atol=1e-5)

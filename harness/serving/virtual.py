@@ -45,12 +45,12 @@ def capacity(cfg, requests):
 
 
 def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True,
-                   prefill_graphs: bool = True) -> Replay:
+                   prefill_graph_rows: int | None = None) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
     default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
     buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
-    a bucket first pays its capture; prefill_graphs: small prefill passes replay graphs of token-count buckets,
-    as the engines do where decode is captured). The step log's device_ms holds each step's price."""
+    a bucket first pays its capture; prefill_graph_rows: small prefill passes of at least this many rows replay
+    graphs of token-count buckets where decode is captured, 0 none; None: as the engines do). The step log's device_ms holds each step's price."""
     sv, w = cfg.serving, cfg.workload
     requests = load_trace(w.trace)
     blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
@@ -60,7 +60,8 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_set
                       pool_blocks=pool_blocks)
     cal = cal or default_calibration()
     price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan,
-                          prefill_graphs=prefill_graphs)
+                          prefill_graph_rows=engines_prefill_graph_rows() if prefill_graph_rows is None
+                          else prefill_graph_rows)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     captured = set(price.buckets()) if buckets_at_setup else set()  # decode buckets already captured
@@ -164,10 +165,22 @@ def recorded_decode_plan(rec) -> str:
     return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
 
 
-def recorded_prefill_graphs(rec) -> bool:
-    """Whether a measured replay's engine replayed small prefill passes from token-count bucket graphs (records
-    without the field ran every prefill pass eagerly)."""
-    return bool(rec.serving.get("prefill_graphs", False))
+def engines_prefill_graph_rows() -> int:
+    """The fewest rows of a prefill pass the serving engines replay from a token-count bucket graph."""
+    from model.parallel.static import PREFILL_GRAPH_MIN
+
+    return PREFILL_GRAPH_MIN[0]
+
+
+def recorded_prefill_graph_rows(rec) -> int:
+    """The fewest rows of a prefill pass a measured replay's engine replayed from a bucket graph (0: every pass
+    eager). Records of engines that replayed only passes through one mask say `prefill_graphs` (more than
+    ROWS_ONE_BY_ONE rows); records with neither field ran every prefill pass eagerly."""
+    from model.parallel.serving_kv import ROWS_ONE_BY_ONE
+
+    if "prefill_graph_rows" in rec.serving:
+        return int(rec.serving["prefill_graph_rows"])
+    return ROWS_ONE_BY_ONE + 1 if rec.serving.get("prefill_graphs") else 0
 
 
 def recorded_buckets_at_setup(rec) -> bool:
@@ -273,7 +286,7 @@ def check_serving(root) -> "pd.DataFrame":
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
         projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
-                                   recorded_buckets_at_setup(rec), recorded_prefill_graphs(rec))
+                                   recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics

@@ -307,7 +307,7 @@ class FAPoolSpec(StrategySpec):
         per_rank = -(-p.tokens_per_rank // bs) if p.policy == "proportional" else 1
         return min(blocks, -(-blocks // (p.size * per_rank)) * per_rank) * bs
 
-    def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
+    def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
         """A pass as model/parallel/fa_pool_serving runs it, per layer, base and pool in turn:
         - the base (tp ranks): the GEMMs and two all-reduces over every row's padded chunk; its rows' earlier keys
           gathered dense up to the span of its own rows (read and written at the copy rate) and every padded query
@@ -338,9 +338,9 @@ class FAPoolSpec(StrategySpec):
             cross = tp + p.size > gpn
             n = len(long)
             msg = 3 * n * width * h // tp * b  # one base rank's q, k, v of the pooled rows, to one pool rank
-            part = n * width * (h // tp) * (d + 1) * 4  # its heads' fp32 partials and LSE, back from one
+            part = n * width * m.n_heads // tp * (d + 1) * 4  # its heads' fp32 partials and LSE, back from one
             layer += eager("p2p", 2, used * msg, cross) + eager("p2p", 2, used * part, cross)
-            layer += 3 * (1 + used) * tokens * (h // tp) * (d + 1) * 4 / base_bw
+            layer += 3 * (1 + used) * tokens * m.n_heads // tp * (d + 1) * 4 / base_bw
             keys = max(self.pool_keys_per_rank(cfg, c) for c in long)
             pool_bw = bw * cal.prefill_pool_copy_bw_fraction
             pool_copies = 2 * (tp * msg + n * keys * 2 * h * b + tp * part)

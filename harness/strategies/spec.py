@@ -133,8 +133,10 @@ class StrategySpec:
         """The host's time to launch one serving prefill pass (a pass takes at least this); 0: not host-bound."""
         return 0.0
 
-    def serving_prefill_s(self, cfg: BenchConfig, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
-        """Seconds of one serving prefill pass: each row's chunk of lens[i] tokens after starts[i] cached ones."""
+    def serving_prefill_s(self, cfg: BenchConfig, cal, links, bw, flops, b, gpn, starts, lens, pooled,
+                          one_mask: bool = False) -> float:
+        """Seconds of one serving prefill pass: each row's chunk of lens[i] tokens after starts[i] cached ones.
+        one_mask: the pass replays a bucket graph, which attends through one mask whatever its rows."""
         raise NotImplementedError(f"strategy kind {self.kind!r} does not serve")
 
 

@@ -267,12 +267,12 @@ class StaticSpec(StrategySpec):
         """The host's time to launch one eager serving prefill pass on a stage: its layers' kernels."""
         return cfg.model.n_layers // cfg.strategy.pp * cal.serving_prefill_host_layer_s
 
-    def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled) -> float:
+    def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
         """As prefill_s prices a chunk, plus what the serving engine adds: every row's earlier keys and values
         gathered out of its blocks into a dense copy per layer (read and written at the copy rate), and the rows
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
         every padded position). Attention, row by row (few rows): each row's own chunk over its own keys. Through
-        one mask (more rows, serving_prefill_masked): every row gathers the keys the pass spans (the longest row's
+        one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every row gathers the keys the pass spans (the longest row's
         start + chunk), and every padded query attends over all of them (costs.masked_attn_s). A KV shard of k
         (DCP) gathers 1/k of those keys for k times the heads: the same FLOPs and bias, 1/k of the mask."""
         s, m = cfg.strategy, cfg.model
@@ -283,7 +283,7 @@ class StaticSpec(StrategySpec):
         rows, width = len(lens), max(lens)
         tokens = rows * width
         tp = s.tp
-        if self.serving_prefill_masked(rows):
+        if one_mask or self.serving_prefill_masked(rows):
             upto = max(a + q for a, q in zip(starts, lens))
             pairs = rows * width * upto  # (row, query, key) the kernel computes
             before = own = 0.0

@@ -38,6 +38,7 @@ class ServingPass:
     host_start: tuple = ()  # a prefill pass (host): each row's start and new tokens, as the plan said
     host_lens: tuple = ()
     host_pooled: tuple = ()  # a prefill pass, FA Pool (host): whether each row's KV is in the pool
+    one_mask: bool = False  # a prefill pass of a bucket graph: through one mask at any row count (no host values)
 
     def sub(self, index: torch.Tensor) -> "ServingPass":
         """The pass restricted to rows `index`."""
@@ -110,7 +111,7 @@ class ServingAttention:
                 out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
                                       (p.start + 1).to(torch.int32), plan=SERVING_PLAN)
                 return out.to(q.dtype)[:, :, None]
-            if len(p.host_lens) <= ROWS_ONE_BY_ONE:
+            if len(p.host_lens) <= ROWS_ONE_BY_ONE and not p.one_mask:
                 return self._chunks(q, table, p)
             width = -(-p.upto // self.kv.block_size)
             keys, values = self.kv.store.dense(self.layer, table[:, :width].long(), p.upto)

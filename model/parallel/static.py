@@ -37,7 +37,7 @@ from model.parallel.engine import Engine, micro_batches, param_bytes
 from model.parallel.graphs import GraphedProgram
 from model.parallel.tp import (CommStats, VocabParallelEmbedding, VocabParallelHead, new_groups, shard_attention,
                                shard_ffn)
-from model.parallel.serving_kv import ROWS_ONE_BY_ONE, ServingAttention, ServingKV, ServingPass
+from model.parallel.serving_kv import ServingAttention, ServingKV, ServingPass
 from model.transformer import Step, build_model, keep_prompt_ends, last_positions, pad_prompts
 
 
@@ -143,12 +143,12 @@ class DecodeIO:
         self.tokens_in[:n].copy_(tokens)
 
 
-# A serving prefill pass of more rows than serving_kv.ROWS_ONE_BY_ONE attends through one mask; where it is small
-# its time is the host's kernel launches, so it is replayed from a graph captured at a token-count bucket: rows,
-# chunk width and the keys it spans, each rounded up to a power of two (at least these), while the chunk width is
-# at most PREFILL_GRAPH_MAX_WIDTH and the keys at most PREFILL_GRAPH_MAX_KEYS; larger passes run eagerly, where
-# the device's work dwarfs the launches.
-PREFILL_GRAPH_MIN = (4, 16, 64)
+# A small serving prefill pass takes the host's time to launch its kernels, not the device's, so it is replayed from a
+# graph captured at a token-count bucket: rows, chunk width and the keys it spans, each rounded up to a power of two
+# (at least these), while the chunk width is at most PREFILL_GRAPH_MAX_WIDTH and the keys at most
+# PREFILL_GRAPH_MAX_KEYS; a bucket's pass attends through one mask whatever its rows (ServingPass.one_mask). Larger
+# passes run eagerly, where the device's work dwarfs the launches.
+PREFILL_GRAPH_MIN = (1, 16, 64)
 PREFILL_GRAPH_MAX_WIDTH = 512
 PREFILL_GRAPH_MAX_KEYS = 8192
 
@@ -159,11 +159,13 @@ def prefill_bucket(rows: int, width: int, upto: int) -> tuple[int, int, int]:
     return up(rows, PREFILL_GRAPH_MIN[0]), up(width, PREFILL_GRAPH_MIN[1]), up(upto, PREFILL_GRAPH_MIN[2])
 
 
-def prefill_graph_bucket(rows: int, width: int, upto: int, key_capacity: int, max_rows: int):
+def prefill_graph_bucket(rows: int, width: int, upto: int, key_capacity: int, max_rows: int,
+                         min_rows: int = PREFILL_GRAPH_MIN[0]):
     """The token-count bucket a serving prefill pass of `rows` rows, `width` tokens a row and `upto` keys spanned
-    replays a graph of, or None where it runs eagerly: a pass of at most ROWS_ONE_BY_ONE rows (row by row), or one
-    whose bucket is past the PREFILL_GRAPH_MAX_* sizes, a row's block table (key_capacity) or the batch slots."""
-    if rows <= ROWS_ONE_BY_ONE:
+    replays a graph of, or None where it runs eagerly: a pass whose bucket is past the PREFILL_GRAPH_MAX_* sizes, a
+    row's block table (key_capacity) or the batch slots. min_rows: the fewest rows a replayed pass has (the pricer
+    passes what a measured replay's record says its engine replayed: harness/serving/virtual.py)."""
+    if rows < min_rows:
         return None
     bucket = prefill_bucket(rows, width, upto)
     fits = bucket[0] <= max_rows and bucket[1] <= PREFILL_GRAPH_MAX_WIDTH and bucket[2] <= min(PREFILL_GRAPH_MAX_KEYS,
@@ -178,10 +180,8 @@ class PrefillIO:
     def __init__(self, bucket: tuple[int, int, int], vocab: int, device):
         rows, width, upto = bucket
         long = dict(dtype=torch.long, device=device)
-        # host_lens' length is what routes a pass through one mask (ServingAttention): a bucket has more rows than
-        # ROWS_ONE_BY_ONE (PREFILL_GRAPH_MIN); the values are not read on that path
         self.step = ServingPass(torch.zeros(rows, **long), torch.zeros(rows, **long), torch.zeros(rows, **long), True,
-                                width, upto, host_start=(0,) * rows, host_lens=(0,) * rows)
+                                width, upto, one_mask=True)
         self.tokens_in = torch.zeros(rows, width, **long)
         self.tokens_out = torch.zeros(rows, **long)
         self.logits = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
