@@ -487,6 +487,8 @@ def test_fa_pool_serving_prefill_prices_the_bases_own_span_and_each_pool_ranks_s
     starts, lens, pooled = [80000, 0, 0], [2048, 24, 25], [True, False, False]
     keys = price.spec.pool_keys_per_rank(price.cfg, 82048)
     assert keys == 16384  # the proportional policy: tokens_per_rank on a rank before the next
+    # the chunk [80000, 82048) crosses from the rank holding [65536, 81920) to the next: two ranks store it
+    assert (price.spec.pool_ranks_storing(price.cfg, 80000, 2048), price.spec.pool_ranks_storing(price.cfg, 0, 2048)) == (2, 1)
     base_pairs, pool_pairs = 3 * 2048 * 25, 2048 * keys
     want = m.n_layers * 4 * m.hidden * (base_pairs / s.tp + pool_pairs) / price.flops
     assert _masked_work_s("fa_pool", starts, lens, pooled, *pool) == pytest.approx(want, rel=1e-9)

@@ -156,6 +156,21 @@ def test_fa_pool_placement_pools_long_requests_and_migrates_the_ones_that_cross(
     assert max(sched.log["pool_ranks_used"]) >= 2 and max(sched.log["pool_rows"]) >= 1
     pooled_rows = [p for p in plans if p.decode_pooled.any()]
     assert all(p.decode_pool_blocks.any() for p in pooled_rows)
+    # keys and values go to the ranks that store a pass's new tokens, a subset of those in use: a pooled decode row's
+    # one new token is on one rank, while its earlier blocks keep other ranks in use
+    for p in plans:
+        for blocks, writes in ((p.prefill_pool_blocks, p.prefill_pool_writes), (p.decode_pool_blocks, p.decode_pool_writes)):
+            assert not (writes & (blocks == 0)).any()
+    assert all(p.decode_pool_writes.sum() <= p.decode_pooled.sum() for p in pooled_rows)
+    assert any(p.decode_pool_writes.sum() < (p.decode_pool_blocks > 0).sum() for p in pooled_rows)
+    # the rank storing a pooled decode row's new token holds the row's block of that position (the block table as
+    # the plans' entries built it up to that step)
+    table = {}
+    for p in plans:
+        table.update({(int(s), int(j)): int(b) for s, j, b in p.table_updates})
+        table.update({k: int(new) for k, b in table.items() for old, new in p.migrations if b == old})
+        for slot, pos in zip(p.decode_slots[p.decode_pooled], p.decode_pos[p.decode_pooled]):
+            assert p.decode_pool_writes[sched.kv.space_of(np.array([table[int(slot), int(pos) // 4]]))[0] - 1]
 
 
 def test_a_request_migrated_and_preempted_in_one_step_leaves_no_stale_moves():

@@ -95,7 +95,8 @@ def _pack(plan: StepPlan | None, req_of_slot: np.ndarray | None, pool_ranks: int
     body = [plan.prefill_slots, plan.prefill_start, plan.prefill_len, plan.prefill_last, req_of_slot[plan.prefill_slots],
             plan.prefill_pooled, plan.prefill_tokens.reshape(-1), plan.decode_slots, plan.decode_pos, plan.decode_tokens,
             req_of_slot[plan.decode_slots], plan.decode_pooled, plan.table_updates.reshape(-1),
-            plan.migrations.reshape(-1), plan.prefill_pool_blocks, plan.decode_pool_blocks]
+            plan.migrations.reshape(-1), plan.prefill_pool_blocks, plan.decode_pool_blocks, plan.prefill_pool_writes,
+            plan.decode_pool_writes]
     return np.concatenate([header] + [np.asarray(x, dtype=np.int64) for x in body])
 
 
@@ -108,7 +109,7 @@ def _broadcast(packed: np.ndarray | None, device) -> torch.Tensor:
     head = torch.from_numpy(packed[:HEADER]).to(comm) if packed is not None else torch.zeros(HEADER, dtype=torch.long, device=comm)
     dist.broadcast(head, src=0)
     P, D, U, W, _, done, M, R, _ = (int(x) for x in head.tolist())
-    size = HEADER + 6 * P + P * W + 5 * D + 3 * U + 2 * M + 2 * R
+    size = HEADER + 6 * P + P * W + 5 * D + 3 * U + 2 * M + 4 * R
     if size == HEADER or done:
         return head.cpu()
     body = torch.from_numpy(packed).to(comm) if packed is not None else torch.empty(size, dtype=torch.long, device=comm)
@@ -144,25 +145,28 @@ def _unpack(host: torch.Tensor, device, first_pool_rank: int):
     updates = take(3 * U, (U, 3))
     migrations = take(2 * M, (M, 2))
     p_ranks, d_ranks = host[at: at + R].tolist(), host[at + R: at + 2 * R].tolist()
+    p_writes, d_writes = host[at + 2 * R: at + 3 * R].tolist(), host[at + 3 * R: at + 4 * R].tolist()
     host_pooled = host[HEADER + 5 * P: HEADER + 6 * P], host[HEADER + 6 * P + P * W + 4 * D: HEADER + 6 * P + P * W + 5 * D]
 
-    def fa_pool(pooled, pooled_host, blocks):
-        """FA Pool's fields of a pass: the pooled rows (device), and the pool ranks in use with the most blocks a
-        pooled row holds on each (host)."""
+    def fa_pool(pooled, pooled_host, blocks, writes):
+        """FA Pool's fields of a pass: the pooled rows (device); the pool ranks in use with the most blocks a
+        pooled row holds on each, and those that store the pass's new tokens (host)."""
         rows = _to_device(torch.nonzero(pooled_host).flatten(), device) if R else None
         used = [(first_pool_rank + i, n) for i, n in enumerate(blocks) if n]
         return dict(pooled=pooled.bool(), pool_rows=rows, pool_ranks=tuple(r for r, _ in used),
-                    pool_blocks=tuple(n for _, n in used))
+                    pool_blocks=tuple(n for _, n in used),
+                    pool_writes=tuple(first_pool_rank + i for i, w in enumerate(writes) if w))
 
     passes = []
     if P:
         host_start, host_lens = host[HEADER + P: HEADER + 2 * P].tolist(), host[HEADER + 2 * P: HEADER + 3 * P].tolist()
-        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto, **fa_pool(p_pooled, host_pooled[0], p_ranks),
+        passes.append((ServingPass(p_slots, p_start, p_len, True, W, upto,
+                                   **fa_pool(p_pooled, host_pooled[0], p_ranks, p_writes),
                                    host_start=tuple(host_start), host_lens=tuple(host_lens),
                                    host_pooled=tuple(bool(x) for x in host_pooled[0].tolist())), p_tokens))
     if D:
         passes.append((ServingPass(d_slots, d_pos, torch.ones_like(d_pos), False, 1, upto_decode,
-                                   **fa_pool(d_pooled, host_pooled[1], d_ranks)), d_tokens[:, None]))
+                                   **fa_pool(d_pooled, host_pooled[1], d_ranks, d_writes)), d_tokens[:, None]))
     emits = torch.cat([p_last.bool(), torch.ones(D, dtype=torch.bool, device=device)])
     return passes, updates, migrations, torch.cat([p_req, d_req]), emits
 

@@ -79,6 +79,9 @@ class StepPlan:
     # int [pool ranks]: the most blocks one pooled row of the pass holds on each pool rank (0: the rank is not used)
     prefill_pool_blocks: np.ndarray = None
     decode_pool_blocks: np.ndarray = None
+    # bool [pool ranks]: the ranks that store a new token of the pass's pooled rows (only they get keys and values)
+    prefill_pool_writes: np.ndarray = None
+    decode_pool_writes: np.ndarray = None
 
     @property
     def rows(self) -> int:
@@ -440,6 +443,18 @@ class Scheduler:
             return np.zeros(self.pool_ranks, dtype=np.int64)
         return self.rank_blocks[pooled].max(0)
 
+    def _pool_writers_of(self, slots: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """bool [pool ranks]: the ranks holding a block of the new positions [start, start + length) of one of these
+        slots' pooled rows (the blocks are taken before the plan is built)."""
+        writes = np.zeros(self.pool_ranks, dtype=bool)
+        pooled = self.pooled[slots] & (length > 0)
+        if not self.pool_ranks or not pooled.any():
+            return writes
+        s, first, last = slots[pooled], start[pooled] // self.bs, (start[pooled] + length[pooled] - 1) // self.bs
+        j = np.minimum(first[:, None] + np.arange(int((last - first).max()) + 1), last[:, None])
+        writes[self.kv.space_of(self.table[s[:, None], j]) - 1] = True
+        return writes
+
     def _build(self, rows, decode, updates, moves) -> StepPlan:
         slots = np.array([s for s, _, _ in rows], dtype=np.int64)
         start = np.array([a for _, a, _ in rows], dtype=np.int64)
@@ -455,7 +470,9 @@ class Scheduler:
         moves = self._live(np.concatenate(moves), 2)[:, :2] if moves else np.zeros((0, 2), dtype=np.int64)
         plan = StepPlan(self.steps, slots, start, length, last, tokens, decode, self.ctx[decode].copy(),
                         dec_tokens, updates, self.pooled[slots].copy(), self.pooled[decode].copy(), moves,
-                        self._pool_blocks_of(slots), self._pool_blocks_of(decode))
+                        self._pool_blocks_of(slots), self._pool_blocks_of(decode),
+                        self._pool_writers_of(slots, start, length),
+                        self._pool_writers_of(decode, self.ctx[decode], np.ones(len(decode), dtype=np.int64)))
         self.ctx[slots] += length  # the chunk's KV is written by the step
         self.ctx[decode] += 1
         return plan

@@ -307,13 +307,22 @@ class FAPoolSpec(StrategySpec):
         per_rank = -(-p.tokens_per_rank // bs) if p.policy == "proportional" else 1
         return min(blocks, -(-blocks // (p.size * per_rank)) * per_rank) * bs
 
+    def pool_ranks_storing(self, cfg, start: int, new: int) -> int:
+        """The pool ranks that hold a block of a pooled row's new positions [start, start + new): under the
+        proportional policy the runs of tokens_per_rank tokens they touch, else a rank per block (at most the
+        pool)."""
+        p, bs = cfg.strategy.pool, cfg.serving.block_size
+        run = -(-p.tokens_per_rank // bs) * bs if p.policy == "proportional" else bs
+        return min(p.size, (start + new - 1) // run - start // run + 1)
+
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
         """A pass as model/parallel/fa_pool_serving runs it, per layer, base and pool in turn:
         - the base (tp ranks): the GEMMs and two all-reduces over every row's padded chunk; its rows' earlier keys
           gathered dense up to the span of its own rows (read and written at the copy rate) and every padded query
-          attended through one mask (costs.masked_attn_s); the pooled rows' q, k, v sent to each pool rank in use
-          and their fp32 partials received (one message each way per pool rank), merged by LSE (the stacked
-          partials zeroed, filled and read: 3 passes);
+          attended through one mask (costs.masked_attn_s); the pooled rows' q sent to each pool rank in use, their
+          k and v too to the ranks that store the chunk's blocks (pool_ranks_storing), and their fp32 partials
+          received (one message each way per pool rank), merged by LSE (the stacked partials zeroed, filled and
+          read: 3 passes);
         - the busiest pool rank: the tp messages joined (read and written), its blocks of the pooled rows gathered
           (pool_keys_per_rank of the longest row, read and written), every head's padded queries over them through
           one mask, the partials packed (read and written)."""
@@ -337,9 +346,11 @@ class FAPoolSpec(StrategySpec):
             used = p.size if p.policy != "proportional" else min(p.size, max(-(-c // p.tokens_per_rank) for c in long))
             cross = tp + p.size > gpn
             n = len(long)
-            msg = 3 * n * width * h // tp * b  # one base rank's q, k, v of the pooled rows, to one pool rank
+            q_bytes = n * width * h // tp * b  # one base rank's q of the pooled rows (k and v: as much each)
+            msg = 3 * q_bytes  # to a rank that stores new tokens: q, k, v
             part = n * width * m.n_heads // tp * (d + 1) * 4  # its heads' fp32 partials and LSE, back from one
-            layer += eager("p2p", 2, used * msg, cross) + eager("p2p", 2, used * part, cross)
+            storing = min(used, sum(self.pool_ranks_storing(cfg, a, q) for a, q, p in zip(starts, lens, pooled) if p))
+            layer += eager("p2p", 2, used * q_bytes + storing * 2 * q_bytes, cross) + eager("p2p", 2, used * part, cross)
             layer += 3 * (1 + used) * tokens * m.n_heads // tp * (d + 1) * 4 / base_bw
             keys = max(self.pool_keys_per_rank(cfg, c) for c in long)
             pool_bw = bw * cal.prefill_pool_copy_bw_fraction

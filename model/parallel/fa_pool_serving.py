@@ -10,13 +10,14 @@ decoding migrates there: before the step's passes each base rank sends its heads
 ranks that receive them (one message per base and pool rank pair).
 
 Per layer of a pass, the base computes q, k, v of its heads for every row, stores the tokens of rows it holds and
-attends over them (pooled rows see no base key: LSE -inf); if the pass has pooled rows it sends their q, k, v
-(one message per pool rank in use) and each pool rank stores the tokens whose blocks it holds, gathers each row's
-blocks it holds (at most the count the scheduler sends: its share of the keys, not the rows' span) and attends over
-them (decode: the paged kernel; a prefill chunk: a mask by position, so its queries see exactly the keys before
-them), and sends the partials (fp32 out and LSE) back; the base merges its own and the pool's by LSE (flat: no node level).
-A pool rank that holds no block of the pass's rows is not sent anything: the set of pool ranks in use grows and
-shrinks with the long requests in the batch. Base and pool take turns within a layer (no overlap in serving).
+attends over them (pooled rows see no base key: LSE -inf). If the pass has pooled rows it sends their q, k, v (one
+message per pool rank in use; keys and values only to the ranks holding a block of the pass's new tokens). Each
+pool rank stores the tokens whose blocks it holds, gathers each row's blocks it holds (at most the count the
+scheduler sends: its share of the keys, not the rows' span) and attends over them (decode: the paged kernel; a
+prefill chunk: a mask by position, so its queries see exactly the keys before them), and sends the partials (fp32
+out and LSE) back; the base merges its own and the pool's by LSE (flat: no node level). A pool rank that holds no
+block of the pass's rows is not sent anything: the set of pool ranks in use grows and shrinks with the long
+requests in the batch. Base and pool take turns within a layer (no overlap in serving).
 """
 from __future__ import annotations
 
@@ -99,11 +100,13 @@ class PooledServingAttention:
         if not p.pool_ranks:
             return out.to(q.dtype)
         n, d = len(p.pool_rows), q.shape[-1]
-        msg = torch.stack((q, k, v))[:, p.pool_rows].contiguous()  # [3, n, h, T, D]
+        qkv = torch.stack((q, k, v))[:, p.pool_rows].contiguous()  # [3, n, h, T, D]
+        msgs = [qkv if r in p.pool_writes else qkv[:1] for r in p.pool_ranks]  # keys and values to their stores only
         parts = [torch.empty(n, q.shape[1], q.shape[2], d + 1, dtype=torch.float32, device=q.device) for _ in p.pool_ranks]
         with self.timer("communication"):
-            works = [dist.isend(msg, dst=r) for r in p.pool_ranks] + [dist.irecv(x, src=r) for x, r in zip(parts, p.pool_ranks)]
-        e.stats.add("base_to_pool", msg.nbytes * len(p.pool_ranks), len(p.pool_ranks))
+            works = [dist.isend(m, dst=r) for m, r in zip(msgs, p.pool_ranks)] + \
+                [dist.irecv(x, src=r) for x, r in zip(parts, p.pool_ranks)]
+        e.stats.add("base_to_pool", sum(m.nbytes for m in msgs), len(p.pool_ranks))
         e.stats.add("pool_to_base", parts[0].nbytes * len(parts), len(parts))
         with self.timer("synchronization"):
             for w in works:
@@ -220,15 +223,18 @@ class FAPoolServingPool(FAPoolServing, Engine):
         """One layer of a pass: q, k, v of the pooled rows from every base rank, partials back to each."""
         kv, h, d = self.serving, self.heads_per_base, self.head_dim
         n, t = len(p.pool_rows), p.width
-        msgs = [torch.empty(3, n, h, t, d, dtype=self.dtype, device=self.device) for _ in range(self.tp)]
+        stores = self.rank in p.pool_writes  # this rank holds a block of the pass's new tokens: q, k, v; else q
+        msgs = [torch.empty(3 if stores else 1, n, h, t, d, dtype=self.dtype, device=self.device) for _ in range(self.tp)]
         with self.timer("synchronization"):
             for w in [dist.irecv(m, src=b) for b, m in enumerate(msgs)]:
                 w.wait()
-        q, k, v = torch.cat(msgs, dim=2)  # [n, H, T, D]: the base ranks' heads in order
+        qkv = torch.cat(msgs, dim=2)  # [3 or 1, n, H, T, D]: the base ranks' heads in order
+        q = qkv[0]
         rows = p.sub(p.pool_rows)
         with self.timer("attention"):
             kv.current = rows
-            kv.write(layer, rows, k, v)
+            if stores:
+                kv.write(layer, rows, qkv[1], qkv[2])
             out, lse = self._partial(layer, q, rows, p.pool_blocks[p.pool_ranks.index(self.rank)])
         packed = torch.cat((out, lse[..., None]), dim=-1)  # [n, H, T, D + 1] fp32
         with self.timer("communication"):

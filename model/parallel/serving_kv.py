@@ -35,6 +35,7 @@ class ServingPass:
     pool_rows: torch.Tensor | None = None  # FA Pool: [n] long, the pooled rows' indices in the pass
     pool_ranks: tuple = ()  # FA Pool (host): the world ranks of the pool that hold blocks of the pooled rows
     pool_blocks: tuple = ()  # FA Pool (host): per rank in pool_ranks, the most blocks one pooled row holds there
+    pool_writes: tuple = ()  # FA Pool (host): the ranks of pool_ranks that store a new token of the pooled rows
     host_start: tuple = ()  # a prefill pass (host): each row's start and new tokens, as the plan said
     host_lens: tuple = ()
     host_pooled: tuple = ()  # a prefill pass, FA Pool (host): whether each row's KV is in the pool
