@@ -455,7 +455,7 @@ def _kind_pricer(strategy, *overrides, **cal_fields):
     from harness.calibration import default_calibration
     from harness.perfmodel import ServingPricer, serving_config
 
-    cal = dataclasses.replace(default_calibration(), serving_prefill_host_layer_s=0.0, **cal_fields)
+    cal = dataclasses.replace(default_calibration(), **{"serving_prefill_host_layer_s": 0.0, **cal_fields})
     return ServingPricer(serving_config(cfg_object(["model=paper", "hardware=h200", f"strategy={strategy}",
                                                     *overrides])), cal)
 
@@ -487,6 +487,10 @@ def test_fa_pool_serving_prefill_prices_the_bases_own_span_and_each_pool_ranks_s
     starts, lens, pooled = [80000, 0, 0], [2048, 24, 25], [True, False, False]
     keys = price.spec.pool_keys_per_rank(price.cfg, 82048)
     assert keys == 16384  # the proportional policy: tokens_per_rank on a rank before the next
+    # its base runs every prefill pass eagerly: a short one takes the host's launches
+    launched = _kind_pricer("fa_pool", *pool, serving_prefill_host_layer_s=2e-3)
+    assert launched.step([0], [16], [False], (), ()) == pytest.approx(m.n_layers * 2e-3)
+    assert price.step([0], [16], [False], (), ()) < m.n_layers * 2e-3
     # the chunk [80000, 82048) crosses from the rank holding [65536, 81920) to the next: two ranks store it
     assert (price.spec.pool_ranks_storing(price.cfg, 80000, 2048), price.spec.pool_ranks_storing(price.cfg, 0, 2048)) == (2, 1)
     base_pairs, pool_pairs = 3 * 2048 * 25, 2048 * keys

@@ -298,6 +298,11 @@ class FAPoolSpec(StrategySpec):
         return self.decode_step(step_cfg, pricer.cal, pricer.links, pricer.bw, pricer.flops, pricer.b,
                                 [int(n) for n in decode_ctx], pricer.gpn, False, pricer.graphed)[0]
 
+    def serving_prefill_host_s(self, cfg, cal) -> float:
+        """The host's time to launch one serving prefill pass: the base runs it eagerly, at least the static
+        engine's kernels of its layers (model/parallel/fa_pool_serving: no graphs, its attention core sends)."""
+        return cfg.model.n_layers * cal.serving_prefill_host_layer_s
+
     def pool_keys_per_rank(self, cfg, ctx: int) -> int:
         """The most keys of a row of ctx tokens that one pool rank holds (the scheduler's placement,
         model/parallel/fa_pool_serving.pool_placement: blocks_per_rank blocks on a rank before the next, round
