@@ -85,8 +85,8 @@ class Calibration:
     serving_prefill_host_layer_s: float = 2.146e-3
     # A prefill pass through one mask (a static engine's of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE
     # or from a bucket graph, every DCP and FA Pool pass): the mem-efficient kernel with an additive bias computes
-    # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one such step of SERVING_HOST_SET:
-    # harness/serving/virtual.fit_masked_attention)
+    # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one
+    # such step of SERVING_HOST_SET: harness/serving/virtual.fit_masked_attention)
     masked_attn_flops_fraction: float = 0.275
 
     @classmethod
