@@ -82,12 +82,12 @@ class Calibration:
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
     # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)
-    serving_prefill_host_layer_s: float = 2.146e-3
+    serving_prefill_host_layer_s: float = 2.073e-3
     # A prefill pass through one mask (a static engine's of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE
     # or from a bucket graph, every DCP and FA Pool pass): the mem-efficient kernel with an additive bias computes
     # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one
     # such step of SERVING_HOST_SET: harness/serving/virtual.fit_masked_attention)
-    masked_attn_flops_fraction: float = 0.275
+    masked_attn_flops_fraction: float = 0.284
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):

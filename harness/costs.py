@@ -48,6 +48,17 @@ def layer_gemms_s(cal, m, rows, tp, b, bw, flops):
             + gemm_s(cal, rows, h, f // tp, b, bw, flops) + gemm_s(cal, rows, f // tp, h, b, bw, flops))
 
 
+def serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops):
+    """One TP rank's GEMMs of a serving prefill pass's layer over `tokens` padded positions: at the prefill GEMM rate,
+    and no shorter than reading the rank's weights (a small pass, a few tokens a row, is bound by them)."""
+    return layer_gemms_s(cal, m, tokens, tp, b, bw, flops * cal.prefill_flops_fraction)
+
+
+def serving_prefill_head_s(cal, m, rows, tp, b, bw, flops):
+    """One TP rank's LM head of a serving prefill pass: each row's last position against its share of the vocabulary."""
+    return gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops * cal.prefill_flops_fraction)
+
+
 def gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b, eager=False):
     """One GPU's decode step over `rows` sequences of contexts `ctx`, weights split tp ways (no comm)."""
     kv = sum(ctx) * 2 * m.hidden * b // tp

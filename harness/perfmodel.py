@@ -85,27 +85,36 @@ class ServingPricer:
         """Seconds of a step: its prefill pass, then its decode pass. capture: the decode pass is the first of its
         bucket (captured kinds), run eagerly and then captured (capture_s)."""
         t = host = 0.0
-        if len(prefill_len):  # eager: the device runs the pass's kernels as the host launches them
-            replayed = self.prefill_replayed(prefill_start, prefill_len)
-            host = 0.0 if replayed else self.spec.serving_prefill_host_s(self.cfg, self.cal)
+        if len(prefill_len):
+            bucket = self.prefill_bucket(prefill_start, prefill_len)
+            if bucket is None:  # eager: the device runs the pass's kernels as the host launches them
+                host = self.spec.serving_prefill_host_s(self.cfg, self.cal)
+            else:  # replayed from its bucket's graph: the bucket's padded rows, chunk width and keys
+                rows, width, keys = bucket
+                prefill_start, prefill_len, prefill_pooled = [keys - width] * rows, [width] * rows, [False] * rows
             t = max(host, self.spec.serving_prefill_s(self.cfg, self.cal, self.links, self.bw, self.flops, self.b,
                                                       self.gpn, prefill_start, prefill_len, prefill_pooled,
-                                                      one_mask=replayed))
+                                                      one_mask=bucket is not None))
         if len(decode_ctx):
             t = self.capture_s(t, host, self.decode_s(decode_ctx, decode_pooled)) if capture else \
                 t + self.decode_s(decode_ctx, decode_pooled)
         return t
 
-    def prefill_replayed(self, prefill_start, prefill_len) -> bool:
-        """Whether the engine replays this prefill pass from a graph of its token-count bucket (priced unpadded)."""
+    def prefill_bucket(self, prefill_start, prefill_len) -> tuple[int, int, int] | None:
+        """The token-count bucket (rows, chunk width, keys) whose graph the engine replays for this prefill pass, or
+        None where the pass runs eagerly."""
         if not (self.graphed and self.prefill_graph_rows):
-            return False
+            return None
         from model.parallel.static import prefill_graph_bucket
 
         upto = max(int(a) + int(q) for a, q in zip(prefill_start, prefill_len))
         capacity = self.table_tokens or float("inf")  # no table size given: the bucket's keys always fit
         return prefill_graph_bucket(len(prefill_len), int(max(prefill_len)), upto, capacity,
-                                    self.cfg.serving.max_batch, self.prefill_graph_rows) is not None
+                                    self.cfg.serving.max_batch, self.prefill_graph_rows)
+
+    def prefill_replayed(self, prefill_start, prefill_len) -> bool:
+        """Whether the engine replays this prefill pass from a graph of its token-count bucket."""
+        return self.prefill_bucket(prefill_start, prefill_len) is not None
 
     def buckets(self) -> list[int]:
         """Every captured decode bucket (none where the kind's serving decode passes are not captured)."""

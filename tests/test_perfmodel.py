@@ -405,12 +405,18 @@ def test_a_small_prefill_pass_replayed_from_its_bucket_graph_has_no_host_floor()
     floor = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
     device = _serving_pricer(serving_prefill_host_layer_s=0.0)
     small, one_row, wide = ([0] * 4, [64, 32, 100, 16], [False] * 4), ([0], [64], [False]), ([0] * 4, [2048] * 4, [False] * 4)
-    assert price.prefill_replayed(*small[:2]) and price.step(*small, (), ()) == device.step(*small, (), ()) < floor
     assert price.prefill_replayed(*one_row[:2]) and not price.prefill_replayed(*wide[:2])
+
+    def padded(pass_):  # the pass as its bucket's graph runs it: rows, chunk width and keys padded, through one mask
+        rows, width, keys = price.prefill_bucket(*pass_[:2])
+        return device.spec.serving_prefill_s(device.cfg, device.cal, device.links, device.bw, device.flops, device.b,
+                                             device.gpn, [keys - width] * rows, [width] * rows, [False] * rows,
+                                             one_mask=True)
+
+    assert price.prefill_bucket(*small[:2]) == (4, 128, 128) and price.prefill_bucket(*one_row[:2]) == (1, 64, 64)
+    assert price.step(*small, (), ()) == padded(small) < floor
     # a replayed one-row pass attends through one mask (the bucket graph's path), not row by row
-    by_mask = device.spec.serving_prefill_s(device.cfg, device.cal, device.links, device.bw, device.flops, device.b,
-                                            device.gpn, *one_row, one_mask=True)
-    assert price.step(*one_row, (), ()) == by_mask != device.step(*one_row, (), ())
+    assert price.step(*one_row, (), ()) == padded(one_row) != device.step(*one_row, (), ())
     # records: this engine's rule, the rule of engines that replayed only passes through one mask, none
     rows = [recorded_prefill_graph_rows(type("Rec", (), {"serving": s})) for s in
             ({"prefill_graph_rows": 1}, {"prefill_graphs": True}, {})]

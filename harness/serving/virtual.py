@@ -315,7 +315,8 @@ def _priced_steps(root, keep, **cal_fields):
         cal = dataclasses.replace(_measured_calibration(cfg, path), **cal_fields)
         steps = measured_steps(cfg, path)
         yield steps, ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]),
-                                   decode_plan=recorded_decode_plan(rec)), rec
+                                   decode_plan=recorded_decode_plan(rec),
+                                   prefill_graph_rows=recorded_prefill_graph_rows(rec)), rec
 
 
 def fit_serving_prefill_host(root, records=("closed256/records/rate_1",), under_s: float = 1e-3) -> float:

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from harness.costs import attn_s, collective_s, eager_collectives, gemm_s, masked_attn_s, prefill_chunks
+from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, masked_attn_s, prefill_chunks,
+                           serving_prefill_gemms_s, serving_prefill_head_s)
 from harness.fields import above, at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -339,7 +340,7 @@ class FAPoolSpec(StrategySpec):
         tokens = rows * width
         eager = eager_collectives(cal, links)
         base_bw = bw * cal.prefill_base_copy_bw_fraction
-        layer = tokens * 2 * (4 * h * h + 2 * h * m.ffn_hidden) / flops_p / tp
+        layer = serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)
         layer += 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
         span = max((a + q for a, q, p in zip(starts, lens, pooled) if not p), default=0)
         if span:
@@ -361,7 +362,7 @@ class FAPoolSpec(StrategySpec):
             pool_bw = bw * cal.prefill_pool_copy_bw_fraction
             pool_copies = 2 * (tp * msg + n * keys * 2 * h * b + tp * part)
             layer += masked_attn_s(cal, flops, bw, n * width * keys, m.n_heads, d, b) + pool_copies / pool_bw
-        return m.n_layers * layer + 2 * rows * h * m.vocab_size / (flops_p * tp)
+        return m.n_layers * layer + serving_prefill_head_s(cal, m, rows, tp, b, bw, flops)
 
 
 register(FAPoolSpec())

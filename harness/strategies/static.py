@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, masked_attn_s,
-                           prefill_chunks, prefill_copy_s)
+                           prefill_chunks, prefill_copy_s, serving_prefill_gemms_s, serving_prefill_head_s)
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -271,14 +271,13 @@ class StaticSpec(StrategySpec):
         """As prefill_s prices a chunk, plus what the serving engine adds: every row's earlier keys and values
         gathered out of its blocks into a dense copy per layer (read and written at the copy rate), and the rows
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
-        every padded position). Attention, row by row (few rows): each row's own chunk over its own keys. Through
-        one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every row gathers the keys the pass spans (the longest row's
-        start + chunk), and every padded query attends over all of them (costs.masked_attn_s). A KV shard of k
+        every padded position, no shorter than the weights' read). Attention, row by row (few rows): each row's own
+        chunk over its own keys. Through one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every
+        row gathers the keys the pass spans (the longest row's start + chunk), and every padded query attends over all of them (costs.masked_attn_s). A KV shard of k
         (DCP) gathers 1/k of those keys for k times the heads: the same FLOPs and bias, 1/k of the mask."""
         s, m = cfg.strategy, cfg.model
         h, d = m.hidden, m.head_dim
         flops_p = flops * cal.prefill_flops_fraction
-        dense_per_token = 2 * (4 * h * h + 2 * h * m.ffn_hidden)
         starts, lens = list(starts), list(lens)
         rows, width = len(lens), max(lens)
         tokens = rows * width
@@ -294,7 +293,7 @@ class StaticSpec(StrategySpec):
             own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
             gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
             mask_s = 0.0
-        dense = tokens * dense_per_token / flops_p
+        dense = tp * serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)  # the group's (a rank's: 1/tp)
         eager = eager_collectives(cal, links)
         copy_bw = bw * cal.prefill_base_copy_bw_fraction
         cross = tp > gpn
@@ -302,7 +301,7 @@ class StaticSpec(StrategySpec):
         layer += 2 * gathered / tp / copy_bw
         layer = self.add_prefill_exchange(layer, eager, prefill_copy_s(cal, bw), s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
-        return m.n_layers * layer + hops + 2 * len(lens) * h * m.vocab_size / (flops_p * tp)
+        return m.n_layers * layer + hops + serving_prefill_head_s(cal, m, rows, tp, b, bw, flops)
 
 
 register(StaticSpec())
