@@ -50,7 +50,8 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_set
     default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
     buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
     a bucket first pays its capture; prefill_graph_rows: small prefill passes of at least this many rows replay
-    graphs of token-count buckets where decode is captured, 0 none; None: as the engines do). The step log's device_ms holds each step's price."""
+    graphs of token-count buckets where decode is captured, 0 none; None: as the engines do). The step log's
+    device_ms holds each step's price."""
     sv, w = cfg.serving, cfg.workload
     requests = load_trace(w.trace)
     blocks, pool_blocks, per_slot, placement = capacity(cfg, requests)
