@@ -57,17 +57,6 @@ def test_paper_scale_presets_validate():
         assert cfg.strategy.world_size == world
 
 
-def test_cli_fa_pool_end_to_end_with_breakdown_and_elasticity(tmp_path):
-    proc, records = run_app(["strategy=fa_pool_b2_p4", "workload=tiny_mixed", "check_reference=true"], tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    (rec,) = records
-    assert rec["status"] == "ok" and rec["reference_check"]["tokens_equal"]
-    for role in ("base", "pool"):
-        assert abs(sum(rec["breakdown"][role].values()) - 1) < 1e-9
-    assert len(rec["pool_utilization"]) == 4
-    assert rec["elasticity"][-1]["step"] == "finish"
-
-
 def test_resume_does_not_take_a_projection_for_a_measurement(tmp_path):
     """An ok projected record (launcher=model) in the run directory must not satisfy resume of a measured run."""
     from tests.conftest import launch
