@@ -22,9 +22,19 @@ def slurm(tmp_path_factory):
         yield conf
 
 
-def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path):
-    proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "workload=tiny_short,tiny_long"],
-                            tmp_path, timeout=400)
+MULTIRUN = ["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "workload=tiny_short,tiny_long"]
+
+
+@pytest.fixture(scope="module")
+def multirun(slurm, tmp_path_factory):
+    """One sweep of 2 strategies x 2 lengths through Slurm, shared by the tests that assert on it and on its resume."""
+    tmp_path = tmp_path_factory.mktemp("multirun")
+    proc, records = run_cli(MULTIRUN, tmp_path, timeout=400)
+    return tmp_path, proc, records
+
+
+def test_multirun_of_two_strategies_by_two_lengths_through_slurm(multirun):
+    tmp_path, proc, records = multirun
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     assert {r["env"]["world_size"] for r in records} == {2, 4}
@@ -104,10 +114,10 @@ def test_plan_mode_prints_nodes_and_gpu_hours_and_submits_nothing(slurm, tmp_pat
     assert set(after.split()) <= set(before.split())  # no new job (earlier ones may have left the queue)
 
 
-def test_resume_skips_runs_that_already_have_an_ok_record(slurm, tmp_path):
-    args = ["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short,tiny_long"]
-    proc, first = run_cli(args, tmp_path, timeout=300)
-    assert proc.returncode == 0 and len(first) == 2
-    proc, again = run_cli(args, tmp_path, timeout=300)
+def test_resume_skips_runs_that_already_have_an_ok_record(multirun):
+    # the same sweep again over the shared multirun's directory: every point has its ok record, none is submitted
+    tmp_path, proc, first = multirun
+    assert proc.returncode == 0 and len(first) == 4
+    proc, again = run_cli(MULTIRUN, tmp_path, timeout=300)
     assert proc.returncode == 0 and proc.stdout.count("submitted") == 0
     assert sorted(r["created_at"] for r in again) == sorted(r["created_at"] for r in first)
