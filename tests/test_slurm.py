@@ -90,9 +90,10 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
     t0 = time.monotonic()
     # the hung point first: the waiter waits for the jobs in submission order and starts a job's clock when it
     # finds the job started, so the healthy point, which runs meanwhile, is done before its clock starts and the
-    # limit can be short (30 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
+    # limit can be short (15 s from the task's start marker, which it leaves with torch imported: past the hung
+    # rank's model build, reference check and warm-up to its fault step on a loaded machine)
     proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
-                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=30"], tmp_path, timeout=400)
+                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     by_fault = {r["config"]["fault"]["kind"]: r for r in records}
     assert by_fault["none"]["status"] == "ok"
