@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_cli, slurm_cluster
+from tests.conftest import compose_cfg, run_app, run_cli, slurm_cluster
 
 pytestmark = [pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                  reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)"),
@@ -106,7 +106,8 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
 
 def test_plan_mode_prints_nodes_and_gpu_hours_and_submits_nothing(slurm, tmp_path):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc, records = run_cli(["-m", "experiment=paper_table", "launcher=slurm_a100", "plan=true"], tmp_path)
+    # in this process (nothing is submitted, so no task needs the command's own Python)
+    proc, records = run_app(["-m", "experiment=paper_table", "launcher=slurm_a100", "plan=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert records == []
     assert "16 jobs" in proc.stdout and "480 GPUs" in proc.stdout
