@@ -37,13 +37,16 @@ def run_cli(args, tmp_path, timeout=300, env=None):
     return proc, records
 
 
-def call_app(args):
+def call_app(args, plots=False):
     """The fapool-bench command's entry (harness.app.main, Hydra parsing sys.argv) called in this process with
     these arguments: the same Hydra app, callbacks and exit status as the command, without starting a Python (and
     importing torch) per call. Returns a CompletedProcess with what it printed; the ranks' own output is not in
-    it (they are this process's forkserver's children: run the command for that)."""
+    it (they are this process's forkserver's children: run the command for that).
+    plots: whether a multirun's report draws its plots; by default it writes its tables only (tests/test_report.py
+    draws the plots and checks them, and run_cli's command draws them as a user's does)."""
     import io
     import logging
+    from unittest import mock
 
     from hydra.core.global_hydra import GlobalHydra
 
@@ -58,9 +61,15 @@ def call_app(args):
     levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
     old_argv, code = sys.argv, 0
     GlobalHydra.instance().clear()
+    no_plots = contextlib.ExitStack()
+    if not plots:
+        from harness import report
+
+        no_plots.enter_context(mock.patch.object(report, "plot_all", lambda *a, **k: []))
+        no_plots.enter_context(mock.patch.object(report, "plot_serving", lambda *a, **k: []))
     try:
         sys.argv = argv
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with no_plots, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 app.main()
             except SystemExit as e:

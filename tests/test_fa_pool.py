@@ -1,4 +1,6 @@
 """FA Pool over gloo on CPU: correctness against the reference, and that the pool is real."""
+import inspect
+
 import pytest
 
 import numpy as np
@@ -21,6 +23,26 @@ def fa_run(tmp_path, lens, pool=4, hierarchical=True, async_overlap=True, policy
                    f"strategy.micro_batches={mb}", f"strategy.pool.block_size={block}",
                    f"workload.prompt_lens=[{','.join(map(str, lens))}]", "workload.output_tokens=9",
                    "workload.warmup_steps=1", "check_reference=true"], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def fa_runs(tmp_path_factory):
+    """fa_run with its records kept by their arguments (defaults filled in): tests that assert on the same run
+    launch it once per worker (the xdist group SHARED keeps them on one)."""
+    runs = {}
+
+    def run(lens, **kw):
+        args = inspect.signature(fa_run).bind(None, lens, **kw)
+        args.apply_defaults()
+        key = repr(sorted((k, v) for k, v in args.arguments.items() if k != "tmp_path"))
+        if key not in runs:
+            runs[key] = fa_run(tmp_path_factory.mktemp("fa_run"), lens, **kw)
+        return runs[key]
+
+    return run
+
+
+SHARED = pytest.mark.xdist_group("fa_pool_long_hier")  # the all-long run of the defaults, asserted on twice
 
 
 def assert_matches_reference(rec):
@@ -53,10 +75,10 @@ CASES = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES)
-def test_fa_pool_matches_reference_and_pool_is_real(case, tmp_path):
+@pytest.mark.parametrize("case", [pytest.param(c, marks=SHARED) if c == "all_long" else c for c in CASES])
+def test_fa_pool_matches_reference_and_pool_is_real(case, fa_runs):
     kw = CASES[case]
-    rec = fa_run(tmp_path, **kw)
+    rec = fa_runs(**kw)
     assert_matches_reference(rec)
     lens = kw["lens"]
     long_at_end = {str(s) for s, n in enumerate(lens) if n + 8 > 32}
@@ -83,6 +105,11 @@ def test_fa_pool_matches_reference_and_pool_is_real(case, tmp_path):
         assert all(r["kv_bytes"] == 0 for r in pool_ranks(rec))
     if "crossing" in case:
         assert sum(e["blocks_migrated"] for e in rec["elasticity"] if e["step"] not in (0, "finish")) > 0
+        # fa_pool_b2_p4 as the preset runs it (pool of 4, hierarchical, async): a breakdown per role, a utilization
+        # per pool rank
+        for role in ("base", "pool"):
+            assert abs(sum(rec["breakdown"][role].values()) - 1) < 1e-9
+        assert len(rec["pool_utilization"]) == 4
 
 
 def expected_traffic(rec, hierarchical, gpus_per_node=2):
@@ -100,9 +127,9 @@ def expected_traffic(rec, hierarchical, gpus_per_node=2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hierarchical", [True, False])
-def test_bytes_per_role_equal_shapes(hierarchical, tmp_path):
-    rec = fa_run(tmp_path, LONG, hierarchical=hierarchical)
+@pytest.mark.parametrize("hierarchical", [pytest.param(True, marks=SHARED), False])
+def test_bytes_per_role_equal_shapes(hierarchical, fa_runs):
+    rec = fa_runs(LONG, hierarchical=hierarchical)
     assert_matches_reference(rec)
     sent, recv = expected_traffic(rec, hierarchical)
     for r in base_ranks(rec):

@@ -12,22 +12,26 @@ from tests.conftest import launch, run_app
 from tests.record_writers import write_many
 
 TIMEOUT_S = 30  # the launcher's limit in these tests: a raise or kill ends well inside it with -n 4 on 2 cores
+# the hung run's limit: it waits all of it out, and needs only the ranks' start from the forkserver, the tiny
+# model's prefill and two decode steps to reach its fault step first
+HANG_TIMEOUT_S = 15
 
 
 @pytest.mark.parametrize("kind,status,needle", [
     ("raise", "failed", "injected fault: rank 1 raised at decode step 2"),
     ("kill", "failed", "rank 1 exited with code -9"),
-    ("hang", "timeout", "exceeded launcher.timeout_s=30"),
+    ("hang", "timeout", f"exceeded launcher.timeout_s={HANG_TIMEOUT_S}"),
 ])
 def test_injected_fault_ends_as_a_record_within_the_timeout(kind, status, needle, tmp_path):
+    timeout_s = HANG_TIMEOUT_S if kind == "hang" else TIMEOUT_S
     t0 = time.monotonic()
     rec = launch(["strategy=tp2_pp2", "workload=tiny", f"fault.kind={kind}", "fault.rank=1", "fault.step=2",
-                  f"launcher.timeout_s={TIMEOUT_S}"], tmp_path)
+                  f"launcher.timeout_s={timeout_s}"], tmp_path)
     elapsed = time.monotonic() - t0
     assert rec["status"] == status and needle in rec["error"], rec["error"]
     assert rec["metrics"] == {} and rec["step_times_ms"] == []
     # raise/kill end as soon as the launcher sees the exit; hang ends at the timeout plus the teardown
-    assert elapsed < TIMEOUT_S + 30, elapsed
+    assert elapsed < timeout_s + 30, elapsed
     if kind != "hang":
         assert elapsed < TIMEOUT_S, elapsed
     else:  # the record says where each rank hung: rank 1 in the injected sleep, the others waiting on it
@@ -38,9 +42,10 @@ def test_injected_fault_ends_as_a_record_within_the_timeout(kind, status, needle
 
 
 def test_a_sweep_goes_on_after_a_hung_run(tmp_path):
-    # the second point hangs; the first and third still run and the sweep ends with three records
+    # the second point hangs; the first and third still run and the sweep ends with three records (10 s: the hung
+    # point's ranks, forked from the forkserver, reach its fault at decode step 1 well inside it)
     proc, records = run_app(["-m", "strategy=tp2_pp1", "workload=tiny_short", "fault.kind=none,hang,none",
-                             "fault.rank=1", "launcher.timeout_s=15"], tmp_path)
+                             "fault.rank=1", "launcher.timeout_s=10"], tmp_path)
     assert proc.returncode == 1, proc.stderr  # the sweep ends, then says that a point failed
     assert "exit status 1" in proc.stdout
     by_fault = sorted((r["config"]["fault"]["kind"], r["status"]) for r in records)

@@ -67,14 +67,27 @@ def test_roofline_of_an_fa_pool_record_puts_the_kv_on_the_pool():
     assert roof["bound_rank"] == 2
 
 
-def test_multi_gpu_benchmark_smoke(tmp_path):
+# the smoke call's synthetic-KV dcp_t2_k2 record is also the real-prefill test's comparison: one worker runs both
+SMOKE = pytest.mark.xdist_group("bench_multi_smoke")
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory):
+    """The multi-GPU benchmark's smoke call on 2 CPU ranks (its runs started as the benchmark starts them)."""
+    from harness import bench_multi
+
+    out = tmp_path_factory.mktemp("bench_multi_smoke")
+    bench_multi.main(["--smoke", "--out", str(out), "--points", "48x4:reference+tp2+dcp_t2_k2"])
+    return out
+
+
+@SMOKE
+def test_multi_gpu_benchmark_smoke(smoke_out):
     """The multi-GPU benchmark's whole path on 2 CPU ranks: NCCL-style calibration (gloo, eager), runs through
     fapool-bench, a roofline in every ok record, the table."""
     import json
 
-    from harness import bench_multi
-
-    bench_multi.main(["--smoke", "--out", str(tmp_path), "--points", "48x4:reference+tp2+dcp_t2_k2"])
+    tmp_path = smoke_out
     limits = json.loads((tmp_path / "limits.json").read_text())
     assert set(limits["comm"]["eager"]) == {"all_reduce", "all_gather", "all_to_all", "p2p"} and limits["read_bytes_per_s"]["used"] > 0
     rows = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
@@ -90,7 +103,8 @@ def test_multi_gpu_benchmark_smoke(tmp_path):
     assert [r["kind"] for r in rows] == ["reference", "static", "dcp"]  # each run's family: its strategy's kind
 
 
-def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path, monkeypatch):
+@SMOKE
+def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path, monkeypatch, smoke_out):
     """--prefill-chunk: the same runs with a real, chunked prefill instead of synthetic KV: TTFT and the paper's
     TPS in the table. Each run's fapool-bench command is called in this process (the smoke test above starts
     them as the benchmark does)."""
@@ -125,12 +139,12 @@ def test_multi_gpu_benchmark_with_a_real_prefill(tmp_path, monkeypatch):
     again = json.loads((tmp_path / "bench_multi.json").read_text())["rows"]
     assert [(r["run"], r["tag"], r["ttft_ms"], r["ratio"]) for r in again] == [(r["run"], r["tag"], r["ttft_ms"], r["ratio"]) for r in rows]
     assert "ttft_ms" in (tmp_path / "bench_multi.md").read_text()
-    # the decode roofline leaves the prefill's messages out: the same as the synthetic-KV run's of the point
+    # the decode roofline leaves the prefill's messages out: the same as the synthetic-KV run's of the point (the
+    # smoke call's, the same point without --prefill-chunk)
     from harness.config import from_dict
 
-    bench_multi.main(["--smoke", "--out", str(tmp_path / "synthetic"), "--points", "48x4:dcp_t2_k2"])
     real, synthetic = (json.loads((d / "records" / tag / "result.json").read_text()) for d, tag in
-                       ((tmp_path, "dcp_t2_k2_L48_B4_prefill"), (tmp_path / "synthetic", "dcp_t2_k2_L48_B4")))
+                       ((tmp_path, "dcp_t2_k2_L48_B4_prefill"), (smoke_out, "dcp_t2_k2_L48_B4")))
     assert all(r["comm_ops_prefill"]["dcp_alltoall"] > 0 for r in real["ranks"])
     assert real["ranks"][0]["comm_ops"]["dcp_alltoall"] > synthetic["ranks"][0]["comm_ops"]["dcp_alltoall"]
     step = [roofline(from_dict(r["config"]), r, 1e9, COMM)["step_ms"] for r in (real, synthetic)]

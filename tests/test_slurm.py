@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_cli, slurm_cluster
+from tests.conftest import compose_cfg, run_app, run_cli, slurm_cluster
 
 pytestmark = [pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                  reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)"),
@@ -22,9 +22,19 @@ def slurm(tmp_path_factory):
         yield conf
 
 
-def test_multirun_of_two_strategies_by_two_lengths_through_slurm(slurm, tmp_path):
-    proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "workload=tiny_short,tiny_long"],
-                            tmp_path, timeout=400)
+MULTIRUN = ["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "workload=tiny_short,tiny_long"]
+
+
+@pytest.fixture(scope="module")
+def multirun(slurm, tmp_path_factory):
+    """One sweep of 2 strategies x 2 lengths through Slurm, shared by the tests that assert on it and on its resume."""
+    tmp_path = tmp_path_factory.mktemp("multirun")
+    proc, records = run_cli(MULTIRUN, tmp_path, timeout=400)
+    return tmp_path, proc, records
+
+
+def test_multirun_of_two_strategies_by_two_lengths_through_slurm(multirun):
+    tmp_path, proc, records = multirun
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(records) == 4 and all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
     assert {r["env"]["world_size"] for r in records} == {2, 4}
@@ -53,7 +63,7 @@ def requeued_run(overrides, out_dir):
     while _job_state(pending.job.job_id)[0] != "RUNNING":
         assert time.monotonic() < deadline, "the job never started"
         time.sleep(0.5)
-    time.sleep(3)  # well inside the run (imports, warm-up, ~10 s of decode)
+    time.sleep(3)  # well inside the run (imports, then 300 decode steps in each of its generations and its check)
     assert not (Path(out_dir) / "result.json").exists()
     subprocess.run(["scontrol", "requeue", str(pending.job.job_id)], check=True)
     # Slurm holds a requeued batch job back for 2 minutes; release it now, as an admin would
@@ -69,7 +79,7 @@ def requeued_run(overrides, out_dir):
 
 
 def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
-    rec, restarts = requeued_run(["strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=800"], tmp_path)
+    rec, restarts = requeued_run(["strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=300"], tmp_path)
     assert rec.status == "ok", rec.error
     assert restarts >= 1  # it did restart
     assert len(list(Path(tmp_path).rglob("result.json"))) == 1
@@ -80,9 +90,10 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
     t0 = time.monotonic()
     # the hung point first: the waiter waits for the jobs in submission order and starts a job's clock when it
     # finds the job started, so the healthy point, which runs meanwhile, is done before its clock starts and the
-    # limit can be short (30 s: past the hung rank's imports and warm-up to its fault step on a loaded machine)
+    # limit can be short (15 s from the task's start marker, which it leaves with torch imported: past the hung
+    # rank's model build, reference check and warm-up to its fault step on a loaded machine)
     proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
-                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=30"], tmp_path, timeout=400)
+                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=400)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     by_fault = {r["config"]["fault"]["kind"]: r for r in records}
     assert by_fault["none"]["status"] == "ok"
@@ -95,7 +106,8 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
 
 def test_plan_mode_prints_nodes_and_gpu_hours_and_submits_nothing(slurm, tmp_path):
     before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc, records = run_cli(["-m", "experiment=paper_table", "launcher=slurm_a100", "plan=true"], tmp_path)
+    # in this process (nothing is submitted, so no task needs the command's own Python)
+    proc, records = run_app(["-m", "experiment=paper_table", "launcher=slurm_a100", "plan=true"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert records == []
     assert "16 jobs" in proc.stdout and "480 GPUs" in proc.stdout
@@ -104,10 +116,10 @@ def test_plan_mode_prints_nodes_and_gpu_hours_and_submits_nothing(slurm, tmp_pat
     assert set(after.split()) <= set(before.split())  # no new job (earlier ones may have left the queue)
 
 
-def test_resume_skips_runs_that_already_have_an_ok_record(slurm, tmp_path):
-    args = ["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short,tiny_long"]
-    proc, first = run_cli(args, tmp_path, timeout=300)
-    assert proc.returncode == 0 and len(first) == 2
-    proc, again = run_cli(args, tmp_path, timeout=300)
+def test_resume_skips_runs_that_already_have_an_ok_record(multirun):
+    # the same sweep again over the shared multirun's directory: every point has its ok record, none is submitted
+    tmp_path, proc, first = multirun
+    assert proc.returncode == 0 and len(first) == 4
+    proc, again = run_cli(MULTIRUN, tmp_path, timeout=300)
     assert proc.returncode == 0 and proc.stdout.count("submitted") == 0
     assert sorted(r["created_at"] for r in again) == sorted(r["created_at"] for r in first)
