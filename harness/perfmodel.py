@@ -112,10 +112,6 @@ class ServingPricer:
         return prefill_graph_bucket(len(prefill_len), int(max(prefill_len)), upto, capacity,
                                     self.cfg.serving.max_batch, self.prefill_graph_rows)
 
-    def prefill_replayed(self, prefill_start, prefill_len) -> bool:
-        """Whether the engine replays this prefill pass from a graph of its token-count bucket."""
-        return self.prefill_bucket(prefill_start, prefill_len) is not None
-
     def buckets(self) -> list[int]:
         """Every captured decode bucket (none where the kind's serving decode passes are not captured)."""
         if not self.graphed:

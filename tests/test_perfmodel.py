@@ -405,7 +405,7 @@ def test_a_small_prefill_pass_replayed_from_its_bucket_graph_has_no_host_floor()
     floor = price.cfg.model.n_layers * price.cal.serving_prefill_host_layer_s
     device = _serving_pricer(serving_prefill_host_layer_s=0.0)
     small, one_row, wide = ([0] * 4, [64, 32, 100, 16], [False] * 4), ([0], [64], [False]), ([0] * 4, [2048] * 4, [False] * 4)
-    assert price.prefill_replayed(*one_row[:2]) and not price.prefill_replayed(*wide[:2])
+    assert price.prefill_bucket(*one_row[:2]) is not None and price.prefill_bucket(*wide[:2]) is None
 
     def padded(pass_):  # the pass as its bucket's graph runs it: rows, chunk width and keys padded, through one mask
         rows, width, keys = price.prefill_bucket(*pass_[:2])
@@ -422,7 +422,7 @@ def test_a_small_prefill_pass_replayed_from_its_bucket_graph_has_no_host_floor()
             ({"prefill_graph_rows": 1}, {"prefill_graphs": True}, {})]
     assert rows == [1, ROWS_ONE_BY_ONE + 1, 0]
     price.prefill_graph_rows = ROWS_ONE_BY_ONE + 1
-    assert not price.prefill_replayed(*one_row[:2]) and price.step(*one_row, (), ()) == floor
+    assert price.prefill_bucket(*one_row[:2]) is None and price.step(*one_row, (), ()) == floor
     price.prefill_graph_rows = 0  # records of engines that ran every prefill pass eagerly
     assert price.step(*small, (), ()) == floor
 

@@ -304,22 +304,25 @@ class FAPoolSpec(StrategySpec):
         engine's kernels of its layers (model/parallel/fa_pool_serving: no graphs, its attention core sends)."""
         return cfg.model.n_layers * cal.serving_prefill_host_layer_s
 
-    def pool_keys_per_rank(self, cfg, ctx: int) -> int:
-        """The most keys of a row of ctx tokens that one pool rank holds (the scheduler's placement,
-        model/parallel/fa_pool_serving.pool_placement: blocks_per_rank blocks on a rank before the next, round
-        robin over the pool when the row outgrows it; one block a rank when the policy is not proportional)."""
+    def blocks_per_rank_run(self, cfg) -> int:
+        """The blocks a row places on one pool rank before the next (the scheduler's placement,
+        model/parallel/fa_pool_serving.pool_placement: the proportional policy's tokens_per_rank in blocks; one block
+        a rank, round robin, otherwise)."""
         p, bs = cfg.strategy.pool, cfg.serving.block_size
+        return -(-p.tokens_per_rank // bs) if p.policy == "proportional" else 1
+
+    def pool_keys_per_rank(self, cfg, ctx: int) -> int:
+        """The most keys of a row of ctx tokens that one pool rank holds: runs of blocks_per_rank_run blocks, round
+        robin over the pool when the row outgrows it."""
+        bs, per_rank = cfg.serving.block_size, self.blocks_per_rank_run(cfg)
         blocks = -(-ctx // bs)
-        per_rank = -(-p.tokens_per_rank // bs) if p.policy == "proportional" else 1
-        return min(blocks, -(-blocks // (p.size * per_rank)) * per_rank) * bs
+        return min(blocks, -(-blocks // (cfg.strategy.pool.size * per_rank)) * per_rank) * bs
 
     def pool_ranks_storing(self, cfg, start: int, new: int) -> int:
-        """The pool ranks that hold a block of a pooled row's new positions [start, start + new): under the
-        proportional policy the runs of tokens_per_rank tokens they touch, else a rank per block (at most the
-        pool)."""
-        p, bs = cfg.strategy.pool, cfg.serving.block_size
-        run = -(-p.tokens_per_rank // bs) * bs if p.policy == "proportional" else bs
-        return min(p.size, (start + new - 1) // run - start // run + 1)
+        """The pool ranks that hold a block of a pooled row's new positions [start, start + new): the runs of
+        blocks_per_rank_run blocks they touch (at most the pool)."""
+        run = self.blocks_per_rank_run(cfg) * cfg.serving.block_size
+        return min(cfg.strategy.pool.size, (start + new - 1) // run - start // run + 1)
 
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
         """A pass as model/parallel/fa_pool_serving runs it, per layer, base and pool in turn:
@@ -334,7 +337,6 @@ class FAPoolSpec(StrategySpec):
           one mask, the partials packed (read and written)."""
         s, m = cfg.strategy, cfg.model
         h, d, tp = m.hidden, m.head_dim, s.tp
-        flops_p = flops * cal.prefill_flops_fraction
         starts, lens, pooled = list(starts), list(lens), list(pooled)
         rows, width = len(lens), max(lens)
         tokens = rows * width

@@ -273,8 +273,9 @@ class StaticSpec(StrategySpec):
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
         every padded position, no shorter than the weights' read). Attention, row by row (few rows): each row's own
         chunk over its own keys. Through one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every
-        row gathers the keys the pass spans (the longest row's start + chunk), and every padded query attends over all of them (costs.masked_attn_s). A KV shard of k
-        (DCP) gathers 1/k of those keys for k times the heads: the same FLOPs and bias, 1/k of the mask."""
+        row gathers the keys the pass spans (the longest row's start + chunk), and every padded query attends over
+        all of them (costs.masked_attn_s). A KV shard of k (DCP) gathers 1/k of those keys for k times the heads: the
+        same FLOPs and bias, 1/k of the mask."""
         s, m = cfg.strategy, cfg.model
         h, d = m.hidden, m.head_dim
         flops_p = flops * cal.prefill_flops_fraction
@@ -287,17 +288,17 @@ class StaticSpec(StrategySpec):
             pairs = rows * width * upto  # (row, query, key) the kernel computes
             before = own = 0.0
             gathered = rows * upto * 2 * h * b
-            mask_s = masked_attn_s(cal, flops, bw, pairs, m.n_heads // tp, d, b, 1 / self.kv_shards(s))
+            masked = masked_attn_s(cal, flops, bw, pairs, m.n_heads // tp, d, b, 1 / self.kv_shards(s))
         else:
             before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
             own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
             gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
-            mask_s = 0.0
+            masked = 0.0
         dense = tp * serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)  # the group's (a rank's: 1/tp)
         eager = eager_collectives(cal, links)
         copy_bw = bw * cal.prefill_base_copy_bw_fraction
         cross = tp > gpn
-        layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own) + mask_s
+        layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own) + masked
         layer += 2 * gathered / tp / copy_bw
         layer = self.add_prefill_exchange(layer, eager, prefill_copy_s(cal, bw), s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0

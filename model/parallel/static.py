@@ -472,8 +472,9 @@ class StaticEngine(Engine):
             if not p.prefill and self._graphed_decode():
                 tokens.append((self._decode_captured(p, ids), None))
                 continue
-            if p.prefill and self._graphed_prefill(p):
-                tokens.append((self._prefill_captured(p, ids), None))
+            bucket = self._prefill_graph_bucket(p) if p.prefill else None
+            if bucket is not None:
+                tokens.append((self._prefill_captured(p, ids, bucket), None))
                 continue
             self.eager_passes += 1
             self.serving.current = p
@@ -518,11 +519,16 @@ class StaticEngine(Engine):
         of the same pass that computes this step). Returns the rows' tokens."""
         n = len(p.slots)
         bucket = next(b for b in self.buckets if b >= n)
-        io = self.decode_io.get(bucket)
-        if io is None:
-            io = self.decode_io[bucket] = DecodeIO(bucket, self.vocab_size, self.device)
+        io = self._bucket_io(self.decode_io, bucket, DecodeIO)
         io.load(p, ids[:, 0], self.pad_slot)
         return self._replay_bucket(self.decode_graphs, bucket, self._decode_body, io, n)
+
+    def _bucket_io(self, ios: dict, bucket, make):
+        """The static buffers of a bucket (make(bucket, vocab, device) the first time it comes)."""
+        io = ios.get(bucket)
+        if io is None:
+            io = ios[bucket] = make(bucket, self.vocab_size, self.device)
+        return io
 
     def _replay_bucket(self, graphs: dict, bucket, body, io, n: int) -> torch.Tensor:
         """Replay the bucket's graph over the pass loaded in io (the first time: run body eagerly, which computes
@@ -548,22 +554,20 @@ class StaticEngine(Engine):
         self.graph_pool = graph.pool()
         return graph
 
-    def _graphed_prefill(self, p) -> bool:
-        """Whether a prefill pass replays a graph of its token-count bucket (PREFILL_GRAPH_*): a small pass through
-        one mask, whose bucket's keys fit the block table."""
-        return self.capture_prefill and self._graphed_decode() and prefill_graph_bucket(
-            len(p.host_lens), p.width, p.upto, self.serving.max_blocks * self.serving.block_size, self.pad_slot) is not None
+    def _prefill_graph_bucket(self, p):
+        """The token-count bucket (PREFILL_GRAPH_*) whose graph a prefill pass replays, or None where it runs eagerly:
+        a small pass, whose bucket's keys fit the block table."""
+        if not (self.capture_prefill and self._graphed_decode()):
+            return None
+        key_capacity = self.serving.max_blocks * self.serving.block_size
+        return prefill_graph_bucket(len(p.host_lens), p.width, p.upto, key_capacity, self.pad_slot)
 
-    def _prefill_captured(self, p, ids) -> torch.Tensor:
+    def _prefill_captured(self, p, ids, bucket) -> torch.Tensor:
         """A prefill pass padded to its token-count bucket and replayed from the bucket's graph (captured the first
         time the bucket comes, after one eager run that computes this step). Returns the rows' tokens."""
-        n = len(p.host_lens)
-        bucket = prefill_bucket(n, p.width, p.upto)
-        io = self.prefill_io.get(bucket)
-        if io is None:
-            io = self.prefill_io[bucket] = PrefillIO(bucket, self.vocab_size, self.device)
+        io = self._bucket_io(self.prefill_io, bucket, PrefillIO)
         io.load(p, ids, self.pad_slot)
-        return self._replay_bucket(self.prefill_graphs, bucket, self._prefill_body, io, n)
+        return self._replay_bucket(self.prefill_graphs, bucket, self._prefill_body, io, len(p.host_lens))
 
     def _prefill_body(self, io: PrefillIO) -> None:
         """One prefill pass over a bucket's static buffers (one stage: embedding to tokens). Graph-capturable."""
@@ -584,9 +588,7 @@ class StaticEngine(Engine):
         for bucket in self.buckets:
             if bucket in self.decode_graphs:
                 continue
-            io = self.decode_io.get(bucket)
-            if io is None:
-                io = self.decode_io[bucket] = DecodeIO(bucket, self.vocab_size, self.device)
+            io = self._bucket_io(self.decode_io, bucket, DecodeIO)
             long = dict(dtype=torch.long, device=self.device)
             pad = ServingPass(torch.full((bucket,), self.pad_slot, **long), torch.zeros(bucket, **long),
                               torch.ones(bucket, **long), False, 1, 1)
