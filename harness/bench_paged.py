@@ -18,7 +18,9 @@ and cuDNN's paged SDPA (backend="cudnn") on mixed-length batches: one 131072-tok
 4 rows of Mooncake conversation lengths (input + output / 2, at most 131072; `--trace`, by default the full trace in
 .traces/, ../shared/traces or shared/traces when there is one, else the project's 300-request sample), and the
 uniform 8K x 16, 16K x 8 and 32K x 4 (with dense cuDNN beside them), at blocks of 16, 64 and 256 tokens in shuffled
-slots; each against the read bandwidth measured in the same run. Writes ragged.json and ragged.md.
+slots; each against the read bandwidth measured in the same run. Writes ragged.json and ragged.md. With
+`--short-rows` the batches are instead 16-256 rows of 256-2048 tokens each (a closed loop's decode steps), at
+`--blocks`.
 
 `--step` times a whole serving step's decode attention: rows drawn (seeded) from the Mooncake trace's lengths until
 their KV over `--step-layers` layers holds about `--step-gb` GB, in one pool [layers, 2, slots, heads, block,
@@ -166,6 +168,9 @@ def main(argv=None):
         ap.add_argument("--splits", action="store_true", help="only the split counts at engine shapes (splits.md)")
         ap.add_argument("--ragged", action="store_true", help="only the work plans on mixed-length batches (ragged.md)")
         ap.add_argument("--trace", default=None, help="Mooncake JSONL trace of the --ragged and --step lengths")
+        ap.add_argument("--short-rows", action="store_true",
+                        help="--ragged: batches of many short rows (16-256 rows of 256-2048 tokens) instead")
+        ap.add_argument("--blocks", default="16,64,256", help="--ragged: block sizes, comma-separated")
         ap.add_argument("--step", action="store_true", help="only a whole serving step's batch (step.md)")
         ap.add_argument("--step-gb", type=float, default=100.0, help="--step: KV of the step over all its layers, GB")
         ap.add_argument("--step-layers", type=int, default=4, help="--step: layers (calls) of the step")
@@ -259,6 +264,14 @@ def mooncake_lengths(path: Path, rows: int, cap: int, seed: int = 0) -> list[int
     _, prompts, outputs, _, _ = read_mooncake(path)
     picked = random.Random(seed).sample(range(len(prompts)), rows)
     return [min(prompts[i] + outputs[i] // 2, cap) for i in picked]
+
+
+def short_row_batches(smoke: bool) -> list[tuple[str, list[int]]]:
+    """Many short rows, as a closed loop's decode steps have them: rows x length, from 16 to 256 rows of 256-2048
+    tokens (a work item per row and head, each walking few tiles)."""
+    if smoke:
+        return [("8x64", [64] * 8), ("4x128", [128] * 4)]
+    return [(f"{n}x{length}", [length] * n) for n in (16, 64, 128, 256) for length in (256, 512, 1024, 2048)]
 
 
 def ragged_batches(smoke: bool, trace: Path) -> list[tuple[str, list[int]]]:
@@ -363,8 +376,8 @@ def default_trace(given: str | None) -> Path:
 
 def ragged_main(args, out, device, dtype) -> dict:
     trace = default_trace(args.trace)
-    batches = ragged_batches(args.smoke, trace)
-    blocks = [16] if args.smoke else [16, 64, 256]
+    batches = short_row_batches(args.smoke) if args.short_rows else ragged_batches(args.smoke, trace)
+    blocks = [16] if args.smoke else [int(b) for b in args.blocks.split(",")]
     res = {"device": device_environment(device), "dtype": str(dtype), "trace": str(trace),
            "batches": {name: lens for name, lens in batches}}
     res["limits"] = lim = limits(device, dtype, args.smoke)

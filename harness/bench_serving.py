@@ -90,6 +90,22 @@ def captured(engine, passes, updates, migrations, reps: int) -> tuple[float, str
     return seconds, ""
 
 
+def kernels_by_name(engine, passes, updates, migrations, reps: int) -> dict:
+    """Where one step's device time goes: the passes run `reps` times more under torch.profiler (apart from the
+    timed runs, so the profiler does not touch what they measure), per step in ms by kind of kernel and by kernel."""
+    from harness.measure import device_events, kernel_summary
+
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+    with prof:
+        for _ in range(reps):
+            engine.serve_step(passes, updates[:0], migrations[:0])
+        torch.cuda.synchronize()
+    summary = kernel_summary(device_events(prof), top=12)
+    return {"by_kind_ms": {k: t * 1e3 / reps for k, t in summary["device_s"].items()},
+            "top_kernels": [{"name": k["name"], "ms": k["device_s"] * 1e3 / reps, "calls": k["calls"] / reps}
+                            for k in summary["top_kernels"]]}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -97,6 +113,8 @@ def main(argv=None):
     ap.add_argument("--requests", type=int, default=80, help="the trace window: its first N requests")
     ap.add_argument("--sample", type=int, default=12, help="steps of each kind timed alone")
     ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="on a GPU, also take each sampled decode step apart by kernel (torch.profiler, after its timing)")
     ap.add_argument("overrides", nargs="*", help="more config overrides (key=value)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -157,7 +175,16 @@ def main(argv=None):
                 t = alone(engine, passes, updates, migrations, reps=10) * 1e3
                 context = int((passes[-1][0].start + 1).sum())
                 roof = (weight_bytes + context * per_token_kv) / lim["read_bytes_per_s"] * 1e3
-                row |= {"alone ms": t, "replay / alone": in_replay / t, "roofline ms": roof, "alone / roofline": t / roof}
+                row |= {"alone ms": t, "replay / alone": in_replay / t, "roofline ms": roof, "alone / roofline": t / roof,
+                        "context tokens": context}
+                if args.profile and device.type == "cuda":
+                    try:
+                        kernels = kernels_by_name(engine, passes, updates, migrations, reps=5)
+                    except Exception as err:  # the profile is an extra: its failure is a column, the run goes on
+                        row["profile error"] = f"{type(err).__name__}: {err}"[:200]
+                    else:
+                        row |= {f"{k} ms": v for k, v in kernels["by_kind_ms"].items()} | \
+                            {"kernels": kernels["top_kernels"]}
             else:
                 parts = [alone(engine, [p], updates, migrations, reps=5) * 1e3 for p in passes]
                 row |= {"alone ms": sum(parts), "prefill pass ms": parts[0], "decode pass ms": parts[-1],
@@ -182,7 +209,8 @@ def main(argv=None):
           "## Replays by rate (SLO: TTFT <= %g ms, TPOT <= %g ms)" % (cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms), "",
           table.to_markdown(index=False, floatfmt=".4g"), "",
           "## Steps of the last replay timed alone (decode: the same pass back to back; mixed: its passes apart)", "",
-          steps_table.to_markdown(index=False, floatfmt=".4g") if len(steps_table) else "(none)", ""]
+          steps_table.drop(columns="kernels", errors="ignore").to_markdown(index=False, floatfmt=".4g")
+          if len(steps_table) else "(none)", ""]
     for kind in ("decode", "mixed"):
         d = steps_table[steps_table.kind == kind] if len(steps_table) else steps_table
         if len(d):

@@ -101,7 +101,8 @@ class StepClock:
         return self.times
 
 
-KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_merge_kernel", "attention", "flash", "fmha")),
+KERNEL_KINDS = (("communication", ("nccl",)), ("attention", ("_split_kernel", "_merge_kernel", "_ragged_kernel", "_plan_kernel",
+                                                             "attention", "flash", "fmha")),
                 ("gemm", ("gemm", "gemv", "cutlass", "cublas", "sm90_", "nvjet")))
 
 
