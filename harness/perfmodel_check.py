@@ -49,7 +49,8 @@ def check(root: str | Path, calibrated: tuple | None = None) -> list[dict]:
 def check_prefill(root: str | Path, calibrated: tuple | None = None) -> list[dict]:
     """Predicted vs measured TTFT of every measured record under root with a real prefill, each with its set's
     calibration (as `check`); the one-GPU reference records calibrate the prefill's FLOP rate, two FA Pool records
-    its copy rates (not validation)."""
+    its copy rates (not validation). A record whose call's invalid.json has "prefill:<kind>" measured a prefill
+    engine of that kind since replaced (the model prices today's): its row says why and validates nothing."""
     items, cal_set = calibrated or calibrated_items(root)
     rows = []
     for path, rec, lim in items:
@@ -61,16 +62,18 @@ def check_prefill(root: str | Path, calibrated: tuple | None = None) -> list[dic
         name = record_key(path, root)
         rows.append({"record": name, "strategy": cfg.strategy.name, "measured_ms": meas, "predicted_ms": pred,
                      "rel_error": (pred - meas) / meas, "basis": "ttft",
-                     "calibration": spec_of(cfg.strategy).family == "reference" or name in cal_set.prefill_calibration_records})
+                     "calibration": spec_of(cfg.strategy).family == "reference" or name in cal_set.prefill_calibration_records,
+                     "superseded": invalid_of(path).get(f"prefill:{cfg.strategy.kind}")})
     return rows
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per strategy over the validation rows (calibration rows left out): count, median and max |rel. error|."""
+    """Per strategy over the validation rows (calibration rows, and records of an engine since replaced, left out):
+    count, median and max |rel. error|."""
     out = []
     group = lambda r: r["strategy"] + (" (eager steps)" if "eager" in r["basis"] else "")  # noqa: E731
     for name in sorted({group(r) for r in rows}):
-        errs = [abs(r["rel_error"]) for r in rows if group(r) == name and not r["calibration"]]
+        errs = [abs(r["rel_error"]) for r in rows if group(r) == name and not r["calibration"] and not r.get("superseded")]
         if errs:
             out.append({"strategy": name, "records": len(errs), "median_abs_error": statistics.median(errs),
                         "max_abs_error": max(errs)})
@@ -129,10 +132,12 @@ def check_table(root: str | Path) -> str:
               for x in summarize(rows)]
     if prefill:
         lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
-                  "rate, two FA Pool records its copy rates):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
+                  "rate, two FA Pool records its copy rates; records of a prefill engine since replaced say so, and the "
+                  "summary leaves them out):", "", "| record | strategy | measured TTFT ms | predicted ms | rel. error | |", "|---|---|---|---|---|---|"]
         for r in sorted(prefill, key=lambda r: (r["strategy"], r["record"])):
+            note = "calibration" if r["calibration"] else f"superseded engine: {r['superseded']}" if r["superseded"] else ""
             lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} | "
-                         f"{r['rel_error']:+.1%} | {'calibration' if r['calibration'] else ''} |")
+                         f"{r['rel_error']:+.1%} | {note} |")
         lines += ["", "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
         lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
                   for x in summarize(prefill)]

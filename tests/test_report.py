@@ -237,3 +237,25 @@ def test_perfmodel_check_leaves_trace_replays_to_its_serving_table(capsys):
     perfmodel_main([str(ROOT / "results" / "measured" / "h100-x1")])
     out = capsys.readouterr().out
     assert "| graphed L=" in out and "serve_closed" not in out
+
+
+def test_perfmodel_prefill_check_shows_records_of_a_replaced_engine_and_leaves_them_out_of_its_summary(tmp_path):
+    """A call's invalid.json {"prefill:<kind>": why}: that kind's records of the call keep their row, which says why,
+    and the summary is taken over the others; the same records without the file count again."""
+    import shutil
+
+    from harness.perfmodel_check import check_prefill, summarize
+
+    src = ROOT / "results" / "measured" / "h200-x2" / "bench"
+    for call in ("call_e_prefill", "call_f_prefill"):
+        shutil.copytree(src / call, tmp_path / call)
+    rows = check_prefill(tmp_path)
+    dcp = [r for r in rows if r["strategy"] == "dcp_t2_k2"]
+    assert len(dcp) == 4 and all("mask" in r["superseded"] for r in dcp)
+    assert all(not r["superseded"] for r in rows if r["strategy"] != "dcp_t2_k2")
+    assert "dcp_t2_k2" not in [s["strategy"] for s in summarize(rows)]
+    assert "tp2_pp1" in [s["strategy"] for s in summarize(rows)]
+    for call in ("call_e_prefill", "call_f_prefill"):
+        (tmp_path / call / "invalid.json").unlink()
+    again = summarize(check_prefill(tmp_path))
+    assert [s["records"] for s in again if s["strategy"] == "dcp_t2_k2"] == [4]
