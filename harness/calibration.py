@@ -192,10 +192,11 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
         rec, lim = by_name[SET_CALIBRATION["message_s"]]
         cfg = record_config(rec)
         units = cfg.model.n_layers * max(1, cfg.strategy.micro_batches)
-        cal.message_s = max(0.0, (steady_tpot_s(rec) - predict_step(cfg, with_limits(cal, lim), graphed=True)["step_s"])
-                            / (2 * units))
+        bare = dataclasses.replace(with_limits(cal, lim), message_s=0.0)
+        cal.message_s = max(0.0, (steady_tpot_s(rec) - predict_step(cfg, bare, graphed=True)["step_s"]) / (2 * units))
         used.append(SET_CALIBRATION["message_s"])
-    cal.eager_unit_s = {}
+    if any(key in by_name for key in SET_CALIBRATION["eager_unit_s"]):
+        cal.eager_unit_s = {}
     for key in SET_CALIBRATION["eager_unit_s"]:  # host-bound: the step is the plan and its units' host time
         if key in by_name:
             cfg = record_config(by_name[key][0])
@@ -204,6 +205,7 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
             used.append(key)
     cal.calibration_records = tuple(used)
     copies = [by_name[key] for key in SET_CALIBRATION["prefill_copies"] if key in by_name]
+    cal.prefill_calibration_records = ()
     if len(copies) == 2:
         _fit_prefill_copies(cal, *[(record_config(r), r.metrics["ttft_ms"] / 1e3, lim) for r, lim in copies])
         cal.prefill_calibration_records = SET_CALIBRATION["prefill_copies"]

@@ -2,6 +2,7 @@
 and TTFT per record, and per strategy the median and max error of the validation records)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -17,7 +18,15 @@ def calibrated_items(root) -> tuple[list, Calibration | None]:
     those with a limits.json; None without any)."""
     items = measured_items(root)
     keyed = {record_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
-    return items, set_calibration(keyed, Calibration.from_bench()) if keyed else None
+    if not keyed:
+        return items, None
+    # FA Pool's host costs (an eager exchange, an eager unit) belong to the host and NCCL, not to a set: a set
+    # without the records that fit them takes the committed ones. The prefill's copy rates belong to the prefill
+    # engine a set ran: a set without its own keeps the read bandwidth.
+    committed = default_calibration()
+    base = dataclasses.replace(Calibration.from_bench(), message_s=committed.message_s,
+                               eager_unit_s=dict(committed.eager_unit_s))
+    return items, set_calibration(keyed, base)
 
 
 def check(root: str | Path, calibrated: tuple | None = None) -> list[dict]:

@@ -537,3 +537,18 @@ def test_serving_host_terms_are_the_fit_on_the_measured_serving_steps():
 
     assert Calibration.serving_prefill_host_layer_s == pytest.approx(fit_serving_prefill_host(SERVING_HOST_SET), rel=5e-3)
     assert Calibration.masked_attn_flops_fraction == pytest.approx(fit_masked_attention(SERVING_HOST_SET), rel=5e-3)
+
+
+def test_a_set_without_fa_pool_calibration_records_takes_the_committed_host_costs_but_not_the_copy_rates():
+    """FA Pool's host cost per eager exchange belongs to the host and NCCL: a measured set that cannot fit it (no
+    such record) is checked with the committed one, not with none; its prefill copy rates stay the read bandwidth."""
+    from harness.calibration import default_calibration
+    from harness.perfmodel_check import calibrated_items
+    from tests.conftest import ROOT
+
+    committed = default_calibration()
+    _, cal = calibrated_items(ROOT / "results" / "measured" / "h100-x4" / "prefill")
+    assert committed.message_s > 0 and cal.message_s == committed.message_s
+    assert cal.eager_unit_s == committed.eager_unit_s and not any("fa_pool" in k for k in cal.calibration_records)
+    assert (cal.prefill_pool_copy_bw_fraction, cal.prefill_base_copy_bw_fraction) == (1.0, 1.0)
+    assert committed.prefill_pool_copy_bw_fraction != 1.0 and cal.prefill_calibration_records == ()
