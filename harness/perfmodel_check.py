@@ -164,10 +164,17 @@ def main(argv=None):
     if not Path(args.root).is_dir():
         raise SystemExit(f"fapool-perfmodel: {args.root} is not a directory of records")
     if args.serving:
-        from harness.serving.virtual import check_serving
+        from harness.serving.virtual import SERVING_BOUNDS, check_serving
 
         table = check_serving(args.root)
-        print("(no measured trace replays found)" if table.empty else table.to_markdown(index=False, floatfmt=".3g"))
+        if table.empty:
+            print("(no measured trace replays found)")
+            return
+        print(table.to_markdown(index=False, floatfmt=".3g"))
+        bounds = ", ".join(f"|{name} error| <= {bound:.0%}" for name, bound in SERVING_BOUNDS.items())
+        outside = table[~table["within bounds"]]
+        print(f"\nwithin bounds ({bounds}): {len(table) - len(outside)} of {len(table)} replays" +
+              ("" if outside.empty else "; outside: " + ", ".join(outside.record)))
         return
     print(f"calibration: {default_calibration().source}")
     print(check_table(args.root))

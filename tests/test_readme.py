@@ -143,6 +143,7 @@ def model_error(row):
 
     t = check_serving(source_path(row))
     ttft, tpot_ = 100 * t["TTFT p99 error"].abs(), 100 * t["TPOT p50 error"].abs()
+    assert (t["within bounds"] == ((tpot_ <= 15) & (ttft <= 25))).all()  # the check's verdict, by its own bounds
     return [ttft.min(), ttft.max(), tpot_.min(), tpot_.max()]
 
 

@@ -271,11 +271,15 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
     return float(best[1]), float(best[2])
 
 
+# The bounds a projected replay is held to against the measured one: |relative error| of its p50 TPOT and p99 TTFT
+SERVING_BOUNDS = {"TPOT p50": 0.15, "TTFT p99": 0.25}
+
+
 def check_serving(root) -> "pd.DataFrame":
     """Every measured trace replay under root against its replay in virtual time: the same config, trace window,
     rate and KV blocks, the model calibrated on the limits measured in the same benchmark run where the folder
     above the records has them (bench_serving.json), each step charged the replay's own host time per step
-    (host_step_ms)."""
+    (host_step_ms). `within bounds`: every error SERVING_BOUNDS names is inside its bound."""
     import dataclasses
     from pathlib import Path
 
@@ -298,6 +302,8 @@ def check_serving(root) -> "pd.DataFrame":
             row[f"{name} measured"], row[f"{name} projected"] = m[key], p.latency[key]
             row[f"{name} error"] = p.latency[key] / m[key] - 1 if m[key] else None
         row["goodput measured"], row["goodput projected"] = m["goodput"], p.goodput
+        row["within bounds"] = all(row[f"{name} error"] is not None and abs(row[f"{name} error"]) <= bound
+                                   for name, bound in SERVING_BOUNDS.items())
         rows.append(row)
     return pd.DataFrame(rows)
 
