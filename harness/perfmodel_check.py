@@ -20,12 +20,13 @@ def calibrated_items(root) -> tuple[list, Calibration | None]:
     keyed = {record_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
     if not keyed:
         return items, None
-    # FA Pool's host costs (an eager exchange, an eager unit) belong to the host and NCCL, not to a set: a set
-    # without the records that fit them takes the committed ones. The prefill's copy rates belong to the prefill
-    # engine a set ran: a set without its own keeps the read bandwidth.
+    # FA Pool's host costs (an eager exchange, an eager unit) belong to the host and NCCL, and the prefill's FLOP rate
+    # to the GPU's kernels, not to a set: a set without the records that fit them takes the committed ones. FA Pool's
+    # prefill copy rates belong to the prefill engine a set ran: a set without its own keeps the read bandwidth.
     committed = default_calibration()
     base = dataclasses.replace(Calibration.from_bench(), message_s=committed.message_s,
-                               eager_unit_s=dict(committed.eager_unit_s))
+                               eager_unit_s=dict(committed.eager_unit_s),
+                               prefill_flops_fraction=committed.prefill_flops_fraction)
     return items, set_calibration(keyed, base)
 
 

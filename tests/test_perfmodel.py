@@ -541,7 +541,8 @@ def test_serving_host_terms_are_the_fit_on_the_measured_serving_steps():
 
 def test_a_set_without_fa_pool_calibration_records_takes_the_committed_host_costs_but_not_the_copy_rates():
     """FA Pool's host cost per eager exchange belongs to the host and NCCL: a measured set that cannot fit it (no
-    such record) is checked with the committed one, not with none; its prefill copy rates stay the read bandwidth."""
+    such record) is checked with the committed one, not with none; its prefill copy rates stay the read bandwidth.
+    Likewise the prefill's FLOP rate, for a set without reference prefills."""
     from harness.calibration import default_calibration
     from harness.perfmodel_check import calibrated_items
     from tests.conftest import ROOT
@@ -552,3 +553,7 @@ def test_a_set_without_fa_pool_calibration_records_takes_the_committed_host_cost
     assert cal.eager_unit_s == committed.eager_unit_s and not any("fa_pool" in k for k in cal.calibration_records)
     assert (cal.prefill_pool_copy_bw_fraction, cal.prefill_base_copy_bw_fraction) == (1.0, 1.0)
     assert committed.prefill_pool_copy_bw_fraction != 1.0 and cal.prefill_calibration_records == ()
+    # the prefill's FLOP rate: this set fits its own (it holds reference prefills); one without them takes the committed
+    _, profiled = calibrated_items(ROOT / "results" / "measured" / "h100-x4" / "prefill_profile")
+    assert cal.prefill_flops_fraction != committed.prefill_flops_fraction
+    assert profiled.prefill_flops_fraction == committed.prefill_flops_fraction < 1.0
