@@ -206,7 +206,8 @@ def set_calibration(items: dict, base: Calibration | None = None) -> Calibration
     cal.calibration_records = tuple(used)
     copies = [by_name[key] for key in SET_CALIBRATION["prefill_copies"] if key in by_name]
     cal.prefill_calibration_records = ()
-    if len(copies) == 2:
+    if len(copies) == 2:  # fitted from the read bandwidth up, whatever rates the base brought
+        cal.prefill_pool_copy_bw_fraction = cal.prefill_base_copy_bw_fraction = 1.0
         _fit_prefill_copies(cal, *[(record_config(r), r.metrics["ttft_ms"] / 1e3, lim) for r, lim in copies])
         cal.prefill_calibration_records = SET_CALIBRATION["prefill_copies"]
     return cal

@@ -20,13 +20,16 @@ def calibrated_items(root) -> tuple[list, Calibration | None]:
     keyed = {record_key(path, root): (rec, lim) for path, rec, lim in items if lim is not None}
     if not keyed:
         return items, None
-    # FA Pool's host costs (an eager exchange, an eager unit) belong to the host and NCCL, and the prefill's FLOP rate
-    # to the GPU's kernels, not to a set: a set without the records that fit them takes the committed ones. FA Pool's
-    # prefill copy rates belong to the prefill engine a set ran: a set without its own keeps the read bandwidth.
+    # What a set holds no records to fit (FA Pool's host costs of an eager exchange and an eager unit, the prefill's
+    # FLOP rate, FA Pool's prefill copy rates) it takes from the committed calibration: these belong to the host,
+    # NCCL, the GPU's kernels and today's engines, not to a set. Records of an engine since replaced say so in their
+    # call's invalid.json (check_prefill).
     committed = default_calibration()
     base = dataclasses.replace(Calibration.from_bench(), message_s=committed.message_s,
                                eager_unit_s=dict(committed.eager_unit_s),
-                               prefill_flops_fraction=committed.prefill_flops_fraction)
+                               prefill_flops_fraction=committed.prefill_flops_fraction,
+                               prefill_pool_copy_bw_fraction=committed.prefill_pool_copy_bw_fraction,
+                               prefill_base_copy_bw_fraction=committed.prefill_base_copy_bw_fraction)
     return items, set_calibration(keyed, base)
 
 
