@@ -127,7 +127,7 @@ def test_failures_on_the_second_node_end_as_records_naming_their_cause(cluster, 
 @CHAIN_A
 def test_a_requeued_two_node_job_ends_with_exactly_one_record(cluster, tmp_path):
     rec, restarts = requeued_run(["launcher.nodes=2", "strategy=tp2_pp2", "workload=tiny",
-                                  "workload.output_tokens=300"], tmp_path)
+                                  "workload.output_tokens=100"], tmp_path)
     assert rec.status == "ok", rec.error
     assert restarts >= 1
     assert rec.env["rank_hosts"] == ["node1", "node1", "node2", "node2"]
