@@ -146,7 +146,9 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        # N(0, 1) as nn.Embedding draws it, from torch.randn: the embedding's own in-place normal_ on the meta device
+        # (build_model) would import torch._dynamo, seconds of a process's start
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden, _weight=torch.randn(cfg.vocab_size, cfg.hidden))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)

@@ -91,9 +91,15 @@ def call_app(args, plots=False):
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
-def run_app(args, tmp_path):
-    """run_cli's call through call_app, in this process: (a CompletedProcess, records found)."""
-    proc = call_app([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"])
+def run_app(args, tmp_path, env=None):
+    """run_cli's call through call_app, in this process: (a CompletedProcess, records found). As run_cli's command,
+    it runs from the repository's root, env's variables added to the environment (which a Slurm job's submission
+    passes on to its tasks) while it runs."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        proc = call_app([*args, f"hydra.run.dir={tmp_path}/run", f"hydra.sweep.dir={tmp_path}/sweep"])
     records = [json.loads(p.read_text()) for p in sorted(Path(tmp_path).rglob("result.json"))]
     return proc, records
 

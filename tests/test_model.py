@@ -74,3 +74,17 @@ def test_prefill_runs_the_lm_head_on_each_prompts_last_position_only():
     prompts = [torch.arange(5), torch.arange(9) + 3]
     generate(model, prompts, 3)
     assert seen == [(2, 1, model.cfg.hidden)] * 3  # prefill, then 2 decode steps
+
+
+def test_building_a_model_does_not_import_torch_dynamo():
+    """Every rank builds its model at start: an import of torch._dynamo there (an in-place draw on the meta device
+    does it) would cost each rank process seconds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from model.config import PRESETS; from model.transformer import build_model; "
+            "build_model(PRESETS['tiny']); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

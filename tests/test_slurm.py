@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_cfg, run_app, run_cli, slurm_cluster
+from tests.conftest import compose_cfg, run_app, slurm_cluster
 
 pytestmark = [pytest.mark.skipif(shutil.which("slurmctld") is None or os.geteuid() != 0,
                                  reason="needs Debian's slurm-wlm and munge, as root (.ci/run installs them)"),
@@ -27,9 +27,11 @@ MULTIRUN = ["-m", "launcher=slurm_local", "strategy=tp2_pp1,fa_pool_b2_p2", "wor
 
 @pytest.fixture(scope="module")
 def multirun(slurm, tmp_path_factory):
-    """One sweep of 2 strategies x 2 lengths through Slurm, shared by the tests that assert on it and on its resume."""
+    """One sweep of 2 strategies x 2 lengths through Slurm, shared by the tests that assert on it and on its resume.
+    The sweeps of this module submit from this process (the command's own process is tests/test_app.py's point);
+    their jobs' tasks are new processes, as a user's are."""
     tmp_path = tmp_path_factory.mktemp("multirun")
-    proc, records = run_cli(MULTIRUN, tmp_path, timeout=400)
+    proc, records = run_app(MULTIRUN, tmp_path)
     return tmp_path, proc, records
 
 
@@ -60,10 +62,11 @@ def requeued_run(overrides, out_dir):
     cfg = compose_cfg(["launcher=slurm_local", "launcher.wait=false", "hydra.mode=RUN", *overrides])
     pending = slurm_launcher.submit(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True), str(out_dir))
     deadline = time.monotonic() + 120
-    while _job_state(pending.job.job_id)[0] != "RUNNING":
+    # a task leaves the started marker with torch imported, before its rendezvous: the requeue lands well inside the
+    # run (the model's build, then 100 decode steps in each of its generations and its check are still ahead)
+    while not (Path(out_dir) / slurm_launcher.STARTED).exists():
         assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.5)
-    time.sleep(3)  # well inside the run (imports, then 300 decode steps in each of its generations and its check)
+        time.sleep(0.2)
     assert not (Path(out_dir) / "result.json").exists()
     subprocess.run(["scontrol", "requeue", str(pending.job.job_id)], check=True)
     # Slurm holds a requeued batch job back for 2 minutes; release it now, as an admin would
@@ -79,7 +82,7 @@ def requeued_run(overrides, out_dir):
 
 
 def test_a_requeued_job_ends_with_exactly_one_record(slurm, tmp_path):
-    rec, restarts = requeued_run(["strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=300"], tmp_path)
+    rec, restarts = requeued_run(["strategy=tp2_pp1", "workload=tiny", "workload.output_tokens=100"], tmp_path)
     assert rec.status == "ok", rec.error
     assert restarts >= 1  # it did restart
     assert len(list(Path(tmp_path).rglob("result.json"))) == 1
@@ -92,8 +95,8 @@ def test_a_hung_run_ends_as_timeout_and_the_sweep_goes_on(slurm, tmp_path):
     # finds the job started, so the healthy point, which runs meanwhile, is done before its clock starts and the
     # limit can be short (15 s from the task's start marker, which it leaves with torch imported: past the hung
     # rank's model build, reference check and warm-up to its fault step on a loaded machine)
-    proc, records = run_cli(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
-                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=15"], tmp_path, timeout=400)
+    proc, records = run_app(["-m", "launcher=slurm_local", "strategy=tp2_pp1", "workload=tiny_short",
+                             "fault.kind=hang,none", "fault.rank=1", "launcher.timeout_s=15"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     by_fault = {r["config"]["fault"]["kind"]: r for r in records}
     assert by_fault["none"]["status"] == "ok"
@@ -120,6 +123,6 @@ def test_resume_skips_runs_that_already_have_an_ok_record(multirun):
     # the same sweep again over the shared multirun's directory: every point has its ok record, none is submitted
     tmp_path, proc, first = multirun
     assert proc.returncode == 0 and len(first) == 4
-    proc, again = run_cli(MULTIRUN, tmp_path, timeout=300)
+    proc, again = run_app(MULTIRUN, tmp_path)
     assert proc.returncode == 0 and proc.stdout.count("submitted") == 0
     assert sorted(r["created_at"] for r in again) == sorted(r["created_at"] for r in first)

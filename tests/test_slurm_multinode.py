@@ -1,6 +1,7 @@
 """The multi-node Slurm path for real: three emulated nodes on this machine (jobs/local_slurm.sh start DIR 3: each
 slurmd in its own network, host-name and mount namespaces), jobs of 2-3 nodes whose ranks talk over the nodes'
-addresses, every strategy kind checked against the reference, where each rank ran, and failures on the second node."""
+addresses, every strategy kind checked against the reference, where each rank ran, and failures on the second node.
+The sweeps submit from this process (tests/conftest.run_app); their jobs' tasks are new processes, as a user's are."""
 import os
 import shutil
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli, slurm_cluster
+from tests.conftest import run_app, slurm_cluster
 from tests.test_slurm import requeued_run
 
 pytestmark = pytest.mark.skipif(
@@ -69,8 +70,8 @@ def by_strategy(records):
 
 @CHAIN_B
 def test_every_kind_across_two_nodes_matches_the_reference(cluster, tmp_path):
-    proc, records = run_cli(["-m", "launcher=slurm_local", "launcher.nodes=2", "workload=tiny_short",
-                             "strategy=tp2_pp2,fa_pool_b2_p2,dcp_t2_k2"], tmp_path, timeout=500)
+    proc, records = run_app(["-m", "launcher=slurm_local", "launcher.nodes=2", "workload=tiny_short",
+                             "strategy=tp2_pp2,fa_pool_b2_p2,dcp_t2_k2"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = by_strategy(records)
     assert set(runs) == {"tp2_pp2", "fa_pool_b2_p2", "dcp_t2_k2"}
@@ -89,8 +90,8 @@ def test_every_kind_across_two_nodes_matches_the_reference(cluster, tmp_path):
 def test_fa_pool_reduction_across_three_nodes_keeps_block_placement_under_a_cyclic_environment(cluster, tmp_path):
     # sbatch passes SLURM_DISTRIBUTION on to the job; the harness's srun asks for blocks, which the topology needs:
     # base TP2 on node1, the pool's two node-level reduction groups on node2 and node3
-    proc, records = run_cli(["-m", "launcher=slurm_local", "launcher.nodes=3", "workload=tiny_long",
-                             "strategy=fa_pool_b2_p4"], tmp_path, timeout=400, env={"SLURM_DISTRIBUTION": "cyclic"})
+    proc, records = run_app(["-m", "launcher=slurm_local", "launcher.nodes=3", "workload=tiny_long",
+                             "strategy=fa_pool_b2_p4"], tmp_path, env={"SLURM_DISTRIBUTION": "cyclic"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = records
     assert rec["status"] == "ok", rec.get("error")
@@ -106,9 +107,9 @@ def test_failures_on_the_second_node_end_as_records_naming_their_cause(cluster, 
     # finds the job started, so the failing points, which run meanwhile, have ended before their clocks start and
     # the limit can be short (15 s from the task's start marker, which it leaves with torch imported: past the
     # hung rank's model build, reference check and warm-up to its fault step on a loaded machine)
-    proc, records = run_cli(["-m", "launcher=slurm_local", "launcher.nodes=2", "strategy=tp2_pp2",
+    proc, records = run_app(["-m", "launcher=slurm_local", "launcher.nodes=2", "strategy=tp2_pp2",
                              "workload=tiny_short", "fault.kind=hang,raise,kill", "fault.rank=2",
-                             "launcher.timeout_s=15"], tmp_path, timeout=500)
+                             "launcher.timeout_s=15"], tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every record written, then a non-zero exit
     runs = {r["config"]["fault"]["kind"]: r for r in records}
     raised, killed, hung = runs["raise"], runs["kill"], runs["hang"]
@@ -126,7 +127,7 @@ def test_failures_on_the_second_node_end_as_records_naming_their_cause(cluster, 
 @CHAIN_A
 def test_a_requeued_two_node_job_ends_with_exactly_one_record(cluster, tmp_path):
     rec, restarts = requeued_run(["launcher.nodes=2", "strategy=tp2_pp2", "workload=tiny",
-                                  "workload.output_tokens=300"], tmp_path)
+                                  "workload.output_tokens=100"], tmp_path)
     assert rec.status == "ok", rec.error
     assert restarts >= 1
     assert rec.env["rank_hosts"] == ["node1", "node1", "node2", "node2"]
