@@ -8,7 +8,9 @@ For each rate it replays the trace (one record per rate under DIR/records/, with
 takes a sample of the highest rate's steps and runs each again alone, back to back (the same passes on the same
 engine, its captured graph where the replay had one): a decode-only step against its time inside the replay, and
 a mixed step against its prefill and decode passes each timed alone. Each decode step's roofline is its weight and
-KV bytes over the read bandwidth measured in the same run. Writes DIR/bench_serving.json and bench_serving.md.
+KV bytes over the read bandwidth measured in the same run. With --profile (a GPU) each sampled decode step also runs
+a few times more under torch.profiler, after its timing: its device time by kind of kernel and its top kernels (the
+JSON's `kernels`). Writes DIR/bench_serving.json and bench_serving.md.
 """
 from __future__ import annotations
 
