@@ -373,6 +373,9 @@ def run_rank_leaving_error(cfg_dict, rank, world, init_method, out_dir, local_ra
     its peers can fail for want of it), so the launcher can tell the first failure from its consequences.
     catch: what counts as this rank's failure (a Slurm task lets submitit's requeue signals through).
     plugins: modules that register strategy kinds outside harness/strategies/ (strategies.plugin_modules())."""
+    # what the process holds by now (the imported modules, torch's among them) is left out of every collection:
+    # a rank's collections, and the full one at its end, scan only the objects the run makes
+    gc.freeze()
     error = Path(out_dir, f"rank{rank}.error")
     error.unlink(missing_ok=True)  # an earlier attempt's (a requeued job) is not this one's
     try:

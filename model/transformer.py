@@ -146,9 +146,11 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # N(0, 1) as nn.Embedding draws it, from torch.randn: the embedding's own in-place normal_ on the meta device
-        # (build_model) would import torch._dynamo, seconds of a process's start
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden, _weight=torch.randn(cfg.vocab_size, cfg.hidden))
+        # N(0, 1) as nn.Embedding draws it, but not on the meta device (build_model): a draw there goes through
+        # torch's Python reference kernels, which import torch._dynamo or sympy, seconds of a process's start
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden, _weight=torch.empty(cfg.vocab_size, cfg.hidden))
+        if not self.tok_emb.weight.is_meta:
+            nn.init.normal_(self.tok_emb.weight)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
@@ -172,7 +174,8 @@ def build_model(cfg: ModelConfig, dtype=torch.float32, device="cpu") -> Transfor
     type builds the same model; drawing on the GPU takes a second where the CPU takes many at paper scale."""
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to_empty(device=device)
+    # storage on the device, uninitialized (to_empty's empty_like of a meta tensor would import sympy)
+    model = model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

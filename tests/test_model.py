@@ -76,15 +76,21 @@ def test_prefill_runs_the_lm_head_on_each_prompts_last_position_only():
     assert seen == [(2, 1, model.cfg.hidden)] * 3  # prefill, then 2 decode steps
 
 
-def test_building_a_model_does_not_import_torch_dynamo():
-    """Every rank builds its model at start: an import of torch._dynamo there (an in-place draw on the meta device
-    does it) would cost each rank process seconds."""
+def test_building_a_model_imports_neither_torch_dynamo_nor_sympy():
+    """Every rank builds its model at start: an import of torch._dynamo or sympy there (a draw on the meta device
+    goes through torch's Python reference kernels, which import them) would cost each rank process seconds."""
     import subprocess
     import sys
     from pathlib import Path
 
     code = ("import sys; from model.config import PRESETS; from model.transformer import build_model; "
-            "build_model(PRESETS['tiny']); print('torch._dynamo' in sys.modules)")
+            "m = build_model(PRESETS['tiny']); print(sorted({'torch._dynamo', 'sympy'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
                          text=True, check=True)
-    assert out.stdout.strip() == "False", out.stderr
+    assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_a_model_built_off_the_meta_device_draws_its_embedding():
+    torch.manual_seed(0)
+    weight = Transformer(PRESETS["tiny"]).tok_emb.weight
+    assert weight.std().item() == pytest.approx(1.0, abs=0.1) and weight.abs().max().item() > 0
