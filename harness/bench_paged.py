@@ -308,7 +308,7 @@ RAGGED_VARIANTS = {"splits": ("triton", None), "ragged": ("triton", PROGRAMS_PER
 def time_variants(q, k, v, table, lens_t, layers, variants, common, kv_bytes, read_bw, reps, warmup) -> list[dict]:
     """One row per variant (RAGGED_VARIANTS' labels): the time of one call on each of `layers` (k, v) pairs in turn
     (the same table, lengths and query), the ratio kv_bytes / time / read_bw, and each output's largest difference
-    from the split plan's. A variant that fails gets its error in its row; the others still run."""
+    from the split plan's; a ragged variant also times its plan's build alone (plan_us). A variant that fails gets its error in its row; the others still run."""
     n, width = table.shape
     heads, bs = k.shape[1], k.shape[2]
     sms = sm_count(q.device)
@@ -345,6 +345,8 @@ def time_variants(q, k, v, table, lens_t, layers, variants, common, kv_bytes, re
         row.update(us=t * 1e6, ratio_to_read_bw=kv_bytes / t / read_bw,
                    max_abs_diff_vs_splits=float((out - base_out).abs().max()),
                    speedup_over_splits=splits_us / (t * 1e6) if splits_us else None)
+        if isinstance(plan, RaggedPlan):  # the work list's build alone (a serving pass builds it once, not a layer)
+            row["plan_us"] = timeit(lambda: plan.build(lens_t), reps=reps, warmup=warmup) * 1e6
         rows.append(row)
     return rows
 

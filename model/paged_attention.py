@@ -94,7 +94,7 @@ def triton_available(device) -> bool:
 
 def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None = None, tile: int = TILE_TOKENS,
                  warps: int = WARPS, stages: int = STAGES, plan: "str | RaggedPlan" = "splits",
-                 backend: str = "triton"):
+                 backend: str = "triton", build: bool = True):
     """(out, lse) of each row's query over its blocks; see the module docstring.
     backend picks the kernel: "triton" (Triton on CUDA, else the reference), "cudnn" (cuDNN's paged SDPA for bf16/fp16
     on CUDA; fp32 and non-CUDA tensors take the "triton" path; raises where `cudnn` cannot be imported), or "auto"
@@ -103,7 +103,9 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
     plan picks the Triton kernel's work split: "splits" (each row cut into `splits` equal shares of the table's width;
     None = choose_splits) or "ragged" (each row cut into chunks of a bounded token count, RaggedPlan, its buffers
     allocated for this call), or a RaggedPlan whose buffers this call reuses (its tile then overrides `tile`).
-    splits, tile, warps and stages tune the Triton kernel; they do not change the result. cuDNN ignores them."""
+    splits, tile, warps and stages tune the Triton kernel; they do not change the result. cuDNN ignores them.
+    build=False: `plan` is a RaggedPlan already built for these kv_lens (pass_plan: an engine builds the work list
+    once per pass and every layer of the pass reuses it)."""
     if not (isinstance(plan, RaggedPlan) or plan in ("splits", "ragged")):
         raise ValueError(f"plan={plan!r}: expected 'splits', 'ragged' or a RaggedPlan")
     if backend not in BACKENDS:
@@ -122,7 +124,19 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
     if plan == "splits":
         return _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, tile, warps, stages)
     return paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, None if plan == "ragged" else plan,
-                               tile=tile, warps=warps, stages=stages)
+                               tile=tile, warps=warps, stages=stages, build=build)
+
+
+def pass_plan(kv_lens, width: int, block: int, heads: int) -> "str | RaggedPlan":
+    """The ragged work list for a pass's rows, built once for all the pass's layers (their lengths are the same in
+    every layer; built per layer, the plan kernel's compare of every item against every row would run once a
+    layer): a RaggedPlan built for kv_lens where the Triton kernel runs (and the serving plan is the ragged one),
+    to be given to paged_decode with build=False; elsewhere SERVING_PLAN (the reference path takes no plan)."""
+    if SERVING_PLAN != "ragged" or not triton_available(kv_lens.device):
+        return SERVING_PLAN
+    plan = RaggedPlan(len(kv_lens), width, block, heads, sm_count(kv_lens.device), kv_lens.device,
+                      programs_per_sm=RAGGED_PROGRAMS_PER_SM)
+    return plan.build(kv_lens)
 
 
 def choose_backend(device, dtype, plan: "str | RaggedPlan" = "splits", cudnn_importable: bool | None = None,
@@ -474,10 +488,11 @@ def _paged_decode_triton(q, k_blocks, v_blocks, block_table, kv_lens, splits, ti
 
 
 def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: RaggedPlan | None = None,
-                        tile: int = TILE_TOKENS, warps: int = WARPS, stages: int = STAGES):
+                        tile: int = TILE_TOKENS, warps: int = WARPS, stages: int = STAGES, build: bool = True):
     """The Triton kernels over a ragged work plan: plan.build(kv_lens), the items' partials, the per-row merge.
     plan None: one allocated for these shapes (with `tile`); else the plan's buffers are reused (the call then
-    allocates only out and lse), and its shapes must match. Needs Triton: CUDA tensors, or CPU tensors under
+    allocates only out and lse), and its shapes must match; build=False: the plan already holds kv_lens's work
+    list. Needs Triton: CUDA tensors, or CPU tensors under
     TRITON_INTERPRET=1."""
     n, heads, dim = q.shape
     bs, width = k_blocks.shape[2], block_table.shape[1]
@@ -490,7 +505,8 @@ def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: Ragge
     if n == 0 or plan.max_items == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     assert q.stride(2) == 1 and k_blocks.stride(3) == 1 and v_blocks.stride(3) == 1, "head dim must be contiguous"
-    plan.build(kv_lens)
+    if build:
+        plan.build(kv_lens)
     part_out, part_lse = plan.partials(dim)
     _ragged_kernel[(plan.max_items, heads)](
         q, k_blocks, v_blocks, block_table, plan.item_row, plan.item_start, plan.item_end, plan.count, part_out,

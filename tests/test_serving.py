@@ -385,3 +385,45 @@ def test_a_pool_rank_attends_over_its_own_blocks_of_a_row_gathered_not_the_rows_
         torch.testing.assert_close(out[row, :, :n], want_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[row, :, :n], want_lse, atol=1e-5, rtol=1e-5)
     assert gathered == [3 * bs]  # the prefill chunk gathered 3 blocks a row, not the 6 the rows span
+
+
+def test_a_decode_pass_builds_its_table_and_work_list_once_for_all_its_layers(tmp_path, monkeypatch):
+    """The rows' local table and the paged kernel's work list depend on the pass, not the layer: each pass computes
+    them once (model/parallel/serving_kv.ServingKV.of_pass), whatever its layers; a new pass computes its own."""
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+
+    from harness.bench_serving import config
+    from harness.measure import PhaseTimer
+    from harness.runner import build_engine
+    from model.parallel import serving_kv
+    from model.parallel.serving_kv import ServingKV, ServingPass
+
+    calls = {"plan": 0, "table": 0}
+    pass_plan, local_table = serving_kv.pass_plan, ServingKV.local_table
+
+    def counted_plan(*args):
+        calls["plan"] += 1
+        return pass_plan(*args)
+
+    def counted_table(self, slots):
+        calls["table"] += 1
+        return local_table(self, slots)
+
+    monkeypatch.setattr(serving_kv, "pass_plan", counted_plan)
+    monkeypatch.setattr(ServingKV, "local_table", counted_table)
+    cfg, _ = config(["workload=tiny_mooncake", "model.n_layers=3", "hardware.dtype=float32", "check_reference=false"])
+    dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp(dir=tmp_path)}", rank=0, world_size=1)
+    try:
+        engine = build_engine(cfg, 0, 1, torch.device("cpu"), PhaseTimer("cpu", enabled=False))
+        engine.serve_setup(slots=4, kv_blocks=16, block_size=8, max_blocks=4)
+        updates = torch.tensor([[s, 0, s] for s in range(3)])
+        long = lambda *x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+        for step in range(3):
+            p = ServingPass(long(0, 1, 2), long(5 + step, 3 + step, 7 + step), long(1, 1, 1), False, 1, 8 + step)
+            engine.serve_step([(p, torch.zeros(3, 1, dtype=torch.long))], updates)
+            assert calls == {"plan": step + 1, "table": step + 1}, (step, calls)  # 3 layers, one of each per pass
+    finally:
+        dist.destroy_process_group()

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention, masked_attention, merge_pair, merge_partials
-from model.paged_attention import SERVING_PLAN, STATIC_BATCH_BACKEND, paged_decode
+from model.paged_attention import STATIC_BATCH_BACKEND, paged_decode
 from model.parallel.paged_kv import to_blocks
 from model.parallel.serving_kv import ServingKV
 from model.parallel.static import StageKV, StaticEngine
@@ -151,10 +151,12 @@ class ShardedServingAttention(ShardedAttention):
         qg, kg, vg = self._gather(torch.stack((q, k, v)))
         with self.timer("attention"):
             self.kv.write(self.layer, p, kg, vg, self.shard, self.shards)
-            table = self.kv.local_table(p.slots)
+            table = self.kv.pass_table(p)
             if not p.prefill:
-                lens = shard_lengths(p.start + 1, self.shard, self.shards, bs).to(torch.int32)
-                out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=SERVING_PLAN)
+                table, lens, plan = self.kv.decode_inputs(
+                    p, lambda p: shard_lengths(p.start + 1, self.shard, self.shards, bs), qg.shape[1])
+                out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=plan,
+                                        build=False)
                 out, lse = out[:, :, None], lse[:, :, None]
             else:
                 out, lse = self._chunk(qg, table, p)

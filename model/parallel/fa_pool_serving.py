@@ -80,7 +80,7 @@ class PooledServingAttention:
         p = kv.current
         with self.timer("attention"):
             kv.write(self.layer, p, k, v)
-            table = kv.local_table(p.slots)
+            table = kv.pass_table(p)
             zero = torch.zeros_like(p.start)
             if p.prefill:
                 # the keys the base's own rows span (the pooled rows' keys are the pool's)
@@ -94,8 +94,8 @@ class PooledServingAttention:
                 else:  # every row pooled: no key here
                     out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
             else:
-                lens = torch.where(p.pooled, zero, p.start + 1).to(torch.int32)
-                out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens, plan=SERVING_PLAN)
+                table, lens, plan = kv.decode_inputs(p, lambda p: torch.where(p.pooled, zero, p.start + 1), q.shape[1])
+                out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens, plan=plan, build=False)
                 out, lse = out[:, :, None], lse[:, :, None]
         if not p.pool_ranks:
             return out.to(q.dtype)

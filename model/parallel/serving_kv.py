@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from model.attention import attention
-from model.paged_attention import SERVING_PLAN, paged_decode
+from model.paged_attention import pass_plan, paged_decode
 from model.parallel.paged_kv import PagedKV
 
 
@@ -56,7 +56,38 @@ class ServingKV:
         self.sink, self.block_size, self.max_blocks = kv_blocks, block_size, max_blocks
         self.first_id, self.kv_blocks = first_id, kv_blocks
         self.table = torch.full((slots, max_blocks), kv_blocks, dtype=torch.int32, device=device)
-        self.current: ServingPass | None = None  # the pass the attention cores serve now
+        self.current = None  # the pass the attention cores serve now (ServingPass)
+
+    @property
+    def current(self) -> ServingPass | None:
+        return self._current
+
+    @current.setter
+    def current(self, p: ServingPass | None) -> None:
+        self._current, self._of_pass = p, {}  # a new pass: nothing computed for the last one holds
+
+    def of_pass(self, p: ServingPass, key: str, make):
+        """make()'s value for pass p, computed by the first layer of the current pass that asks and reused by its
+        other layers: what depends on the pass's rows and lengths but not on the layer (the rows' local table, the
+        paged kernel's work list), so its kernels run once per pass, not once per layer. A pass other than the
+        current one gets make() itself."""
+        if p is not self._current:
+            return make()
+        if key not in self._of_pass:
+            self._of_pass[key] = make()
+        return self._of_pass[key]
+
+    def pass_table(self, p: ServingPass) -> torch.Tensor:
+        """local_table of the pass's rows, once per pass."""
+        return self.of_pass(p, "table", lambda: self.local_table(p.slots))
+
+    def decode_inputs(self, p: ServingPass, kv_lens_of, heads: int):
+        """(local table, kv_lens, plan) of a decode pass, once per pass: kv_lens_of(p) gives the rows' lengths in
+        this rank's store, the plan is pass_plan's for them (paged_decode with build=False)."""
+        def make():
+            lens = kv_lens_of(p).to(torch.int32)
+            return self.pass_table(p), lens, pass_plan(lens, self.max_blocks, self.block_size, heads)
+        return self.of_pass(p, "decode", make)
 
     def nbytes(self) -> int:
         return self.store.nbytes()
@@ -83,7 +114,7 @@ class ServingKV:
             valid = valid & (block % shards == shard)
             block = block // shards
         index = block.clamp(max=self.max_blocks - 1)
-        blocks = torch.where(valid, self.local_table(p.slots).long().gather(1, index), self.sink)
+        blocks = torch.where(valid, self.pass_table(p).long().gather(1, index), self.sink)
         flat = lambda x: x.transpose(1, 2).reshape(b * t, heads, dim)  # noqa: E731
         self.store.write_token(layer, blocks.reshape(-1), (pos % self.block_size).reshape(-1), flat(k), flat(v))
 
@@ -107,11 +138,12 @@ class ServingAttention:
         p = self.kv.current
         with self.timer("attention"):
             self.kv.write(self.layer, p, k, v)
-            table = self.kv.local_table(p.slots)
             if not p.prefill:
-                out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table,
-                                      (p.start + 1).to(torch.int32), plan=SERVING_PLAN)
+                table, lens, plan = self.kv.decode_inputs(p, lambda p: p.start + 1, q.shape[1])
+                out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=plan,
+                                      build=False)
                 return out.to(q.dtype)[:, :, None]
+            table = self.kv.pass_table(p)
             if len(p.host_lens) <= ROWS_ONE_BY_ONE and not p.one_mask:
                 return self._chunks(q, table, p)
             width = -(-p.upto // self.kv.block_size)
