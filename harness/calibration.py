@@ -79,10 +79,14 @@ class Calibration:
     #   calibrated streaming rate, the split merge, the table's reads); not broken down: no profile of it yet
     paged_token_s: float = 39.6e-9
     serving_layer_s: float = 56.9e-6
+    # The ragged plan's build (model/paged_attention._plan_kernel, one program) per tile of items x rows it compares
+    # (plan_kernel_tiles), measured by the paged benchmark's build alone on short-row batches (harness/bench_paged.py
+    # --ragged --short-rows, plan_us; RAGGED_PLAN_SET)
+    ragged_plan_tile_s: float = 8.2e-6
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
     # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)
-    serving_prefill_host_layer_s: float = 2.073e-3
+    serving_prefill_host_layer_s: float = 1.991e-3
     # A prefill pass through one mask (a static engine's of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE
     # or from a bucket graph, every DCP and FA Pool pass): the mem-efficient kernel with an additive bias computes
     # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one

@@ -186,6 +186,19 @@ def ragged_chunk_tokens(total_tokens: int, target_items: int, min_chunk: int, ti
     return -(-max(-(-total_tokens // target_items), min_chunk) // tile) * tile
 
 
+def plan_kernel_shape(rows: int) -> tuple[int, int]:
+    """(ROWS, ITEMS) of _plan_kernel for a plan of `rows` rows: the rows padded to a power of two, and the items it
+    compares with every row at once (ITEMS x ROWS at most PLAN_TILE_ELEMENTS)."""
+    rows_p2 = 1 << max(0, rows - 1).bit_length()
+    return rows_p2, max(1, min(128, PLAN_TILE_ELEMENTS // rows_p2))
+
+
+def plan_kernel_tiles(rows: int, max_items: int) -> int:
+    """The tiles of items x rows _plan_kernel's one program compares in turn for a plan of these sizes: its time
+    grows with them (harness/bench_paged.py --ragged times the build alone, plan_us)."""
+    return -(-max_items // plan_kernel_shape(rows)[1])
+
+
 class RaggedPlan:
     """The work list of the ragged kernel, in buffers allocated once per shape and refilled on the device.
 
@@ -236,11 +249,10 @@ class RaggedPlan:
         if use_triton is None:
             use_triton = triton_available(self.device)
         if use_triton and self.rows:
-            rows_p2 = triton.next_power_of_2(self.rows)
+            rows_p2, items = plan_kernel_shape(self.rows)
             _plan_kernel[(1,)](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
                                self.item_end, self.rows, self.row_tokens, self.target_items, self.min_chunk,
-                               self.max_items, TILE=self.tile, ROWS=rows_p2,
-                               ITEMS=max(1, min(128, PLAN_TILE_ELEMENTS // rows_p2)), num_warps=4)
+                               self.max_items, TILE=self.tile, ROWS=rows_p2, ITEMS=items, num_warps=4)
             return self
         lens = kv_lens.to(torch.int64).clamp(0, self.row_tokens)
         chunk = (lens.sum() + self.target_items - 1) // self.target_items

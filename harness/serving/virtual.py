@@ -45,7 +45,7 @@ def capacity(cfg, requests):
 
 
 def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True,
-                   prefill_graph_rows: int | None = None) -> Replay:
+                   prefill_graph_rows: int | None = None, plan_builds_per_layer: bool = False) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
     default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
     buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
@@ -62,7 +62,7 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_set
     cal = cal or default_calibration()
     price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan,
                           prefill_graph_rows=engines_prefill_graph_rows() if prefill_graph_rows is None
-                          else prefill_graph_rows)
+                          else prefill_graph_rows, plan_builds_per_layer=plan_builds_per_layer)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     captured = set(price.buckets()) if buckets_at_setup else set()  # decode buckets already captured
@@ -166,6 +166,12 @@ def recorded_decode_plan(rec) -> str:
     return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
 
 
+def recorded_plan_builds_per_layer(rec) -> bool:
+    """Whether a measured replay's engine built the ragged plan in every layer of a decode pass (records without
+    `decode_plan_builds`: engines before model/paged_attention.pass_plan) rather than once a pass."""
+    return rec.serving.get("decode_plan_builds", "layer") == "layer"
+
+
 def engines_prefill_graph_rows() -> int:
     """The fewest rows of a prefill pass the serving engines replay from a token-count bucket graph."""
     from model.parallel.static import PREFILL_GRAPH_MIN
@@ -252,7 +258,7 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
     for steps, price, rec in _priced_steps(root, at_rates, paged_token_s=1.0, serving_layer_s=0.0):
         cfg = price.cfg
         bare = ServingPricer(cfg, dataclasses.replace(price.cal, paged_token_s=0.0), table_tokens=price.table_tokens,
-                             decode_plan=price.decode_plan)
+                             decode_plan=price.decode_plan, plan_builds_per_layer=price.plan_builds_per_layer)
         for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
             walk = price.longest_program_s(st.decode_rows, st.ctx_max, st.ctx_sum)  # tokens: paged_token_s = 1
             cols.append((st.device_ms / 1e3, bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
@@ -291,7 +297,8 @@ def check_serving(root) -> "pd.DataFrame":
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
         projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
-                                   recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec))
+                                   recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec),
+                                   recorded_plan_builds_per_layer(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
@@ -323,7 +330,8 @@ def _priced_steps(root, keep, **cal_fields):
         steps = measured_steps(cfg, path)
         yield steps, ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]),
                                    decode_plan=recorded_decode_plan(rec),
-                                   prefill_graph_rows=recorded_prefill_graph_rows(rec)), rec
+                                   prefill_graph_rows=recorded_prefill_graph_rows(rec),
+                                   plan_builds_per_layer=recorded_plan_builds_per_layer(rec)), rec
 
 
 def fit_serving_prefill_host(root, records=("closed256/records/rate_1",), under_s: float = 1e-3) -> float:

@@ -223,7 +223,23 @@ class StaticSpec(StrategySpec):
                                                              pricer.graphed)
         return self.from_parts(pricer.cfg, pricer.cal, parts, pricer.bw, pricer.b, ctx_sum, False,
                                phases=False, attn_floor_s=self.longest_program_s(pricer, rows, ctx_max, ctx_sum),
-                               layer_extra_s=pricer.cal.serving_layer_s)
+                               layer_extra_s=pricer.cal.serving_layer_s) + self.plan_build_s(pricer, rows)
+
+    def plan_build_s(self, pricer, rows: int) -> float:
+        """The ragged plan's build (one program comparing its items with its rows, tile by tile) for a pass of this
+        many rows (its bucket's, where the pass replays a graph): once per pass, or once per layer where the
+        pricer says the engine built it per layer (ServingPricer.plan_builds_per_layer)."""
+        if pricer.decode_plan != "ragged":
+            return 0.0
+        from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
+        from model.parallel.static import decode_buckets
+
+        cfg = pricer.cfg
+        n = next((b for b in decode_buckets(cfg.serving.max_batch) if b >= rows), rows) if pricer.graphed else rows
+        target, _ = ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, cfg.hardware.sm_count,
+                                      programs_per_sm=RAGGED_PROGRAMS_PER_SM)
+        builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_builds_per_layer else 1
+        return builds * plan_kernel_tiles(n, n + target) * pricer.cal.ragged_plan_tile_s
 
     def longest_program_s(self, pricer, rows: int, ctx_max: int, ctx_sum: int) -> float:
         """The paged kernel's longest program under the pricer's decode plan, at paged_token_s per token it walks:
