@@ -327,6 +327,30 @@ def _serving_pricer(table_tokens=0, decode_plan="splits", **cal_fields):
                          table_tokens, decode_plan=decode_plan)
 
 
+def test_a_ragged_decode_pass_pays_its_plan_build_once_or_once_a_layer_by_its_buckets_rows():
+    """The ragged plan's build is priced per pass (today's engines) or per layer (records of engines that built it
+    in every layer), for the rows of the pass's bucket (the plan a graph replays is sized for them), at
+    ragged_plan_tile_s per tile of items x rows its one program compares."""
+    from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
+    from model.parallel.static import decode_buckets
+
+    once = _serving_pricer(decode_plan="ragged")
+    per_layer = _serving_pricer(decode_plan="ragged")
+    per_layer.plan_builds_per_layer = True
+    cfg, tile_s = once.cfg, once.cal.ragged_plan_tile_s
+    target, _ = ragged_plan_sizes(cfg.model.n_heads, cfg.hardware.sm_count, programs_per_sm=RAGGED_PROGRAMS_PER_SM)
+    buckets = decode_buckets(cfg.serving.max_batch)
+    assert once.graphed and len(buckets) > 2
+    for rows in (1, buckets[-2] - 1, buckets[-1]):
+        bucket = next(b for b in buckets if b >= rows)
+        build = plan_kernel_tiles(bucket, bucket + target) * tile_s
+        assert once.spec.plan_build_s(once, rows) == pytest.approx(build)
+        extra = per_layer.decode_totals_s(rows, 300 * rows, 300) - once.decode_totals_s(rows, 300 * rows, 300)
+        assert extra == pytest.approx((cfg.model.n_layers - 1) * build)
+    assert plan_kernel_tiles(256, 256 + target) > 3 * plan_kernel_tiles(16, 16 + target)  # it grows with the rows
+    assert _serving_pricer(decode_plan="splits").spec.plan_build_s(_serving_pricer(decode_plan="splits"), 256) == 0
+
+
 def test_serving_prefill_pass_runs_its_gemms_on_rows_padded_to_the_longest_chunk():
     price = _serving_pricer(serving_prefill_host_layer_s=0.0)  # the device's work (the host's floor aside)
     two = lambda lens: price.step([0] * len(lens), lens, [False] * len(lens), (), ())  # noqa: E731

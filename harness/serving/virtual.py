@@ -368,3 +368,21 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
                                      st.decode_ctx, np.zeros(len(st.decode_ctx), bool)) * 1e3 / st.device_ms)
         lo, hi = (mid, hi) if np.median(ratios) > 1 else (lo, mid)
     return float(np.exp((lo + hi) / 2))
+
+
+def fit_ragged_plan_tile(path) -> float:
+    """Calibration.ragged_plan_tile_s: least squares through the origin of the ragged plan's build time alone
+    (plan_us) against the tiles its one program compares (model/paged_attention.plan_kernel_tiles), over every
+    ragged point of the paged benchmark's ragged.json at `path` (harness/bench_paged.py --ragged)."""
+    import json
+    from pathlib import Path
+
+    from model.paged_attention import plan_kernel_tiles
+
+    points = [p for p in json.loads((Path(path) / "ragged.json").read_text())["points"] if "plan_us" in p]
+    if not points:
+        raise ValueError(f"{path}/ragged.json: no point times the plan's build (plan_us); run harness/bench_paged.py "
+                         "--ragged with this code")
+    tiles = np.array([plan_kernel_tiles(p["rows"], p["max_items"]) for p in points], dtype=float)
+    us = np.array([p["plan_us"] for p in points])
+    return float(tiles @ us / (tiles @ tiles) * 1e-6)
