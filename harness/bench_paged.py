@@ -308,7 +308,8 @@ RAGGED_VARIANTS = {"splits": ("triton", None), "ragged": ("triton", PROGRAMS_PER
 def time_variants(q, k, v, table, lens_t, layers, variants, common, kv_bytes, read_bw, reps, warmup) -> list[dict]:
     """One row per variant (RAGGED_VARIANTS' labels): the time of one call on each of `layers` (k, v) pairs in turn
     (the same table, lengths and query), the ratio kv_bytes / time / read_bw, and each output's largest difference
-    from the split plan's; a ragged variant also times its plan's build alone (plan_us). A variant that fails gets its error in its row; the others still run."""
+    from the split plan's; a ragged variant also times its plan's build alone (plan_us). A variant that fails gets
+    its error in its row; the others still run."""
     n, width = table.shape
     heads, bs = k.shape[1], k.shape[2]
     sms = sm_count(q.device)

@@ -226,6 +226,21 @@ def test_interpreted_plan_is_reused_for_new_lengths():
 
 
 @interpreted
+def test_interpreted_plan_built_once_serves_every_layer_of_a_pass():
+    """A serving pass builds its work list once (pass_plan) and every layer reads its own K/V through it
+    (build=False): each layer's output is its reference's."""
+    q, k, v, table, lens = hostile_layout([61, 3, 40, 0], heads=2, dim=16, block=4)
+    layers = [(k, v), (torch.randn_like(k), torch.randn_like(v))]
+    plan = RaggedPlan(4, table.shape[1], 4, 2, sm_count=8, device="cpu", tile=16, min_chunk=16).build(lens)
+    for kl, vl in layers:
+        out, lse = pa.paged_decode_ragged(q, kl, vl, table, lens, plan, build=False)
+        assert_matches_reference(out, lse, q, kl, vl, table, lens)
+    # build=False reads the work list as built: given other lengths, the call still attends the built ones
+    out, lse = pa.paged_decode_ragged(q, k, v, table, torch.tensor([9, 1, 2, 0], dtype=torch.int32), plan, build=False)
+    assert_matches_reference(out, lse, q, k, v, table, lens)
+
+
+@interpreted
 @pytest.mark.parametrize("seed", range(8))
 def test_interpreted_plan_kernel_equals_the_torch_build(seed):
     """_plan_kernel (the build on CUDA) writes the same buffers as the torch ops, over batches of 1 to 300 rows
