@@ -22,6 +22,8 @@ CALIBRATION_SET = ROOT / "results" / "measured" / "h100-x1" / "bench_gpu.json"  
 MEASURED_SET = ROOT / "results" / "measured" / "h200-x4" / "bench"  # 4 GPUs: paged kernel, NCCL, FA Pool host costs
 SERVING_DECODE_SET = ROOT / "results" / "measured" / "h200-x1" / "serve"  # one GPU: serving decode steps (Calibration)
 SERVING_HOST_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_ragged"  # one GPU: eager serving passes
+# one GPU: a closed loop's decode steps taken apart by the profiler (the ragged plan's build)
+RAGGED_PLAN_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_profile" / "closed256"
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
 # runs RMSNorm and rotary: "unfused" (engines without the fused kernels, and the one-GPU benchmark that fits
 # the floor per kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
@@ -80,13 +82,14 @@ class Calibration:
     paged_token_s: float = 39.6e-9
     serving_layer_s: float = 56.9e-6
     # The ragged plan's build (model/paged_attention._plan_kernel, one program) per tile of items x rows it compares
-    # (plan_kernel_tiles), measured by the paged benchmark's build alone on short-row batches (harness/bench_paged.py
-    # --ragged --short-rows, plan_us; RAGGED_PLAN_SET)
-    ragged_plan_tile_s: float = 8.2e-6
+    # (plan_kernel_tiles): the profiler's time of the kernel in a replay's sampled decode steps (RAGGED_PLAN_SET;
+    # harness/serving/virtual.fit_ragged_plan_tile). Fitted where it weighs, at 128-256 rows; at 64 rows a build
+    # takes about 3x what the tiles say (41 us against 13 us on an H100)
+    ragged_plan_tile_s: float = 6.33e-6
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
     # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)
-    serving_prefill_host_layer_s: float = 1.991e-3
+    serving_prefill_host_layer_s: float = 2.010e-3
     # A prefill pass through one mask (a static engine's of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE
     # or from a bucket graph, every DCP and FA Pool pass): the mem-efficient kernel with an additive bias computes
     # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one

@@ -563,6 +563,13 @@ def test_serving_host_terms_are_the_fit_on_the_measured_serving_steps():
     assert Calibration.masked_attn_flops_fraction == pytest.approx(fit_masked_attention(SERVING_HOST_SET), rel=5e-3)
 
 
+def test_the_plan_build_term_is_the_fit_on_the_profiled_decode_steps():
+    from harness.calibration import RAGGED_PLAN_SET
+    from harness.serving.virtual import fit_ragged_plan_tile
+
+    assert Calibration.ragged_plan_tile_s == pytest.approx(fit_ragged_plan_tile(RAGGED_PLAN_SET), rel=5e-3)
+
+
 def test_a_set_takes_from_the_committed_calibration_what_its_records_cannot_fit():
     """FA Pool's host cost per eager exchange belongs to the host and NCCL, its prefill copy rates to today's engine,
     the prefill's FLOP rate to the GPU's kernels: a measured set that holds no record to fit one of them is checked
