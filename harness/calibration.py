@@ -83,8 +83,8 @@ class Calibration:
     serving_layer_s: float = 56.9e-6
     # The ragged plan's build (model/paged_attention._plan_kernel, one program) per tile of items x rows it compares
     # (plan_kernel_tiles): the profiler's time of the kernel in a replay's sampled decode steps (RAGGED_PLAN_SET;
-    # harness/serving/virtual.fit_ragged_plan_tile). Fitted where it weighs, at 128-256 rows; at 64 rows a build
-    # takes about 3x what the tiles say (41 us against 13 us on an H100)
+    # harness/serving/virtual.fit_ragged_plan_tile); the profile lists the kernel where it weighs, at many rows
+    # (at fewer rows a build is not proportional to its tiles: the set's README has the figures)
     ragged_plan_tile_s: float = 6.33e-6
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
