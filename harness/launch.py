@@ -46,8 +46,8 @@ def forkserver():
 
 def engine_modules() -> list[str]:
     """Every module of model/parallel (the engines and what they share): imported once in the forkserver rather
-    than in each rank, where a fresh import (compiled from source where bytecode is not written) is a tenth of a
-    second or more of every rank's start."""
+    than in each rank, where a fresh import (compiled from source where bytecode is not written) would add to every
+    rank's start."""
     import pkgutil
 
     import model.parallel

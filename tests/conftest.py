@@ -14,9 +14,8 @@ from harness.app import CONF_DIR
 ROOT = Path(__file__).resolve().parent.parent
 
 # Where the environment says not to write bytecode (PYTHONDONTWRITEBYTECODE), every process the tests start (a Slurm
-# task, a rank's forkserver, the command itself) would compile the project's modules from source again, a few tenths
-# of a CPU-second each, about a tenth of the suite. The session compiles them once into their __pycache__ (ignored
-# by git), which those processes read whatever the variable says.
+# task, a rank's forkserver, the command itself) would compile the project's modules from source again. The session
+# compiles them once into their __pycache__ (ignored by git), which those processes read whatever the variable says.
 if sys.flags.dont_write_bytecode:
     for package in ("harness", "model", "tests"):
         compileall.compile_dir(ROOT / package, quiet=1)
