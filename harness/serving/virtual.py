@@ -372,30 +372,28 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
 
 def fit_ragged_plan_tile(path) -> float:
     """Calibration.ragged_plan_tile_s: least squares through the origin of one build of the ragged plan (the
-    profiler's `_plan_kernel` time over its calls) against the tiles its one program compares
-    (model/paged_attention.plan_kernel_tiles, for the pass's bucket of rows), over the sampled decode steps of the
-    replay at `path` (bench_serving.json written with --profile) whose top kernels list the plan's."""
+    profiler's `_plan_kernel` time over its calls) against the tiles the model counts for the pass
+    (StaticSpec.plan_build_s at one second a tile), over the sampled decode steps of the replay at `path`
+    (bench_serving.json written with --profile) whose top kernels list the plan's."""
+    import dataclasses
     import json
     from pathlib import Path
 
     from harness.config import from_dict
-    from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
-    from model.parallel.static import decode_buckets
+    from harness.perfmodel import ServingPricer, serving_config
 
     res = json.loads((Path(path) / "bench_serving.json").read_text())
     cfg = from_dict(json.loads(next(Path(path).glob("records/*/result.json")).read_text())["config"])
-    target, _ = ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, res["device"]["sm_count"],
-                                  programs_per_sm=RAGGED_PROGRAMS_PER_SM)
-    buckets = decode_buckets(cfg.serving.max_batch)
+    price = ServingPricer(serving_config(cfg), dataclasses.replace(default_calibration(), ragged_plan_tile_s=1.0),
+                          decode_plan="ragged")
     tiles, build_s = [], []
     for st in res["steps_alone"]:
         plan = [k for k in st.get("kernels") or () if k["name"] == "_plan_kernel"]
         if st["kind"] == "decode" and plan:
-            rows = next(b for b in buckets if b >= st["decode rows"])
-            tiles.append(plan_kernel_tiles(rows, rows + target))
+            tiles.append(price.spec.plan_build_s(price, st["decode rows"]))
             build_s.append(plan[0]["ms"] / plan[0]["calls"] * 1e-3)
     if not tiles:
         raise ValueError(f"{path}/bench_serving.json: no sampled decode step lists _plan_kernel; run "
                          "harness/bench_serving.py with --profile")
-    tiles, build_s = np.array(tiles, dtype=float), np.array(build_s)
+    tiles, build_s = np.array(tiles), np.array(build_s)
     return float(tiles @ build_s / (tiles @ tiles))

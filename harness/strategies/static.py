@@ -231,15 +231,32 @@ class StaticSpec(StrategySpec):
         pricer says the engine built it per layer (ServingPricer.plan_builds_per_layer)."""
         if pricer.decode_plan != "ragged":
             return 0.0
-        from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
+        build_s = pricer.cache.get(("plan", rows))
+        if build_s is None:
+            from model.paged_attention import plan_kernel_tiles
+
+            cfg = pricer.cfg
+            n = self.pass_rows(pricer, rows)
+            builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_builds_per_layer else 1
+            tiles = plan_kernel_tiles(n, n + self.ragged_plan_sizes(pricer)[0])
+            build_s = pricer.cache["plan", rows] = builds * tiles * pricer.cal.ragged_plan_tile_s
+        return build_s
+
+    def pass_rows(self, pricer, rows: int) -> int:
+        """The rows a decode pass of `rows` runs: its bucket's (padding included) where the pass replays a graph."""
         from model.parallel.static import decode_buckets
 
+        if not pricer.graphed:
+            return rows
+        return next((b for b in decode_buckets(pricer.cfg.serving.max_batch) if b >= rows), rows)
+
+    def ragged_plan_sizes(self, pricer) -> tuple[int, int]:
+        """(target_items, min_chunk) of the serving engines' RaggedPlan on a rank of this config."""
+        from model.paged_attention import RAGGED_PROGRAMS_PER_SM, ragged_plan_sizes
+
         cfg = pricer.cfg
-        n = next((b for b in decode_buckets(cfg.serving.max_batch) if b >= rows), rows) if pricer.graphed else rows
-        target, _ = ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, cfg.hardware.sm_count,
-                                      programs_per_sm=RAGGED_PROGRAMS_PER_SM)
-        builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_builds_per_layer else 1
-        return builds * plan_kernel_tiles(n, n + target) * pricer.cal.ragged_plan_tile_s
+        return ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, cfg.hardware.sm_count,
+                                 programs_per_sm=RAGGED_PROGRAMS_PER_SM)
 
     def longest_program_s(self, pricer, rows: int, ctx_max: int, ctx_sum: int) -> float:
         """The paged kernel's longest program under the pricer's decode plan, at paged_token_s per token it walks:
@@ -255,22 +272,17 @@ class StaticSpec(StrategySpec):
         split_tokens = pricer.cache.get(("split", rows, width))
         if split_tokens is None:
             from model.paged_attention import TILE_TOKENS, choose_splits
-            from model.parallel.static import decode_buckets
 
-            buckets = decode_buckets(cfg.serving.max_batch)
-            n = next((b for b in buckets if b >= rows), rows) if pricer.graphed else rows
-            splits = choose_splits(n, cfg.model.n_heads // cfg.strategy.tp, width, cfg.hardware.sm_count)
+            splits = choose_splits(self.pass_rows(pricer, rows), cfg.model.n_heads // cfg.strategy.tp, width,
+                                   cfg.hardware.sm_count)
             split_tokens = pricer.cache["split", rows, width] = -(-(-(-width // splits)) // TILE_TOKENS) * TILE_TOKENS
         return min(ctx_max, split_tokens) * pricer.cal.paged_token_s
 
     def ragged_chunk_tokens(self, pricer, ctx_sum: int) -> int:
         """RaggedPlan's chunk for a pass of ctx_sum tokens in all, at the serving engines' programs per SM."""
-        from model.paged_attention import RAGGED_PROGRAMS_PER_SM, ragged_chunk_tokens, ragged_plan_sizes
+        from model.paged_attention import ragged_chunk_tokens
 
-        cfg = pricer.cfg
-        target, min_chunk = ragged_plan_sizes(cfg.model.n_heads // cfg.strategy.tp, cfg.hardware.sm_count,
-                                              programs_per_sm=RAGGED_PROGRAMS_PER_SM)
-        return ragged_chunk_tokens(ctx_sum, target, min_chunk)
+        return ragged_chunk_tokens(ctx_sum, *self.ragged_plan_sizes(pricer))
 
     def serving_prefill_masked(self, rows: int) -> bool:
         """Whether a serving prefill pass of `rows` rows attends through one mask (model/parallel/serving_kv.

@@ -153,8 +153,8 @@ class ShardedServingAttention(ShardedAttention):
             self.kv.write(self.layer, p, kg, vg, self.shard, self.shards)
             table = self.kv.pass_table(p)
             if not p.prefill:
-                table, lens, plan = self.kv.decode_inputs(
-                    p, lambda p: shard_lengths(p.start + 1, self.shard, self.shards, bs), qg.shape[1])
+                lens, plan = self.kv.decode_plan(p, lambda p: shard_lengths(p.start + 1, self.shard, self.shards, bs),
+                                                 qg.shape[1])
                 out, lse = paged_decode(qg[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=plan,
                                         build=False)
                 out, lse = out[:, :, None], lse[:, :, None]

@@ -94,7 +94,7 @@ class PooledServingAttention:
                 else:  # every row pooled: no key here
                     out, lse = torch.zeros_like(q), torch.full(q.shape[:3], float("-inf"), device=q.device)
             else:
-                table, lens, plan = kv.decode_inputs(p, lambda p: torch.where(p.pooled, zero, p.start + 1), q.shape[1])
+                lens, plan = kv.decode_plan(p, lambda p: torch.where(p.pooled, zero, p.start + 1), q.shape[1])
                 out, lse = paged_decode(q[:, :, 0], *kv.store.layer(self.layer), table, lens, plan=plan, build=False)
                 out, lse = out[:, :, None], lse[:, :, None]
         if not p.pool_ranks:

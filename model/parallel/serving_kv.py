@@ -81,12 +81,12 @@ class ServingKV:
         """local_table of the pass's rows, once per pass."""
         return self.of_pass(p, "table", lambda: self.local_table(p.slots))
 
-    def decode_inputs(self, p: ServingPass, kv_lens_of, heads: int):
-        """(local table, kv_lens, plan) of a decode pass, once per pass: kv_lens_of(p) gives the rows' lengths in
-        this rank's store, the plan is pass_plan's for them (paged_decode with build=False)."""
+    def decode_plan(self, p: ServingPass, kv_lens_of, heads: int):
+        """(kv_lens, plan) of a decode pass over pass_table(p), once per pass: kv_lens_of(p) gives the rows' lengths
+        in this rank's store, the plan is pass_plan's for them (paged_decode with build=False)."""
         def make():
             lens = kv_lens_of(p).to(torch.int32)
-            return self.pass_table(p), lens, pass_plan(lens, self.max_blocks, self.block_size, heads)
+            return lens, pass_plan(lens, self.max_blocks, self.block_size, heads)
         return self.of_pass(p, "decode", make)
 
     def nbytes(self) -> int:
@@ -138,12 +138,12 @@ class ServingAttention:
         p = self.kv.current
         with self.timer("attention"):
             self.kv.write(self.layer, p, k, v)
+            table = self.kv.pass_table(p)
             if not p.prefill:
-                table, lens, plan = self.kv.decode_inputs(p, lambda p: p.start + 1, q.shape[1])
+                lens, plan = self.kv.decode_plan(p, lambda p: p.start + 1, q.shape[1])
                 out, _ = paged_decode(q[:, :, 0], *self.kv.store.layer(self.layer), table, lens, plan=plan,
                                       build=False)
                 return out.to(q.dtype)[:, :, None]
-            table = self.kv.pass_table(p)
             if len(p.host_lens) <= ROWS_ONE_BY_ONE and not p.one_mask:
                 return self._chunks(q, table, p)
             width = -(-p.upto // self.kv.block_size)
