@@ -14,7 +14,7 @@ from harness.memory import mean_context_lengths
 from harness.preflight import check_fits, memory_by_role
 from harness.strategies import spec_of
 from harness.workload import prompt_lengths
-from model.paged_attention import SERVING_PLAN
+from model.paged_attention import PLAN_BUILD, PLAN_BUILDS, SERVING_PLAN
 
 if TYPE_CHECKING:
     from harness.calibration import Calibration
@@ -66,16 +66,18 @@ class ServingPricer:
     a cache the strategy's spec keeps its per-row-count parts in."""
 
     def __init__(self, cfg: BenchConfig, cal: Calibration, table_tokens: int = 0, decode_plan: str | None = None,
-                 prefill_graph_rows: int = 0, plan_builds_per_layer: bool = False):
+                 prefill_graph_rows: int = 0, plan_build: str = PLAN_BUILD):
         """table_tokens: a row's block table holds this many tokens (the longest context a slot is sized for);
         0: the step's longest row's, rounded up to a block. decode_plan: the paged kernel's work plan of a decode
         pass ("ragged" or "splits"); None: the one the serving engines run (model/paged_attention.SERVING_PLAN).
         prefill_graph_rows: where decode passes are captured, small prefill passes of at least this many rows replay
         graphs of their token-count buckets (model/parallel/static.prefill_graph_bucket), through one mask, and take
-        no host launch time; 0: every prefill pass runs eagerly. plan_builds_per_layer: the engine built the ragged
-        plan in every layer of a decode pass (engines before model/paged_attention.pass_plan), not once a pass."""
+        no host launch time; 0: every prefill pass runs eagerly. plan_build: how the engine built the ragged
+        plan of a decode pass (model/paged_attention.PLAN_BUILDS; the serving engines' PLAN_BUILD by default)."""
         self.cfg, self.cal, self.table_tokens = cfg, cal, table_tokens
-        self.plan_builds_per_layer = plan_builds_per_layer
+        if plan_build not in PLAN_BUILDS:
+            raise ValueError(f"plan_build={plan_build!r}: expected one of {', '.join(PLAN_BUILDS)}")
+        self.plan_build = plan_build
         self.prefill_graph_rows = prefill_graph_rows
         self.decode_plan = decode_plan or SERVING_PLAN
         self.b, self.bw, self.flops, self.links, self.gpn = rates(cfg, cal)

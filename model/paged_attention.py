@@ -127,6 +127,14 @@ def paged_decode(q, k_blocks, v_blocks, block_table, kv_lens, splits: int | None
                                tile=tile, warps=warps, stages=stages, build=build)
 
 
+# How the serving engines build a decode pass's ragged plan, as their records name it (`serving.decode_plan_build`)
+# and the performance model prices it: "pass_tiles", once a pass (pass_plan) by _plan_kernel's program per tile of
+# items. Records of earlier engines: "pass" (once a pass, one program comparing the tiles in turn) and, without the
+# field, "layer" (one program, in every layer of the pass).
+PLAN_BUILD = "pass_tiles"
+PLAN_BUILDS = ("layer", "pass", "pass_tiles")
+
+
 def pass_plan(kv_lens, width: int, block: int, heads: int) -> "str | RaggedPlan":
     """The ragged work list for a pass's rows, built once for all the pass's layers (their lengths are the same in
     every layer; built per layer, the plan kernel's compare of every item against every row would run once a
@@ -194,8 +202,8 @@ def plan_kernel_shape(rows: int) -> tuple[int, int]:
 
 
 def plan_kernel_tiles(rows: int, max_items: int) -> int:
-    """The tiles of items x rows _plan_kernel's one program compares in turn for a plan of these sizes: its time
-    grows with them (harness/bench_paged.py --ragged times the build alone, plan_us)."""
+    """The tiles of items x rows of _plan_kernel for a plan of these sizes: its grid, one program a tile
+    (harness/bench_paged.py --ragged times the build alone, plan_us)."""
     return -(-max_items // plan_kernel_shape(rows)[1])
 
 
@@ -244,13 +252,15 @@ class RaggedPlan:
     def build(self, kv_lens, use_triton: bool | None = None) -> "RaggedPlan":
         """Fill the buffers in place for these lengths ([rows], on the plan's device). Lengths past the table's
         width x block count as width x block, as in paged_decode_reference. use_triton (None: where Triton runs
-        on the device) writes them with one kernel (_plan_kernel) instead of some thirty small torch ops."""
+        on the device) writes them with one kernel (_plan_kernel, a program a tile of items) instead of some thirty
+        small torch ops."""
         assert kv_lens.shape == (self.rows,), f"kv_lens {tuple(kv_lens.shape)} for a plan of {self.rows} rows"
         if use_triton is None:
             use_triton = triton_available(self.device)
         if use_triton and self.rows:
             rows_p2, items = plan_kernel_shape(self.rows)
-            _plan_kernel[(1,)](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
+            grid = (plan_kernel_tiles(self.rows, self.max_items),)
+            _plan_kernel[grid](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
                                self.item_end, self.rows, self.row_tokens, self.target_items, self.min_chunk,
                                self.max_items, TILE=self.tile, ROWS=rows_p2, ITEMS=items, num_warps=4)
             return self
@@ -381,9 +391,10 @@ if triton is not None:
     def _plan_kernel(lens_ptr, count_ptr, chunk_ptr, offsets_ptr, item_row_ptr, item_start_ptr, item_end_ptr,
                      rows, row_tokens, target_items, min_chunk, max_items,
                      TILE: tl.constexpr, ROWS: tl.constexpr, ITEMS: tl.constexpr):
-        """RaggedPlan.build in one program: the same chunk, counts and offsets, then the items ITEMS at a time;
-        an item's row is the number of rows whose items end at or before it, found by comparing the items with
-        every row's end (no gather from registers in Triton)."""
+        """RaggedPlan.build, one program per tile of ITEMS items: every program computes the same chunk, counts and
+        offsets from the lengths (program 0 stores them), then writes its tile's items; an item's row is the number
+        of rows whose items end at or before it, found by comparing the items with every row's end (no gather from
+        registers in Triton). The tiles run side by side: the build takes about one tile's time at any row count."""
         r = tl.arange(0, ROWS)
         in_batch = r < rows
         lens = tl.load(lens_ptr + r, mask=in_batch, other=0).to(tl.int64)
@@ -394,21 +405,21 @@ if triton is not None:
         ends = tl.cumsum(counts, axis=0)  # rows past the batch: the count in use, past every item in use
         starts = ends - counts
         total = tl.sum(counts, axis=0)
-        tl.store(count_ptr, total.to(tl.int32))
-        tl.store(chunk_ptr, chunk.to(tl.int32))
-        tl.store(offsets_ptr, 0)
-        tl.store(offsets_ptr + 1 + r, ends.to(tl.int32), mask=in_batch)
-        for i0 in range(0, max_items, ITEMS):
-            i = i0 + tl.arange(0, ITEMS)
-            row = tl.sum((ends[None, :] <= i[:, None]).to(tl.int32), axis=1)
-            valid = i < total
-            mine = r[None, :] == row[:, None]  # [ITEMS, ROWS]: one True for an item in use
-            start = (i - tl.sum(tl.where(mine, starts[None, :], 0), axis=1)) * chunk
-            end = tl.minimum(start + chunk, tl.sum(tl.where(mine, lens[None, :], 0), axis=1))
-            inside = i < max_items
-            tl.store(item_row_ptr + i, tl.where(valid, row, -1), mask=inside)
-            tl.store(item_start_ptr + i, tl.where(valid, start, 0).to(tl.int32), mask=inside)
-            tl.store(item_end_ptr + i, tl.where(valid, end, 0).to(tl.int32), mask=inside)
+        if tl.program_id(0) == 0:
+            tl.store(count_ptr, total.to(tl.int32))
+            tl.store(chunk_ptr, chunk.to(tl.int32))
+            tl.store(offsets_ptr, 0)
+            tl.store(offsets_ptr + 1 + r, ends.to(tl.int32), mask=in_batch)
+        i = tl.program_id(0) * ITEMS + tl.arange(0, ITEMS)
+        row = tl.sum((ends[None, :] <= i[:, None]).to(tl.int32), axis=1)
+        valid = i < total
+        mine = r[None, :] == row[:, None]  # [ITEMS, ROWS]: one True for an item in use
+        start = (i - tl.sum(tl.where(mine, starts[None, :], 0), axis=1)) * chunk
+        end = tl.minimum(start + chunk, tl.sum(tl.where(mine, lens[None, :], 0), axis=1))
+        inside = i < max_items
+        tl.store(item_row_ptr + i, tl.where(valid, row, -1), mask=inside)
+        tl.store(item_start_ptr + i, tl.where(valid, start, 0).to(tl.int32), mask=inside)
+        tl.store(item_end_ptr + i, tl.where(valid, end, 0).to(tl.int32), mask=inside)
 
     @triton.jit
     def _ragged_kernel(q_ptr, k_ptr, v_ptr, table_ptr, item_row_ptr, item_start_ptr, item_end_ptr, count_ptr,

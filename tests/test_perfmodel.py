@@ -327,28 +327,34 @@ def _serving_pricer(table_tokens=0, decode_plan="splits", **cal_fields):
                          table_tokens, decode_plan=decode_plan)
 
 
-def test_a_ragged_decode_pass_pays_its_plan_build_once_or_once_a_layer_by_its_buckets_rows():
-    """The ragged plan's build is priced per pass (today's engines) or per layer (records of engines that built it
-    in every layer), for the rows of the pass's bucket (the plan a graph replays is sized for them), at
-    ragged_plan_tile_s per tile of items x rows its one program compares."""
+def test_a_ragged_decode_pass_pays_its_plan_build_as_its_engine_built_it_for_its_buckets_rows():
+    """The ragged plan's build is priced for the rows of the pass's bucket (the plan a graph replays is sized for
+    them), at ragged_plan_tile_s per tile of items x rows: today's engines once a pass, the tiles side by side (one
+    tile's time); records of engines whose one program compared the tiles in turn, once a pass or once a layer."""
+    from harness.calibration import default_calibration
+    from harness.perfmodel import ServingPricer
     from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
     from model.parallel.static import decode_buckets
 
-    once = _serving_pricer(decode_plan="ragged")
-    per_layer = _serving_pricer(decode_plan="ragged")
-    per_layer.plan_builds_per_layer = True
-    cfg, tile_s = once.cfg, once.cal.ragged_plan_tile_s
+    tiles_side_by_side = _serving_pricer(decode_plan="ragged")
+    assert tiles_side_by_side.plan_build == "pass_tiles"
+    in_turn, per_layer = _serving_pricer(decode_plan="ragged"), _serving_pricer(decode_plan="ragged")
+    in_turn.plan_build, per_layer.plan_build = "pass", "layer"
+    cfg, tile_s = in_turn.cfg, in_turn.cal.ragged_plan_tile_s
     target, _ = ragged_plan_sizes(cfg.model.n_heads, cfg.hardware.sm_count, programs_per_sm=RAGGED_PROGRAMS_PER_SM)
     buckets = decode_buckets(cfg.serving.max_batch)
-    assert once.graphed and len(buckets) > 2
+    assert in_turn.graphed and len(buckets) > 2
     for rows in (1, buckets[-2] - 1, buckets[-1]):
         bucket = next(b for b in buckets if b >= rows)
         build = plan_kernel_tiles(bucket, bucket + target) * tile_s
-        assert once.spec.plan_build_s(once, rows) == pytest.approx(build)
-        extra = per_layer.decode_totals_s(rows, 300 * rows, 300) - once.decode_totals_s(rows, 300 * rows, 300)
+        assert in_turn.spec.plan_build_s(in_turn, rows) == pytest.approx(build)
+        assert tiles_side_by_side.spec.plan_build_s(tiles_side_by_side, rows) == pytest.approx(tile_s)
+        extra = per_layer.decode_totals_s(rows, 300 * rows, 300) - in_turn.decode_totals_s(rows, 300 * rows, 300)
         assert extra == pytest.approx((cfg.model.n_layers - 1) * build)
     assert plan_kernel_tiles(256, 256 + target) > 3 * plan_kernel_tiles(16, 16 + target)  # it grows with the rows
     assert _serving_pricer(decode_plan="splits").spec.plan_build_s(_serving_pricer(decode_plan="splits"), 256) == 0
+    with pytest.raises(ValueError, match="plan_build='once'"):
+        ServingPricer(cfg, default_calibration(), plan_build="once")
 
 
 def test_serving_prefill_pass_runs_its_gemms_on_rows_padded_to_the_longest_chunk():

@@ -14,7 +14,7 @@ from harness.record import RunRecord, environment, placement_of, run_id, where_t
 from harness.serving.metrics import flat_metrics, request_table, step_table, summarize
 from harness.serving.replay import replay, warmup_requests
 from harness.traces import load_trace, prompt_tokens
-from model.paged_attention import SERVING_PLAN
+from model.paged_attention import PLAN_BUILD, SERVING_PLAN
 from model.parallel.static import PREFILL_GRAPH_MIN
 
 REQUESTS_FILE, STEPS_FILE = "requests.csv", "steps.csv"
@@ -121,7 +121,7 @@ def write_serving_record(cfg, cfg_dict, result, reports, world, backend, out_dir
         ranks=reports, reference_check=check, tokens_sha256=hashlib.sha256(sched.out_tokens.tobytes()).hexdigest(),
         serving={"trace": result.requests.summary(), "kv_blocks": result.kv_blocks, "block_size": s.block_size,
                  "max_blocks_per_request": result.max_blocks, "on_kv_full": s.on_kv_full, "clock": s.clock,
-                 "decode_plan": SERVING_PLAN, "decode_plan_builds": "pass", "buckets_captured_at_setup": True,
+                 "decode_plan": SERVING_PLAN, "decode_plan_build": PLAN_BUILD, "buckets_captured_at_setup": True,
                  "prefill_graph_rows": PREFILL_GRAPH_MIN[0],
                  "blocks_returned": bool(sched.blocks_accounted() and sched.n_free == sched.kv_blocks),
                  "files": {"requests": REQUESTS_FILE, "steps": STEPS_FILE}},

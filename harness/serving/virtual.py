@@ -21,6 +21,7 @@ from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
 from harness.strategies import spec_of
 from harness.traces import load_trace
+from model.paged_attention import PLAN_BUILD
 
 WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
 
@@ -45,7 +46,7 @@ def capacity(cfg, requests):
 
 
 def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_setup: bool = True,
-                   prefill_graph_rows: int | None = None, plan_builds_per_layer: bool = False) -> Replay:
+                   prefill_graph_rows: int | None = None, plan_build: str = PLAN_BUILD) -> Replay:
     """cfg's trace replayed in virtual time: the scheduler, each step priced by the model (cal: its calibration,
     default the committed one; decode_plan: the paged kernel's plan, default the serving engines';
     buckets_at_setup: every decode bucket is captured before the replay, as the engines do, else a step that meets
@@ -62,7 +63,7 @@ def virtual_replay(cfg, cal=None, decode_plan: str | None = None, buckets_at_set
     cal = cal or default_calibration()
     price = ServingPricer(serving_config(cfg), cal, table_tokens=per_slot * block_bytes(cfg)[0], decode_plan=decode_plan,
                           prefill_graph_rows=engines_prefill_graph_rows() if prefill_graph_rows is None
-                          else prefill_graph_rows, plan_builds_per_layer=plan_builds_per_layer)
+                          else prefill_graph_rows, plan_build=plan_build)
     host_s = sv.host_step_ms / 1e3
     now, costs = 0.0, []
     captured = set(price.buckets()) if buckets_at_setup else set()  # decode buckets already captured
@@ -166,10 +167,11 @@ def recorded_decode_plan(rec) -> str:
     return rec.serving.get("decode_plan", EARLIER_DECODE_PLAN)
 
 
-def recorded_plan_builds_per_layer(rec) -> bool:
-    """Whether a measured replay's engine built the ragged plan in every layer of a decode pass (records without
-    `decode_plan_builds`: engines before model/paged_attention.pass_plan) rather than once a pass."""
-    return rec.serving.get("decode_plan_builds", "layer") == "layer"
+def recorded_plan_build(rec) -> str:
+    """How a measured replay's engine built the ragged plan of a decode pass (model/paged_attention.PLAN_BUILDS):
+    its `decode_plan_build`; `decode_plan_builds: pass` for engines that built it once a pass in one program;
+    "layer" for records with neither (engines before model/paged_attention.pass_plan)."""
+    return rec.serving.get("decode_plan_build") or rec.serving.get("decode_plan_builds", "layer")
 
 
 def engines_prefill_graph_rows() -> int:
@@ -258,7 +260,7 @@ def fit_serving_decode(root, rates=(0.5, 1)) -> tuple[float, float]:
     for steps, price, rec in _priced_steps(root, at_rates, paged_token_s=1.0, serving_layer_s=0.0):
         cfg = price.cfg
         bare = ServingPricer(cfg, dataclasses.replace(price.cal, paged_token_s=0.0), table_tokens=price.table_tokens,
-                             decode_plan=price.decode_plan, plan_builds_per_layer=price.plan_builds_per_layer)
+                             decode_plan=price.decode_plan, plan_build=price.plan_build)
         for st in steps[(steps.prefill_tokens == 0) & (steps.replayed > 0)].itertuples():
             walk = price.longest_program_s(st.decode_rows, st.ctx_max, st.ctx_sum)  # tokens: paged_token_s = 1
             cols.append((st.device_ms / 1e3, bare.decode_totals_s(st.decode_rows, st.ctx_sum, st.ctx_max), walk,
@@ -298,7 +300,7 @@ def check_serving(root) -> "pd.DataFrame":
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
         projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
                                    recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec),
-                                   recorded_plan_builds_per_layer(rec))
+                                   recorded_plan_build(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
@@ -331,7 +333,7 @@ def _priced_steps(root, keep, **cal_fields):
         yield steps, ServingPricer(serving_config(cfg), cal, table_tokens=int(steps.table_tokens.iloc[0]),
                                    decode_plan=recorded_decode_plan(rec),
                                    prefill_graph_rows=recorded_prefill_graph_rows(rec),
-                                   plan_builds_per_layer=recorded_plan_builds_per_layer(rec)), rec
+                                   plan_build=recorded_plan_build(rec)), rec
 
 
 def fit_serving_prefill_host(root, records=("closed256/records/rate_1",), under_s: float = 1e-3) -> float:
@@ -372,8 +374,8 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
 
 def fit_ragged_plan_tile(path) -> float:
     """Calibration.ragged_plan_tile_s: least squares through the origin of one build of the ragged plan (the
-    profiler's `_plan_kernel` time over its calls) against the tiles the model counts for the pass
-    (StaticSpec.plan_build_s at one second a tile), over the sampled decode steps of the replay at `path`
+    profiler's `_plan_kernel` time over its calls) against the tiles the model counts for one build as the
+    replay's engine built it (StaticSpec.plan_build_s at one second a tile), over the sampled decode steps of the replay at `path`
     (bench_serving.json written with --profile) whose top kernels list the plan's."""
     import dataclasses
     import json
@@ -381,11 +383,14 @@ def fit_ragged_plan_tile(path) -> float:
 
     from harness.config import from_dict
     from harness.perfmodel import ServingPricer, serving_config
+    from harness.record import read_record
 
     res = json.loads((Path(path) / "bench_serving.json").read_text())
-    cfg = from_dict(json.loads(next(Path(path).glob("records/*/result.json")).read_text())["config"])
+    rec = read_record(next(Path(path).glob("records/*/result.json")))
+    cfg = from_dict(rec.config)
+    built = recorded_plan_build(rec)  # the profile times each call: one build, even where a pass had one a layer
     price = ServingPricer(serving_config(cfg), dataclasses.replace(default_calibration(), ragged_plan_tile_s=1.0),
-                          decode_plan="ragged")
+                          decode_plan="ragged", plan_build="pass" if built == "layer" else built)
     tiles, build_s = [], []
     for st in res["steps_alone"]:
         plan = [k for k in st.get("kernels") or () if k["name"] == "_plan_kernel"]

@@ -226,9 +226,10 @@ class StaticSpec(StrategySpec):
                                layer_extra_s=pricer.cal.serving_layer_s) + self.plan_build_s(pricer, rows)
 
     def plan_build_s(self, pricer, rows: int) -> float:
-        """The ragged plan's build (one program comparing its items with its rows, tile by tile) for a pass of this
-        many rows (its bucket's, where the pass replays a graph): once per pass, or once per layer where the
-        pricer says the engine built it per layer (ServingPricer.plan_builds_per_layer)."""
+        """The ragged plan's build for a pass of this many rows (its bucket's, where the pass replays a graph), as
+        the pricer says the engine built it (ServingPricer.plan_build): its tiles of items x rows compared side by
+        side, one program a tile, once a pass ("pass_tiles"), or in turn by one program, once a pass ("pass") or
+        once a layer ("layer")."""
         if pricer.decode_plan != "ragged":
             return 0.0
         build_s = pricer.cache.get(("plan", rows))
@@ -237,9 +238,10 @@ class StaticSpec(StrategySpec):
 
             cfg = pricer.cfg
             n = self.pass_rows(pricer, rows)
-            builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_builds_per_layer else 1
+            builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_build == "layer" else 1
             tiles = plan_kernel_tiles(n, n + self.ragged_plan_sizes(pricer)[0])
-            build_s = pricer.cache["plan", rows] = builds * tiles * pricer.cal.ragged_plan_tile_s
+            in_turn = 1 if pricer.plan_build == "pass_tiles" else tiles  # tiles one program compares in turn
+            build_s = pricer.cache["plan", rows] = builds * in_turn * pricer.cal.ragged_plan_tile_s
         return build_s
 
     def pass_rows(self, pricer, rows: int) -> int:
