@@ -334,7 +334,6 @@ def test_a_pool_rank_attends_over_its_own_blocks_of_a_row_gathered_not_the_rows_
     # a pool rank holding blocks 10..15 (local 0..5): row 0 holds logical blocks 0, 2, 4 here (22 tokens, its last
     # block elsewhere); row 1 blocks 1, 2 (11 tokens, the last one partly filled) and stale entries past its end
     import math
-    from types import SimpleNamespace
 
     import torch
 
@@ -351,7 +350,8 @@ def test_a_pool_rank_attends_over_its_own_blocks_of_a_row_gathered_not_the_rows_
     gathered = []
     dense = kv.store.dense
     kv.store.dense = lambda layer, slots, upto: gathered.append(upto) or dense(layer, slots, upto)
-    rank = SimpleNamespace(serving=kv, backend="math")
+    rank = FAPoolServingPool.__new__(FAPoolServingPool)  # _partial needs only the store and the backend
+    rank.serving, rank.backend = kv, "math"
 
     def expected(q, row, positions):  # math over the row's keys held here, each query at its position
         own = kv.local_table(torch.tensor([row]))[0].long()
@@ -372,19 +372,58 @@ def test_a_pool_rank_attends_over_its_own_blocks_of_a_row_gathered_not_the_rows_
     long = lambda *x: torch.tensor(x)  # noqa: E731
     q = torch.randn(2, heads, 1, dim)
     decode = ServingPass(long(0, 1), long(21, 10), long(1, 1), False, 1, 22)
-    out, lse = FAPoolServingPool._partial(rank, 0, q, decode, 3)
+    out, lse = rank._partial(0, q, decode, 3)
     for row in (0, 1):
         want_out, want_lse = expected(q[row], row, [ends[row] - 1])
         torch.testing.assert_close(out[row], want_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[row], want_lse, atol=1e-5, rtol=1e-5)
     q = torch.randn(2, heads, 6, dim)
     chunk = ServingPass(long(0, 1), long(16, 8), long(6, 3), True, 6, 22)
-    out, lse = FAPoolServingPool._partial(rank, 0, q, chunk, 3)
+    out, lse = rank._partial(0, q, chunk, 3)
     for row, (start, n) in enumerate([(16, 6), (8, 3)]):
         want_out, want_lse = expected(q[row], row, range(start, start + n))
         torch.testing.assert_close(out[row, :, :n], want_out, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(lse[row, :, :n], want_lse, atol=1e-5, rtol=1e-5)
     assert gathered == [3 * bs]  # the prefill chunk gathered 3 blocks a row, not the 6 the rows span
+
+
+def test_a_pool_rank_gathers_its_blocks_and_builds_its_work_list_once_a_pass(monkeypatch):
+    """A pool rank's gathered table and a decode pass's work list are the same in every layer: with the pass
+    current (ServingKV.current, set once a pass), every layer after the first reuses them, and each layer's
+    partials equal those computed for that layer alone."""
+    import torch
+
+    from model.parallel import fa_pool_serving
+    from model.parallel.fa_pool_serving import FAPoolServingPool
+    from model.parallel.serving_kv import ServingKV, ServingPass
+
+    calls = {"plan": 0, "table": 0}
+    pass_plan, local_table = fa_pool_serving.pass_plan, ServingKV.local_table
+    monkeypatch.setattr(fa_pool_serving, "pass_plan", lambda *a: calls.update(plan=calls["plan"] + 1) or pass_plan(*a))
+    monkeypatch.setattr(ServingKV, "local_table",
+                        lambda self, slots: calls.update(table=calls["table"] + 1) or local_table(self, slots))
+    torch.manual_seed(0)
+    layers, bs, heads, dim = 3, 4, 2, 8
+    kv = ServingKV(layers, 2, 6, heads, bs, dim, 8, torch.float32, "cpu", first_id=10)
+    kv.table[0, :6] = torch.tensor([10, 3, 11, 4, 12, 5], dtype=torch.int32)
+    kv.table[1, :3] = torch.tensor([2, 13, 14], dtype=torch.int32)
+    kv.store.kv.normal_()
+    rank = FAPoolServingPool.__new__(FAPoolServingPool)
+    rank.serving, rank.backend = kv, "math"
+    long = lambda *x: torch.tensor(x)  # noqa: E731
+    q = torch.randn(2, heads, 1, dim)
+    alone = [rank._partial(layer, q, ServingPass(long(0, 1), long(21, 10), long(1, 1), False, 1, 22), 3)
+             for layer in range(layers)]  # a pass that is not current: computed for the layer itself
+    assert calls == {"plan": layers, "table": layers}
+    calls.update(plan=0, table=0)
+    decode = ServingPass(long(0, 1), long(21, 10), long(1, 1), False, 1, 22)
+    kv.current = decode
+    for layer in range(layers):
+        out, lse = rank._partial(layer, q, decode, 3)
+        torch.testing.assert_close(out, alone[layer][0], atol=0, rtol=0)
+        torch.testing.assert_close(lse, alone[layer][1], atol=0, rtol=0)
+    assert calls == {"plan": 1, "table": 1}
+    assert not torch.equal(alone[0][0], alone[1][0])  # the layers' keys differ: a shared output would show
 
 
 def test_a_decode_pass_builds_its_table_and_work_list_once_for_all_its_layers(tmp_path, monkeypatch):

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from model.attention import attention, masked_attention, merge_partials
-from model.paged_attention import SERVING_PLAN, paged_decode
+from model.paged_attention import paged_decode, pass_plan
 from model.parallel.engine import Engine
 from model.parallel.fa_pool import role_of
 from model.parallel.serving_kv import ServingKV
@@ -201,8 +201,10 @@ class FAPoolServingPool(FAPoolServing, Engine):
             self._receive_migrated(migrations)
         for p, _ in passes:
             if self.rank in p.pool_ranks:
+                rows = p.sub(p.pool_rows)
+                self.serving.current = rows  # what the pass's layers share is computed once (ServingKV.of_pass)
                 for layer in range(self.n_layers):
-                    self._attend(layer, p)
+                    self._attend(layer, p, rows)
         return None
 
     def _receive_migrated(self, migrations):
@@ -219,8 +221,9 @@ class FAPoolServingPool(FAPoolServing, Engine):
             dist.recv(blocks, src=peer)
             store.write_blocks((pairs[:, 1] - lo).to(self.device), blocks, slice(peer * h, (peer + 1) * h))
 
-    def _attend(self, layer: int, p) -> None:
-        """One layer of a pass: q, k, v of the pooled rows from every base rank, partials back to each."""
+    def _attend(self, layer: int, p, rows) -> None:
+        """One layer of a pass (rows: its pooled rows): q, k, v of them from every base rank, partials back to
+        each."""
         kv, h, d = self.serving, self.heads_per_base, self.head_dim
         n, t = len(p.pool_rows), p.width
         stores = self.rank in p.pool_writes  # this rank holds a block of the pass's new tokens: q, k, v; else q
@@ -230,9 +233,7 @@ class FAPoolServingPool(FAPoolServing, Engine):
                 w.wait()
         qkv = torch.cat(msgs, dim=2)  # [3 or 1, n, H, T, D]: the base ranks' heads in order
         q = qkv[0]
-        rows = p.sub(p.pool_rows)
         with self.timer("attention"):
-            kv.current = rows
             if stores:
                 kv.write(layer, rows, qkv[1], qkv[2])
             out, lse = self._partial(layer, q, rows, p.pool_blocks[p.pool_ranks.index(self.rank)])
@@ -245,25 +246,15 @@ class FAPoolServingPool(FAPoolServing, Engine):
 
     def _partial(self, layer, q, rows, blocks: int):
         """Attention of the rows' queries over the keys of this rank's blocks (the rows' other blocks are elsewhere).
-        Each row's blocks here are gathered first, in position order, into `blocks` columns (the scheduler's count:
-        the most blocks one of the rows holds on this rank), so the work is this rank's share of the keys, not the
-        rows' span. Decode: the paged kernel over them (all of a row's keys here precede its query; only the row's
-        last block may be partly filled, and it sorts last). A prefill chunk: a mask by position (causal) and
-        length over the gathered keys."""
+        Decode: the paged kernel over the rows' blocks here (all of a row's keys here precede its query; only the
+        row's last block may be partly filled, and it sorts last). A prefill chunk: a mask by position (causal) and
+        length over the gathered keys. The gathered table, and a decode pass's lengths and work list, are the same
+        in every layer: computed once a pass (_pass_blocks)."""
         kv, bs = self.serving, self.serving.block_size
-        span = -(-rows.upto // bs)
-        local = kv.local_table(rows.slots)[:, :span]
-        ends = rows.start + rows.lens  # [n]: the row's tokens once this pass is stored
-        block_start = torch.arange(span, device=q.device) * bs
-        owned = (local != kv.sink) & (block_start[None, :] < ends[:, None])  # stale entries past a row's end: not its
-        order = torch.sort((~owned).to(torch.uint8), dim=1, stable=True).indices[:, :min(blocks, span)]  # owned first
-        here = owned.gather(1, order)
-        table = torch.where(here, local.gather(1, order), kv.sink)
-        first = block_start[order]  # [n, blocks]: the gathered blocks' first positions
+        table, here, first, ends, lens, plan = kv.of_pass(rows, "pool",
+                                                          lambda: self._pass_blocks(rows, blocks, q.shape[1]))
         if not rows.prefill:
-            filled = (ends[:, None] - first).clamp(0, bs) * here
-            out, lse = paged_decode(q[:, :, 0], *kv.store.layer(layer), table.int(), filled.sum(1).to(torch.int32),
-                                    plan=SERVING_PLAN)
+            out, lse = paged_decode(q[:, :, 0], *kv.store.layer(layer), table, lens, plan=plan, build=False)
             return out[:, :, None].float(), lse[:, :, None]
         keys, values = kv.store.dense(layer, table.long(), table.shape[1] * bs)
         key_pos = (first[:, :, None] + torch.arange(bs, device=q.device)).flatten(1)  # [n, blocks * bs]
@@ -272,6 +263,28 @@ class FAPoolServingPool(FAPoolServing, Engine):
                    & (key_pos < ends[:, None])[:, None, :])
         out, lse = masked_attention(q, keys, values, visible[:, None], self.backend)
         return out.float(), lse
+
+    def _pass_blocks(self, rows, blocks: int, heads: int):
+        """(table, here, first, ends, lens, plan) of a pass's rows on this rank: each row's blocks here gathered in
+        position order into `blocks` columns (the scheduler's count: the most blocks one of the rows holds on this
+        rank), so the work is this rank's share of the keys, not the rows' span; here marks the gathered entries
+        that are the row's, first their first positions, ends the rows' lengths once the pass is stored. A decode
+        pass adds the tokens of each row here (lens) and the paged kernel's work list for them (pass_plan); a
+        prefill pass None for both."""
+        kv, bs = self.serving, self.serving.block_size
+        span = -(-rows.upto // bs)
+        local = kv.local_table(rows.slots)[:, :span]
+        ends = rows.start + rows.lens
+        block_start = torch.arange(span, device=local.device) * bs
+        owned = (local != kv.sink) & (block_start[None, :] < ends[:, None])  # stale entries past a row's end: not its
+        order = torch.sort((~owned).to(torch.uint8), dim=1, stable=True).indices[:, :min(blocks, span)]  # owned first
+        here = owned.gather(1, order)
+        table = torch.where(here, local.gather(1, order), kv.sink).int()
+        first = block_start[order]  # [n, blocks]: the gathered blocks' first positions
+        if rows.prefill:
+            return table, here, first, ends, None, None
+        lens = ((ends[:, None] - first).clamp(0, bs) * here).sum(1).to(torch.int32)
+        return table, here, first, ends, lens, pass_plan(lens, table.shape[1], bs, heads)
 
     def report(self):
         kv = self.serving.nbytes() if self.serving else 0
