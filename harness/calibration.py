@@ -24,6 +24,8 @@ SERVING_DECODE_SET = ROOT / "results" / "measured" / "h200-x1" / "serve"  # one 
 SERVING_HOST_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_ragged"  # one GPU: eager serving passes
 # one GPU: a closed loop's decode steps taken apart by the profiler (the ragged plan's build)
 RAGGED_PLAN_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_profile" / "closed256"
+# one GPU: the ragged plan's build alone (a program per tile) on 16-256 short rows (harness/bench_paged.py --short-rows)
+RAGGED_PLAN_BUILD_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_pass_plan" / "short_rows"
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
 # runs RMSNorm and rotary: "unfused" (engines without the fused kernels, and the one-GPU benchmark that fits
 # the floor per kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
@@ -86,6 +88,10 @@ class Calibration:
     # harness/serving/virtual.fit_ragged_plan_tile); the profile lists the kernel where it weighs, at many rows
     # (at fewer rows a build is not proportional to its tiles: the set's README has the figures)
     ragged_plan_tile_s: float = 6.33e-6
+    # The build as the serving engines run it, a program per tile side by side (PLAN_BUILD "pass_tiles"): one
+    # build, whatever the rows; the median of its time alone on 16-256 rows (RAGGED_PLAN_BUILD_SET;
+    # harness/serving/virtual.fit_ragged_plan_build)
+    ragged_plan_pass_s: float = 13.2e-6
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
     # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)

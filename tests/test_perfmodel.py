@@ -329,8 +329,9 @@ def _serving_pricer(table_tokens=0, decode_plan="splits", **cal_fields):
 
 def test_a_ragged_decode_pass_pays_its_plan_build_as_its_engine_built_it_for_its_buckets_rows():
     """The ragged plan's build is priced for the rows of the pass's bucket (the plan a graph replays is sized for
-    them), at ragged_plan_tile_s per tile of items x rows: today's engines once a pass, the tiles side by side (one
-    tile's time); records of engines whose one program compared the tiles in turn, once a pass or once a layer."""
+    them): today's engines once a pass, the tiles side by side (ragged_plan_pass_s, whatever the rows); records of
+    engines whose one program compared the tiles in turn at ragged_plan_tile_s a tile of items x rows, once a pass
+    or once a layer."""
     from harness.calibration import default_calibration
     from harness.perfmodel import ServingPricer
     from model.paged_attention import RAGGED_PROGRAMS_PER_SM, plan_kernel_tiles, ragged_plan_sizes
@@ -348,7 +349,8 @@ def test_a_ragged_decode_pass_pays_its_plan_build_as_its_engine_built_it_for_its
         bucket = next(b for b in buckets if b >= rows)
         build = plan_kernel_tiles(bucket, bucket + target) * tile_s
         assert in_turn.spec.plan_build_s(in_turn, rows) == pytest.approx(build)
-        assert tiles_side_by_side.spec.plan_build_s(tiles_side_by_side, rows) == pytest.approx(tile_s)
+        assert tiles_side_by_side.spec.plan_build_s(tiles_side_by_side, rows) == pytest.approx(
+            tiles_side_by_side.cal.ragged_plan_pass_s)
         extra = per_layer.decode_totals_s(rows, 300 * rows, 300) - in_turn.decode_totals_s(rows, 300 * rows, 300)
         assert extra == pytest.approx((cfg.model.n_layers - 1) * build)
     assert plan_kernel_tiles(256, 256 + target) > 3 * plan_kernel_tiles(16, 16 + target)  # it grows with the rows
@@ -574,6 +576,22 @@ def test_the_plan_build_term_is_the_fit_on_the_profiled_decode_steps():
     from harness.serving.virtual import fit_ragged_plan_tile
 
     assert Calibration.ragged_plan_tile_s == pytest.approx(fit_ragged_plan_tile(RAGGED_PLAN_SET), rel=5e-3)
+
+
+def test_the_side_by_side_build_term_is_the_median_of_the_benchmarked_builds(tmp_path):
+    import json
+
+    from harness.calibration import RAGGED_PLAN_BUILD_SET
+    from harness.serving.virtual import fit_ragged_plan_build
+
+    assert Calibration.ragged_plan_pass_s == pytest.approx(fit_ragged_plan_build(RAGGED_PLAN_BUILD_SET), rel=5e-3)
+    points = [{"plan": "ragged_x4", "plan_us": 3.0}, {"plan": "ragged", "plan_us": 100.0},
+              {"plan": "ragged_x4", "plan_us": 5.0}, {"plan": "ragged_x4", "plan_us": 40.0}, {"plan": "splits"}]
+    (tmp_path / "ragged.json").write_text(json.dumps({"points": points}))
+    assert fit_ragged_plan_build(tmp_path) == pytest.approx(5e-6)  # the engines' variant only
+    (tmp_path / "ragged.json").write_text(json.dumps({"points": points[1:2]}))
+    with pytest.raises(ValueError, match="no ragged_x4 point"):
+        fit_ragged_plan_build(tmp_path)
 
 
 def test_a_set_takes_from_the_committed_calibration_what_its_records_cannot_fit():

@@ -372,6 +372,21 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
+def fit_ragged_plan_build(path) -> float:
+    """Calibration.ragged_plan_pass_s: the median time of the ragged plan's build alone (`plan_us`) over the
+    batches of harness/bench_paged.py --ragged at `path` (ragged.json), for the serving engines' plan
+    (RAGGED_PROGRAMS_PER_SM programs an SM: the benchmark's ragged_x4)."""
+    import json
+    import statistics
+    from pathlib import Path
+
+    points = json.loads((Path(path) / "ragged.json").read_text())["points"]
+    builds = [p["plan_us"] * 1e-6 for p in points if p.get("plan") == "ragged_x4" and p.get("plan_us")]
+    if not builds:
+        raise ValueError(f"{path}/ragged.json: no ragged_x4 point with plan_us; run harness/bench_paged.py --ragged")
+    return statistics.median(builds)
+
+
 def fit_ragged_plan_tile(path) -> float:
     """Calibration.ragged_plan_tile_s: least squares through the origin of one build of the ragged plan (the
     profiler's `_plan_kernel` time over its calls) against the tiles the model counts for one build as the

@@ -228,8 +228,8 @@ class StaticSpec(StrategySpec):
     def plan_build_s(self, pricer, rows: int) -> float:
         """The ragged plan's build for a pass of this many rows (its bucket's, where the pass replays a graph), as
         the pricer says the engine built it (ServingPricer.plan_build): its tiles of items x rows compared side by
-        side, one program a tile, once a pass ("pass_tiles"), or in turn by one program, once a pass ("pass") or
-        once a layer ("layer")."""
+        side, one program a tile, once a pass ("pass_tiles": ragged_plan_pass_s), or in turn by one program
+        (ragged_plan_tile_s a tile), once a pass ("pass") or once a layer ("layer")."""
         if pricer.decode_plan != "ragged":
             return 0.0
         build_s = pricer.cache.get(("plan", rows))
@@ -240,8 +240,11 @@ class StaticSpec(StrategySpec):
             n = self.pass_rows(pricer, rows)
             builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_build == "layer" else 1
             tiles = plan_kernel_tiles(n, n + self.ragged_plan_sizes(pricer)[0])
-            in_turn = 1 if pricer.plan_build == "pass_tiles" else tiles  # tiles one program compares in turn
-            build_s = pricer.cache["plan", rows] = builds * in_turn * pricer.cal.ragged_plan_tile_s
+            if pricer.plan_build == "pass_tiles":  # the tiles side by side: one build's time
+                build_s = pricer.cal.ragged_plan_pass_s
+            else:  # one program compares the tiles in turn
+                build_s = builds * tiles * pricer.cal.ragged_plan_tile_s
+            pricer.cache["plan", rows] = build_s
         return build_s
 
     def pass_rows(self, pricer, rows: int) -> int:
