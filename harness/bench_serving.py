@@ -10,7 +10,7 @@ engine, its captured graph where the replay had one): a decode-only step against
 a mixed step against its prefill and decode passes each timed alone. Each decode step's roofline is its weight and
 KV bytes over the read bandwidth measured in the same run. With --profile (a GPU) each sampled decode step also runs
 a few times more under torch.profiler, after its timing: its device time by kind of kernel and its top kernels (the
-JSON's `kernels`). Writes DIR/bench_serving.json and bench_serving.md.
+JSON's `kernels`); so does each sampled mixed step's prefill pass (`prefill <kind> ms`). Writes DIR/bench_serving.json and bench_serving.md.
 """
 from __future__ import annotations
 
@@ -116,7 +116,8 @@ def main(argv=None):
     ap.add_argument("--sample", type=int, default=12, help="steps of each kind timed alone")
     ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU")
     ap.add_argument("--profile", action="store_true",
-                    help="on a GPU, also take each sampled decode step apart by kernel (torch.profiler, after its timing)")
+                    help="on a GPU, also take each sampled decode step, and each sampled mixed step's prefill pass, "
+                         "apart by kernel (torch.profiler, after its timing)")
     ap.add_argument("overrides", nargs="*", help="more config overrides (key=value)")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -200,6 +201,14 @@ def main(argv=None):
                             "eager / captured": eager_ms / (graph_s * 1e3), "served / eager": parts[0] / eager_ms}
                     if why:
                         row["not captured"] = why
+                if args.profile and device.type == "cuda":  # the prefill pass alone, as served
+                    try:
+                        kernels = kernels_by_name(engine, passes[:1], updates, migrations, reps=3)
+                    except Exception as err:
+                        row["profile error"] = f"{type(err).__name__}: {err}"[:200]
+                    else:
+                        row |= {f"prefill {k} ms": v for k, v in kernels["by_kind_ms"].items()} | \
+                            {"kernels": kernels["top_kernels"]}
             compared.append(row)
     table, steps_table = pd.DataFrame(rows), pd.DataFrame(compared)
     result = {"device": info, "limits": lim, "config": base, "replays": rows, "steps_alone": compared,
