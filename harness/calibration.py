@@ -26,6 +26,8 @@ SERVING_HOST_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_ragged"  #
 RAGGED_PLAN_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_profile" / "closed256"
 # one GPU: the ragged plan's build alone (a program per tile) on 16-256 short rows (harness/bench_paged.py --short-rows)
 RAGGED_PLAN_BUILD_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_pass_plan" / "short_rows"
+# one GPU: a replay's sampled mixed steps with their prefill passes taken apart by the profiler
+SERVING_PREFILL_SET = ROOT / "results" / "measured" / "h100-x1" / "serve_pass_plan" / "rate8_profile"
 # Small kernels a decode layer launches besides its GEMMs and attention (model/transformer.py), by how the engine
 # runs RMSNorm and rotary: "unfused" (engines without the fused kernels, and the one-GPU benchmark that fits
 # the floor per kernel): each norm in 8 torch ops (cast, square, mean, add, rsqrt, scale, cast, weight) and rotary per q and k in
@@ -92,15 +94,28 @@ class Calibration:
     # build, whatever the rows; the median of its time alone on 16-256 rows (RAGGED_PLAN_BUILD_SET;
     # harness/serving/virtual.fit_ragged_plan_build)
     ragged_plan_pass_s: float = 13.2e-6
+    # A serving prefill pass's device work, from its kernels (SERVING_PREFILL_SET: the profiler's time by kind over
+    # the sampled passes; harness/serving/virtual.fit_serving_prefill_parts). Its GEMMs run at the GEMM rate,
+    # padding included (the profile's GEMM time is the model's at that rate, within 10%); then
+    # - serving_prefill_attn_flops_fraction: its fused attention (each row's chunk over its cached keys and over
+    #   itself) at this fraction of the GEMM rate
+    # - serving_gather_bw_fraction: a row's cached keys and values gathered out of their blocks, then laid out
+    #   heads-major (two copies, model/parallel/paged_kv.PagedKV.dense), at this fraction of the read bandwidth,
+    #   counting each copy's read and write
+    # - serving_prefill_elementwise_passes: the rest of a layer (norms, rotary, activation, residuals, cache
+    #   writes) as this many reads or writes of the pass's padded activations [tokens, hidden] at the bandwidth
+    serving_prefill_attn_flops_fraction: float = 0.451
+    serving_gather_bw_fraction: float = 0.648
+    serving_prefill_elementwise_passes: float = 63.8
     # A serving prefill pass runs eagerly: the host launches its kernels one by one, so a pass is no shorter than
     # the host's time to launch them, per layer this (fitted on the host-bound prefill passes of a measured
     # serving set, SERVING_HOST_SET: harness/serving/virtual.fit_serving_prefill_host)
-    serving_prefill_host_layer_s: float = 2.010e-3
+    serving_prefill_host_layer_s: float = 1.974e-3
     # A prefill pass through one mask (a static engine's of more rows than model/parallel/serving_kv.ROWS_ONE_BY_ONE
     # or from a bucket graph, every DCP and FA Pool pass): the mem-efficient kernel with an additive bias computes
     # every query of every row against every key the mask spans, at this fraction of the GEMM rate (fitted on one
     # such step of SERVING_HOST_SET: harness/serving/virtual.fit_masked_attention)
-    masked_attn_flops_fraction: float = 0.284
+    masked_attn_flops_fraction: float = 0.178
 
     @classmethod
     def from_bench(cls, path: Path = CALIBRATION_SET, datasheet_bw: float = 3.35e12, datasheet_flops: float = 989e12):

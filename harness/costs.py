@@ -49,14 +49,26 @@ def layer_gemms_s(cal, m, rows, tp, b, bw, flops):
 
 
 def serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops):
-    """One TP rank's GEMMs of a serving prefill pass's layer over `tokens` padded positions: at the prefill GEMM rate,
-    and no shorter than reading the rank's weights (a small pass, a few tokens a row, is bound by them)."""
-    return layer_gemms_s(cal, m, tokens, tp, b, bw, flops * cal.prefill_flops_fraction)
+    """One TP rank's GEMMs of a serving prefill pass's layer over `tokens` padded positions: at the GEMM rate, and no
+    shorter than reading the rank's weights (a small pass, a few tokens a row, is bound by them)."""
+    return layer_gemms_s(cal, m, tokens, tp, b, bw, flops)
 
 
 def serving_prefill_head_s(cal, m, rows, tp, b, bw, flops):
     """One TP rank's LM head of a serving prefill pass: each row's last position against its share of the vocabulary."""
-    return gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops * cal.prefill_flops_fraction)
+    return gemm_s(cal, rows, m.hidden, m.vocab_size // tp, b, bw, flops)
+
+
+def serving_prefill_rest_s(cal, tokens, h, tp, b, bw):
+    """One TP rank's elementwise work of a serving prefill pass's layer over `tokens` padded positions (norms,
+    rotary, activation, residuals, cache writes): serving_prefill_elementwise_passes of its activations."""
+    return cal.serving_prefill_elementwise_passes * tokens * h // tp * b / bw
+
+
+def serving_gather_s(cal, nbytes, bw):
+    """Gathering `nbytes` of cached keys and values out of their blocks for a prefill pass's attention: two copies
+    (read and written each) at serving_gather_bw_fraction of the read bandwidth."""
+    return 4 * nbytes / (bw * cal.serving_gather_bw_fraction)
 
 
 def gpu_step_s(cal, m, rows, ctx, tp, bw, flops, b, eager=False):

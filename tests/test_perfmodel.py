@@ -578,6 +578,38 @@ def test_the_plan_build_term_is_the_fit_on_the_profiled_decode_steps():
     assert Calibration.ragged_plan_tile_s == pytest.approx(fit_ragged_plan_tile(RAGGED_PLAN_SET), rel=5e-3)
 
 
+def test_the_serving_prefill_rates_are_the_fit_on_the_profiled_prefill_passes():
+    from harness.calibration import SERVING_PREFILL_SET
+    from harness.serving.virtual import fit_serving_prefill_parts
+
+    attn, gather, passes = fit_serving_prefill_parts(SERVING_PREFILL_SET)
+    assert Calibration.serving_prefill_attn_flops_fraction == pytest.approx(attn, rel=5e-3)
+    assert Calibration.serving_gather_bw_fraction == pytest.approx(gather, rel=5e-3)
+    assert Calibration.serving_prefill_elementwise_passes == pytest.approx(passes, rel=5e-3)
+
+
+def test_a_serving_prefill_pass_is_priced_by_its_parts():
+    """GEMMs over the padded positions at the GEMM rate, attention at its own fraction of it, the cached keys'
+    gather (two copies) and the elementwise rest at the bandwidth: each term moves the price as its rate says."""
+    price = _serving_pricer(serving_prefill_host_layer_s=0.0)
+    starts, lens = [40_000, 100], [2048, 30]
+    base = price.step(starts, lens, [False, False], [], [])
+    faster_attn = _serving_pricer(serving_prefill_host_layer_s=0.0, serving_prefill_attn_flops_fraction=
+                                  2 * price.cal.serving_prefill_attn_flops_fraction).step(starts, lens, [False] * 2, [], [])
+    m, layers = price.cfg.model, price.cfg.model.n_layers
+    attn_s = layers * sum(4 * m.hidden * q * a + 4 * m.hidden * q * (q + 1) / 2 for q, a in zip(lens, starts)) / (
+        price.flops * price.cal.serving_prefill_attn_flops_fraction)
+    assert base - faster_attn == pytest.approx(attn_s / 2, rel=1e-6)
+    no_gather = _serving_pricer(serving_prefill_host_layer_s=0.0, serving_gather_bw_fraction=1e12).step(
+        starts, lens, [False] * 2, [], [])
+    gathered = layers * sum(a + q for a, q in zip(starts, lens)) * 2 * m.hidden * price.b
+    assert base - no_gather == pytest.approx(4 * gathered / (price.bw * price.cal.serving_gather_bw_fraction), rel=1e-6)
+    no_rest = _serving_pricer(serving_prefill_host_layer_s=0.0, serving_prefill_elementwise_passes=0.0).step(
+        starts, lens, [False] * 2, [], [])
+    rest = layers * price.cal.serving_prefill_elementwise_passes * 2 * 2048 * m.hidden * price.b / price.bw
+    assert base - no_rest == pytest.approx(rest, rel=1e-6)
+
+
 def test_the_side_by_side_build_term_is_the_median_of_the_benchmarked_builds(tmp_path):
     import json
 

@@ -372,6 +372,39 @@ def fit_masked_attention(root, records=("rates/records/rate_1",)) -> float:
     return float(np.exp((lo + hi) / 2))
 
 
+def fit_serving_prefill_parts(path) -> tuple[float, float, float]:
+    """(serving_prefill_attn_flops_fraction, serving_gather_bw_fraction, serving_prefill_elementwise_passes) of the
+    Calibration, from the sampled mixed steps of the replay at `path` whose prefill pass the profiler took apart
+    (bench_serving.json written with --profile; passes of rows attended one by one): the attention kernels' time
+    against the pass's attention FLOPs over the GEMM rate (least squares through the origin), and the time of the
+    kernels neither GEMM nor attention against two columns, the padded activations' bytes and four times the
+    cached keys and values gathered (least squares, each over the read bandwidth)."""
+    import json
+    from pathlib import Path
+
+    bench = json.loads((Path(path) / "bench_serving.json").read_text())
+    profiled = {st["step"]: st for st in bench["steps_alone"] if st["kind"] == "mixed" and "prefill other ms" in st}
+    attn, other = [], []
+    for steps, price, rec in _priced_steps(path, lambda folder, rec: True):
+        cfg, b, bw, flops = price.cfg, price.b, price.bw, price.flops
+        h, layers = cfg.model.hidden, cfg.model.n_layers
+        for st in steps[steps.step.isin(list(profiled))].itertuples():
+            starts, lens = list(st.prefill_start), list(st.prefill_len)
+            if price.spec.serving_prefill_masked(len(lens)):
+                continue
+            work = layers * sum(4 * h * q * a + 4 * h * q * (q + 1) / 2 for q, a in zip(lens, starts))
+            attn.append((work / flops, profiled[st.step]["prefill attention ms"] / 1e3))
+            activations = layers * len(lens) * max(lens) * h * b / bw
+            gathered = layers * 4 * sum(a + q for a, q in zip(starts, lens)) * 2 * h * b / bw
+            other.append((activations, gathered, profiled[st.step]["prefill other ms"] / 1e3))
+    if not attn:
+        raise ValueError(f"{path}/bench_serving.json: no profiled prefill pass of rows attended one by one; run "
+                         "harness/bench_serving.py with --profile")
+    x, t = np.array(attn).T
+    (passes, per_gather), *_ = np.linalg.lstsq(np.array(other)[:, :2], np.array(other)[:, 2], rcond=None)
+    return float((x @ x) / (x @ t)), float(1 / per_gather), float(passes)
+
+
 def fit_ragged_plan_build(path) -> float:
     """Calibration.ragged_plan_pass_s: the median time of the ragged plan's build alone (`plan_us`) over the
     batches of harness/bench_paged.py --ragged at `path` (ragged.json), for the serving engines' plan

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, masked_attn_s, prefill_chunks,
-                           serving_prefill_gemms_s, serving_prefill_head_s)
+                           serving_gather_s, serving_prefill_gemms_s, serving_prefill_head_s,
+                           serving_prefill_rest_s)
 from harness.fields import above, at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -327,7 +328,7 @@ class FAPoolSpec(StrategySpec):
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
         """A pass as model/parallel/fa_pool_serving runs it, per layer, base and pool in turn:
         - the base (tp ranks): the GEMMs and two all-reduces over every row's padded chunk; its rows' earlier keys
-          gathered dense up to the span of its own rows (read and written at the copy rate) and every padded query
+          gathered dense up to the span of its own rows (costs.serving_gather_s) and every padded query
           attended through one mask (costs.masked_attn_s); the pooled rows' q sent to each pool rank in use, their
           k and v too to the ranks that store the chunk's blocks (pool_ranks_storing), and their fp32 partials
           received (one message each way per pool rank), merged by LSE (the stacked partials zeroed, filled and
@@ -343,11 +344,12 @@ class FAPoolSpec(StrategySpec):
         eager = eager_collectives(cal, links)
         base_bw = bw * cal.prefill_base_copy_bw_fraction
         layer = serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)
+        layer += serving_prefill_rest_s(cal, tokens, h, tp, b, bw)
         layer += 2 * eager("all_reduce", tp, tokens * h * b, tp > gpn)
         span = max((a + q for a, q, p in zip(starts, lens, pooled) if not p), default=0)
         if span:
             layer += masked_attn_s(cal, flops, bw, tokens * span, m.n_heads // tp, d, b)
-            layer += 2 * rows * span * 2 * h // tp * b / base_bw
+            layer += serving_gather_s(cal, rows * span * 2 * h // tp * b, bw)
         long = [a + q for a, q, p in zip(starts, lens, pooled) if p]
         if long:
             p = s.pool

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, masked_attn_s,
-                           prefill_chunks, prefill_copy_s, serving_prefill_gemms_s, serving_prefill_head_s)
+                           prefill_chunks, prefill_copy_s, serving_gather_s, serving_prefill_gemms_s,
+                           serving_prefill_head_s, serving_prefill_rest_s)
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -301,8 +302,10 @@ class StaticSpec(StrategySpec):
         return cfg.model.n_layers // cfg.strategy.pp * cal.serving_prefill_host_layer_s
 
     def serving_prefill_s(self, cfg, cal, links, bw, flops, b, gpn, starts, lens, pooled, one_mask=False) -> float:
-        """As prefill_s prices a chunk, plus what the serving engine adds: every row's earlier keys and values
-        gathered out of its blocks into a dense copy per layer (read and written at the copy rate), and the rows
+        """As prefill_s prices a chunk, at the rates of a profiled serving prefill pass (GEMMs at the GEMM rate,
+        attention at serving_prefill_attn_flops_fraction of it, the elementwise rest: serving_prefill_rest_s), plus
+        what the serving engine adds: every row's earlier keys and values gathered out of its blocks into a dense
+        copy per layer (serving_gather_s), and the rows
         padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
         every padded position, no shorter than the weights' read). Attention, row by row (few rows): each row's own
         chunk over its own keys. Through one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every
@@ -311,7 +314,7 @@ class StaticSpec(StrategySpec):
         same FLOPs and bias, 1/k of the mask."""
         s, m = cfg.strategy, cfg.model
         h, d = m.hidden, m.head_dim
-        flops_p = flops * cal.prefill_flops_fraction
+        flops_p = flops * cal.serving_prefill_attn_flops_fraction
         starts, lens = list(starts), list(lens)
         rows, width = len(lens), max(lens)
         tokens = rows * width
@@ -329,10 +332,9 @@ class StaticSpec(StrategySpec):
             masked = 0.0
         dense = tp * serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)  # the group's (a rank's: 1/tp)
         eager = eager_collectives(cal, links)
-        copy_bw = bw * cal.prefill_base_copy_bw_fraction
         cross = tp > gpn
         layer = self.tp_prefill_layer_s(eager, s, tokens, h, b, cross, dense, before, own) + masked
-        layer += 2 * gathered / tp / copy_bw
+        layer += serving_gather_s(cal, gathered / tp, bw) + serving_prefill_rest_s(cal, tokens, h, tp, b, bw)
         layer = self.add_prefill_exchange(layer, eager, prefill_copy_s(cal, bw), s, tokens, h, d, b, cross)
         hops = (s.pp - 1) * eager("p2p", 2, tokens * h * b, tp * s.pp > gpn) if s.pp > 1 else 0.0
         return m.n_layers * layer + hops + serving_prefill_head_s(cal, m, rows, tp, b, bw, flops)
