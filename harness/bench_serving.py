@@ -10,7 +10,8 @@ engine, its captured graph where the replay had one): a decode-only step against
 a mixed step against its prefill and decode passes each timed alone. Each decode step's roofline is its weight and
 KV bytes over the read bandwidth measured in the same run. With --profile (a GPU) each sampled decode step also runs
 a few times more under torch.profiler, after its timing: its device time by kind of kernel and its top kernels (the
-JSON's `kernels`); so does each sampled mixed step's prefill pass (`prefill <kind> ms`). Writes DIR/bench_serving.json and bench_serving.md.
+JSON's `kernels`); so does each sampled mixed step's prefill pass (`prefill <kind> ms`). Writes
+DIR/bench_serving.json and bench_serving.md.
 """
 from __future__ import annotations
 

@@ -423,8 +423,8 @@ def fit_ragged_plan_build(path) -> float:
 def fit_ragged_plan_tile(path) -> float:
     """Calibration.ragged_plan_tile_s: least squares through the origin of one build of the ragged plan (the
     profiler's `_plan_kernel` time over its calls) against the tiles the model counts for one build as the
-    replay's engine built it (StaticSpec.plan_build_s at one second a tile), over the sampled decode steps of the replay at `path`
-    (bench_serving.json written with --profile) whose top kernels list the plan's."""
+    replay's engine built it (StaticSpec.plan_build_s at one second a tile), over the sampled decode steps of the
+    replay at `path` (bench_serving.json written with --profile) whose top kernels list the plan's."""
     import dataclasses
     import json
     from pathlib import Path
