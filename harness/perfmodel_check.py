@@ -52,7 +52,7 @@ def check(root: str | Path, calibrated: tuple | None = None) -> list[dict]:
             graphed = all(r.get("cuda_graphs", False) for r in rec.ranks)  # what ran (older records do not say: eager)
             pred = predict_step(cfg, with_limits(cal_set, lim), graphed=graphed)["step_s"] * 1e3
             meas, basis = rec.metrics["median_tpot_ms"], "median" + ("" if graphed else ", eager steps")
-        rows.append({"record": name, "strategy": cfg.strategy.name, "workload": cfg.workload.name,
+        rows.append({"record": name, "strategy": cfg.strategy.name, "kind": cfg.strategy.kind, "workload": cfg.workload.name,
                      "batch": cfg.workload.batch_size, "measured_ms": meas, "measured_mean_ms": rec.metrics["mean_tpot_ms"],
                      "predicted_ms": pred, "rel_error": (pred - meas) / meas, "basis": basis,
                      "calibration": bool(cal_set) and name in cal_set.calibration_records})
@@ -73,18 +73,20 @@ def check_prefill(root: str | Path, calibrated: tuple | None = None) -> list[dic
         pred = predict_step(cfg, with_limits(cal_set, lim))["prefill_s"] * 1e3
         meas = rec.metrics["ttft_ms"]
         name = record_key(path, root)
-        rows.append({"record": name, "strategy": cfg.strategy.name, "measured_ms": meas, "predicted_ms": pred,
+        rows.append({"record": name, "strategy": cfg.strategy.name, "kind": cfg.strategy.kind, "measured_ms": meas,
+                     "predicted_ms": pred,
                      "rel_error": (pred - meas) / meas, "basis": "ttft",
                      "calibration": spec_of(cfg.strategy).family == "reference" or name in cal_set.prefill_calibration_records,
                      "superseded": invalid_of(path).get(f"prefill:{cfg.strategy.kind}")})
     return rows
 
 
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per strategy over the validation rows (calibration rows, and records of an engine since replaced, left out):
-    count, median and max |rel. error|."""
+def summarize(rows: list[dict], by: str = "strategy") -> list[dict]:
+    """Per strategy (by="strategy") or per strategy kind, TP/PP, DCP or FA Pool in all their configurations
+    (by="kind"), over the validation rows (calibration rows, and records of an engine since replaced, left out):
+    count, median and max |rel. error|; eager steps apart."""
     out = []
-    group = lambda r: r["strategy"] + (" (eager steps)" if "eager" in r["basis"] else "")  # noqa: E731
+    group = lambda r: r[by] + (" (eager steps)" if "eager" in r["basis"] else "")  # noqa: E731
     for name in sorted({group(r) for r in rows}):
         errs = [abs(r["rel_error"]) for r in rows if group(r) == name and not r["calibration"] and not r.get("superseded")]
         if errs:
@@ -143,6 +145,10 @@ def check_table(root: str | Path) -> str:
               "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
     lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
               for x in summarize(rows)]
+    lines += ["", "Per strategy kind (every configuration of it), calibration records left out:", "",
+              "| kind | records | median abs. error | max abs. error |", "|---|---|---|---|"]
+    lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
+              for x in summarize(rows, by="kind")]
     if prefill:
         lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
                   "rate, two FA Pool records its copy rates; records of a prefill engine since replaced say so, and the "
@@ -154,6 +160,9 @@ def check_table(root: str | Path) -> str:
         lines += ["", "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
         lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
                   for x in summarize(prefill)]
+        lines += ["", "| kind | records | median abs. error | max abs. error |", "|---|---|---|---|"]
+        lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
+                  for x in summarize(prefill, by="kind")]
     return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ Every problem with the input is a `TraceError` naming the file and line (or the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -103,6 +104,33 @@ def resolve_path(path: str) -> Path:
     looked = str(p) if p.is_absolute() else f"{Path.cwd() / p} and {PROJECT_ROOT / p}"
     raise TraceError(f"workload.trace.path={path!r}: no such file (looked at {looked}); point it at a Mooncake "
                      f"JSONL or Azure CSV trace, e.g. results/reference/traces/mooncake_conversation_sample.jsonl")
+
+
+# The shipped sample is the first SAMPLE_REQUESTS lines of the full Mooncake conversation trace (FULL_TRACE_NAME);
+# a full trace is kept outside the repository, in one of TRACE_DIRS (relative to the project)
+SAMPLE_PATH = "results/reference/traces/mooncake_conversation_sample.jsonl"
+SAMPLE_REQUESTS = 300
+FULL_TRACE_NAME = "mooncake_conversation_trace.jsonl"
+TRACE_DIRS = (".traces", "../shared/traces", "shared/traces")
+
+
+def recorded_trace(cfg: TraceConfig) -> TraceConfig:
+    """The trace of a recorded replay (a committed record's workload.trace), its file found on this machine: the
+    path it recorded where that exists; else a file of the same name in one of TRACE_DIRS; else, for a window of
+    the full trace's first requests that the shipped sample holds, the sample (the same lines). Raises TraceError
+    naming where it looked."""
+    try:
+        resolve_path(cfg.path)
+        return cfg
+    except TraceError as missing:
+        why = str(missing)
+    name = Path(cfg.path).name
+    for folder in TRACE_DIRS:
+        if (PROJECT_ROOT / folder / name).is_file():
+            return dataclasses.replace(cfg, path=str((PROJECT_ROOT / folder / name).resolve()))
+    if name == FULL_TRACE_NAME and 0 < cfg.first_n <= SAMPLE_REQUESTS and not (cfg.start_s or cfg.end_s):
+        return dataclasses.replace(cfg, path=SAMPLE_PATH)
+    raise TraceError(f"{why}; nor is {name} in the project's {', '.join(TRACE_DIRS)}: put the trace in one of them")
 
 
 def _positive_int(value, name: str, where: str) -> int:

@@ -259,3 +259,21 @@ def test_perfmodel_prefill_check_shows_records_of_a_replaced_engine_and_leaves_t
         (tmp_path / call / "invalid.json").unlink()
     again = summarize(check_prefill(tmp_path))
     assert [s["records"] for s in again if s["strategy"] == "dcp_t2_k2"] == [4]
+
+
+def test_perfmodel_summary_per_kind_takes_every_configuration_of_a_kind_together():
+    from harness.perfmodel_check import summarize
+
+    def row(strategy, kind, err, basis="median", calibration=False):
+        return {"strategy": strategy, "kind": kind, "rel_error": err, "basis": basis, "calibration": calibration}
+
+    rows = [row("fa_pool_b1_p3_pmb2", "fa_pool", 0.077), row("fa_pool_b2_p2_pmb2", "fa_pool", 0.113),
+            row("fa_pool_b2_p2", "fa_pool", -0.5, calibration=True), row("tp4_pp1", "static", -0.037),
+            row("tp2_pp2", "static", 0.2, basis="median, eager steps")]
+    per_strategy = {s["strategy"]: s for s in summarize(rows)}
+    assert per_strategy["fa_pool_b2_p2_pmb2"]["median_abs_error"] == pytest.approx(0.113)
+    per_kind = {s["strategy"]: s for s in summarize(rows, by="kind")}
+    assert set(per_kind) == {"fa_pool", "static", "static (eager steps)"}
+    assert per_kind["fa_pool"]["records"] == 2  # the calibration record left out
+    assert per_kind["fa_pool"]["median_abs_error"] == pytest.approx(0.095)
+    assert per_kind["fa_pool"]["max_abs_error"] == pytest.approx(0.113)

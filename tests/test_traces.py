@@ -108,3 +108,40 @@ def test_missing_file_and_empty_window_and_bad_fields(tmp_path):
         TraceConfig(format="parquet")
     with pytest.raises(TraceError, match="every request of the window exceeds workload.trace.max_context=2"):
         load_trace(TraceConfig(path=MOONCAKE, max_context=2))
+
+
+def test_a_recorded_trace_is_found_by_name_or_its_first_requests_in_the_sample(tmp_path, monkeypatch):
+    """A committed record names the trace file where it ran; elsewhere the file is found by its name in the
+    project's trace folders, or, for a window of the full trace's first requests, in the shipped sample, whose
+    lines are those; a window the sample cannot hold is an error naming where it looked."""
+    from harness import traces
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    monkeypatch.setattr(traces, "TRACE_DIRS", (str(tmp_path / "empty"), str(kept)))
+    elsewhere = "/nowhere/.traces/" + traces.FULL_TRACE_NAME
+    small = traces.recorded_trace(TraceConfig(path=elsewhere, first_n=32, rate=4.0))
+    assert small.path == traces.SAMPLE_PATH and small.rate == 4.0
+    assert len(load_trace(small)) == 32
+    with pytest.raises(TraceError, match="nor is mooncake_conversation_trace.jsonl in the project's .*kept"):
+        traces.recorded_trace(TraceConfig(path=elsewhere, first_n=600))
+    with pytest.raises(TraceError, match="nowhere"):
+        traces.recorded_trace(TraceConfig(path=elsewhere, first_n=32, start_s=5.0))  # not the first requests
+    (kept / traces.FULL_TRACE_NAME).write_text((traces.PROJECT_ROOT / traces.SAMPLE_PATH).read_text())
+    found = traces.recorded_trace(TraceConfig(path=elsewhere, first_n=600))
+    assert found.path == str((kept / traces.FULL_TRACE_NAME).resolve())
+    here = TraceConfig(path=traces.SAMPLE_PATH, first_n=600)
+    assert traces.recorded_trace(here) is here  # a path that exists is kept
+
+
+def test_the_shipped_sample_is_the_full_traces_first_lines():
+    from harness import traces
+
+    full = next((traces.PROJECT_ROOT / d / traces.FULL_TRACE_NAME for d in traces.TRACE_DIRS
+                 if (traces.PROJECT_ROOT / d / traces.FULL_TRACE_NAME).is_file()), None)
+    if full is None:
+        pytest.skip("the full Mooncake conversation trace is not in the project's trace folders")
+    sample = (traces.PROJECT_ROOT / traces.SAMPLE_PATH).read_text().splitlines()
+    assert len(sample) == traces.SAMPLE_REQUESTS
+    with open(full) as f:
+        assert [next(f).rstrip("\n") for _ in range(traces.SAMPLE_REQUESTS)] == sample

@@ -20,7 +20,7 @@ from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
 from harness.strategies import spec_of
-from harness.traces import load_trace
+from harness.traces import load_trace, recorded_trace
 from model.paged_attention import PLAN_BUILD
 
 WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
@@ -199,7 +199,8 @@ def recorded_buckets_at_setup(rec) -> bool:
 
 
 def _measured_records(root):
-    """(record path, record, its config with the KV blocks it ran with) of every measured trace replay under root."""
+    """(record path, record, its config with the KV blocks it ran with and its trace file found on this machine:
+    harness/traces.recorded_trace) of every measured trace replay under root."""
     import dataclasses
 
     from harness.collect import find_records
@@ -210,7 +211,9 @@ def _measured_records(root):
         if rec.status != "ok" or not rec.serving or rec.env.get("source") == "projected":
             continue
         cfg = from_dict(rec.config)
-        yield path, rec, dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
+        workload = dataclasses.replace(cfg.workload, trace=recorded_trace(cfg.workload.trace))
+        yield path, rec, dataclasses.replace(cfg, workload=workload,
+                                             serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
 
 
 def host_step_ms(steps: "pd.DataFrame") -> float:
