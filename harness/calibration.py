@@ -85,7 +85,8 @@ class Calibration:
     #   calibrated streaming rate, the split merge, the table's reads); not broken down: no profile of it yet
     paged_token_s: float = 39.6e-9
     serving_layer_s: float = 56.9e-6
-    # The ragged plan's build (model/paged_attention._plan_kernel, one program) per tile of items x rows it compares
+    # The ragged plan's build by one program comparing its tiles in turn (the engines before a program per tile:
+    # records with decode_plan_build "layer" or "pass"), per tile of items x rows
     # (plan_kernel_tiles): the profiler's time of the kernel in a replay's sampled decode steps (RAGGED_PLAN_SET;
     # harness/serving/virtual.fit_ragged_plan_tile); the profile lists the kernel where it weighs, at many rows
     # (at fewer rows a build is not proportional to its tiles: the set's README has the figures)
@@ -96,7 +97,7 @@ class Calibration:
     ragged_plan_pass_s: float = 13.2e-6
     # A serving prefill pass's device work, from its kernels (SERVING_PREFILL_SET: the profiler's time by kind over
     # the sampled passes; harness/serving/virtual.fit_serving_prefill_parts). Its GEMMs run at the GEMM rate,
-    # padding included (the profile's GEMM time is the model's at that rate, within 10%); then
+    # padding included (the profile's GEMM time is the model's at that rate); then
     # - serving_prefill_attn_flops_fraction: its fused attention (each row's chunk over its cached keys and over
     #   itself) at this fraction of the GEMM rate
     # - serving_gather_bw_fraction: a row's cached keys and values gathered out of their blocks, then laid out

@@ -180,14 +180,15 @@ def main(argv=None):
         from harness.serving.virtual import SERVING_BOUNDS, check_serving
 
         table = check_serving(args.root)
+        skipped = "".join(f"\nleft out: {record}: {why}" for record, why in table.attrs.get("skipped", ()))
         if table.empty:
-            print("(no measured trace replays found)")
+            print("(no measured trace replays found)" + skipped)
             return
         print(table.to_markdown(index=False, floatfmt=".3g"))
         bounds = ", ".join(f"|{name} error| <= {bound:.0%}" for name, bound in SERVING_BOUNDS.items())
         outside = table[~table["within bounds"]]
         print(f"\nwithin bounds ({bounds}): {len(table) - len(outside)} of {len(table)} replays" +
-              ("" if outside.empty else "; outside: " + ", ".join(outside.record)))
+              ("" if outside.empty else "; outside: " + ", ".join(outside.record)) + skipped)
         return
     print(f"calibration: {default_calibration().source}")
     print(check_table(args.root))

@@ -129,7 +129,7 @@ def recorded_trace(cfg: TraceConfig) -> TraceConfig:
         if (PROJECT_ROOT / folder / name).is_file():
             return dataclasses.replace(cfg, path=str((PROJECT_ROOT / folder / name).resolve()))
     if name == FULL_TRACE_NAME and 0 < cfg.first_n <= SAMPLE_REQUESTS and not (cfg.start_s or cfg.end_s):
-        return dataclasses.replace(cfg, path=SAMPLE_PATH)
+        return dataclasses.replace(cfg, path=str(PROJECT_ROOT / SAMPLE_PATH))
     raise TraceError(f"{why}; nor is {name} in the project's {', '.join(TRACE_DIRS)}: put the trace in one of them")
 
 

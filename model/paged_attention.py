@@ -213,9 +213,9 @@ class RaggedPlan:
     Each row is cut into work items of at most `chunk` tokens (a long row into many, a short row into one, an empty
     row into none); the kernel's grid is max_items x heads, and a merge program per (row, head) combines the row's
     items, which are contiguous: items offsets[row]..offsets[row+1]. build(kv_lens) computes the list on the
-    device (one Triton program on CUDA, torch ops elsewhere; no host synchronization, no Python work per row), so
-    an engine can capture build + kernels in a CUDA graph once and replay it after the block table and lengths
-    change in place.
+    device (one Triton kernel on CUDA, a program per tile of items; torch ops elsewhere; no host synchronization,
+    no Python work per row), so an engine can capture build + kernels in a CUDA graph once and replay it after the
+    block table and lengths change in place.
 
     chunk is computed on the device from the batch's total tokens: ceil(total / target_items), at least min_chunk,
     rounded up to the tile, where target_items = ceil(programs_per_sm x SMs / heads) gives every SM about
@@ -259,7 +259,7 @@ class RaggedPlan:
             use_triton = triton_available(self.device)
         if use_triton and self.rows:
             rows_p2, items = plan_kernel_shape(self.rows)
-            grid = (plan_kernel_tiles(self.rows, self.max_items),)
+            grid = (max(1, plan_kernel_tiles(self.rows, self.max_items)),)  # program 0 writes the count
             _plan_kernel[grid](kv_lens, self.count, self.chunk, self.offsets, self.item_row, self.item_start,
                                self.item_end, self.rows, self.row_tokens, self.target_items, self.min_chunk,
                                self.max_items, TILE=self.tile, ROWS=rows_p2, ITEMS=items, num_warps=4)
@@ -394,7 +394,7 @@ if triton is not None:
         """RaggedPlan.build, one program per tile of ITEMS items: every program computes the same chunk, counts and
         offsets from the lengths (program 0 stores them), then writes its tile's items; an item's row is the number
         of rows whose items end at or before it, found by comparing the items with every row's end (no gather from
-        registers in Triton). The tiles run side by side: the build takes about one tile's time at any row count."""
+        registers in Triton). The tiles run side by side, so the build does not grow with the tiles."""
         r = tl.arange(0, ROWS)
         in_batch = r < rows
         lens = tl.load(lens_ptr + r, mask=in_batch, other=0).to(tl.int64)

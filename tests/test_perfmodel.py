@@ -1,6 +1,6 @@
 """The performance model's memory per role, pinned on a hand-computed case (what the engines allocate)."""
 from harness.preflight import memory_by_role
-from tests.conftest import cfg_object
+from tests.conftest import ROOT, cfg_object
 
 
 def test_fa_pool_memory_is_what_the_engine_allocates():
@@ -644,3 +644,39 @@ def test_a_set_takes_from_the_committed_calibration_what_its_records_cannot_fit(
     _, profiled = calibrated_items(ROOT / "results" / "measured" / "h100-x4" / "prefill_profile")
     assert cal.prefill_flops_fraction != committed.prefill_flops_fraction
     assert profiled.prefill_flops_fraction == committed.prefill_flops_fraction != bare.prefill_flops_fraction
+
+
+def test_the_serving_check_leaves_out_a_replay_whose_trace_is_missing_or_other_and_says_why(tmp_path):
+    """A measured replay whose trace is not on this machine, or whose file gives other requests than its record's,
+    is left out of the check's table with the reason, and the other replays are checked."""
+    import json
+    import shutil
+
+    from harness.serving.virtual import check_serving
+
+    src = ROOT / "results" / "measured" / "h100-x1" / "serve_pass_plan" / "rates"
+    shutil.copy(src / "bench_serving.json", tmp_path / "bench_serving.json")
+    for rate, path, first_n in (("0.5", None, None), ("1", "/nowhere/no_such_trace.jsonl", 600),
+                                ("2", "results/reference/traces/azure_conv_sample.csv", None)):
+        shutil.copytree(src / "records" / f"rate_{rate}", tmp_path / "records" / f"rate_{rate}")
+        if path:
+            rec_file = tmp_path / "records" / f"rate_{rate}" / "result.json"
+            rec = json.loads(rec_file.read_text())
+            rec["config"]["workload"]["trace"]["path"] = path
+            if first_n:
+                rec["config"]["workload"]["trace"]["first_n"] = first_n
+            else:
+                rec["config"]["workload"]["trace"]["format"] = "azure"
+            rec_file.write_text(json.dumps(rec))
+    table = check_serving(tmp_path)
+    assert list(table.record) == ["records/rate_0.5"]
+    why = dict(table.attrs["skipped"])
+    assert set(why) == {"records/rate_1", "records/rate_2"}
+    assert "no such file" in why["records/rate_1"] and "other requests than the record's" in why["records/rate_2"]
+
+
+def test_the_tile_fit_refuses_a_replay_whose_plan_ran_a_program_per_tile():
+    from harness.serving.virtual import fit_ragged_plan_tile
+
+    with pytest.raises(ValueError, match="program a tile"):
+        fit_ragged_plan_tile(ROOT / "results" / "measured" / "h100-x1" / "serve_pass_plan" / "closed256")

@@ -121,7 +121,7 @@ def test_a_recorded_trace_is_found_by_name_or_its_first_requests_in_the_sample(t
     monkeypatch.setattr(traces, "TRACE_DIRS", (str(tmp_path / "empty"), str(kept)))
     elsewhere = "/nowhere/.traces/" + traces.FULL_TRACE_NAME
     small = traces.recorded_trace(TraceConfig(path=elsewhere, first_n=32, rate=4.0))
-    assert small.path == traces.SAMPLE_PATH and small.rate == 4.0
+    assert small.path == str(traces.PROJECT_ROOT / traces.SAMPLE_PATH) and small.rate == 4.0
     assert len(load_trace(small)) == 32
     with pytest.raises(TraceError, match="nor is mooncake_conversation_trace.jsonl in the project's .*kept"):
         traces.recorded_trace(TraceConfig(path=elsewhere, first_n=600))

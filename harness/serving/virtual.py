@@ -20,7 +20,7 @@ from harness.serving.replay import Replay
 from harness.serving.run import write_serving_record
 from harness.serving.scheduler import Scheduler, kv_blocks_needed
 from harness.strategies import spec_of
-from harness.traces import load_trace, recorded_trace
+from harness.traces import TraceError, load_trace, recorded_trace
 from model.paged_attention import PLAN_BUILD
 
 WORKSPACE_BYTES = 1 << 30  # activations, graphs and allocator slack per GPU (memory.py's workspace)
@@ -211,7 +211,11 @@ def _measured_records(root):
         if rec.status != "ok" or not rec.serving or rec.env.get("source") == "projected":
             continue
         cfg = from_dict(rec.config)
-        workload = dataclasses.replace(cfg.workload, trace=recorded_trace(cfg.workload.trace))
+        try:
+            trace = recorded_trace(cfg.workload.trace)
+        except TraceError:  # kept as recorded: a caller that replays it raises, naming where it looked
+            trace = cfg.workload.trace
+        workload = dataclasses.replace(cfg.workload, trace=trace)
         yield path, rec, dataclasses.replace(cfg, workload=workload,
                                              serving=dataclasses.replace(cfg.serving, kv_blocks=rec.serving["kv_blocks"]))
 
@@ -290,14 +294,30 @@ def check_serving(root) -> "pd.DataFrame":
     """Every measured trace replay under root against its replay in virtual time: the same config, trace window,
     rate and KV blocks, the model calibrated on the limits measured in the same benchmark run where the folder
     above the records has them (bench_serving.json), each step charged the replay's own host time per step
-    (host_step_ms). `within bounds`: every error SERVING_BOUNDS names is inside its bound."""
+    (host_step_ms). `within bounds`: every error SERVING_BOUNDS names is inside its bound. A replay whose trace
+    file is not on this machine, or whose file gives other requests than the record's, is left out: the table's
+    attrs["skipped"] lists each with the reason."""
     import dataclasses
     from pathlib import Path
 
     from harness.serving.metrics import request_table, summarize
 
-    rows = []
+    rows, skipped = [], []
     for path, rec, cfg in _measured_records(root):
+        record = str(Path(path).parent.relative_to(root))
+        try:
+            requests = load_trace(cfg.workload.trace)
+        except TraceError as err:
+            skipped.append((record, str(err)))
+            continue
+        recorded = rec.serving.get("trace") or {}
+        replayed = requests.summary()
+        if any(key in recorded and not np.isclose(replayed[key], recorded[key], rtol=1e-9)
+               for key in ("requests", "prompt_mean", "prompt_max", "output_mean")):
+            skipped.append((record, f"{cfg.workload.trace.path} gives other requests than the record's "
+                                    f"({replayed['requests']} requests, prompt mean {replayed['prompt_mean']:.1f}; "
+                                    f"recorded {recorded.get('requests')}, {recorded.get('prompt_mean', 0):.1f})"))
+            continue
         steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
         host = host_step_ms(steps)
         cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
@@ -307,7 +327,7 @@ def check_serving(root) -> "pd.DataFrame":
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
-        row = {"record": str(Path(path).parent.relative_to(root)), "strategy": cfg.strategy.name,
+        row = {"record": record, "strategy": cfg.strategy.name,
                "offered req/s": m["offered_rate"], "host ms/step": host}
         for key, name in (("ttft_ms_p50", "TTFT p50"), ("ttft_ms_p99", "TTFT p99"), ("tpot_ms_p50", "TPOT p50"),
                           ("tpot_ms_p99", "TPOT p99")):
@@ -317,7 +337,9 @@ def check_serving(root) -> "pd.DataFrame":
         row["within bounds"] = all(row[f"{name} error"] is not None and abs(row[f"{name} error"]) <= bound
                                    for name, bound in SERVING_BOUNDS.items())
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    table.attrs["skipped"] = skipped
+    return table
 
 
 def _priced_steps(root, keep, **cal_fields):
@@ -393,8 +415,8 @@ def fit_serving_prefill_parts(path) -> tuple[float, float, float]:
         h, layers = cfg.model.hidden, cfg.model.n_layers
         for st in steps[steps.step.isin(list(profiled))].itertuples():
             starts, lens = list(st.prefill_start), list(st.prefill_len)
-            if price.spec.serving_prefill_masked(len(lens)):
-                continue
+            if price.spec.serving_prefill_masked(len(lens)) or price.prefill_bucket(starts, lens) is not None:
+                continue  # attended through one mask (masked_attn_flops_fraction prices those)
             work = layers * sum(4 * h * q * a + 4 * h * q * (q + 1) / 2 for q, a in zip(lens, starts))
             attn.append((work / flops, profiled[st.step]["prefill attention ms"] / 1e3))
             activations = layers * len(lens) * max(lens) * h * b / bw
@@ -439,9 +461,12 @@ def fit_ragged_plan_tile(path) -> float:
     res = json.loads((Path(path) / "bench_serving.json").read_text())
     rec = read_record(next(Path(path).glob("records/*/result.json")))
     cfg = from_dict(rec.config)
-    built = recorded_plan_build(rec)  # the profile times each call: one build, even where a pass had one a layer
+    if recorded_plan_build(rec) == "pass_tiles":
+        raise ValueError(f"{path}: its engine built the plan a program a tile, side by side, whose time is not a "
+                         "count of tiles; fit Calibration.ragged_plan_pass_s instead (fit_ragged_plan_build)")
+    # the profile times each call: one build of one program comparing the tiles in turn
     price = ServingPricer(serving_config(cfg), dataclasses.replace(default_calibration(), ragged_plan_tile_s=1.0),
-                          decode_plan="ragged", plan_build="pass" if built == "layer" else built)
+                          decode_plan="ragged", plan_build="pass")
     tiles, build_s = [], []
     for st in res["steps_alone"]:
         plan = [k for k in st.get("kernels") or () if k["name"] == "_plan_kernel"]
