@@ -65,6 +65,18 @@ def serving_prefill_rest_s(cal, tokens, h, tp, b, bw):
     return cal.serving_prefill_elementwise_passes * tokens * h // tp * b / bw
 
 
+def rows_prefill_attn_flops(h, starts, lens) -> tuple[float, float]:
+    """FLOPs of one layer's attention, all heads, over prefill chunks of `lens` tokens after `starts` cached ones,
+    each row over its own keys: (the chunks' queries over the keys before them, over their own keys causally)."""
+    return sum(4 * h * q * a for q, a in zip(lens, starts)), sum(4 * h * q * (q + 1) / 2 for q in lens)
+
+
+def rows_cached_kv_bytes(h, b, starts, lens) -> int:
+    """Keys and values, all heads, of one layer of every row up to its chunk's end: what a serving prefill pass
+    attending row by row gathers out of the blocks."""
+    return sum(a + q for a, q in zip(starts, lens)) * 2 * h * b
+
+
 def serving_gather_s(cal, nbytes, bw):
     """Gathering `nbytes` of cached keys and values out of their blocks for a prefill pass's attention: two copies
     (read and written each) at serving_gather_bw_fraction of the read bandwidth."""

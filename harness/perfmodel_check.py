@@ -74,8 +74,7 @@ def check_prefill(root: str | Path, calibrated: tuple | None = None) -> list[dic
         meas = rec.metrics["ttft_ms"]
         name = record_key(path, root)
         rows.append({"record": name, "strategy": cfg.strategy.name, "kind": cfg.strategy.kind, "measured_ms": meas,
-                     "predicted_ms": pred,
-                     "rel_error": (pred - meas) / meas, "basis": "ttft",
+                     "predicted_ms": pred, "rel_error": (pred - meas) / meas, "basis": "ttft",
                      "calibration": spec_of(cfg.strategy).family == "reference" or name in cal_set.prefill_calibration_records,
                      "superseded": invalid_of(path).get(f"prefill:{cfg.strategy.kind}")})
     return rows
@@ -93,6 +92,13 @@ def summarize(rows: list[dict], by: str = "strategy") -> list[dict]:
             out.append({"strategy": name, "records": len(errs), "median_abs_error": statistics.median(errs),
                         "max_abs_error": max(errs)})
     return out
+
+
+def summary_table(rows: list[dict], by: str = "strategy") -> list[str]:
+    """`summarize(rows, by)` as markdown lines: a header, then a line per group."""
+    return [f"| {by} | records | median abs. error | max abs. error |", "|---|---|---|---|",
+            *(f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
+              for x in summarize(rows, by))]
 
 
 def check_graphed(bench_json: Path = CALIBRATION_SET) -> list[dict]:
@@ -141,14 +147,9 @@ def check_table(root: str | Path) -> str:
     for r in sorted(rows, key=lambda r: (r["strategy"], r["record"])):
         lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.2f} ({r['basis']}) | {r['predicted_ms']:.2f} | "
                      f"{r['rel_error']:+.1%} | {'calibration' if r['calibration'] else ''} |")
-    lines += ["", "Per strategy, calibration records left out:", "",
-              "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
-    lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
-              for x in summarize(rows)]
+    lines += ["", "Per strategy, calibration records left out:", "", *summary_table(rows)]
     lines += ["", "Per strategy kind (every configuration of it), calibration records left out:", "",
-              "| kind | records | median abs. error | max abs. error |", "|---|---|---|---|"]
-    lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
-              for x in summarize(rows, by="kind")]
+              *summary_table(rows, by="kind")]
     if prefill:
         lines += ["", "Prefill: TTFT of the records with a real prefill (the reference's calibrate the prefill's FLOP "
                   "rate, two FA Pool records its copy rates; records of a prefill engine since replaced say so, and the "
@@ -157,12 +158,7 @@ def check_table(root: str | Path) -> str:
             note = "calibration" if r["calibration"] else f"superseded engine: {r['superseded']}" if r["superseded"] else ""
             lines.append(f"| {r['record']} | {r['strategy']} | {r['measured_ms']:.0f} | {r['predicted_ms']:.0f} | "
                          f"{r['rel_error']:+.1%} | {note} |")
-        lines += ["", "| strategy | records | median abs. error | max abs. error |", "|---|---|---|---|"]
-        lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
-                  for x in summarize(prefill)]
-        lines += ["", "| kind | records | median abs. error | max abs. error |", "|---|---|---|---|"]
-        lines += [f"| {x['strategy']} | {x['records']} | {x['median_abs_error']:.1%} | {x['max_abs_error']:.1%} |"
-                  for x in summarize(prefill, by="kind")]
+        lines += ["", *summary_table(prefill), "", *summary_table(prefill, by="kind")]
     return "\n".join(lines)
 
 

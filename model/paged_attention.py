@@ -515,8 +515,7 @@ def paged_decode_ragged(q, k_blocks, v_blocks, block_table, kv_lens, plan: Ragge
     """The Triton kernels over a ragged work plan: plan.build(kv_lens), the items' partials, the per-row merge.
     plan None: one allocated for these shapes (with `tile`); else the plan's buffers are reused (the call then
     allocates only out and lse), and its shapes must match; build=False: the plan already holds kv_lens's work
-    list. Needs Triton: CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1."""
+    list. Needs Triton: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1."""
     n, heads, dim = q.shape
     bs, width = k_blocks.shape[2], block_table.shape[1]
     if plan is None:

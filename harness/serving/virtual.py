@@ -305,25 +305,24 @@ def check_serving(root) -> "pd.DataFrame":
     rows, skipped = [], []
     for path, rec, cfg in _measured_records(root):
         record = str(Path(path).parent.relative_to(root))
+        steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
+        host = host_step_ms(steps)
+        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
         try:
-            requests = load_trace(cfg.workload.trace)
+            projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
+                                       recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec),
+                                       recorded_plan_build(rec))
         except TraceError as err:
             skipped.append((record, str(err)))
             continue
         recorded = rec.serving.get("trace") or {}
-        replayed = requests.summary()
+        replayed = projected.requests.summary()
         if any(key in recorded and not np.isclose(replayed[key], recorded[key], rtol=1e-9)
                for key in ("requests", "prompt_mean", "prompt_max", "output_mean")):
             skipped.append((record, f"{cfg.workload.trace.path} gives other requests than the record's "
                                     f"({replayed['requests']} requests, prompt mean {replayed['prompt_mean']:.1f}; "
                                     f"recorded {recorded.get('requests')}, {recorded.get('prompt_mean', 0):.1f})"))
             continue
-        steps = pd.read_csv(next(Path(path).parent.glob("steps.csv*")))
-        host = host_step_ms(steps)
-        cfg = dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, host_step_ms=host))
-        projected = virtual_replay(cfg, _measured_calibration(cfg, path), recorded_decode_plan(rec),
-                                   recorded_buckets_at_setup(rec), recorded_prefill_graph_rows(rec),
-                                   recorded_plan_build(rec))
         table = request_table(projected.scheduler)
         p = summarize(projected.scheduler, table, cfg.strategy.world_size, cfg.serving.slo_ttft_ms, cfg.serving.slo_tpot_ms)
         m = rec.metrics
@@ -407,6 +406,8 @@ def fit_serving_prefill_parts(path) -> tuple[float, float, float]:
     import json
     from pathlib import Path
 
+    from harness.costs import rows_cached_kv_bytes, rows_prefill_attn_flops
+
     bench = json.loads((Path(path) / "bench_serving.json").read_text())
     profiled = {st["step"]: st for st in bench["steps_alone"] if st["kind"] == "mixed" and "prefill other ms" in st}
     attn, other = [], []
@@ -417,10 +418,10 @@ def fit_serving_prefill_parts(path) -> tuple[float, float, float]:
             starts, lens = list(st.prefill_start), list(st.prefill_len)
             if price.spec.serving_prefill_masked(len(lens)) or price.prefill_bucket(starts, lens) is not None:
                 continue  # attended through one mask (masked_attn_flops_fraction prices those)
-            work = layers * sum(4 * h * q * a + 4 * h * q * (q + 1) / 2 for q, a in zip(lens, starts))
+            work = layers * sum(rows_prefill_attn_flops(h, starts, lens))
             attn.append((work / flops, profiled[st.step]["prefill attention ms"] / 1e3))
             activations = layers * len(lens) * max(lens) * h * b / bw
-            gathered = layers * 4 * sum(a + q for a, q in zip(starts, lens)) * 2 * h * b / bw
+            gathered = layers * 4 * rows_cached_kv_bytes(h, b, starts, lens) / bw
             other.append((activations, gathered, profiled[st.step]["prefill other ms"] / 1e3))
     if not attn:
         raise ValueError(f"{path}/bench_serving.json: no profiled prefill pass of rows attended one by one; run "

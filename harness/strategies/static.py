@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from harness.costs import (attn_s, collective_s, eager_collectives, gemm_s, layer_gemms_s, masked_attn_s,
-                           prefill_chunks, prefill_copy_s, serving_gather_s, serving_prefill_gemms_s,
-                           serving_prefill_head_s, serving_prefill_rest_s)
+                           prefill_chunks, prefill_copy_s, rows_cached_kv_bytes, rows_prefill_attn_flops,
+                           serving_gather_s, serving_prefill_gemms_s, serving_prefill_head_s, serving_prefill_rest_s)
 from harness.fields import at_least, need
 from harness.memory import DTYPE_BYTES, RoleMemory, activations, context_lengths, context_tokens, layer_params
 from harness.strategies.spec import StrategyConfig, StrategySpec, register
@@ -233,19 +233,17 @@ class StaticSpec(StrategySpec):
         (ragged_plan_tile_s a tile), once a pass ("pass") or once a layer ("layer")."""
         if pricer.decode_plan != "ragged":
             return 0.0
+        if pricer.plan_build == "pass_tiles":  # the tiles side by side: one build's time
+            return pricer.cal.ragged_plan_pass_s
         build_s = pricer.cache.get(("plan", rows))
-        if build_s is None:
+        if build_s is None:  # one program compares the tiles in turn
             from model.paged_attention import plan_kernel_tiles
 
             cfg = pricer.cfg
             n = self.pass_rows(pricer, rows)
             builds = cfg.model.n_layers // cfg.strategy.pp if pricer.plan_build == "layer" else 1
             tiles = plan_kernel_tiles(n, n + self.ragged_plan_sizes(pricer)[0])
-            if pricer.plan_build == "pass_tiles":  # the tiles side by side: one build's time
-                build_s = pricer.cal.ragged_plan_pass_s
-            else:  # one program compares the tiles in turn
-                build_s = builds * tiles * pricer.cal.ragged_plan_tile_s
-            pricer.cache["plan", rows] = build_s
+            build_s = pricer.cache["plan", rows] = builds * tiles * pricer.cal.ragged_plan_tile_s
         return build_s
 
     def pass_rows(self, pricer, rows: int) -> int:
@@ -305,10 +303,9 @@ class StaticSpec(StrategySpec):
         """As prefill_s prices a chunk, at the rates of a profiled serving prefill pass (GEMMs at the GEMM rate,
         attention at serving_prefill_attn_flops_fraction of it, the elementwise rest: serving_prefill_rest_s), plus
         what the serving engine adds: every row's earlier keys and values gathered out of its blocks into a dense
-        copy per layer (serving_gather_s), and the rows
-        padded to the longest chunk (the pass's tokens are [rows, longest chunk]: its GEMMs and collectives run on
-        every padded position, no shorter than the weights' read). Attention, row by row (few rows): each row's own
-        chunk over its own keys. Through one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every
+        copy per layer (serving_gather_s), and the rows padded to the longest chunk (the pass's tokens are [rows,
+        longest chunk]: its GEMMs and collectives run on every padded position, no shorter than the weights' read).
+        Attention, row by row (few rows): each row's own chunk over its own keys. Through one mask (more rows, serving_prefill_masked, or a bucket graph's pass): every
         row gathers the keys the pass spans (the longest row's start + chunk), and every padded query attends over
         all of them (costs.masked_attn_s). A KV shard of k (DCP) gathers 1/k of those keys for k times the heads: the
         same FLOPs and bias, 1/k of the mask."""
@@ -326,9 +323,8 @@ class StaticSpec(StrategySpec):
             gathered = rows * upto * 2 * h * b
             masked = masked_attn_s(cal, flops, bw, pairs, m.n_heads // tp, d, b, 1 / self.kv_shards(s))
         else:
-            before = sum(4 * h * q * a for q, a in zip(lens, starts)) / flops_p
-            own = sum(4 * h * q * (q + 1) / 2 for q in lens) / flops_p
-            gathered = sum(a + q for a, q in zip(starts, lens)) * 2 * h * b  # every row's keys and values, all heads
+            before, own = (f / flops_p for f in rows_prefill_attn_flops(h, starts, lens))
+            gathered = rows_cached_kv_bytes(h, b, starts, lens)
             masked = 0.0
         dense = tp * serving_prefill_gemms_s(cal, m, tokens, tp, b, bw, flops)  # the group's (a rank's: 1/tp)
         eager = eager_collectives(cal, links)
